@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install seqshard into the current Python environment.
+#   scripts/setup.sh         the package (for the demo)
+#   scripts/setup.sh --dev   the package and the test tools
+# torch: an installed torch is kept (so a GPU machine keeps its CUDA build). With no torch and
+# no GPU we install the CPU build of torch, never the multi-GB CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+extra=""; [ "${1:-}" = "--dev" ] && extra="[dev]"
+
+if "$PY" -c "import torch" 2>/dev/null; then
+    echo "setup: keeping installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+elif command -v nvidia-smi >/dev/null 2>&1; then
+    "$PY" -m pip install -q "torch>=2.11"
+else
+    # The CPU wheel index, when this machine can reach it; otherwise the pip configuration must
+    # already provide a CPU build (as on our CI machines, where torch==2.13.0 is the local CPU wheel).
+    if "$PY" -c "import urllib.request as u; u.urlopen('https://download.pytorch.org/whl/cpu/', timeout=5)" 2>/dev/null; then
+        "$PY" -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+    else
+        "$PY" -m pip install -q "torch==2.13.0"
+    fi
+fi
+"$PY" -m pip install -q -e ".$extra"

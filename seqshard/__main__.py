@@ -1,0 +1,5 @@
+import sys
+
+from seqshard.cli import main
+
+sys.exit(main())

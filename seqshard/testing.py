@@ -1,0 +1,131 @@
+"""A pool of distributed worker processes that runs many test cases.
+
+Starting a process group costs seconds per process on a small CI machine, so tests start the
+workers once per module and send them cases:
+
+    pool = WorkerPool(world_size=4)            # spawns 4 processes, gloo on CPU
+    results = pool.run(check_ring, 128, True)  # calls check_ring(128, True) on every rank
+    pool.close()
+
+`fn` must be importable by name (a module-level function). Each rank's return value comes back in
+rank order. If any rank raises, `run` raises `WorkerError` with that rank's traceback. If a case
+does not finish within `timeout` seconds (a collective that never matches hangs forever), the pool
+kills its workers and raises; the next `run` starts fresh workers.
+
+Inside a case, `seqshard.testing.rank()` and `world()` give the process's place, and
+`mesh(shape, names)` a cached `DeviceMesh` (creating sub-groups is collective and slow, so each
+shape is built once per worker).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+__all__ = ["WorkerPool", "WorkerError", "mesh"]
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, backend: str, inbox, outbox) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    while True:
+        job = inbox.get()
+        if job is None:
+            break
+        fn, args, kwargs = job
+        try:
+            outbox.put((rank, True, fn(*args, **kwargs)))
+        except BaseException:  # noqa: BLE001 - the traceback goes back to the test
+            outbox.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class WorkerPool:
+    def __init__(self, world_size: int, *, backend: str = "gloo", timeout: float = 300.0):
+        self.world_size = world_size
+        self.backend = backend
+        self.timeout = timeout
+        self._procs: list = []
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        self._outbox = ctx.Queue()
+        self._inboxes = [ctx.Queue() for _ in range(self.world_size)]
+        self._procs = [
+            ctx.Process(target=_worker, args=(r, self.world_size, port, self.backend,
+                                              self._inboxes[r], self._outbox), daemon=True)
+            for r in range(self.world_size)
+        ]
+        for p in self._procs:
+            p.start()
+
+    def run(self, fn: Callable, *args: Any, **kwargs: Any) -> list:
+        """Call `fn(*args, **kwargs)` on every rank; return the results in rank order."""
+        import queue
+
+        if not self._procs:
+            self._start()
+        for box in self._inboxes:
+            box.put((fn, args, kwargs))
+        results: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        while len(results) + len(errors) < self.world_size:
+            try:
+                rank, ok, value = self._outbox.get(timeout=self.timeout)
+            except queue.Empty:
+                self.close(kill=True)
+                raise WorkerError(
+                    f"{fn.__name__} did not finish on ranks "
+                    f"{sorted(set(range(self.world_size)) - set(results) - set(errors))} within "
+                    f"{self.timeout:.0f} s (a collective that never matched?); workers restarted"
+                ) from None
+            (results if ok else errors)[rank] = value
+        if errors:
+            rank = min(errors)
+            raise WorkerError(f"{fn.__name__} failed on rank {rank} of {self.world_size}:\n{errors[rank]}")
+        return [results[r] for r in range(self.world_size)]
+
+    def close(self, kill: bool = False) -> None:
+        for p, box in zip(self._procs, getattr(self, "_inboxes", [])):
+            if not kill and p.is_alive():
+                box.put(None)
+        for p in self._procs:
+            p.join(timeout=0 if kill else 10)
+            if p.is_alive():
+                p.kill()
+        self._procs = []
+
+
+_MESHES: dict = {}
+
+
+def mesh(shape: tuple[int, ...], names: tuple[str, ...]):
+    """A DeviceMesh over the whole world on the current device type, cached per worker."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    key = (tuple(shape), tuple(names))
+    if key not in _MESHES:
+        device = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
+        _MESHES[key] = init_device_mesh(device, tuple(shape), mesh_dim_names=tuple(names))
+    return _MESHES[key]
