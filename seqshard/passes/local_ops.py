@@ -1,0 +1,226 @@
+"""Localizers: how each op family runs on local shards. One small function per family; an op
+without one is copied as it is (its inputs already have the layout its strategy needs)."""
+
+from __future__ import annotations
+
+from math import prod
+
+import torch
+import torch.fx as fx
+
+from seqshard.capture import SDPA
+from seqshard.dims import Role
+from seqshard.planner.strategy import P, R, PlanError, Strategy
+from seqshard.runtime import sharding as rt
+
+aten = torch.ops.aten
+LOCALIZERS: dict = {}
+
+
+def localizer(*packets):
+    def deco(fn):
+        for p in packets:
+            LOCALIZERS[p] = fn
+        return fn
+    return deco
+
+
+def emit(sh, n: fx.Node, st: Strategy) -> None:
+    packet = getattr(n.target, "overloadpacket", n.target)
+    fn = LOCALIZERS.get(n.target) or LOCALIZERS.get(packet) or copy
+    out = fn(sh, n, st)
+    if out is not None:
+        sh.env[n] = out
+        sh.layout[n] = st.output
+
+
+# ------------------------------------------------------------------ helpers
+def _inputs(sh, n: fx.Node, st: Strategy, zero_pads: bool = True):
+    """Map the node's args to local values in the layouts its strategy needs. Inputs that feed a
+    sum over a padded split factor get their padding zeroed (once, on the first such input)."""
+    req = dict(st.inputs)
+    vals = {x: sh.value(x, lay) for x, lay in st.inputs}
+    if zero_pads:
+        roles = sh.dims.roles.get(n, {})
+        for i, a in enumerate(st.splits):
+            if a is None or roles.get(a) != Role.SUM or a not in sh.pads:
+                continue
+            for x, lay in st.inputs:
+                sig = sh.sig_atoms(x)
+                dim = next((k for k, d in enumerate(sig) if a in d), None)
+                if dim is not None:
+                    mask = sh.mask_atoms(sig[dim], lay)
+                    vals[x] = sh.call(rt.zero_padding, vals[x], dim, mask, name=f"{x.name}_zero_pads")
+                    break
+
+    def m(a):
+        if isinstance(a, fx.Node):
+            return vals[a] if a in req else sh.env[a]
+        return a
+
+    return fx.node.map_aggregate(n.args, m), fx.node.map_aggregate(dict(n.kwargs), m)
+
+
+def copy(sh, n: fx.Node, st: Strategy):
+    args, kwargs = _inputs(sh, n, st)
+    return sh.call(n.target, *args, name=n.name, **kwargs)
+
+
+def _out_shape(sh, n, st):
+    return sh.local_shape(sh.sig_atoms(n), st.output)
+
+
+# ------------------------------------------------------------------ views: local sizes
+@localizer(aten.view, aten.reshape, aten._unsafe_view, aten.expand, aten.broadcast_to)
+def view(sh, n, st):
+    args, kwargs = _inputs(sh, n, st)
+    return sh.call(n.target, args[0], _out_shape(sh, n, st), *args[2:], name=n.name, **kwargs)
+
+
+@localizer(aten.unflatten)
+def unflatten(sh, n, st):
+    args, _ = _inputs(sh, n, st)
+    x, dim, sizes = args[0], args[1], args[2]
+    ndim = len(sh.dims.sigs[n])
+    d = dim % (ndim - len(sizes) + 1)
+    return sh.call(n.target, x, dim, _out_shape(sh, n, st)[d:d + len(sizes)], name=n.name)
+
+
+@localizer(aten.repeat_interleave.self_int)
+def repeat_interleave(sh, n, st):
+    args, kwargs = _inputs(sh, n, st)
+    x_node, dim = n.args[0], n.args[2] % len(sh.dims.sigs[n])
+    (_, in_lay), = [(x, lay) for x, lay in st.inputs if x is x_node]
+    reps = _out_shape(sh, n, st)[dim] // sh.local_shape(sh.sig_atoms(x_node), in_lay)[dim]
+    return sh.call(n.target, args[0], reps, *args[2:], name=n.name, **kwargs)
+
+
+@localizer(aten.repeat)
+def repeat(sh, n, st):
+    args, _ = _inputs(sh, n, st)
+    x_node = n.args[0]
+    (_, in_lay), = [(x, lay) for x, lay in st.inputs if x is x_node]
+    out, inp = _out_shape(sh, n, st), sh.local_shape(sh.sig_atoms(x_node), in_lay)
+    lead = len(out) - len(inp)
+    reps = out[:lead] + [o // i for o, i in zip(out[lead:], inp)]
+    return sh.call(n.target, args[0], reps, name=n.name)
+
+
+# ------------------------------------------------------------------ made from sizes: whole, then sliced
+@localizer(aten.arange, aten.zeros, aten.ones, aten.full, aten.empty, aten.scalar_tensor,
+           aten.new_zeros, aten.new_ones, aten.new_full, aten.new_empty)
+def create(sh, n, st):
+    args, kwargs = _inputs(sh, n, st)
+    whole = sh.call(n.target, *args, name=n.name, **kwargs)
+    if all(a == R for a in st.output):
+        return whole
+    sh.env[n], sh.layout[n] = whole, (R,) * len(st.output)
+    return sh.value(n, st.output)
+
+
+# ------------------------------------------------------------------ reductions over split factors
+@localizer(aten.mean)
+def mean(sh, n, st):
+    """A mean over split factors: the local mean times local/global count is this rank's share."""
+    out = copy(sh, n, st)
+    over = [a for d in sh.dims.attrs.get(n, {}).get("mean_over", []) for a in sh.F.atoms_of(d)]
+    over = [sh.F.find(a) for a in over]
+    (x_node, lay), = [(x, lay) for x, lay in st.inputs if x is n.args[0]]
+    local = prod(sh.local_size(a, lay) for a in over)
+    whole = prod(sh.F.size(a) for a in over)
+    if local == whole:
+        return out
+    return sh.call(aten.mul.Tensor, out, local / whole, name=f"{n.name}_share")
+
+
+@localizer(aten.cross_entropy_loss)
+def cross_entropy(sh, n, st):
+    if not _partial(st):
+        return copy(sh, n, st)
+    args, kwargs = _inputs(sh, n, st, zero_pads=False)
+    logits, labels = args[0], args[1]
+    ignore = kwargs.get("ignore_index", args[4] if len(args) > 4 else -100)
+    reduction = kwargs.get("reduction", args[3] if len(args) > 3 else 1)
+    (lab_node, lab_lay), = [(x, lay) for x, lay in st.inputs if x is n.args[1]]
+    sig = sh.sig_atoms(lab_node)
+    if len(sig) != 1:
+        raise PlanError(f"{n.name}: split cross-entropy expects flattened labels [tokens]")
+    mask = sh.mask_atoms(sig[0], lab_lay)
+    valid = sh.call(rt.padding_mask, mask, name="valid_tokens") if mask else None
+    groups = tuple(sh.mesh.groups[i] for i, a in enumerate(st.output) if a == P)
+    return sh.call(rt.cross_entropy_partial, logits, labels, ignore, reduction, groups, valid,
+                   name=f"{n.name}_share")
+
+
+@localizer(aten.mse_loss)
+def mse_loss(sh, n, st):
+    if not _partial(st):
+        return copy(sh, n, st)
+    args, kwargs = _inputs(sh, n, st, zero_pads=False)
+    a, b = args[0], args[1]
+    reduction = kwargs.get("reduction", args[2] if len(args) > 2 else 1)
+    for i, (x_node, val) in enumerate(((n.args[0], a), (n.args[1], b))):
+        (_, lay), = [(x, lay) for x, lay in st.inputs if x is x_node]
+        sig = sh.sig_atoms(x_node)
+        for d, dim_atoms in enumerate(sig):
+            mask = sh.mask_atoms(dim_atoms, lay)
+            if mask:
+                val = sh.call(rt.zero_padding, val, d, mask, name=f"{x_node.name}_zero_pads")
+        if i == 0:
+            a = val
+        else:
+            b = val
+    total = sh.call(aten.mse_loss.default, a, b, 2, name=f"{n.name}_sum")
+    if reduction != 1:
+        return total
+    count = prod(sh.F.size(x) for d in sh.sig_atoms(n.args[0]) for x in d)
+    return sh.call(aten.div.Tensor, total, count, name=f"{n.name}_share")
+
+
+def _partial(st: Strategy) -> bool:
+    outs = st.output if isinstance(st.output, list) else [st.output]
+    return any(lay is not None and P in lay for lay in outs)
+
+
+# ------------------------------------------------------------------ attention
+@localizer(SDPA)
+def attention(sh, n, st):
+    if st.algorithm == "local":
+        return copy(sh, n, st)
+    from seqshard.runtime.allgather import allgather_attention
+    from seqshard.runtime.ring import ring_attention
+    from seqshard.runtime.tokenring import tokenring_attention
+    from seqshard.runtime.ulysses import hybrid_attention, ulysses_attention
+
+    args, kwargs = _inputs(sh, n, st)
+    q, k, v = args[:3]
+    names = ["attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+    opts = dict(zip(names, args[3:]))
+    opts.update(kwargs)
+    if opts.get("dropout_p"):
+        raise PlanError(f"{n.name}: distributed attention does not take dropout")
+    att = sh.dims.attrs[n]["attention"]
+    (s,) = {sh.F.find(a) for a in sh.F.atoms_of(att["seq_k"]) if sh.F.find(a) in st.splits}
+    axes = [i for i, a in enumerate(st.splits) if a == s]
+    seq_len = sh.F.size(s) if s in sh.pads else None
+    common = dict(causal=bool(opts.get("is_causal", False)), order=sh.orders.get(s, "contig"),
+                  seq_len=seq_len, scale=opts.get("scale"))
+    groups = [sh.mesh.groups[i] for i in axes]
+    heads = sh.F.dim_size(att["heads"])
+    if st.algorithm in ("ulysses", "hybrid"):
+        n_u = sh.mesh.sizes[axes[-1]]
+        local_heads = heads // prod(sh.mesh.sizes[i] for i, a in enumerate(st.splits)
+                                    if a is not None and a != s and a in sh.F.atoms_of(att["heads"]))
+        if local_heads % n_u:
+            raise PlanError(f"{n.name} ({sh.cap.module_path(n)}): {local_heads} heads cannot be split "
+                            f"{n_u} ways by Ulysses; use ring/allgather/tokenring, or a Ulysses "
+                            f"degree that divides {local_heads}")
+    if st.algorithm == "hybrid":
+        ring_group, ulysses_group = groups  # outer axis rings, inner axis all-to-alls
+        return sh.call(hybrid_attention, q, k, v, ring_group, ulysses_group, name=n.name, **common)
+    fn = {"ring": ring_attention, "allgather": allgather_attention,
+          "ulysses": ulysses_attention, "tokenring": tokenring_attention}[st.algorithm]
+    if len(groups) != 1:
+        raise PlanError(f"{n.name}: {st.algorithm} splits the sequence over one mesh axis, "
+                        f"the plan splits it over {len(groups)}; use 'hybrid'")
+    return sh.call(fn, q, k, v, groups[0], name=n.name, **common)

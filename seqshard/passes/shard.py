@@ -1,0 +1,270 @@
+"""The rewrite: captured graph + strategies → this rank's graph.
+
+One walk over the captured graph in order. For every node:
+
+1. each tensor input is brought to the layout the node's strategy needs (`Sharder.value`):
+   the redistribution steps of `planner.strategy.redistribution`, emitted as calls into
+   `seqshard.runtime.sharding` and cached, so two consumers that need the same layout share
+   one collective;
+2. the op is emitted on local shards by its family's localizer (`local_ops.py`): views get
+   local sizes from factor sizes, attention becomes the plan's distributed algorithm, means and
+   losses divide by global counts, tensors made from sizes are made whole and sliced;
+3. the output gets the strategy's output layout.
+
+At the outputs, partial sums are all-reduced, and the gradient of a replicated output is scaled
+by 1/(number of copies): every rank seeds it, the program must see it once.
+
+Sizes: a factor that is split anywhere and not divisible by its split is zero-padded to a
+multiple while split (`pads`), and is cut back to its size whenever it is gathered whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import lcm, prod
+
+import torch
+import torch.fx as fx
+
+from seqshard.dims import DimAnalysis
+from seqshard.planner.strategy import P, R, PlanError, Step, Strategy, redistribution
+from seqshard.runtime import sharding as rt
+
+from .mesh import MeshInfo
+
+
+@dataclass
+class Program:
+    """This rank's program and what is needed to feed it and read it."""
+
+    gm: fx.GraphModule
+    placeholders: list[str]                     # gm's inputs in order (captured placeholder names)
+    input_layouts: dict[str, tuple]             # user input → layout its first split use needs
+    output_layouts: list                        # layout of each output
+    sharder: "Sharder" = field(repr=False)
+
+
+class Sharder:
+    def __init__(self, dims: DimAnalysis, strategies: dict, mesh: MeshInfo, orders: dict[int, str]):
+        self.dims, self.F, self.cap = dims, dims.F, dims.cap
+        self.strategies, self.mesh, self.orders = strategies, mesh, orders
+        self.g = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.layout: dict[fx.Node, object] = {}
+        self.cache: dict[tuple, fx.Node] = {}
+        self.pads = self._padding()
+        self.input_layouts: dict[str, tuple] = {}
+
+    # ------------------------------------------------------------------ sizes and padding
+    def _padding(self) -> dict[int, int]:
+        """atom → padded size, for every atom whose splits do not divide it."""
+        multiple: dict[int, int] = {}
+
+        def visit(layout):
+            by_atom: dict[int, int] = {}
+            for ax, a in enumerate(layout):
+                if isinstance(a, int):
+                    by_atom[a] = by_atom.get(a, 1) * self.mesh.sizes[ax]
+            for a, n in by_atom.items():
+                n *= 2 if self.orders.get(a) == "zigzag" else 1
+                multiple[a] = lcm(multiple.get(a, 1), n)
+
+        for st in self.strategies.values():
+            for _, lay in st.inputs:
+                visit(lay)
+            for lay in (st.output if isinstance(st.output, list) else [st.output]):
+                if lay is not None:
+                    visit(lay)
+        pads = {}
+        for a, m in multiple.items():
+            size = self.F.size(a)
+            padded = -(-size // m) * m
+            if padded != size:
+                pads[a] = padded
+        return pads
+
+    def split_axes(self, a: int, layout) -> list[int]:
+        return [i for i, x in enumerate(layout) if x == a]
+
+    def local_size(self, a: int, layout) -> int:
+        axes = self.split_axes(a, layout)
+        if not axes:
+            return self.F.size(a)
+        return self.pads.get(a, self.F.size(a)) // prod(self.mesh.sizes[i] for i in axes)
+
+    def sig_atoms(self, node: fx.Node, index: int | None = None) -> tuple:
+        sig = self.dims.sigs[node]
+        if index is not None:
+            sig = sig[index]
+        return tuple(tuple(self.F.find(a) for a in self.F.atoms_of(d)) for d in sig)
+
+    def local_shape(self, atoms_sig: tuple, layout) -> list[int]:
+        return [prod(self.local_size(a, layout) for a in d) for d in atoms_sig]
+
+    def levels(self, a: int, layout) -> tuple:
+        """(rank, world, order) of each mesh axis splitting `a`, outermost first."""
+        order = self.orders.get(a, "contig")
+        return tuple((self.mesh.coords[i], self.mesh.sizes[i], order) for i in self.split_axes(a, layout))
+
+    def mask_atoms(self, dim_atoms: tuple, layout) -> tuple | None:
+        """`padding_mask` description of a dim, or None when nothing in it is padded."""
+        entries, padded = [], False
+        for a in dim_atoms:
+            if a in self.pads and self.split_axes(a, layout):
+                entries.append((self.local_size(a, layout), self.F.size(a), self.pads[a],
+                                self.levels(a, layout)))
+                padded = True
+            else:
+                entries.append((self.local_size(a, layout), None, None, ()))
+        return tuple(entries) if padded else None
+
+    # ------------------------------------------------------------------ emitting
+    def call(self, fn, *args, name: str | None = None, **kwargs) -> fx.Node:
+        node = self.g.call_function(fn, args, kwargs)
+        if name:
+            node.name = self.g._graph_namespace.create_name(name, None)
+        return node
+
+    def value(self, x: fx.Node, req) -> fx.Node:
+        """`x`'s local value in layout `req` (redistributing if needed)."""
+        cur = self.layout[x]
+        if cur == req:
+            return self.env[x]
+        key = (x, req)
+        if key not in self.cache:
+            v, lay = self.env[x], cur
+            for step in redistribution(cur, req):
+                v, lay = self.emit_step(x, v, lay, step)
+            self.cache[key] = v
+        return self.cache[key]
+
+    def emit_step(self, x: fx.Node, v: fx.Node, layout, step: Step):
+        sig = self.sig_atoms(x)
+        i = step.axis
+        new = list(layout)
+        new[i] = R if step.kind in ("all_gather", "all_reduce") else step.dst
+        new = tuple(new)
+        group, world, rank = self.mesh.groups[i], self.mesh.sizes[i], self.mesh.coords[i]
+        label = self.F.label
+        if step.kind == "all_reduce":
+            return self.call(rt.all_reduce_sum, v, group, name=f"all_reduce_{self.mesh.names[i]}"), new
+        for a in (step.src, step.dst):  # nested splits go outer axis first (see sharding.py)
+            if a is not None and any(j > i for j in self.split_axes(a, layout) + self.split_axes(a, new)
+                                     if j != i):
+                raise PlanError(f"{x.name}: factor {label(a)!r} is split over several mesh axes and "
+                                f"axis {self.mesh.names[i]!r} is not its innermost; split it outer "
+                                "axis first")
+        u, dims_of, regroup = self._open(v, sig, layout, [a for a in (step.src, step.dst) if a is not None])
+        if step.kind == "slice":
+            a = step.dst
+            pad = self.pads.get(a) if not self.split_axes(a, layout) else None
+            out = self.call(rt.slice_shard, u, dims_of[a], rank, world, self.orders.get(a, "contig"), pad,
+                            name=f"shard_{label(a)}")
+        elif step.kind == "all_gather":
+            a = step.src
+            size = self.F.size(a) if not self.split_axes(a, new) else None
+            out = self.call(rt.gather_shard, u, dims_of[a], group, world, self.orders.get(a, "contig"), size,
+                            name=f"all_gather_{label(a)}")
+        elif step.kind == "reduce_scatter":
+            a = step.dst
+            pad = self.pads.get(a) if not self.split_axes(a, layout) else None
+            out = self.call(rt.reduce_scatter_shard, u, dims_of[a], group, world,
+                            self.orders.get(a, "contig"), pad, name=f"reduce_scatter_{label(a)}")
+        else:  # all_to_all
+            a, b = step.src, step.dst
+            size = self.F.size(a) if not self.split_axes(a, new) else None
+            pad = self.pads.get(b) if not self.split_axes(b, layout) else None
+            out = self.call(rt.all_to_all_shard, u, dims_of[a], dims_of[b], group, world,
+                            self.orders.get(a, "contig"), self.orders.get(b, "contig"), size, pad,
+                            name=f"all_to_all_{label(a)}_{label(b)}")
+        return regroup(out), new
+
+    def _open(self, v: fx.Node, sig: tuple, layout, atoms: list[int]):
+        """Unflatten the dims holding `atoms` into their factors so each atom has its own dim.
+        Returns (value, atom → dim, function that flattens a result back)."""
+        opened, dims_of, spans, k = [], {}, [], 0
+        for pos, d in enumerate(sig):
+            wanted = any(a in d for a in atoms)
+            if wanted and len(d) > 1:
+                opened.append((pos, d))
+                for j, a in enumerate(d):
+                    dims_of[a] = k + j
+                spans.append((k, k + len(d) - 1))
+                k += len(d)
+            else:
+                for a in d:
+                    dims_of[a] = k
+                k += 1
+        u = v
+        for pos, d in reversed(opened):
+            u = self.call(torch.Tensor.unflatten, u, pos, [self.local_size(a, layout) for a in d])
+
+        def regroup(out):
+            for start, end in reversed(spans):
+                out = self.call(torch.Tensor.flatten, out, start, end)
+            return out
+
+        return u, dims_of, regroup
+
+    # ------------------------------------------------------------------ the walk
+    def run(self) -> Program:
+        from . import local_ops
+
+        cap = self.cap
+        naxes = len(self.mesh.sizes)
+        placeholders = []
+        for n in cap.nodes():
+            if n.op == "placeholder":
+                self.env[n] = self.g.placeholder(n.name)
+                self.layout[n] = (R,) * naxes
+                placeholders.append(n.name)
+                if n.name in cap.params and self.mesh.world_group and \
+                        cap.model.get_parameter(cap.params[n.name]).requires_grad:
+                    self.env[n] = self.call(rt.sum_grad, self.env[n], self.mesh.world_group,
+                                            name=f"{n.name}_grad_summed")
+            elif n.op == "get_attr":
+                self.env[n] = self.g.get_attr(n.target)
+                self.layout[n] = (R,) * naxes
+            elif n.op == "call_function":
+                if n not in self.strategies:  # getitem of a multi-output node
+                    src, idx = n.args
+                    self.env[n] = self.call(n.target, self.env[src], idx)
+                    self.layout[n] = self.layout[src][idx]
+                    continue
+                st: Strategy = self.strategies[n]
+                local_ops.emit(self, n, st)
+                for x, lay in st.inputs:
+                    if x.name in cap.inputs and any(isinstance(a, int) for a in lay):
+                        self.input_layouts.setdefault(cap.input_names[cap.inputs.index(x.name)], lay)
+            elif n.op == "output":
+                outs = [self._output(x) for x in n.args[0]]
+                self.g.output(tuple(outs))
+        self.g.lint()
+        gm = fx.GraphModule(cap.gm, self.g)
+        return Program(gm, placeholders, self.input_layouts, [self.layout[x] for x in
+                       next(n for n in cap.nodes() if n.op == "output").args[0]], self)
+
+    def redistributor(self, node: fx.Node, src, dst) -> fx.GraphModule:
+        """A small program that moves `node`'s values from layout `src` to `dst` (for
+        `ParallelModule.gather` and `.shard`)."""
+        saved = self.g, self.env, self.layout, self.cache
+        self.g, self.cache = fx.Graph(), {}
+        self.env, self.layout = {node: self.g.placeholder(node.name)}, {node: src}
+        try:
+            self.g.output(self.value(node, dst))
+            return fx.GraphModule(torch.nn.Module(), self.g)
+        finally:
+            self.g, self.env, self.layout, self.cache = saved
+
+    def _output(self, x: fx.Node) -> fx.Node:
+        lay = self.layout[x]
+        if P in lay:
+            lay = tuple(R if a == P else a for a in lay)
+            v = self.value(x, lay)
+            self.layout[x] = lay  # what the caller gets
+            self.env[x] = v
+        v = self.env[x]
+        copies = prod(self.mesh.sizes[i] for i, a in enumerate(lay) if a == R)
+        if copies > 1 and self.dims.sigs.get(x) is not None:
+            v = self.call(rt.scale_grad, v, 1.0 / copies, name=f"{x.name}_seeded_once")
+        return v

@@ -1,0 +1,156 @@
+"""Overrides: force choices per module-name pattern; the planner fills in the rest.
+
+    overrides = {"*": "split:s ring zigzag",            # every node: split s, ring attention
+                 "layers.*.attn": "ulysses",            # ...but Ulysses inside attention modules
+                 "temporal.*": "split:t"}
+
+Patterns are `fnmatch` globs over module paths (`layers.3.attn.q_proj`; top-level code has the
+path "" and matches "*"). When several patterns match a node, each later one overrides the parts
+it sets. A spec is a list of terms:
+
+    split:F         split factor F on every mesh axis this spec does not give another factor
+    split:F@A       split factor F on mesh axis A
+    replicate       split nothing here
+    ring | allgather | ulysses | hybrid | tokenring | local
+                    the attention algorithm (attention nodes whose sequence is split)
+    zigzag | contig the order of the split factors of this spec (zigzag balances causal work)
+
+A node that lacks the factor stays replicated on that axis. A node that has it but cannot split
+it (a softmax over it, an op without a rule) is an error that names the node and its source line:
+force a different factor there, or `replicate`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from .plan import ALGORITHMS, ORDERS
+
+__all__ = ["Spec", "parse_spec", "spec_for", "plan_from_overrides", "forced"]
+
+
+@dataclass(frozen=True)
+class Spec:
+    splits: tuple[tuple[str | None, str], ...] | None = None   # (axis or None for "the rest", factor)
+    algorithm: str | None = None
+    order: str | None = None
+
+    def merged(self, later: "Spec") -> "Spec":
+        return Spec(later.splits if later.splits is not None else self.splits,
+                    later.algorithm or self.algorithm, later.order or self.order)
+
+    def assign(self, axis_names: tuple[str, ...]) -> dict[str, str]:
+        """axis → factor name."""
+        out: dict[str, str] = {}
+        for axis, factor in self.splits or ():
+            if axis is not None:
+                if axis not in axis_names:
+                    raise ValueError(f"override names mesh axis {axis!r}; the mesh axes are {axis_names}")
+                out[axis] = factor
+        for axis, factor in self.splits or ():
+            if axis is None:
+                for a in axis_names:
+                    out.setdefault(a, factor)
+        return out
+
+
+def parse_spec(text: str) -> Spec:
+    splits, algorithm, order = None, None, None
+    for term in text.replace(",", " ").split():
+        if term.startswith("split:"):
+            body = term[len("split:"):]
+            factor, _, axis = body.partition("@")
+            if not factor:
+                raise ValueError(f"override term {term!r}: write split:FACTOR or split:FACTOR@AXIS")
+            splits = (splits or ()) + ((axis or None, factor),)
+        elif term == "replicate":
+            splits = ()
+        elif term in ALGORITHMS:
+            algorithm = term
+        elif term in ORDERS:
+            order = term
+        else:
+            raise ValueError(f"unknown override term {term!r} in {text!r}; terms are split:F, "
+                             f"split:F@AXIS, replicate, {', '.join(ALGORITHMS)}, {', '.join(ORDERS)}")
+    return Spec(splits, algorithm, order)
+
+
+def spec_for(overrides: dict[str, str], module: str) -> Spec | None:
+    """The merged spec of every pattern that matches `module` (later patterns win)."""
+    spec = None
+    for pattern, text in overrides.items():
+        if fnmatch.fnmatchcase(module, pattern):
+            s = parse_spec(text)
+            spec = s if spec is None else spec.merged(s)
+    return spec
+
+
+def forced(dims, node, spec: Spec, axis_names: tuple[str, ...]):
+    """(splits as atoms per axis, algorithm) that `spec` forces on `node`, checked."""
+    from seqshard.dims import Role
+
+    from .strategy import PlanError, is_attention
+
+    assign = spec.assign(axis_names)
+    splits = []
+    where = f"{node.name} ({dims.cap.module_path(node) or 'top'}: {dims.cap.source(node)})"
+    for axis in axis_names:
+        name = assign.get(axis)
+        atom = dims.factor(node, name) if name else None
+        if atom is not None and dims.roles.get(node, {}).get(atom) == Role.WHOLE:
+            why = dims.unsupported.get(node)
+            raise PlanError(
+                f"{where} cannot split factor {name!r} (forced by an override on axis {axis!r}): "
+                + (f"{why}, so it runs on replicated inputs" if why else "it needs the factor whole")
+                + f". Override {dims.cap.module_path(node) or '*'!r} with 'replicate' or another "
+                "factor, or add an op rule for it")
+        splits.append(atom)
+    algorithm = None
+    if is_attention(node):
+        att = dims.attrs[node]["attention"]
+        seq = {dims.F.find(a) for a in dims.F.atoms_of(att["seq_k"])}
+        seq_axes = [i for i, a in enumerate(splits) if a in seq]
+        if seq_axes:
+            algorithm = spec.algorithm or ("hybrid" if len(seq_axes) == 2 else "ring")
+            if algorithm == "local":
+                raise PlanError(f"{where}: 'local' attention cannot have its sequence split")
+        else:
+            algorithm = "local"
+    return tuple(splits), algorithm
+
+
+def plan_from_overrides(dims, mesh: tuple[tuple[str, int], ...], overrides: dict[str, str]):
+    """A whole plan from overrides alone: every node must be matched by some pattern."""
+    from seqshard.passes import plan_nodes
+
+    from .plan import NodePlan, Plan, Split
+    from .strategy import PlanError, resolve
+
+    axis_names = tuple(a for a, _ in mesh)
+    nodes, orders = [], {}
+    for n in plan_nodes(dims):
+        module = dims.cap.module_path(n)
+        spec = spec_for(overrides, module)
+        if spec is None:
+            raise PlanError(f"no override matches node {n.name} (module {module!r}); add a '*' "
+                            "pattern, or let the planner choose (planner.plan)")
+        splits, algorithm = forced(dims, n, spec, axis_names)
+        resolve(n, dims, splits, algorithm, axis_names)  # raises on an illegal choice
+        for a in splits:
+            if a is not None and spec.order:
+                name = dims.F.label(a)
+                if orders.setdefault(name, spec.order) != spec.order:
+                    raise PlanError(f"factor {name!r} is given orders {orders[name]!r} and "
+                                    f"{spec.order!r}; one order per factor")
+        nodes.append(NodePlan(node=n.name, module=module, op=_op(n),
+                              splits=tuple(Split(ax, dims.F.label(a)) for ax, a in
+                                           zip(axis_names, splits) if a is not None),
+                              algorithm=algorithm))
+    return Plan(mesh=tuple(mesh), nodes=tuple(nodes), orders=tuple(sorted(orders.items())),
+                notes=("made from overrides: " + "; ".join(f"{k!r}: {v!r}" for k, v in overrides.items()),))
+
+
+def _op(n) -> str:
+    t = n.target
+    return getattr(getattr(t, "overloadpacket", t), "__name__", str(t))

@@ -1,0 +1,226 @@
+"""The plan: for every node, which factor each mesh axis splits, and for attention the algorithm.
+
+A plan is written in factor names and node names, never in sizes, so the plan made for a
+1M-token run applies to the same model at 37 tokens on 4 CPU processes. It prints as a table
+(one row per layer), explains its choices, and round-trips through JSON (no pickle).
+
+    Split(axis="sp", factor="s")                   # str: "s@sp"
+    NodePlan(node="linear_3", module="layers.0.attn.o_proj", op="linear",
+             splits=(Split("sp", "s"),))
+    Plan(mesh=(("sp", 4),), orders={"s": "zigzag"}, nodes=(...), predicted=...)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+
+ALGORITHMS = ("local", "ring", "allgather", "ulysses", "hybrid", "tokenring")
+ORDERS = ("contig", "zigzag")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Mesh axis `axis` splits factor `factor` of a node's iteration space."""
+
+    axis: str
+    factor: str
+
+    def __str__(self) -> str:
+        return f"{self.factor}@{self.axis}"
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Predicted cost terms of one choice, kept separate (seconds and bytes)."""
+
+    compute_s: float = 0.0
+    comm_s: float = 0.0          # exposed communication of the node itself (partial sums, algorithm)
+    redistribute_s: float = 0.0  # redistributions on the node's inputs
+    memory_bytes: float = 0.0    # activation bytes this node keeps (saved for backward when training)
+    comm_bytes: float = 0.0      # bytes sent per GPU
+
+    @property
+    def time_s(self) -> float:
+        return self.compute_s + self.comm_s + self.redistribute_s
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    node: str                     # FX node name in the captured graph
+    module: str                   # module path, for people
+    op: str
+    splits: tuple[Split, ...] = ()
+    algorithm: str | None = None  # attention only
+    cost: Cost | None = None
+
+    def __post_init__(self):
+        if self.algorithm is not None and self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown attention algorithm {self.algorithm!r}; choose from {ALGORITHMS}")
+        axes = [s.axis for s in self.splits]
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"{self.node}: a mesh axis can split one factor, got {self.splits}")
+
+    def split_str(self) -> str:
+        return " ".join(str(s) for s in self.splits) or "replicated"
+
+
+@dataclass(frozen=True)
+class Predicted:
+    step_s: float
+    peak_memory_bytes: float
+    comm_bytes: float
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    mesh: tuple[tuple[str, int], ...]             # (axis name, size), outermost first
+    nodes: tuple[NodePlan, ...]
+    orders: tuple[tuple[str, str], ...] = ()      # (factor, "zigzag"|"contig"); contig if absent
+    predicted: Predicted | None = None
+    notes: tuple[str, ...] = ()                   # what the planner wants people to know
+    explanations: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        for f, o in self.orders:
+            if o not in ORDERS:
+                raise ValueError(f"order of {f!r} must be one of {ORDERS}, got {o!r}")
+
+    # ------------------------------------------------------------------ access
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        return tuple(a for a, _ in self.mesh)
+
+    def order(self, factor: str) -> str:
+        return dict(self.orders).get(factor, "contig")
+
+    def node(self, name: str) -> NodePlan:
+        for n in self.nodes:
+            if n.node == name:
+                return n
+        raise KeyError(f"the plan has no node {name!r}")
+
+    def by_name(self) -> dict[str, NodePlan]:
+        return {n.node: n for n in self.nodes}
+
+    def attention(self) -> list[NodePlan]:
+        return [n for n in self.nodes if n.algorithm is not None]
+
+    # ------------------------------------------------------------------ identity and JSON
+    def to_json(self) -> str:
+        d = asdict(self)
+        d.pop("explanations")
+        d["version"] = 1
+        return json.dumps(d, indent=1)
+
+    @staticmethod
+    def from_json(text: str) -> "Plan":
+        d = json.loads(text)
+        if d.pop("version", None) != 1:
+            raise ValueError("not a seqshard plan (version 1)")
+        nodes = tuple(
+            NodePlan(node=n["node"], module=n["module"], op=n["op"],
+                     splits=tuple(Split(**s) for s in n["splits"]), algorithm=n["algorithm"],
+                     cost=Cost(**n["cost"]) if n["cost"] else None)
+            for n in d["nodes"])
+        return Plan(mesh=tuple(tuple(m) for m in d["mesh"]), nodes=nodes,
+                    orders=tuple(tuple(o) for o in d["orders"]),
+                    predicted=Predicted(**d["predicted"]) if d["predicted"] else None,
+                    notes=tuple(d["notes"]))
+
+    def hash(self) -> str:
+        """A stable hash of what the plan decides (not of its predictions)."""
+        key = json.dumps({"mesh": [a for a, _ in self.mesh], "orders": sorted(self.orders),
+                          "nodes": [(n.node, [str(s) for s in n.splits], n.algorithm)
+                                    for n in self.nodes]})
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def with_mesh(self, mesh: tuple[tuple[str, int], ...]) -> "Plan":
+        return replace(self, mesh=tuple(mesh))
+
+    # ------------------------------------------------------------------ people
+    def rows(self) -> list[tuple]:
+        """One row per layer (module path with its leaf projections folded in): the layouts it
+        uses, attention algorithm, predicted time, memory and traffic."""
+        groups: dict[str, list[NodePlan]] = {}
+        for n in self.nodes:
+            groups.setdefault(_layer_of(n.module), []).append(n)
+        rows = []
+        for layer, nodes in groups.items():
+            layouts = sorted({n.split_str() for n in nodes}, key=lambda s: (s == "replicated", s))
+            algos = sorted({n.algorithm for n in nodes if n.algorithm})
+            t = sum(n.cost.time_s for n in nodes if n.cost)
+            mem = sum(n.cost.memory_bytes for n in nodes if n.cost)
+            comm = sum(n.cost.comm_bytes for n in nodes if n.cost)
+            rows.append((layer or "(top)", ", ".join(layouts), ", ".join(algos) or "-",
+                         t, mem, comm, len(nodes)))
+        return rows
+
+    def __str__(self) -> str:
+        from rich.console import Console
+        from rich.table import Table
+
+        mesh = " × ".join(f"{a}={n}" for a, n in self.mesh)
+        orders = ", ".join(f"{f}:{o}" for f, o in self.orders) or "contig"
+        table = Table(title=f"seqshard plan {self.hash()}  mesh {mesh}  order {orders}")
+        for col in ("layer", "splits", "attention", "time", "act. memory", "sent", "nodes"):
+            table.add_column(col, overflow="fold", justify="right" if col in
+                             ("time", "act. memory", "sent", "nodes") else "left")
+        for layer, layouts, algos, t, mem, comm, count in self.rows():
+            table.add_row(layer, layouts, algos, _fmt_s(t), _fmt_b(mem), _fmt_b(comm), str(count))
+        console = Console(width=160, record=True, file=open("/dev/null", "w"))
+        console.print(table)
+        text = console.export_text()
+        if self.predicted:
+            p = self.predicted
+            text += (f"predicted step {_fmt_s(p.step_s)} (compute {_fmt_s(p.compute_s)}, "
+                     f"exposed comm {_fmt_s(p.comm_s)}), peak memory {_fmt_b(p.peak_memory_bytes)}"
+                     f" per GPU, {_fmt_b(p.comm_bytes)} sent per GPU\n")
+        for note in self.notes:
+            text += f"note: {note}\n"
+        return text
+
+    def explain(self, name: str) -> str:
+        """The alternatives for a layer's attention (or any node, by node or module name) with
+        their predicted costs, and why the chosen one won."""
+        keys = [k for k in self.explanations if k == name] or \
+            [k for k in self.explanations if self.node(k).module.startswith(name)]
+        if not keys:
+            n = self._find(name)
+            return (f"{n.node} ({n.module}, {n.op}): {n.split_str()}"
+                    + (f", {n.algorithm}" if n.algorithm else "")
+                    + " - no alternatives were recorded (the plan was given, not solved)")
+        return "\n".join(self.explanations[k] for k in keys)
+
+    def _find(self, name: str) -> NodePlan:
+        for n in self.nodes:
+            if n.node == name or n.module == name:
+                return n
+        for n in self.nodes:
+            if n.module.startswith(name):
+                return n
+        raise KeyError(f"no node or module {name!r} in the plan")
+
+
+def _layer_of(module: str) -> str:
+    """`layers.3.attn.q_proj` → `layers.3.attn`: leaf projections fold into their layer."""
+    parts = module.split(".")
+    return ".".join(parts[:3]) if len(parts) > 3 else module
+
+
+def _fmt_s(t: float) -> str:
+    if t == 0:
+        return "-"
+    return f"{t * 1e3:.2f} ms" if t < 1 else f"{t:.2f} s"
+
+
+def _fmt_b(b: float) -> str:
+    if b == 0:
+        return "-"
+    for unit, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= k:
+            return f"{b / k:.1f} {unit}"
+    return f"{b:.0f} B"
