@@ -1,0 +1,406 @@
+"""Local attention backends behind one interface: `(out, lse)` forward, backward from a given out/lse.
+
+    attention_forward(q, k, v)                 -> out [b, h, sq, e] (q's dtype), lse [b, h, sq]
+    attention_backward(dout, q, k, v, out, lse) -> dq, dk, dv          (the inputs' dtypes)
+
+`lse` is the natural-log logsumexp of the scaled scores, fp32 (fp64 for fp64 inputs). The backward
+takes out and lse as *given*: the distributed algorithms pass the merged global ones, so that
+P = exp(s - lse) is this block's slice of the global softmax and D = rowsum(dout ∘ out) the global
+correction term (the FlashAttention-2 backward, Dao 2023, evaluated per block as ring attention
+needs; ring-flash-attn does the same).
+
+Masks. `causal` is top-left aligned on a square block (query i sees keys j <= i); callers split a
+causal mask with an offset into full blocks and square causal blocks (blocks.py). `kv_len` cuts a
+suffix of padded keys: keys >= kv_len are masked; with `causal` the block is square and query rows
+>= kv_len are padding too (out 0, lse -inf, dq 0). Both are done by slicing, so a kernel only ever
+sees a full problem or a top-left causal square. A row that sees no key has lse = -inf; the
+backward treats it as contributing nothing.
+
+GQA/MQA: q head i uses kv head i // (H // Hk). `math` and `flash_attn` handle it natively; the
+aten SDPA kernels get the kv heads expanded and dk/dv summed over each group.
+
+Kernels (`BACKENDS`):
+    math        reference on any device: fp32 accumulation (fp64 for fp64 inputs), materializes
+                the score matrix.
+    flash_cpu   aten._scaled_dot_product_flash_attention_for_cpu and its backward.
+    cudnn       aten._scaled_dot_product_cudnn_attention (CUDA, fp16/bf16); lse comes as
+                [b, h, s, 1].
+    flash       aten._scaled_dot_product_flash_attention (FlashAttention-2 inside PyTorch; CUDA,
+                fp16/bf16).
+    efficient   aten._scaled_dot_product_efficient_attention (CUTLASS memory-efficient attention;
+                CUDA, also fp32); lse comes padded to a multiple of 32 rows.
+    flash_attn  the flash-attn package (>= 2.7, its registered torch.ops.flashattn ops; CUDA,
+                fp16/bf16), when importable.
+
+`select_backend(device, dtype, head_dim, override=...)` picks one (env SEQSHARD_ATTN_BACKEND
+overrides the automatic choice) and `backend_report(...)` says why each one is or is not usable.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "BACKENDS",
+    "attention_forward",
+    "attention_backward",
+    "select_backend",
+    "backend_report",
+    "unsupported_reason",
+]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("math", "flash_cpu", "cudnn", "flash", "efficient", "flash_attn")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# GQA helpers and lse shapes
+# ---------------------------------------------------------------------------------------------
+
+def _expand_kv(x: torch.Tensor, rep: int) -> torch.Tensor:
+    """[b, hk, s, e] -> [b, hk·rep, s, e] with q head i reading kv head i // rep."""
+    if rep == 1:
+        return x
+    b, hk, s, e = x.shape
+    return x.unsqueeze(2).expand(b, hk, rep, s, e).reshape(b, hk * rep, s, e)
+
+
+def _sum_kv_grad(dx: torch.Tensor, rep: int) -> torch.Tensor:
+    """The adjoint of `_expand_kv`: sum the gradients of the q heads that share a kv head."""
+    if rep == 1:
+        return dx
+    b, h, s, e = dx.shape
+    return dx.reshape(b, h // rep, rep, s, e).sum(2, dtype=torch.promote_types(dx.dtype, torch.float32))
+
+
+def _lse_bhs(lse: torch.Tensor, rows: int) -> torch.Tensor:
+    """Kernels return lse as [b, h, s], [b, h, s, 1] or [b, h, s rounded up]: make it [b, h, s]."""
+    if lse.dim() == 4:
+        lse = lse.squeeze(-1)
+    return lse[:, :, :rows].to(torch.promote_types(lse.dtype, torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# math: the reference
+# ---------------------------------------------------------------------------------------------
+
+def _scores(q, k, causal, scale):
+    """Scores grouped by kv head: [b, hk, rep, sq, sk] in fp32 (fp64 for fp64 inputs)."""
+    b, h, sq, e = q.shape
+    hk = k.shape[1]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qg = q.to(acc).reshape(b, hk, h // hk, sq, e)
+    s = torch.matmul(qg, k.to(acc).unsqueeze(2).transpose(-1, -2)) * scale
+    if causal:
+        above = torch.ones(sq, k.shape[2], dtype=torch.bool, device=q.device).triu(1)
+        s = s.masked_fill(above, float("-inf"))
+    return qg, s
+
+
+def _math_forward(q, k, v, causal, scale):
+    b, h, sq, e = q.shape
+    _, s = _scores(q, k, causal, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    out = torch.matmul(p, v.to(s.dtype).unsqueeze(2))
+    return out.reshape(b, h, sq, v.shape[-1]).to(q.dtype), lse.reshape(b, h, sq)
+
+
+def _math_backward(dout, q, k, v, out, lse, causal, scale):
+    b, h, sq, e = q.shape
+    hk = k.shape[1]
+    qg, s = _scores(q, k, causal, scale)
+    acc = s.dtype
+    p = torch.exp(s - lse.to(acc).reshape(b, hk, h // hk, sq, 1))
+    do = dout.to(acc).reshape(b, hk, h // hk, sq, -1)
+    o = out.to(acc).reshape(b, hk, h // hk, sq, -1)
+    vg = v.to(acc).unsqueeze(2)
+    dv = torch.matmul(p.transpose(-1, -2), do).sum(2)
+    dp = torch.matmul(do, vg.transpose(-1, -2))
+    ds = p * (dp - (do * o).sum(-1, keepdim=True))
+    dq = torch.matmul(ds, k.to(acc).unsqueeze(2)) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), qg).sum(2) * scale
+    return dq.reshape(b, h, sq, e), dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# aten SDPA kernels that expose lse
+# ---------------------------------------------------------------------------------------------
+
+def _rep(q, k) -> int:
+    return q.shape[1] // k.shape[1]
+
+
+def _flash_cpu_forward(q, k, v, causal, scale):
+    rep = _rep(q, k)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, _expand_kv(k, rep), _expand_kv(v, rep), 0.0, causal, scale=scale)
+    return out, _lse_bhs(lse, q.shape[2])
+
+
+def _flash_cpu_backward(dout, q, k, v, out, lse, causal, scale):
+    rep = _rep(q, k)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, _expand_kv(k, rep), _expand_kv(v, rep), out, lse.contiguous(), 0.0, causal,
+        scale=scale)
+    return dq, _sum_kv_grad(dk, rep), _sum_kv_grad(dv, rep)
+
+
+def _flash_forward(q, k, v, causal, scale):
+    rep = _rep(q, k)
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(
+        q, _expand_kv(k, rep), _expand_kv(v, rep), 0.0, causal, False, scale=scale)
+    return out, _lse_bhs(lse, q.shape[2])
+
+
+def _flash_backward(dout, q, k, v, out, lse, causal, scale):
+    # dropout_p = 0: the rng state is not read; pass tensors of the forward's types.
+    rep = _rep(q, k)
+    ke, ve = _expand_kv(k, rep), _expand_kv(v, rep)
+    rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)
+    unused = torch.zeros((), dtype=torch.uint64, device=q.device)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout, q, ke, ve, out, lse.contiguous(), None, None, q.shape[2], k.shape[2], 0.0, causal,
+        rng_state, unused, scale=scale)
+    return dq, _sum_kv_grad(dk, rep), _sum_kv_grad(dv, rep)
+
+
+def _cudnn_forward(q, k, v, causal, scale):
+    # dense [b, h, s, e] inputs: the backward below hands cuDNN the same layout
+    rep = _rep(q, k)
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.contiguous(), _expand_kv(k, rep).contiguous(), _expand_kv(v, rep).contiguous(), None, True,
+        0.0, causal, False, scale=scale)
+    return out, _lse_bhs(lse, q.shape[2])
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
+    # cuDNN wants one memory layout for q, out and dout; make everything dense [b, h, s, e].
+    rep = _rep(q, k)
+    q, out, dout = q.contiguous(), out.contiguous(), dout.contiguous()
+    ke, ve = _expand_kv(k, rep).contiguous(), _expand_kv(v, rep).contiguous()
+    seed = torch.zeros((), dtype=torch.long, device=q.device)
+    offset = torch.zeros((), dtype=torch.long, device=q.device)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, ke, ve, out, lse.unsqueeze(-1).contiguous(), seed, offset, None, None, None,
+        q.shape[2], k.shape[2], 0.0, causal, scale=scale)
+    return dq, _sum_kv_grad(dk, rep), _sum_kv_grad(dv, rep)
+
+
+def _efficient_forward(q, k, v, causal, scale):
+    rep = _rep(q, k)
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, _expand_kv(k, rep), _expand_kv(v, rep), None, True, 0.0, causal, scale=scale)
+    return out, _lse_bhs(lse, q.shape[2])
+
+
+def _efficient_backward(dout, q, k, v, out, lse, causal, scale):
+    rep = _rep(q, k)
+    rows = q.shape[2]
+    lse = F.pad(lse, (0, -rows % 32)).contiguous()  # the kernel's own lse is padded to 32 rows
+    seed = torch.zeros((), dtype=torch.long)
+    offset = torch.zeros((), dtype=torch.long)
+    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, _expand_kv(k, rep), _expand_kv(v, rep), None, out, lse, seed, offset, 0.0,
+        [True, True, True, False], causal, scale=scale)
+    return dq, _sum_kv_grad(dk, rep), _sum_kv_grad(dv, rep)
+
+
+# ---------------------------------------------------------------------------------------------
+# flash-attn package: [b, s, h, e] layout, GQA native
+# ---------------------------------------------------------------------------------------------
+
+@functools.cache
+def _flash_attn_ops():
+    """torch.ops.flashattn after importing flash_attn (>= 2.7 registers it), or None."""
+    try:
+        import flash_attn  # noqa: F401
+        from flash_attn import flash_attn_interface  # noqa: F401  (registers the ops)
+    except ImportError:
+        return None
+    ops = torch.ops.flashattn
+    return ops if hasattr(ops, "_flash_attn_forward") and hasattr(ops, "_flash_attn_backward") else None
+
+
+def _flash_attn_forward(q, k, v, causal, scale):
+    ops = _flash_attn_ops()
+    out, lse, _, _ = ops._flash_attn_forward(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, scale, causal, -1, -1, 0.0,
+        None, False)
+    return out.transpose(1, 2), _lse_bhs(lse, q.shape[2])
+
+
+def _flash_attn_backward(dout, q, k, v, out, lse, causal, scale):
+    ops = _flash_attn_ops()
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (qt, kt, vt))
+    ops._flash_attn_backward(
+        dout.transpose(1, 2), qt, kt, vt, out.transpose(1, 2), lse.contiguous(), dq, dk, dv, 0.0,
+        scale, causal, -1, -1, 0.0, None, False, None)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+_KERNELS = {
+    "math": (_math_forward, _math_backward),
+    "flash_cpu": (_flash_cpu_forward, _flash_cpu_backward),
+    "cudnn": (_cudnn_forward, _cudnn_backward),
+    "flash": (_flash_forward, _flash_backward),
+    "efficient": (_efficient_forward, _efficient_backward),
+    "flash_attn": (_flash_attn_forward, _flash_attn_backward),
+}
+assert tuple(_KERNELS) == BACKENDS
+
+
+# ---------------------------------------------------------------------------------------------
+# The interface
+# ---------------------------------------------------------------------------------------------
+
+def _check(q, k, v, causal, kv_len, backend):
+    if backend not in _KERNELS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q [b, h, s, e] and k, v [b, hk, s, e] of one shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} need the same batch and head "
+                         "dim, and q heads a multiple of kv heads")
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"a causal block must be square, got {q.shape[2]} queries × {k.shape[2]} "
+                         "keys (split an offset causal mask into full and square causal blocks)")
+    if kv_len is not None and not 0 <= kv_len <= k.shape[2]:
+        raise ValueError(f"kv_len={kv_len} outside [0, {k.shape[2]}]")
+
+
+def _pad_rows(x: torch.Tensor, rows: int, value: float) -> torch.Tensor:
+    pad = rows - x.shape[2]
+    if pad == 0:
+        return x
+    return F.pad(x, (0, 0, 0, pad) if x.dim() == 4 else (0, pad), value=value)
+
+
+def attention_forward(q, k, v, *, causal: bool = False, scale: float | None = None,
+                      kv_len: int | None = None, backend: str = "math"):
+    """Local attention: `(out, lse)` for q [b, h, sq, e] against k, v [b, hk, sk, e]."""
+    _check(q, k, v, causal, kv_len, backend)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    n_k = k.shape[2] if kv_len is None else kv_len
+    n_q = n_k if causal else q.shape[2]
+    if n_k == 0:
+        lse_dtype = torch.promote_types(q.dtype, torch.float32)
+        return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), dtype=lse_dtype, device=q.device)
+    forward, _ = _KERNELS[backend]
+    out, lse = forward(q[:, :, :n_q], k[:, :, :n_k], v[:, :, :n_k], causal, scale)
+    return _pad_rows(out, q.shape[2], 0.0), _pad_rows(lse, q.shape[2], float("-inf"))
+
+
+def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False, scale: float | None = None,
+                       kv_len: int | None = None, backend: str = "math"):
+    """Gradients of local attention given the (possibly globally merged) `out` and `lse`."""
+    _check(q, k, v, causal, kv_len, backend)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    n_k = k.shape[2] if kv_len is None else kv_len
+    n_q = n_k if causal else q.shape[2]
+    if n_k == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    # A row that saw no key (lse = -inf, out = 0) must contribute nothing: P = exp(s - inf) = 0.
+    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
+    _, backward = _KERNELS[backend]
+    dq, dk, dv = backward(dout[:, :, :n_q].to(q.dtype), q[:, :, :n_q], k[:, :, :n_k], v[:, :, :n_k],
+                          out[:, :, :n_q], lse[:, :, :n_q], causal, scale)
+    return (_pad_rows(dq, q.shape[2], 0.0).to(q.dtype), _pad_rows(dk, k.shape[2], 0.0).to(k.dtype),
+            _pad_rows(dv, v.shape[2], 0.0).to(v.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing a backend
+# ---------------------------------------------------------------------------------------------
+
+def _sm(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+# backend: (dtypes, largest head dim, smallest compute capability); head dims are multiples of 8
+_CUDA_LIMITS = {
+    "cudnn": (_HALF, 128, 80),
+    "flash": (_HALF, 256, 80),
+    "efficient": ((torch.float32, *_HALF), 512, 50),
+    "flash_attn": (_HALF, 256, 80),
+}
+
+
+def _missing(name: str) -> str | None:
+    if name == "flash" and not torch.backends.cuda.is_flash_attention_available():
+        return "this PyTorch build has no flash attention"
+    if name == "cudnn" and not torch.backends.cudnn.is_available():
+        return "cuDNN is not available"
+    if name == "flash_attn" and _flash_attn_ops() is None:
+        return "flash-attn (>= 2.7) is not importable"
+    return None
+
+
+def unsupported_reason(name: str, device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why backend `name` cannot run attention of this device/dtype/head dim, or None if it can."""
+    device = torch.device(device)
+    if name not in _KERNELS:
+        return f"unknown backend (choose one of {BACKENDS})"
+    if name == "math":
+        return None
+    if name == "flash_cpu":
+        if device.type != "cpu":
+            return "CPU only"
+        return None if dtype in (torch.float32, torch.float64, *_HALF) else f"no {dtype} kernel"
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "needs a CUDA device"
+    dtypes, max_head_dim, min_sm = _CUDA_LIMITS[name]
+    if dtype not in dtypes:
+        return f"no {dtype} kernel"
+    if head_dim % 8 or head_dim > max_head_dim:
+        return f"head dim {head_dim} is not a multiple of 8 up to {max_head_dim}"
+    if _sm(device) < min_sm:
+        return f"needs sm{min_sm}+, this GPU is sm{_sm(device)}"
+    return _missing(name)
+
+
+def _preference(device: torch.device) -> tuple[str, ...]:
+    if device.type == "cpu":
+        return ("flash_cpu", "math")
+    if device.type == "cuda":
+        # cuDNN is the fastest SDPA kernel on Hopper (shared/ANCHORS.md: ~540 vs ~320 TFLOP/s).
+        first = ("cudnn", "flash") if _sm(device) >= 90 else ("flash", "cudnn")
+        return (*first, "flash_attn", "efficient", "math")
+    return ("math",)
+
+
+def select_backend(device, dtype: torch.dtype, head_dim: int, *, override: str | None = None) -> str:
+    """The local attention backend to use; `override` (or env SEQSHARD_ATTN_BACKEND) forces one."""
+    device = torch.device(device)
+    name = override or os.environ.get("SEQSHARD_ATTN_BACKEND")
+    if name:
+        reason = unsupported_reason(name, device, dtype, head_dim)
+        if reason:
+            raise ValueError(f"attention backend {name!r} cannot run {dtype} head dim {head_dim} on "
+                             f"{device}: {reason}")
+        return name
+    for name in _preference(device):
+        if unsupported_reason(name, device, dtype, head_dim) is None:
+            _log_choice(name, device.type, dtype, head_dim)
+            return name
+    raise AssertionError("math always applies")
+
+
+@functools.cache
+def _log_choice(name, device_type, dtype, head_dim):
+    log.info("attention backend %s for %s %s head dim %d", name, device_type, dtype, head_dim)
+
+
+def backend_report(device, dtype: torch.dtype, head_dim: int) -> dict[str, str]:
+    """For each backend: 'ok' or why it cannot run here (for logs and benchmark tables)."""
+    return {name: unsupported_reason(name, device, dtype, head_dim) or "ok" for name in BACKENDS}

@@ -1,0 +1,93 @@
+"""What the distributed attention ops share: input checks, option defaults, autograd glue.
+
+Every algorithm is registered as a pair of `torch.library` custom ops,
+
+    seqshard::<algo>(q, k, v, *options)                -> (out, lse, *saved)
+    seqshard::<algo>_backward(dout, *saved', *options) -> (dq, dk, dv)
+
+with fake implementations giving shapes, so generated code and torch.compile see one opaque node
+per attention call. `lse` (and anything saved) is returned without gradient: only `out` is
+differentiable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seqshard.runtime.backends import select_backend
+from seqshard.runtime.layout import check_local_len
+
+__all__ = ["check_attention_inputs", "resolve_options", "lse_like", "register_autograd_saving_inputs",
+           "register_autograd_saving_outputs", "unpack_pair"]
+
+
+def check_attention_inputs(q, k, v, *, world: int, order: str, seq_len: int | None,
+                           algorithm: str) -> None:
+    """ValueError naming the fix for shards that do not fit the convention or the layout."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"{algorithm}: expected q [b, h, s, e] and k, v [b, hk, s, e] of one shape, "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"{algorithm}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, "
+                         "local sequence length and head dim")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{algorithm}: {q.shape[1]} query heads are not a multiple of {k.shape[1]} "
+                         "kv heads")
+    check_local_len(order, world, q.shape[2])
+    padded = world * q.shape[2]
+    if seq_len is not None and not 1 <= seq_len <= padded:
+        raise ValueError(f"{algorithm}: seq_len={seq_len} must be in [1, {padded}] (the padded global "
+                         f"length: {world} ranks × {q.shape[2]} local tokens)")
+
+
+def resolve_options(q, scale: float | None, backend: str | None) -> tuple[float, str]:
+    """Default scale 1/sqrt(e); the local backend for q's device, dtype and head dim."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return scale, select_backend(q.device, q.dtype, q.shape[-1], override=backend)
+
+
+def lse_like(q: torch.Tensor) -> torch.Tensor:
+    """An empty lse for q's rows ([b, h, s], fp32; fp64 for fp64 q): for fake implementations."""
+    return q.new_empty(q.shape[:-1], dtype=torch.promote_types(q.dtype, torch.float32))
+
+
+def register_autograd_saving_inputs(op, backward_op) -> None:
+    """Autograd for `op(q, k, v, *options) -> (out, lse)` whose backward is
+    `backward_op(dout, q, k, v, out, lse, *options) -> (dq, dk, dv)`."""
+
+    def setup_context(ctx, inputs, output):
+        out, lse = output
+        ctx.save_for_backward(*inputs[:3], out, lse)
+        ctx.options = inputs[3:]
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward_op(dout, q, k, v, out, lse, *ctx.options)
+        return dq, dk, dv, *([None] * len(ctx.options))
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+def register_autograd_saving_outputs(op, backward_op) -> None:
+    """Autograd for `op(q, k, v, *options) -> (out, lse, *saved)` (the saved tensors are outputs,
+    e.g. Ulysses' head-layout q, K/V, out, lse) whose backward is
+    `backward_op(dout, *saved, kv_heads, *options) -> (dq, dk, dv)`."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*output[2:])
+        ctx.kv_heads = inputs[1].shape[1]
+        ctx.options = inputs[3:]
+        ctx.mark_non_differentiable(*output[1:])
+
+    def backward(ctx, dout, *_unused):
+        dq, dk, dv = backward_op(dout, *ctx.saved_tensors, ctx.kv_heads, *ctx.options)
+        return dq, dk, dv, *([None] * len(ctx.options))
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+def unpack_pair(pair: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed [2, ...] (dk, dv) buffer as two tensors of `dtype` that do not alias each other
+    (custom-op outputs must not): the first is always a fresh copy."""
+    return pair[0].to(dtype, copy=True), pair[1].to(dtype)

@@ -1,0 +1,130 @@
+"""Ring attention: K/V blocks rotate around the ring while each rank attends its own queries.
+
+Liu, Zaharia & Abbeel, "Ring Attention with Blockwise Transformers for Near-Infinite Context"
+(2023), with the zigzag layout for causal load balance (ring-flash-attn; Brandon et al., Striped
+Attention, 2023; Llama-3 context parallelism) and the backward of ring-flash-attn /
+DistFlashAttn (Li et al., 2023).
+
+Forward, on rank r of N, for step s = 0 … N-1: r holds the K/V shard of rank (r - s) mod N (packed
+into one buffer), posts its send to r+1 and the receive of the next shard from r-1, and while they
+fly computes its blocks against the shard it holds (blocks.pair_blocks: masked-out blocks and
+padding are never computed) and merges them into fp32 accumulators (merge.py).
+
+Backward: the same rotation of K/V. Every block backward uses the merged global out and lse, so
+its dq, dk, dv are exactly that block's share of the single-device gradients. dq stays home; the
+fp32 dK/dV accumulator of each K/V shard travels with it: at step s rank r receives from r-1 the
+accumulator of the shard it now holds (carrying the contributions of the ranks that shard visited
+before), adds its own and sends it on; one more hop after the last step brings every accumulator
+back to its owner.
+
+`group=None` runs the same code on one rank (no communication): Ulysses and local attention use
+that for their local step, and the 2-D hybrid runs this over its ring axis.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seqshard.runtime.blocks import pair_blocks, run_backward, run_forward
+from seqshard.runtime.collectives import resolve_group, start_shift
+from seqshard.runtime.merge import accumulator
+from seqshard.runtime.opsupport import (check_attention_inputs, lse_like,
+                                        register_autograd_saving_inputs, resolve_options,
+                                        unpack_pair)
+
+__all__ = ["ring_attention", "ring_forward", "ring_backward"]
+
+_TAG_KV, _TAG_DKV = 1, 2  # gloo matches sends to receives by tag; two streams are in flight
+
+
+def _place(group) -> tuple[int, int]:
+    return (1, 0) if group is None else (group.size(), group.rank())
+
+
+def ring_forward(q, k, v, group, *, causal: bool, order: str, seq_len: int | None, scale: float,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of this rank's queries against the whole sequence; no checks, no autograd."""
+    world, rank = _place(group)
+    out, lse = accumulator(q)
+    kv = torch.stack([k, v])  # [2, b, hk, s/N, e]: one buffer travels
+    for step in range(world):
+        pending = start_shift([kv], 1, group, _TAG_KV) if step + 1 < world else None
+        blocks = pair_blocks(order, causal, rank, (rank - step) % world, world, q.shape[2], seq_len)
+        run_forward(q, kv[0], kv[1], blocks, out, lse, scale=scale, backend=backend)
+        if pending is not None:
+            (kv,) = pending.wait()
+    return out.to(q.dtype), lse
+
+
+def ring_backward(dout, q, k, v, out, lse, group, *, causal: bool, order: str, seq_len: int | None,
+                  scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of this rank's shards given the merged out and lse of `ring_forward`."""
+    world, rank = _place(group)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    kv = torch.stack([k, v])
+    dkv_pending = None
+    for step in range(world):
+        kv_pending = start_shift([kv], 1, group, _TAG_KV) if step + 1 < world else None
+        dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+        blocks = pair_blocks(order, causal, rank, (rank - step) % world, world, q.shape[2], seq_len)
+        run_backward(dout, q, kv[0], kv[1], out, lse, blocks, dq, dkv[0], dkv[1], scale=scale,
+                     backend=backend)
+        if dkv_pending is not None:
+            dkv += dkv_pending.wait()[0]  # the accumulator of the shard held now
+        dkv_pending = start_shift([dkv], 1, group, _TAG_DKV)
+        if kv_pending is not None:
+            (kv,) = kv_pending.wait()
+    (dkv,) = dkv_pending.wait()  # the last hop brings each shard's accumulator home
+    return (dq.to(q.dtype), *unpack_pair(dkv, k.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("seqshard::ring_attention", mutates_args=())
+def _ring_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str, causal: bool,
+             order: str, seq_len: int | None, scale: float, backend: str
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    return ring_forward(q, k, v, resolve_group(group_name), causal=causal, order=order,
+                        seq_len=seq_len, scale=scale, backend=backend)
+
+
+@_ring_op.register_fake
+def _(q, k, v, *options):
+    return torch.empty_like(q), lse_like(q)
+
+
+@torch.library.custom_op("seqshard::ring_attention_backward", mutates_args=())
+def _ring_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      out: torch.Tensor, lse: torch.Tensor, group_name: str, causal: bool, order: str,
+                      seq_len: int | None, scale: float, backend: str
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return ring_backward(dout, q, k, v, out, lse, resolve_group(group_name), causal=causal,
+                         order=order, seq_len=seq_len, scale=scale, backend=backend)
+
+
+@_ring_backward_op.register_fake
+def _(dout, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+register_autograd_saving_inputs(_ring_op, torch.ops.seqshard.ring_attention_backward)
+
+
+def ring_attention(q, k, v, group=None, *, causal: bool = True, order: str = "contig",
+                   seq_len: int | None = None, scale: float | None = None,
+                   backend: str | None = None, return_lse: bool = False):
+    """Exact attention of sequence-sharded q [b, h, s/N, e], k, v [b, hk, s/N, e] by a K/V ring.
+
+    `order` is the layout of the shards ('contig' or 'zigzag'), `seq_len` the valid global length
+    (padding is a suffix; padded rows come out 0). Returns out [b, h, s/N, e] (and lse [b, h, s/N]).
+    """
+    pg = resolve_group(group)
+    check_attention_inputs(q, k, v, world=pg.size(), order=order, seq_len=seq_len,
+                           algorithm="ring_attention")
+    scale, backend = resolve_options(q, scale, backend)
+    out, lse = torch.ops.seqshard.ring_attention(q, k, v, pg.group_name, causal, order, seq_len,
+                                                 scale, backend)
+    return (out, lse) if return_lse else out
