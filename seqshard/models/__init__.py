@@ -19,6 +19,34 @@ AXES = {
 }
 
 
+def named_plans(family: str, name: str) -> dict[str, tuple[dict[str, str], tuple[str, ...]]]:
+    """The expert plans for a built-in model, as overrides: {plan: (overrides, mesh axis names)}.
+
+    These are what people choose by hand; the planner rediscovers them (tests/test_planner.py).
+    llama: ring (zigzag), all-gather-KV, Ulysses, token-ring on a 1-D mesh, and the 2-D hybrid
+    (ring across the outer axis, Ulysses inside the inner one). video_dit: DSP (split frames t
+    for spatial blocks, switch to patches p for temporal blocks), Ulysses on the frame-split
+    sequence, and ring over frames."""
+    sp = ("sp",)
+    if family == "llama":
+        return {
+            "ring": ({"*": "split:s ring zigzag"}, sp),
+            "allgather": ({"*": "split:s allgather zigzag"}, sp),
+            "ulysses": ({"*": "split:s ulysses"}, sp),
+            "tokenring": ({"*": "split:s tokenring zigzag"}, sp),
+            "hybrid": ({"*": "split:s hybrid zigzag"}, ("ring", "ulysses")),
+        }
+    cfg = config(family, name)
+    temporal = {}
+    for i in range(1, 2 * cfg.pairs, 2):  # odd blocks attend over frames
+        temporal[f"blocks.{i}"] = temporal[f"blocks.{i}.*"] = "split:p"
+    return {
+        "dsp": ({"*": "split:t", **temporal}, sp),
+        "ulysses": ({"*": "split:t ulysses"}, sp),
+        "ring": ({"*": "split:t ring"}, sp),
+    }
+
+
 def config(family: str, name: str):
     try:
         configs = FAMILIES[family].CONFIGS

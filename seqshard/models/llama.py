@@ -135,8 +135,8 @@ class Llama(nn.Module):
         pos = torch.arange(S, device=input_ids.device)
         freqs = torch.outer(pos.float(), self.inv_freq)             # [s, e/2]
         emb = torch.cat((freqs, freqs), dim=-1)                     # [s, e]
-        cos, sin = emb.cos(), emb.sin()
         x = self.embed(input_ids)                                   # [b, s, d]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin)
         logits = self.lm_head(self.norm(x))                         # [b, s, v]

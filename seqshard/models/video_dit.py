@@ -127,8 +127,9 @@ class VideoDiT(nn.Module):
         half = self.cfg.dim // 2
         pos = (sinusoid(torch.arange(T, device=x.device), half)[:, None, :].expand(T, P, half),
                sinusoid(torch.arange(P, device=x.device), half)[None, :, :].expand(T, P, half))
-        h = self.patch_embed(x) + torch.cat(pos, dim=-1)              # [b, t, p, d]
-        c = self.t_embed(sinusoid(t, self.cfg.freq_dim))              # [b, d]
+        h = self.patch_embed(x)
+        h = h + torch.cat(pos, dim=-1).to(h.dtype)                    # [b, t, p, d]
+        c = self.t_embed(sinusoid(t, self.cfg.freq_dim).to(h.dtype))  # [b, d]
         for block in self.blocks:
             h = block(h, c)
         shift, scale = (m[:, None, None] for m in self.final_ada(F.silu(c)).chunk(2, dim=-1))

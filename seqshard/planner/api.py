@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from math import prod
+
+import torch
+
 from seqshard.capture import capture
 from seqshard.dims import DimAnalysis, analyze
 
-from .overrides import plan_from_overrides
 from .plan import Plan
 
 __all__ = ["plan", "plan_captured"]
@@ -13,22 +17,102 @@ __all__ = ["plan", "plan_captured"]
 
 def plan(model, example_inputs, *, cluster=None, mesh: tuple[tuple[str, int], ...] | None = None,
          axes: dict[str, str] | None = None, overrides: dict[str, str] | None = None,
-         memory_budget: float | None = None, training: bool = True) -> Plan:
+         memory_budget: float | None = None, training: bool = True, **options) -> Plan:
     """Capture `model` on `example_inputs` (the meta device works) and plan it.
 
-    cluster: a `costmodel.Cluster` (default: one H200 node of 8 GPUs); mesh: axis names and sizes
-    (default: one axis "sp" over every GPU of the cluster)."""
+    cluster: a `costmodel.Cluster` or its name ("h100x1024"; default: H200s, one per mesh rank);
+    mesh: axis names and sizes (default: one axis "sp" over every GPU of the cluster);
+    overrides: forced choices per module pattern (see `planner.overrides`);
+    memory_budget: bytes per GPU (default 90% of its memory);
+    options: model_state ("replicated" | "sharded"), time_limit, verbose."""
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     dims = analyze(capture(model, example_inputs), axes)
     return plan_captured(dims, mesh=mesh, overrides=overrides, cluster=cluster,
-                         memory_budget=memory_budget, training=training)
+                         memory_budget=memory_budget, training=training, **options)
 
 
 def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
-                  memory_budget=None, training=True) -> Plan:
+                  memory_budget=None, training=True, model_state: str = "replicated",
+                  time_limit: float = 60.0, verbose: bool = False) -> Plan:
+    """Plan a captured model: enumerate strategies, price them, solve (see `solver`)."""
+    from seqshard.costmodel import Cluster
+
+    from . import solver
+    from .costs import Costs
+
+    t0 = time.perf_counter()
+    if cluster is None:
+        gpus = prod(n for _, n in mesh) if mesh else 8
+        cluster = Cluster.preset("h200", gpus=gpus)
+    elif isinstance(cluster, str):
+        cluster = Cluster.parse(cluster)
     if mesh is None:
-        raise ValueError("plan needs a mesh (axis names and sizes) until the solver lands")
-    if not overrides:
-        raise ValueError("no solver yet: pass overrides (e.g. {'*': 'split:s ring'})")
-    return plan_from_overrides(dims, tuple(mesh), overrides)
+        mesh = (("sp", cluster.gpus),)
+    mesh = tuple((str(a), int(n)) for a, n in mesh)
+    if prod(n for _, n in mesh) != cluster.gpus:
+        raise ValueError(f"the mesh {mesh} has {prod(n for _, n in mesh)} ranks, the cluster "
+                         f"{cluster.gpus} GPUs")
+    if memory_budget is None:
+        memory_budget = 0.9 * cluster.gpu.hbm_capacity
+    dtype_bytes = _activation_bytes(dims)
+    orders = _orders(dims, overrides)
+    costs = Costs(dims, cluster, mesh, training=training, dtype_bytes=dtype_bytes,
+                  orders={a: o for a, o in _atom_orders(dims, orders).items()})
+    say = (lambda msg: print(f"[plan {time.perf_counter() - t0:5.1f}s] {msg}", flush=True)) \
+        if verbose else None
+    pb = solver.build_problem(dims, costs, mesh, overrides, model_state, progress=say)
+    if say:
+        say(f"{len(pb.strategies)} template nodes (of {sum(pb.mult.values())}), "
+            f"{sum(len(s) for s in pb.strategies.values())} strategies, {len(pb.tensors)} tensors, {len(pb.move)} redistribution terms")
+    sol = solver.solve(pb, memory_budget, seconds=time_limit)
+    if say:
+        say(f"CP-SAT {sol.status} in {sol.seconds:.2f} s")
+    notes = [f"cluster {cluster}; {'training' if training else 'inference'}; model state "
+             f"{model_state}; budget {memory_budget / 2**30:.1f} GiB per GPU; planned in "
+             f"{time.perf_counter() - t0:.1f} s"]
+    if model_state == "sharded":
+        notes.append("model state is assumed sharded over all ranks (FSDP/ZeRO-3); seqshard "
+                     "itself keeps parameters replicated")
+    if dims.unsupported:
+        notes.append(f"{len(dims.unsupported)} op(s) without a rule run replicated: "
+                     + ", ".join(n.name for n in dims.unsupported))
+    return solver.to_plan(pb, sol, orders, notes)
+
+
+def _activation_bytes(dims: DimAnalysis) -> int:
+    for n in dims.cap.nodes():
+        if n.op == "call_function" and n.target == torch.ops.aten.scaled_dot_product_attention.default:
+            return n.meta["val"].element_size()
+    return 2
+
+
+def _orders(dims: DimAnalysis, overrides) -> dict[str, str]:
+    """Sequence orders: forced by overrides, else zigzag for the sequence of causal attention."""
+    from .overrides import parse_spec
+
+    orders = {}
+    for text in (overrides or {}).values():
+        spec = parse_spec(text)
+        if spec.order:
+            for _, f in spec.splits or ():
+                orders[f] = spec.order
+    for n in dims.cap.nodes():
+        att = dims.attrs.get(n, {}).get("attention")
+        if att and (n.kwargs.get("is_causal") or (len(n.args) > 5 and n.args[5])):
+            for a in dims.F.atoms_of(att["seq_k"]):
+                orders.setdefault(dims.F.label(a), "zigzag")
+    return orders
+
+
+def _atom_orders(dims: DimAnalysis, orders: dict[str, str]) -> dict[int, str]:
+    out = {}
+    for sig in dims.sigs.values():
+        for s in (sig if isinstance(sig, list) else [sig]) if sig is not None else []:
+            if s is None:
+                continue
+            for d in s:
+                for a in dims.F.atoms_of(d):
+                    if dims.F.label(a) in orders:
+                        out[dims.F.find(a)] = orders[dims.F.label(a)]
+    return out

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from .plan import ALGORITHMS, ORDERS
 
-__all__ = ["Spec", "parse_spec", "spec_for", "plan_from_overrides", "forced"]
+__all__ = ["Spec", "parse_spec", "spec_for", "forced"]
 
 
 @dataclass(frozen=True)
@@ -118,39 +118,3 @@ def forced(dims, node, spec: Spec, axis_names: tuple[str, ...]):
         else:
             algorithm = "local"
     return tuple(splits), algorithm
-
-
-def plan_from_overrides(dims, mesh: tuple[tuple[str, int], ...], overrides: dict[str, str]):
-    """A whole plan from overrides alone: every node must be matched by some pattern."""
-    from seqshard.passes import plan_nodes
-
-    from .plan import NodePlan, Plan, Split
-    from .strategy import PlanError, resolve
-
-    axis_names = tuple(a for a, _ in mesh)
-    nodes, orders = [], {}
-    for n in plan_nodes(dims):
-        module = dims.cap.module_path(n)
-        spec = spec_for(overrides, module)
-        if spec is None:
-            raise PlanError(f"no override matches node {n.name} (module {module!r}); add a '*' "
-                            "pattern, or let the planner choose (planner.plan)")
-        splits, algorithm = forced(dims, n, spec, axis_names)
-        resolve(n, dims, splits, algorithm, axis_names)  # raises on an illegal choice
-        for a in splits:
-            if a is not None and spec.order:
-                name = dims.F.label(a)
-                if orders.setdefault(name, spec.order) != spec.order:
-                    raise PlanError(f"factor {name!r} is given orders {orders[name]!r} and "
-                                    f"{spec.order!r}; one order per factor")
-        nodes.append(NodePlan(node=n.name, module=module, op=_op(n),
-                              splits=tuple(Split(ax, dims.F.label(a)) for ax, a in
-                                           zip(axis_names, splits) if a is not None),
-                              algorithm=algorithm))
-    return Plan(mesh=tuple(mesh), nodes=tuple(nodes), orders=tuple(sorted(orders.items())),
-                notes=("made from overrides: " + "; ".join(f"{k!r}: {v!r}" for k, v in overrides.items()),))
-
-
-def _op(n) -> str:
-    t = n.target
-    return getattr(getattr(t, "overloadpacket", t), "__name__", str(t))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 
 ALGORITHMS = ("local", "ring", "allgather", "ulysses", "hybrid", "tokenring")
@@ -40,6 +41,7 @@ class Cost:
     redistribute_s: float = 0.0  # redistributions on the node's inputs
     memory_bytes: float = 0.0    # activation bytes this node keeps (saved for backward when training)
     comm_bytes: float = 0.0      # bytes sent per GPU
+    transient_bytes: float = 0.0 # working memory only while the node runs (gathered K/V, buffers)
 
     @property
     def time_s(self) -> float:
@@ -144,7 +146,8 @@ class Plan:
     # ------------------------------------------------------------------ people
     def rows(self) -> list[tuple]:
         """One row per layer (module path with its leaf projections folded in): the layouts it
-        uses, attention algorithm, predicted time, memory and traffic."""
+        uses, attention algorithm, predicted time, memory and traffic. Consecutive repeated
+        layers planned alike fold into one row (`layers.0-79.attn`) with per-layer figures."""
         groups: dict[str, list[NodePlan]] = {}
         for n in self.nodes:
             groups.setdefault(_layer_of(n.module), []).append(n)
@@ -157,7 +160,7 @@ class Plan:
             comm = sum(n.cost.comm_bytes for n in nodes if n.cost)
             rows.append((layer or "(top)", ", ".join(layouts), ", ".join(algos) or "-",
                          t, mem, comm, len(nodes)))
-        return rows
+        return _fold(rows)
 
     def __str__(self) -> str:
         from rich.console import Console
@@ -203,6 +206,36 @@ class Plan:
             if n.module.startswith(name):
                 return n
         raise KeyError(f"no node or module {name!r} in the plan")
+
+
+_INDEX = re.compile(r"\.(\d+)(?=\.|$)")
+
+
+def _fold(rows: list[tuple]) -> list[tuple]:
+    """Merge runs of consecutive layers whose rows are the same but for the layer index."""
+    blocks: list[list] = []  # [prefix, index, rows]
+    for row in rows:
+        m = _INDEX.search(row[0])
+        prefix, index = (row[0][: m.start()], int(m.group(1))) if m else (row[0], None)
+        if blocks and index is not None and blocks[-1][:2] == [prefix, index]:
+            blocks[-1][2].append(row)
+        else:
+            blocks.append([prefix, index, [row]])
+
+    def key(block):
+        return [(_INDEX.sub(".#", r[0], count=1),) + r[1:] for r in block[2]]
+
+    out, i = [], 0
+    while i < len(blocks):
+        j = i + 1
+        while (blocks[i][1] is not None and j < len(blocks) and blocks[j][0] == blocks[i][0]
+               and blocks[j][1] == blocks[j - 1][1] + 1 and key(blocks[j]) == key(blocks[i])):
+            j += 1
+        span = f".{blocks[i][1]}-{blocks[j - 1][1]}"
+        for r in blocks[i][2]:
+            out.append(((_INDEX.sub(span, r[0], count=1) if j > i + 1 else r[0]),) + r[1:])
+        i = j
+    return out
 
 
 def _layer_of(module: str) -> str:

@@ -1,0 +1,206 @@
+"""What a strategy costs: a node's compute and own communication, the redistribution on an edge,
+and the activation bytes a choice keeps. Everything in seconds and bytes, from
+`seqshard.costmodel` (roofline compute, alpha-beta collectives, the attention algorithms).
+
+Sizes come from `size_of(atom)`, which returns a number for the solver and may return a sympy
+symbol to show how a cost grows with a factor (`Costs(..., symbolic={"s"})`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+
+import sympy
+import torch
+import torch.fx as fx
+
+from seqshard.costmodel import attention as att_cost
+from seqshard.costmodel import collectives as coll
+from seqshard.costmodel import compute as comp
+from seqshard.costmodel.cluster import Cluster
+from seqshard.dims import DimAnalysis
+
+from .plan import Cost
+from .strategy import R, Strategy, is_attention, redistribution
+
+aten = torch.ops.aten
+
+VIEWS = {aten.view, aten.reshape, aten._unsafe_view, aten.transpose, aten.permute, aten.t,
+         aten.numpy_T, aten.unsqueeze, aten.squeeze, aten.flatten, aten.unflatten, aten.expand,
+         aten.alias, aten.detach, aten.slice, aten.select, aten.unbind, aten.chunk, aten.split,
+         aten.split_with_sizes, aten.mT, aten.broadcast_to, aten.view_as, aten.expand_as}
+
+# which inputs autograd keeps for backward, per op family (index into the tensor inputs)
+SAVES_ALL = {aten.mul, aten.div, aten.matmul, aten.mm, aten.bmm, aten.einsum, aten.mse_loss,
+             aten.scaled_dot_product_attention, aten.outer}
+SAVES_FIRST = {aten.linear, aten.rms_norm, aten.layer_norm, aten.silu, aten.gelu, aten.exp,
+               aten.sin, aten.cos, aten.rsqrt, aten.tanh, aten.sigmoid, aten.pow, aten.softmax,
+               aten._softmax, aten.log_softmax, aten.cross_entropy_loss, aten.relu, aten.sqrt}
+
+
+def _packet(node: fx.Node):
+    return getattr(node.target, "overloadpacket", node.target)
+
+
+@dataclass
+class Costs:
+    """Cost functions for one captured model on one cluster and mesh."""
+
+    dims: DimAnalysis
+    cluster: Cluster
+    mesh: tuple[tuple[str, int], ...]
+    training: bool = True
+    dtype_bytes: int = 2
+    symbolic: frozenset = frozenset()
+    orders: dict = field(default_factory=dict)   # atom → "zigzag" | "contig"
+
+    def __post_init__(self):
+        self.F = self.dims.F
+        self.shape = tuple(n for _, n in self.mesh)
+        self.links = [self.cluster.axis_link(self.shape, i) for i in range(len(self.shape))]
+        self.gpu = self.cluster.gpu
+        self._edge_cache: dict = {}
+
+    # ------------------------------------------------------------------ sizes
+    def size_of(self, a: int):
+        label = self.F.label(a)
+        if label in self.symbolic:
+            return sympy.Symbol(label, positive=True, integer=True)
+        return self.F.size(a)
+
+    def local(self, a: int, layout) -> object:
+        n = prod(self.shape[i] for i, x in enumerate(layout) if x == a)
+        if n == 1:
+            return self.size_of(a)
+        size = self.size_of(a)
+        if isinstance(size, int):
+            return -(-size // n)
+        return size / n
+
+    def numel(self, node: fx.Node, layout, index: int | None = None):
+        sig = self.dims.sigs[node]
+        if index is not None:
+            sig = sig[index]
+        return prod((self.local(self.F.find(a), layout) for d in sig for a in self.F.atoms_of(d)), start=1)
+
+    def bytes(self, node: fx.Node, layout) -> object:
+        val = node.meta.get("val")
+        item = val.element_size() if isinstance(val, torch.Tensor) else self.dtype_bytes
+        item = min(item, 4)
+        return self.numel(node, layout) * item
+
+    # ------------------------------------------------------------------ a node
+    def node(self, n: fx.Node, st: Strategy, *, saved: bool) -> Cost:
+        """Compute (forward, and backward when training), the node's own communication, and the
+        bytes its output keeps for backward."""
+        packet = _packet(n)
+        out = st.output if not isinstance(st.output, list) else None
+        mem = self.bytes(n, out) if (saved and out is not None and self.training) else 0
+        if packet in VIEWS or n.target.__class__.__name__ == "builtin_function_or_method":
+            return Cost(memory_bytes=mem if packet not in VIEWS else 0)
+        if is_attention(n):
+            return self._attention(n, st, mem)
+        work = self._work(n, st)
+        fwd = work.time(self.gpu)
+        time = fwd + (work.backward().time(self.gpu) if self.training else 0)
+        return Cost(compute_s=time, memory_bytes=mem)
+
+    def _work(self, n: fx.Node, st: Strategy) -> comp.Work:
+        packet = _packet(n)
+        ins = dict(st.inputs)
+        out_layout = st.output if not isinstance(st.output, list) else st.output[0]
+        out_numel = self.numel(n, out_layout) if not isinstance(st.output, list) else \
+            self.numel(n, out_layout, 0)
+        if packet in (aten.linear, aten.matmul, aten.mm, aten.bmm, aten.einsum, aten.addmm):
+            x = n.args[0] if packet is not aten.addmm else n.args[1]
+            k_dims = self.dims.sigs[x][-1]
+            k = prod((self.local(self.F.find(a), ins[x]) for a in self.F.atoms_of(k_dims)), start=1)
+            return comp.Work(2 * out_numel * k, self.dtype_bytes * (out_numel + self.numel(x, ins[x])),
+                             "matmul", self.dtype_bytes)
+        if packet in (aten.rms_norm, aten.layer_norm):
+            return comp.norm(out_numel, 1, dtype_bytes=self.dtype_bytes)
+        if packet in (aten.softmax, aten._softmax, aten.log_softmax, aten.cross_entropy_loss):
+            x = n.args[0]
+            return comp.softmax(self.numel(x, ins[x]), dtype_bytes=4)
+        if packet is aten.embedding:
+            return comp.pointwise(out_numel, inputs=1, dtype_bytes=self.dtype_bytes)
+        tensors = sum(1 for _ in st.inputs)
+        return comp.pointwise(out_numel, inputs=max(tensors, 1), dtype_bytes=self.dtype_bytes)
+
+    def _attention(self, n: fx.Node, st: Strategy, mem) -> Cost:
+        att = self.dims.attrs[n]["attention"]
+        q = n.args[0]
+        (q_layout,) = [lay for x, lay in st.inputs if x is q]
+        kv_layout = [lay for x, lay in st.inputs if x is n.args[1]][0]
+        F = self.F
+
+        def size(dims, layout):
+            return prod((self.local(F.find(a), layout) for d in dims for a in F.atoms_of(d)), start=1)
+
+        batch = size(att["batch"], q_layout)
+        heads = size([att["heads"]], q_layout)
+        kv_heads = size([att["kv_heads"]], kv_layout)
+        head_dim = size([att["head_dim"]], q_layout)
+        seq_atoms = [F.find(a) for a in F.atoms_of(att["seq_k"])]
+        seq = prod((self.size_of(a) for a in seq_atoms), start=1)
+        causal = bool(_sdpa_opt(n, "is_causal", 5))
+        shape = att_cost.AttentionShape(batch=batch, heads=heads, kv_heads=kv_heads, seq=seq,
+                                        head_dim=head_dim, dtype_bytes=self.dtype_bytes, causal=causal)
+        axes = [i for i, a in enumerate(st.splits) if a in seq_atoms]
+        order = self.orders.get(seq_atoms[0], "zigzag" if causal else "contig")
+        if st.algorithm == "local" or not axes:
+            c = att_cost.local(shape, training=self.training, group_size=1, gpu=self.gpu)
+        elif st.algorithm == "hybrid":
+            ring_axis, uly_axis = axes
+            c = att_cost.hybrid(shape, training=self.training,
+                                group_size=(self.shape[uly_axis], self.shape[ring_axis]),
+                                link=(self.links[uly_axis], self.links[ring_axis]), gpu=self.gpu,
+                                order=order)
+        else:
+            (axis,) = axes
+            fn = getattr(att_cost, st.algorithm)
+            kw = {"order": order}
+            c = fn(shape, training=self.training, group_size=self.shape[axis],
+                   link=self.links[axis], gpu=self.gpu, **kw)
+        return Cost(compute_s=c.compute, comm_s=c.time - c.compute, memory_bytes=mem,
+                    comm_bytes=c.comm_bytes, transient_bytes=c.extra_memory)
+
+    # ------------------------------------------------------------------ an edge
+    def edge(self, x: fx.Node, src, dst) -> tuple:
+        """(seconds, bytes sent) to move tensor `x` from layout `src` to `dst`, forward and (when
+        training) the adjoint collective in backward."""
+        key = (x, src, dst)
+        if key not in self._edge_cache:
+            self._edge_cache[key] = self._edge(x, src, dst)
+        return self._edge_cache[key]
+
+    def _edge(self, x: fx.Node, src, dst):
+        if src == dst:
+            return 0.0, 0.0
+        t, sent = 0.0, 0.0
+        lay = src
+        for step in redistribution(src, dst):
+            size = self.bytes(x, lay)  # bytes of the local tensor before the step
+            n, link = self.shape[step.axis], self.links[step.axis]
+            kind = {"all_reduce": "all_reduce", "reduce_scatter": "reduce_scatter",
+                    "all_gather": "all_gather", "all_to_all": "all_to_all", "slice": None}[step.kind]
+            new = list(lay)
+            new[step.axis] = R if step.kind in ("all_gather", "all_reduce") else step.dst
+            new = tuple(new)
+            if kind is None:  # a local slice: a copy of the piece, and its zero-filled adjoint
+                t += 2 * self.bytes(x, new) / self.gpu.hbm_bandwidth
+            else:
+                # nccl-tests sizes: the gathered output of an all-gather, else the input buffer
+                msg = size * n if kind == "all_gather" else size
+                one = coll.COLLECTIVE_TIME[kind](msg, n, link)
+                t += one * (2 if self.training else 1)
+                sent += coll.bytes_sent(kind, msg, n) * (2 if self.training else 1)
+            lay = new
+        return t, sent
+
+
+def _sdpa_opt(n: fx.Node, name: str, position: int):
+    if name in n.kwargs:
+        return n.kwargs[name]
+    return n.args[position] if len(n.args) > position else None
