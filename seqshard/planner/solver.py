@@ -68,13 +68,15 @@ class Infeasible(ValueError):
 
 # ------------------------------------------------------------------------------ strategies
 def candidates(dims: DimAnalysis, node: fx.Node, mesh: tuple[tuple[str, int], ...],
-               spec: Spec | None = None) -> list[Strategy]:
-    """Every legal strategy of `node` (restricted by an override spec when given)."""
+               spec: Spec | None = None, whole: frozenset = frozenset()) -> list[Strategy]:
+    """Every legal strategy of `node` (restricted by an override spec when given); factors in
+    `whole` are not offered (see `whole_somewhere`)."""
     names = tuple(a for a, _ in mesh)
     sizes = [n for _, n in mesh]
     roles = dims.roles.get(node, {})
     atoms = [a for a in dims.iteration_atoms(node)
-             if dims.F.size(a) > 1 and roles.get(a, Role.LOCAL) != Role.WHOLE]
+             if dims.F.size(a) > 1 and roles.get(a, Role.LOCAL) != Role.WHOLE
+             and a not in whole]
     if spec is not None and spec.splits is not None:
         forced_splits, _ = forced(dims, node, spec, names)
         choices = [[a] for a in forced_splits]
@@ -117,6 +119,15 @@ def candidates(dims: DimAnalysis, node: fx.Node, mesh: tuple[tuple[str, int], ..
         raise PlanError(f"no legal strategy for {where}" + (" under its override" if spec else "")
                         + (": " + "; ".join(dict.fromkeys(why)) if why else ""))
     return out
+
+
+def whole_somewhere(dims: DimAnalysis) -> frozenset:
+    """Factors some op needs whole (a norm's hidden dim, attention's head dim, a vocabulary).
+    They are not offered as splits anywhere: splitting one elsewhere only adds a gather in
+    front of that op, and leaving them out keeps 2-D meshes fast to solve. (Ops without a rule
+    mark everything whole; they say nothing about how a factor is used, so they don't count.)"""
+    return frozenset(a for n, roles in dims.roles.items() if n not in dims.unsupported
+                     for a, r in roles.items() if r == Role.WHOLE)
 
 
 # ------------------------------------------------------------------------------ repeated layers
@@ -215,9 +226,10 @@ def build_problem(dims: DimAnalysis, costs: Costs, mesh, overrides: dict | None,
         pb.mult[t] = pb.mult.get(t, 0) + 1
     templates = [n for n in nodes if pb.template[n] is n]
     naxes = len(mesh)
+    whole = whole_somewhere(dims)
     for k, n in enumerate(templates):
         spec = spec_for(overrides, dims.cap.module_path(n)) if overrides else None
-        sts = candidates(dims, n, pb.mesh, spec)
+        sts = candidates(dims, n, pb.mesh, spec, whole)
         pb.strategies[n] = sts
         for i, st in enumerate(sts):
             c = costs.node(n, st, saved=n in saved)
@@ -359,8 +371,10 @@ class Model:
             return Solution({}, float("inf"), float("inf"), name, elapsed)
         choice = {n: next(i for i in range(len(sts)) if solver.Value(self.x[(n, i)]))
                   for n, sts in self.pb.strategies.items()}
-        mem = sum(c * solver.Value(v) for v, c in self.memory_terms)
-        return Solution(choice, solver.ObjectiveValue() / NS, mem + self.pb.static_bytes, name, elapsed)
+        kept = sum(c * solver.Value(v) for v, c in self.memory_terms)
+        working = max((self.pb.node_cost[(n, i)].transient_bytes for n, i in choice.items()), default=0)
+        return Solution(choice, solver.ObjectiveValue() / NS, self.pb.static_bytes + kept + working,
+                        name, elapsed)
 
 
 def solve(pb: Problem, budget: float | None, *, seconds: float = 60.0, workers: int = 8,
