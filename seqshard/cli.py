@@ -1,4 +1,4 @@
-"""`seqshard` command line: capture | demo | plan | bench | calibrate."""
+"""`seqshard` command line: demo | capture | plan | bench | calibrate."""
 
 from __future__ import annotations
 
@@ -47,6 +47,90 @@ def cmd_capture(args) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """'1M' → 1048576, '128K' → 131072, '4096' → 4096 (K and M are powers of two, as in 128K
+    context lengths)."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def cmd_plan(args) -> int:
+    import torch
+
+    from seqshard.costmodel import Cluster
+    from seqshard.models import AXES, build
+    from seqshard.planner import plan
+    from seqshard.planner.solver import Infeasible
+
+    cluster = Cluster.parse(args.cluster)
+    if args.mesh:
+        mesh = tuple((k, int(v)) for k, v in (item.split("=") for item in args.mesh.split(",")))
+    elif cluster.nodes > 1:
+        mesh = (("node", cluster.nodes), ("gpu", cluster.gpus_per_node))
+    else:
+        mesh = (("sp", cluster.gpus),)
+    sizes = dict(batch=args.batch, seq=_count(args.seq)) if args.model == "llama" else \
+        dict(batch=args.batch, frames=args.frames, patches=args.patches)
+    model, inputs = build(args.model, args.config, device="meta", dtype=torch.bfloat16, **sizes)
+    inputs = tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in inputs)
+    budget = args.budget * 2**30 if args.budget else None
+    state = args.state
+    if state == "auto":
+        n = sum(p.numel() for p in model.parameters())
+        need = n * (2 + 2 + 12) if not args.inference else n * 2
+        state = "replicated" if need < 0.5 * (budget or 0.9 * cluster.gpu.hbm_capacity) else "sharded"
+        if state == "sharded":
+            print(f"note: {n / 1e9:.1f}B parameters do not fit replicated on one "
+                  f"{cluster.gpu.name}; planning with model state sharded over all GPUs "
+                  "(FSDP/ZeRO-3, outside seqshard). Pass --state replicated to insist.\n")
+    t0 = time.perf_counter()
+    try:
+        p = plan(model, inputs, cluster=cluster, mesh=mesh, axes=AXES[args.model],
+                 memory_budget=budget, training=not args.inference, model_state=state,
+                 verbose=args.verbose)
+    except Infeasible as e:
+        print(f"infeasible: {e}")
+        return 2
+    print(p)
+    print(f"planned in {time.perf_counter() - t0:.1f} s\n")
+    for name in args.explain or [p.attention()[0].module] if p.attention() else []:
+        print(p.explain(name), "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(p.to_json())
+        print(f"plan written to {args.json}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from seqshard import demo
+
+    return demo.main(ranks=args.ranks, models=args.models)
+
+
+def cmd_calibrate(args) -> int:
+    from seqshard.costmodel import calibrate
+
+    return calibrate.main(args.rest)
+
+
+def cmd_bench(args) -> int:
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "bench", f"{args.name.replace('-', '_')}.py")
+    if not os.path.exists(script):
+        names = sorted(f[:-3] for f in os.listdir(os.path.join(root, "bench")) if f.endswith(".py"))
+        raise SystemExit(f"no benchmark {args.name!r} in {root}/bench; there are: {', '.join(names)}")
+    cmd = [sys.executable, script, *args.rest]
+    if args.nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
+               script, *args.rest]
+    return subprocess.call(cmd)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="seqshard", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -54,6 +138,43 @@ def main(argv=None) -> int:
     _model_args(p)
     p.add_argument("--all", action="store_true", help="also list parameters and buffers")
     p.set_defaults(fn=cmd_capture)
+
+    p = sub.add_parser("plan", help="plan a built-in model for a cluster (no GPU needed)")
+    p.add_argument("--model", choices=["llama", "video_dit"], default="llama")
+    p.add_argument("--config", default="llama3-8b")
+    p.add_argument("--seq", default="128K", help="llama: tokens, e.g. 1M, 128K, 4096")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--frames", type=int, default=64)
+    p.add_argument("--patches", type=int, default=1024)
+    p.add_argument("--cluster", default="h200x8", help="h200x8, h100x1024, a100x64, or a JSON file")
+    p.add_argument("--mesh", help="axis sizes, e.g. node=128,gpu=8 (default: one axis per level)")
+    p.add_argument("--budget", type=float, help="memory per GPU in GiB (default 90%% of the GPU)")
+    p.add_argument("--state", choices=["auto", "replicated", "sharded"], default="auto",
+                   help="parameters/gradients/optimizer state: replicated (seqshard's runtime) or "
+                        "sharded over all GPUs (FSDP/ZeRO-3); auto picks sharded when replicated "
+                        "cannot fit")
+    p.add_argument("--inference", action="store_true", help="forward only")
+    p.add_argument("--explain", action="append", help="a layer to explain (repeatable)")
+    p.add_argument("--json", help="write the plan as JSON")
+    p.add_argument("--verbose", action="store_true", help="progress of the planner")
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("demo", help="plan both built-in models and run them on local ranks")
+    p.add_argument("--ranks", type=int, default=4)
+    p.add_argument("--models", nargs="+", default=["llama", "video_dit"],
+                   choices=["llama", "video_dit"])
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("calibrate", help="measure this machine into a cluster JSON",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_calibrate)
+
+    p = sub.add_parser("bench", help="run a script of bench/ (GPU ones under torchrun)")
+    p.add_argument("name", help="attention | plan_time | predict_vs_measure | gpu_smoke")
+    p.add_argument("--nproc", type=int, default=1, help="processes (torchrun) for GPU benchmarks")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_bench)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -12,9 +12,9 @@ rank order. If any rank raises, `run` raises `WorkerError` with that rank's trac
 does not finish within `timeout` seconds (a collective that never matches hangs forever), the pool
 kills its workers and raises; the next `run` starts fresh workers.
 
-Inside a case, `seqshard.testing.rank()` and `world()` give the process's place, and
-`mesh(shape, names)` a cached `DeviceMesh` (creating sub-groups is collective and slow, so each
-shape is built once per worker).
+Inside a case, `torch.distributed` is initialized (gloo on CPU; with `backend="nccl"` each
+rank has its own GPU), and `mesh(shape, names)` gives a cached `DeviceMesh` (creating
+sub-groups is collective and slow, so each shape is built once per worker).
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ def _worker(rank: int, world_size: int, port: int, backend: str, inbox, outbox) 
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     while True:
         job = inbox.get()

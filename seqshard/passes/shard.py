@@ -43,6 +43,17 @@ class Program:
     output_layouts: list                        # layout of each output
     sharder: "Sharder" = field(repr=False)
 
+    def code_of(self, module_prefix: str) -> str:
+        """The lines of the generated code that come from modules under `module_prefix`."""
+        mine = {n.name for n in self.gm.graph.nodes
+                if n.meta.get("module", "").startswith(module_prefix)}
+        lines = []
+        for line in self.gm.code.splitlines():
+            name = line.strip().split(" = ")[0]
+            if name in mine:
+                lines.append(line.strip().split(";  ")[0])
+        return "\n".join(lines)
+
 
 class Sharder:
     def __init__(self, dims: DimAnalysis, strategies: dict, mesh: MeshInfo, orders: dict[int, str]):
@@ -54,6 +65,7 @@ class Sharder:
         self.cache: dict[tuple, fx.Node] = {}
         self.pads = self._padding()
         self.input_layouts: dict[str, tuple] = {}
+        self.source: fx.Node | None = None      # the captured node being rewritten
 
     # ------------------------------------------------------------------ sizes and padding
     def _padding(self) -> dict[int, int]:
@@ -123,6 +135,9 @@ class Sharder:
         node = self.g.call_function(fn, args, kwargs)
         if name:
             node.name = self.g._graph_namespace.create_name(name, None)
+        if self.source is not None:  # the user's line, printed as a comment in the code
+            node.meta["stack_trace"] = self.source.meta.get("stack_trace")
+            node.meta["module"] = self.cap.module_path(self.source)
         return node
 
     def value(self, x: fx.Node, req) -> fx.Node:
@@ -226,6 +241,7 @@ class Sharder:
                 self.env[n] = self.g.get_attr(n.target)
                 self.layout[n] = (R,) * naxes
             elif n.op == "call_function":
+                self.source = n
                 if n not in self.strategies:  # getitem of a multi-output node
                     src, idx = n.args
                     self.env[n] = self.call(n.target, self.env[src], idx)
