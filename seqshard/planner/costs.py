@@ -102,8 +102,8 @@ class Costs:
         if is_attention(n):
             return self._attention(n, st, mem)
         work = self._work(n, st)
-        fwd = work.time(self.gpu)
-        time = fwd + (work.backward().time(self.gpu) if self.training else 0)
+        fwd = _at_least_a_kernel(work.time(self.gpu))
+        time = fwd + (_at_least_a_kernel(work.backward().time(self.gpu)) if self.training else 0)
         return Cost(compute_s=time, memory_bytes=mem)
 
     def _work(self, n: fx.Node, st: Strategy) -> comp.Work:
@@ -198,6 +198,14 @@ class Costs:
                 sent += coll.bytes_sent(kind, msg, n) * (2 if self.training else 1)
             lay = new
         return t, sent
+
+
+KERNEL_S = 4e-6
+"""The least time a GPU kernel launched from eager PyTorch takes (launch and tail), seconds."""
+
+
+def _at_least_a_kernel(t):
+    return t if not isinstance(t, (int, float)) else max(t, KERNEL_S)
 
 
 def _sdpa_opt(n: fx.Node, name: str, position: int):

@@ -60,8 +60,16 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
     cap = capture(model, example_inputs)
     dims = analyze(cap, axes)
     if plan is None:
-        plan = api.plan_captured(dims, mesh=tuple(zip(info.names, info.sizes)), overrides=overrides,
-                                 cluster=cluster, memory_budget=memory_budget, training=training)
+        # rank 0 plans and sends the plan: CP-SAT's parallel search may pick a different plan of
+        # equal cost on another rank
+        text = [None]
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            text[0] = api.plan_captured(dims, mesh=tuple(zip(info.names, info.sizes)),
+                                        overrides=overrides, cluster=cluster,
+                                        memory_budget=memory_budget, training=training).to_json()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(text, src=0)
+        plan = Plan.from_json(text[0])
     elif overrides:
         raise ValueError("pass either plan= or overrides=, not both (overrides shape a new plan)")
     program = apply_plan(dims, plan, info)

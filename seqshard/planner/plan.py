@@ -114,7 +114,6 @@ class Plan:
     # ------------------------------------------------------------------ identity and JSON
     def to_json(self) -> str:
         d = asdict(self)
-        d.pop("explanations")
         d["version"] = 1
         return json.dumps(d, indent=1)
 
@@ -131,7 +130,7 @@ class Plan:
         return Plan(mesh=tuple(tuple(m) for m in d["mesh"]), nodes=nodes,
                     orders=tuple(tuple(o) for o in d["orders"]),
                     predicted=Predicted(**d["predicted"]) if d["predicted"] else None,
-                    notes=tuple(d["notes"]))
+                    notes=tuple(d["notes"]), explanations=d.get("explanations", {}))
 
     def hash(self) -> str:
         """A stable hash of what the plan decides (not of its predictions)."""
