@@ -97,8 +97,8 @@ class Costs:
         packet = _packet(n)
         out = st.output if not isinstance(st.output, list) else None
         mem = self.bytes(n, out) if (saved and out is not None and self.training) else 0
-        if packet in VIEWS or n.target.__class__.__name__ == "builtin_function_or_method":
-            return Cost(memory_bytes=mem if packet not in VIEWS else 0)
+        if packet in VIEWS:
+            return Cost()
         if is_attention(n):
             return self._attention(n, st, mem)
         work = self._work(n, st)

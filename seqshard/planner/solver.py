@@ -434,7 +434,7 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
     plan = Plan(mesh=pb.mesh, nodes=tuple(nodes),
                 orders=tuple(sorted((f, o) for f, o in orders.items() if f in used)),
                 predicted=predicted, notes=tuple(notes))
-    plan.explanations.update(explain_all(pb, sol, strategies))
+    plan.explanations.update(explain_all(pb, sol))
     return plan
 
 
@@ -446,7 +446,7 @@ def _chosen_moves(pb: Problem, sol: Solution):
             yield (key, i, l), c
 
 
-def explain_all(pb: Problem, sol: Solution, strategies: dict) -> dict[str, str]:
+def explain_all(pb: Problem, sol: Solution) -> dict[str, str]:
     """For every attention node: each alternative's cost with the rest of the plan as chosen."""
     dims = pb.dims
     out = {}
