@@ -61,15 +61,22 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
     dims = analyze(cap, axes)
     if plan is None:
         # rank 0 plans and sends the plan: CP-SAT's parallel search may pick a different plan of
-        # equal cost on another rank
-        text = [None]
+        # equal cost on another rank. A planning error travels too: every rank raises it.
+        message = [None, None]
         if not dist.is_initialized() or dist.get_rank() == 0:
-            text[0] = api.plan_captured(dims, mesh=tuple(zip(info.names, info.sizes)),
-                                        overrides=overrides, cluster=cluster,
-                                        memory_budget=memory_budget, training=training).to_json()
+            try:
+                message[0] = api.plan_captured(dims, mesh=tuple(zip(info.names, info.sizes)),
+                                               overrides=overrides, cluster=cluster,
+                                               memory_budget=memory_budget,
+                                               training=training).to_json()
+            except (ValueError, RuntimeError) as e:
+                message[1] = (type(e), str(e))
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(text, src=0)
-        plan = Plan.from_json(text[0])
+            dist.broadcast_object_list(message, src=0)
+        if message[1] is not None:
+            kind, text = message[1]
+            raise kind(text)
+        plan = Plan.from_json(message[0])
     elif overrides:
         raise ValueError("pass either plan= or overrides=, not both (overrides shape a new plan)")
     program = apply_plan(dims, plan, info)
