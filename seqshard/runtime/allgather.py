@@ -23,7 +23,7 @@ from seqshard.runtime.blocks import gathered_blocks, run_backward, run_forward
 from seqshard.runtime.collectives import resolve_group, start_all_gather, start_reduce_scatter
 from seqshard.runtime.layout import sorting_permutations
 from seqshard.runtime.merge import accumulator
-from seqshard.runtime.opsupport import (check_attention_inputs, lse_like,
+from seqshard.runtime.opsupport import (check_attention_inputs, fresh_like, lse_like,
                                         register_autograd_saving_inputs, resolve_options,
                                         unpack_pair)
 
@@ -112,7 +112,7 @@ def _allgather_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name:
 
 @_allgather_op.register_fake
 def _(q, k, v, *options):
-    return torch.empty_like(q), lse_like(q)
+    return fresh_like(q), lse_like(q)
 
 
 @torch.library.custom_op("seqshard::allgather_attention_backward", mutates_args=())
@@ -128,7 +128,7 @@ def _allgather_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 @_allgather_backward_op.register_fake
 def _(dout, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return fresh_like(q), fresh_like(k), fresh_like(v)
 
 
 register_autograd_saving_inputs(_allgather_op, torch.ops.seqshard.allgather_attention_backward)

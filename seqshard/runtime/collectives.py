@@ -20,8 +20,12 @@ Process groups travel as group names (`group.group_name`; resolved with
 `ProcessGroup`, a name, or None (the default group); a `DeviceMesh` axis gives its group with
 `mesh.get_group(axis_name)`.
 
-The non-op helpers `start_all_gather`, `start_reduce_scatter`, `start_p2p` and `start_shift`
-return a `Pending` handle so the attention algorithms can overlap communication with compute.
+The non-op helpers `start_all_gather`, `start_reduce_scatter`, `start_all_to_all_single`,
+`start_p2p` and `start_shift` return a `Pending` handle so the attention algorithms can overlap
+communication with compute. On CUDA the collective runs on NCCL's stream after everything already
+queued on the current stream; `wait()` makes the current stream wait for it (the host does not
+block), so post a collective before queueing the compute it should overlap, and wait right before
+its result is used.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ __all__ = [
     "Pending",
     "start_all_gather",
     "start_reduce_scatter",
+    "start_all_to_all_single",
     "start_p2p",
     "start_shift",
     "all_to_all_tensor",
@@ -112,6 +117,25 @@ def start_reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup) ->
     work = _reduce_scatter_single(recv, send.flatten(0, 1), op=dist.ReduceOp.SUM, group=group,
                                   async_op=True)
     return Pending([work], recv)
+
+
+def start_all_to_all_single(send: torch.Tensor, recv: torch.Tensor,
+                            group: dist.ProcessGroup) -> Pending:
+    """Piece j of `send` (dim 0 cut into N equal pieces) goes to rank j, and piece j of `recv`
+    arrives from rank j, asynchronously; the result is `recv`.
+
+    Both are contiguous and of one shape and dtype; `recv` may be a view into a larger tensor (the
+    result lands in place, no copy). The handle keeps `send` and `recv` referenced until `wait()`:
+    the caching allocator cannot hand their memory to new tensors while NCCL's stream still reads
+    or writes it, whatever ProcessGroupNCCL does (record_stream or stashing). Wait on the stream
+    the buffers were allocated on, before dropping the last reference to them.
+    """
+    assert send.is_contiguous() and recv.is_contiguous(), "all_to_all_single needs contiguous buffers"
+    assert send.shape == recv.shape and send.dtype == recv.dtype, (send.shape, recv.shape)
+    if group.size() == 1:
+        return _done(recv.copy_(send))
+    work = dist.all_to_all_single(recv, send, group=group, async_op=True)
+    return Pending([work], (recv, send), lambda buffers: buffers[0])
 
 
 def all_to_all_tensor(x: torch.Tensor, scatter_dim: int, gather_dim: int,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from seqshard.runtime.opsupport import (check_attention_inputs, lse_like,
+from seqshard.runtime.opsupport import (check_attention_inputs, fresh_like, lse_like,
                                         register_autograd_saving_inputs, resolve_options)
 from seqshard.runtime.ring import ring_backward, ring_forward
 
@@ -25,7 +25,7 @@ def _local_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, s
 
 @_local_op.register_fake
 def _(q, k, v, *options):
-    return torch.empty_like(q), lse_like(q)
+    return fresh_like(q), lse_like(q)
 
 
 @torch.library.custom_op("seqshard::local_attention_backward", mutates_args=())
@@ -38,7 +38,7 @@ def _local_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
 @_local_backward_op.register_fake
 def _(dout, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return fresh_like(q), fresh_like(k), fresh_like(v)
 
 
 register_autograd_saving_inputs(_local_op, torch.ops.seqshard.local_attention_backward)

@@ -46,6 +46,12 @@ def resolve_options(q, scale: float | None, backend: str | None) -> tuple[float,
     return scale, select_backend(q.device, q.dtype, q.shape[-1], override=backend)
 
 
+def fresh_like(x: torch.Tensor) -> torch.Tensor:
+    """An empty contiguous tensor of x's shape and dtype: fake implementations must promise the
+    strides the real op returns (fresh, contiguous), not those of a possibly transposed input."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 def lse_like(q: torch.Tensor) -> torch.Tensor:
     """An empty lse for q's rows ([b, h, s], fp32; fp64 for fp64 q): for fake implementations."""
     return q.new_empty(q.shape[:-1], dtype=torch.promote_types(q.dtype, torch.float32))

@@ -28,7 +28,7 @@ import torch
 from seqshard.runtime.blocks import pair_blocks, run_backward, run_forward
 from seqshard.runtime.collectives import resolve_group, start_shift
 from seqshard.runtime.merge import accumulator
-from seqshard.runtime.opsupport import (check_attention_inputs, lse_like,
+from seqshard.runtime.opsupport import (check_attention_inputs, fresh_like, lse_like,
                                         register_autograd_saving_inputs, resolve_options,
                                         unpack_pair)
 
@@ -93,7 +93,7 @@ def _ring_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str,
 
 @_ring_op.register_fake
 def _(q, k, v, *options):
-    return torch.empty_like(q), lse_like(q)
+    return fresh_like(q), lse_like(q)
 
 
 @torch.library.custom_op("seqshard::ring_attention_backward", mutates_args=())
@@ -107,7 +107,7 @@ def _ring_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 
 @_ring_backward_op.register_fake
 def _(dout, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return fresh_like(q), fresh_like(k), fresh_like(v)
 
 
 register_autograd_saving_inputs(_ring_op, torch.ops.seqshard.ring_attention_backward)

@@ -25,7 +25,7 @@ from seqshard.runtime.backends import attention_forward
 from seqshard.runtime.blocks import Block, pair_blocks, run_backward, run_forward
 from seqshard.runtime.collectives import resolve_group, start_p2p, start_shift
 from seqshard.runtime.merge import accumulator, merge_
-from seqshard.runtime.opsupport import (check_attention_inputs, lse_like,
+from seqshard.runtime.opsupport import (check_attention_inputs, fresh_like, lse_like,
                                         register_autograd_saving_inputs, resolve_options)
 
 __all__ = ["tokenring_attention", "tokenring_forward", "tokenring_backward"]
@@ -148,7 +148,7 @@ def _tokenring_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name:
 
 @_tokenring_op.register_fake
 def _(q, k, v, *options):
-    return torch.empty_like(q), lse_like(q)
+    return fresh_like(q), lse_like(q)
 
 
 @torch.library.custom_op("seqshard::tokenring_attention_backward", mutates_args=())
@@ -162,7 +162,7 @@ def _tokenring_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 @_tokenring_backward_op.register_fake
 def _(dout, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return fresh_like(q), fresh_like(k), fresh_like(v)
 
 
 register_autograd_saving_inputs(_tokenring_op, torch.ops.seqshard.tokenring_attention_backward)

@@ -11,21 +11,48 @@ sequence is laid out over the flattened index ring_rank·N_u + ulysses_rank. The
 Ulysses group gathers the shards of ranks ring_rank·N_u … ring_rank·N_u + N_u - 1; sorted by
 position, they are exactly ring rank ring_rank's shard of the same layout over N_r ranks (for
 zigzag: super-chunks ring_rank and 2N_r-1-ring_rank of N_u·C tokens). Ring attention (ring.py) then
-runs over the ring group on these head-sharded super-shards. Plain Ulysses is the hybrid with a
-one-rank ring, which is how it is implemented.
+runs over the ring group on these head-sharded super-shards. Plain Ulysses is the same exchange
+around attention over the whole sequence held locally (a one-rank ring's single block, computed
+straight by the kernel, with no fp32 accumulator).
+
+Pipelining (`chunks` = G). Each rank's h/N heads after the exchange are cut into G chunks of
+g = h/(N·G) heads. Every exchange towards heads is posted up front, chunk by chunk, in the order
+the chunks need them; chunk c's attention waits only for its own arrivals and runs while later
+chunks are in flight, and its output is posted back (heads → sequence) as soon as it is computed.
+The backward posts every chunk of dout up front and sends each chunk's dq (and dk, dv) back while
+the next chunk's backward runs. What stays exposed is the first chunk in and the last chunk out,
+
+    forward    a2a(q/G + kv/Gk)  +  a2a((out + lse)/G)
+    backward   a2a(dout/G)       +  a2a(dq/G + dkv/Gk)
+
+as long as each chunk's compute covers the next chunk's traffic; G = 1 is plain Ulysses.
+
+Head order. Query heads are laid out [Gk, N, G/Gk, g] and kv heads [Gk, N, hk/(N·Gk)] (outer to
+inner; Gk = the pieces K/V travel in, below): in chunk c = c'·(G/Gk) + i rank j gets the query
+heads at (c', j, i, :), and in K/V piece c' the kv heads at (c', j, :). Every rank thus holds whole
+GQA groups in the local order of the plain exchange (local q head l reads local kv head
+l // (h/hk)), and chunk c's send buffer is a strided view of q: with batch 1 and Gk = G it needs
+no copy, and the output's arrivals land in place in the result. With Gk = 1 rank j holds the
+contiguous heads j·h/N … (j+1)·h/N - 1 of the plain exchange.
 
 K/V heads (GQA/MQA; q head i uses kv head i // (h/hk)):
-  * hk divisible by N_u: K/V move at kv heads (all-to-all, scatter heads).
-  * otherwise (N_u > hk, or not a divisor): all-gather K/V along the sequence at kv heads and keep
+  * hk divisible by N_u ('scatter'): K/V move at kv heads (all-to-all), in Gk pieces, Gk the
+    largest divisor of G that divides hk/N_u; a piece is posted with the first chunk that needs it
+    and its dk, dv go back after its last chunk (`kv_pieces`).
+  * otherwise (N_u > hk, or not a divisor): all-gather K/V whole, before the first chunk, and keep
     the kv heads this rank's query heads need: one head when each rank's query heads share a single
-    kv head, else one kv head per query head (replicated).
+    kv head ('one'), else one kv head per query head ('replicate'); Gk = 1.
+  A chunk whose query heads do not split evenly over its kv heads gets one kv head per query head.
 The adjoints: all-to-all back, or scatter-add into all kv heads and reduce-scatter.
 
-Zigzag input: after the exchange the sequence sits in rank-major shard order; one local
-index_select puts it in position order, and its inverse is applied on the way back.
+Zigzag input: after the exchange the sequence sits in rank-major shard order. The arrivals are
+moved into position order by copies of whole token runs (one strided copy for contig, N + 1 for
+zigzag), and the send buffers of the way back are built by the reverse copies; for contig, batch 1
+and one head per chunk the buffers are used in place and nothing is copied.
 
 Saved for backward: the head-layout q, packed K/V, out and lse (the same bytes as the local
-shards), so the backward spends one all-to-all on dout and three on the gradients.
+shards), so the backward spends one all-to-all on dout and one on dq per chunk, and two on dk, dv
+per K/V piece.
 """
 
 from __future__ import annotations
@@ -35,18 +62,27 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from seqshard.runtime.collectives import (all_to_all_tensor, resolve_group, start_all_gather,
-                                          start_reduce_scatter)
-from seqshard.runtime.layout import sorting_permutations
+from seqshard.runtime.backends import attention_backward, attention_forward
+from seqshard.runtime.blocks import pair_blocks
+from seqshard.runtime.collectives import (Pending, resolve_group, start_all_gather,
+                                          start_all_to_all_single, start_reduce_scatter)
+from seqshard.runtime.layout import chunk_permutation, sorting_permutations
 from seqshard.runtime.opsupport import (check_attention_inputs, lse_like,
                                         register_autograd_saving_outputs, resolve_options,
                                         unpack_pair)
 from seqshard.runtime.ring import ring_backward, ring_forward
 
-__all__ = ["ulysses_attention", "hybrid_attention", "kv_route", "kv_heads_after_exchange"]
+__all__ = ["ulysses_attention", "hybrid_attention", "kv_route", "kv_heads_after_exchange",
+           "kv_pieces", "default_chunks"]
 
 _HEADS, _SEQ = 1, 2  # dims of [b, h, s, e]; a packed K/V buffer [2, b, hk, s, e] has them at +1
+
+# default_chunks: (chunks, fewest heads per rank) in order of preference, and the fewest rows
+# (batch · heads · global sequence) a chunk keeps so that its kernel still fills the GPU
+_CHUNK_CHOICES = ((4, 8), (2, 2))
+_MIN_CHUNK_ROWS = 1 << 17
 
 
 def kv_route(heads: int, kv_heads: int, world: int) -> str:
@@ -62,19 +98,57 @@ def kv_heads_after_exchange(heads: int, kv_heads: int, world: int) -> int:
     return {"scatter": kv_heads // world, "one": 1, "replicate": heads // world}[route]
 
 
+def kv_pieces(heads: int, kv_heads: int, world: int, chunks: int) -> int:
+    """How many pieces K/V travel in when the queries go in `chunks`: the largest divisor of
+    `chunks` that divides the kv heads per rank ('scatter'); 1 on the all-gather routes."""
+    if kv_route(heads, kv_heads, world) != "scatter":
+        return 1
+    per_rank = kv_heads // world
+    return max(d for d in range(1, chunks + 1) if chunks % d == 0 and per_rank % d == 0)
+
+
+def default_chunks(device, batch: int, heads: int, seq: int, world: int) -> int:
+    """`chunks` when none is given, for `heads` query heads and a global (padded) length `seq`.
+
+    Off CUDA 1: gloo runs collectives on the cores that compute, there is nothing to overlap. On
+    CUDA 4 with >= 8 heads per rank, else 2 with >= 2, when it divides the heads per rank and every
+    chunk keeps >= 2^17 rows (batch · its heads · seq), so that its kernel still fills the GPU
+    (S = 128K: 4 from 8 heads per rank, 2 from 2; S = 32K: 2 from 8); else 1.
+    """
+    if torch.device(device).type != "cuda":
+        return 1
+    local = heads // world
+    for chunks, fewest in _CHUNK_CHOICES:
+        rows = batch * local * seq // chunks
+        if local >= fewest and local % chunks == 0 and rows >= _MIN_CHUNK_ROWS:
+            return chunks
+    return 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The exchange: which heads and tokens go where
+# ---------------------------------------------------------------------------------------------
+
+_Run = tuple[int, int, int, int, int]  # (position, first rank, local token, tokens, ranks)
+
+
 @dataclass(frozen=True)
 class _Exchange:
-    """The sequence → heads switch over one Ulysses group, and its inverse."""
+    """The sequence → heads switch over one Ulysses group, in head chunks, and its inverse."""
 
     group: dist.ProcessGroup
     route: str
     kv_heads: int
+    chunks: int                    # G: query head chunks per rank
+    pieces: int                    # Gk: the pieces K/V travel in (1 on the all-gather routes)
+    runs: tuple[_Run, ...]         # arrivals (rank-major) -> position order, see `_runs`
+    in_order: bool                 # the arrivals are in position order already (contig)
     kv_index: torch.Tensor | None  # kv heads kept after an all-gather ('one'/'replicate')
-    perm: torch.Tensor | None      # gathered (rank-major) sequence -> position order
+    perm: torch.Tensor | None      # all-gathered (rank-major) sequence -> position order
     back: torch.Tensor | None      # its inverse
 
 
-def _exchange(group, heads, kv_heads, order, ring_place, local_len, device) -> _Exchange:
+def _exchange(group, heads, kv_heads, order, ring_place, local_len, device, chunks) -> _Exchange:
     """`ring_place`: (ring rank, ring size) on a 2-D mesh, None for plain Ulysses."""
     n_u = group.size()
     ring_rank, ring_size = (0, 1) if ring_place is None else ring_place
@@ -83,7 +157,9 @@ def _exchange(group, heads, kv_heads, order, ring_place, local_len, device) -> _
     perm, back = sorting_permutations(order, ring_size * n_u, local_len, ranks, device)
     route = kv_route(heads, kv_heads, n_u)
     kv_index = None if route == "scatter" else _kv_index(heads, kv_heads, n_u, group.rank(), device)
-    return _Exchange(group, route, kv_heads, kv_index, perm, back)
+    return _Exchange(group, route, kv_heads, chunks, kv_pieces(heads, kv_heads, n_u, chunks),
+                     _runs(order, ring_size * n_u, local_len, ranks), perm is None, kv_index,
+                     perm, back)
 
 
 @functools.lru_cache(maxsize=256)
@@ -95,41 +171,179 @@ def _kv_index(heads: int, kv_heads: int, world: int, rank: int, device: torch.de
     return (needed[:1] if kv_route(heads, kv_heads, world) == "one" else needed).to(device)
 
 
-def _reorder(x: torch.Tensor, index: torch.Tensor | None, dim: int) -> torch.Tensor:
-    return x if index is None else x.index_select(dim, index)
+@functools.lru_cache(maxsize=256)
+def _runs(order: str, world: int, local_len: int, ranks: tuple[int, ...]) -> tuple[_Run, ...]:
+    """The arrivals of an all-to-all (the shards of `ranks` in rank order) in position order, as
+    copies of token runs: (p, j, t, n, count) says positions [p, p + count·n) are tokens
+    [t, t + n) of the shards of ranks j … j + count - 1 (group ranks), in that order."""
+    perm = chunk_permutation(order, world, local_len, ranks)  # position -> arrival index
+    starts = torch.ones(len(perm), dtype=torch.bool)
+    starts[1:] = (perm[1:] != perm[:-1] + 1) | (perm[1:] % local_len == 0)
+    bounds = [*starts.nonzero().flatten().tolist(), len(perm)]
+    runs: list[_Run] = []
+    for p, end in zip(bounds, bounds[1:]):
+        j, t = divmod(int(perm[p]), local_len)
+        if runs:
+            p0, j0, t0, n0, count = runs[-1]
+            if (j, t, end - p, p) == (j0 + count, t0, n0, p0 + n0 * count):
+                # the same tokens of the next rank, right after: one strided copy covers both
+                runs[-1] = (p0, j0, t0, n0, count + 1)
+                continue
+        runs.append((p, j, t, end - p, 1))
+    return tuple(runs)
 
 
-def _to_heads(x, ex: _Exchange) -> torch.Tensor:
-    """[b, h, s/N, e] -> [b, h/N, s, e] in position order."""
-    return _reorder(all_to_all_tensor(x, _HEADS, _SEQ, ex.group), ex.perm, _SEQ)
+def _rows(index: int, size: int) -> slice:
+    return slice(index * size, (index + 1) * size)
 
 
-def _to_seq(x_h, ex: _Exchange) -> torch.Tensor:
-    """[b, h/N, s, (e)] -> [b, h, s/N, (e)]; also for lse [b, h/N, s]."""
-    return all_to_all_tensor(_reorder(x_h, ex.back, _SEQ), _SEQ, _HEADS, ex.group)
+def _head_blocks(x: torch.Tensor, n: int, pieces: int, chunks: int, c: int) -> torch.Tensor:
+    """Chunk c of sequence-layout x [b, heads, s, ...] as [N, b, heads/(N·chunks), s, ...]: block j
+    holds the heads rank j gets in chunk c (heads laid out [pieces, N, chunks/pieces, g]). A view."""
+    per_piece = chunks // pieces
+    heads = x.unflatten(_HEADS, (pieces, n, per_piece, -1))  # [b, pieces, N, per_piece, g, s, ...]
+    return heads[:, c // per_piece, :, c % per_piece].movedim(1, 0)
 
 
-def _kv_to_heads(k, v, ex: _Exchange) -> torch.Tensor:
-    """Packed K/V [2, b, hk, s/N, e] -> [2, b, kv heads after exchange, s, e] in position order."""
-    kv = torch.stack([k, v])
-    if ex.route == "scatter":
-        kv = all_to_all_tensor(kv, _HEADS + 1, _SEQ + 1, ex.group)
-    else:
-        kv = start_all_gather(kv, _SEQ + 1, ex.group).wait().index_select(_HEADS + 1, ex.kv_index)
-    return _reorder(kv, ex.perm, _SEQ + 1)
+def _split_seq(x_h: torch.Tensor, n: int) -> torch.Tensor:
+    """Head-layout x_h [b, g, S, ...] as [N, b, g, S/N, ...] (a view): what the all-to-all moves
+    when the arrivals are in position order."""
+    return x_h.unflatten(_SEQ, (n, -1)).movedim(_SEQ, 0)
 
 
-def _kv_to_seq(dkv_h, ex: _Exchange) -> torch.Tensor:
-    """The adjoint of `_kv_to_heads`: [2, b, m, s, e] -> [2, b, hk, s/N, e]."""
+def _arrivals_to_positions(recv: torch.Tensor, dest: torch.Tensor, runs) -> torch.Tensor:
+    """recv [N, b, g, s, ...] (rank-major) -> dest [b, g, S, ...] (position order)."""
+    for p, j, t, n, count in runs:
+        dest[:, :, p:p + count * n].unflatten(_SEQ, (count, n)).copy_(
+            recv[j:j + count, :, :, t:t + n].movedim(0, _SEQ))
+    return dest
+
+
+def _positions_to_arrivals(src: torch.Tensor, send: torch.Tensor, runs) -> torch.Tensor:
+    """The inverse: src [b, g, S, ...] (position order) -> send [N, b, g, s, ...] (rank-major)."""
+    for p, j, t, n, count in runs:
+        send[j:j + count, :, :, t:t + n].copy_(
+            src[:, :, p:p + count * n].unflatten(_SEQ, (count, n)).movedim(_SEQ, 0))
+    return send
+
+
+def _then(pending: Pending, finish) -> Pending:
+    """`pending`, with `finish(its result)` applied on wait."""
+    return Pending([], pending, lambda p: finish(p.wait()))
+
+
+def _start_to_heads(blocks: torch.Tensor, dest: torch.Tensor, ex: _Exchange) -> Pending:
+    """Post blocks [N, b, g, s, ...] (block j to rank j); the arrivals land in dest [b, g, S, ...] in
+    position order. Result: dest."""
+    in_place = _split_seq(dest, ex.group.size())
+    if ex.in_order and in_place.is_contiguous():
+        return Pending([start_all_to_all_single(blocks.contiguous(), in_place, ex.group)], dest)
+    recv = blocks.new_empty(blocks.shape)
+    return _then(start_all_to_all_single(blocks.contiguous(), recv, ex.group),
+                 lambda r: _arrivals_to_positions(r, dest, ex.runs))
+
+
+def _start_to_seq(x_h: torch.Tensor, blocks: torch.Tensor, ex: _Exchange) -> Pending:
+    """Post head-layout x_h [b, g, S, ...] back to the sequence split; the arrivals land in blocks
+    [N, b, g, s, ...], a view into the sequence-layout result. Result: blocks."""
+    send = _split_seq(x_h, ex.group.size())
+    if not (ex.in_order and send.is_contiguous()):
+        send = _positions_to_arrivals(x_h, x_h.new_empty(blocks.shape), ex.runs)
+    if blocks.is_contiguous():
+        return start_all_to_all_single(send, blocks, ex.group)
+    return _then(start_all_to_all_single(send, torch.empty_like(send), ex.group), blocks.copy_)
+
+
+def _start_kv_piece(k, v, kv_h, piece: int, ex: _Exchange) -> Pending:
+    """Post K/V piece `piece` towards heads, landing in kv_h [2, b, m, S, e]; on the all-gather
+    routes the whole K/V (the only piece) into a new buffer. Result: kv_h."""
+    if ex.route != "scatter":
+        def keep(kv):
+            return _reorder(kv.index_select(_HEADS + 1, ex.kv_index), ex.perm, _SEQ + 1)
+        return _then(start_all_gather(torch.stack([k, v]), _SEQ + 1, ex.group), keep)
+    n, rows = ex.group.size(), _rows(piece, kv_h.shape[2] // ex.pieces)
+    blocks = (_head_blocks(x, n, ex.pieces, ex.pieces, piece) for x in (k, v))
+    return Pending([_start_to_heads(x, kv_h[i][:, rows], ex) for i, x in enumerate(blocks)], kv_h)
+
+
+def _kv_reduce_scatter(dkv_h: torch.Tensor, ex: _Exchange) -> torch.Tensor:
+    """The adjoint of the all-gather routes: [2, b, m, s, e] -> [2, b, hk, s/N, e]. Several query
+    heads (here and on other ranks) share each kv head: sum them in fp32."""
     dkv_h = _reorder(dkv_h, ex.back, _SEQ + 1)
-    if ex.route == "scatter":
-        return all_to_all_tensor(dkv_h, _SEQ + 1, _HEADS + 1, ex.group)
-    # several query heads (here and on other ranks) share each kv head: sum them in fp32
     b, _, s, e = dkv_h.shape[1:]
     acc = torch.promote_types(dkv_h.dtype, torch.float32)
     full = torch.zeros((2, b, ex.kv_heads, s, e), dtype=acc, device=dkv_h.device)
     full.index_add_(_HEADS + 1, ex.kv_index, dkv_h.to(acc))
     return start_reduce_scatter(full, _SEQ + 1, ex.group).wait()
+
+
+def _reorder(x: torch.Tensor, index: torch.Tensor | None, dim: int) -> torch.Tensor:
+    return x if index is None else x.index_select(dim, index)
+
+
+def _kv_slot(c: int, g: int, rep: int, device: torch.device):
+    """The local kv heads chunk c's query heads [c·g, (c+1)·g) read (local q head l reads kv head
+    l // rep): a slice when they split evenly, else an index of one kv head per query head."""
+    if g % rep == 0 or rep % g == 0:
+        first = c * g // rep
+        return slice(first, first + max(g // rep, 1))
+    return _kv_slot_index(c, g, rep, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _kv_slot_index(c: int, g: int, rep: int, device: torch.device) -> torch.Tensor:
+    return (torch.arange(c * g, (c + 1) * g) // rep).to(device)
+
+
+def _take_heads(x: torch.Tensor, slot) -> torch.Tensor:
+    return x[:, slot] if isinstance(slot, slice) else x.index_select(_HEADS, slot)
+
+
+def _add_heads(acc: torch.Tensor, slot, x: torch.Tensor) -> None:
+    if isinstance(slot, slice):
+        acc[:, slot].add_(x)
+    else:
+        acc.index_add_(_HEADS, slot, x.to(acc.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention over head chunks: the whole sequence held here, or the ring of the hybrid
+# ---------------------------------------------------------------------------------------------
+
+def _whole_forward(q, k, v, *, causal: bool, seq_len: int | None, scale: float, backend: str):
+    """(out, lse) of q [b, g, S, e] over the whole sequence held here, in position order: the
+    single block of a one-rank ring (blocks.pair_blocks), straight from the kernel."""
+    (block,) = pair_blocks("contig", causal, 0, 0, 1, q.shape[_SEQ], seq_len)
+    assert block.q0 == 0 and block.k0 == 0, block
+    out, lse = attention_forward(q[:, :, :block.q1], k[:, :, :block.k1], v[:, :, :block.k1],
+                                 causal=block.causal, scale=scale, backend=backend)
+    pad = q.shape[_SEQ] - block.q1  # padded query rows: out 0, lse -inf
+    if pad:
+        out, lse = F.pad(out, (0, 0, 0, pad)), F.pad(lse, (0, pad), value=float("-inf"))
+    return out, lse
+
+
+def _whole_backward(dout, q, k, v, out, lse, *, causal: bool, seq_len: int | None, scale: float,
+                    backend: str):
+    """dq, dk, dv of `_whole_forward` (padded rows get 0)."""
+    (block,) = pair_blocks("contig", causal, 0, 0, 1, q.shape[_SEQ], seq_len)
+    n, m = block.q1, block.k1
+    grads = attention_backward(dout[:, :, :n], q[:, :, :n], k[:, :, :m], v[:, :, :m],
+                               out[:, :, :n], lse[:, :, :n], causal=block.causal, scale=scale,
+                               backend=backend)
+    pad = q.shape[_SEQ] - n
+    return tuple(F.pad(d, (0, 0, 0, pad)) for d in grads) if pad else grads
+
+
+def _attention(ring_group, **options):
+    """(forward, backward) over head-layout chunks: the ring over `ring_group` (hybrid), or the
+    whole sequence held here (ring_group None)."""
+    if ring_group is None:
+        del options["order"]  # one rank holds the whole sequence in position order
+        return (functools.partial(_whole_forward, **options),
+                functools.partial(_whole_backward, **options))
+    return (functools.partial(ring_forward, group=ring_group, **options),
+            functools.partial(ring_backward, group=ring_group, **options))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,39 +355,106 @@ def _ring_place(ring_group):
 
 
 def hybrid_forward(q, k, v, ring_group, ulysses_group, *, causal: bool, order: str,
-                   seq_len: int | None, scale: float, backend: str):
-    """(out, lse, q_h, kv_h, out_h, lse_h): the result and what the backward needs."""
-    ex = _exchange(ulysses_group, q.shape[1], k.shape[1], order, _ring_place(ring_group), q.shape[2],
-                   q.device)
-    q_h = _to_heads(q, ex)
-    kv_h = _kv_to_heads(k, v, ex)
-    out_h, lse_h = ring_forward(q_h, kv_h[0], kv_h[1], ring_group, causal=causal, order=order,
-                                seq_len=seq_len, scale=scale, backend=backend)
-    return _to_seq(out_h, ex), _to_seq(lse_h, ex), q_h, kv_h, out_h, lse_h
+                   seq_len: int | None, scale: float, backend: str, chunks: int = 1):
+    """(out, lse, q_h, kv_h, out_h, lse_h): the result and what the backward needs, with the
+    exchanges pipelined over `chunks` head chunks (module docstring)."""
+    b, h, s, e = q.shape
+    n = ulysses_group.size()
+    ex = _exchange(ulysses_group, h, k.shape[1], order, _ring_place(ring_group), s, q.device, chunks)
+    attend, _ = _attention(ring_group, causal=causal, order=order, seq_len=seq_len, scale=scale,
+                           backend=backend)
+    g, per_piece = h // n // chunks, chunks // ex.pieces
+    m = kv_heads_after_exchange(h, k.shape[1], n)
+    q_h = q.new_empty((b, h // n, n * s, e))
+    kv_h = k.new_empty((2, b, m, n * s, e)) if ex.route == "scatter" else None
+    out_h, lse_h = torch.empty_like(q_h), lse_like(q_h)
+    out, lse = _fresh(q), lse_like(q)
+
+    # Post every exchange towards heads now, in the order the chunks need them (NCCL runs them in
+    # that order); chunk c waits only for its own.
+    q_in, kv_in = [], []
+    for c in range(chunks):
+        blocks = _head_blocks(q, n, ex.pieces, chunks, c)
+        q_in.append(_start_to_heads(blocks, q_h[:, _rows(c, g)], ex))
+        if c % per_piece == 0:
+            kv_in.append(_start_kv_piece(k, v, kv_h, c // per_piece, ex))
+
+    back = []
+    for c in range(chunks):
+        q_c = q_in[c].wait()
+        if c % per_piece == 0:
+            kv_h = kv_in[c // per_piece].wait()
+        slot = _kv_slot(c, g, h // n // m, q.device)
+        out_c, lse_c = attend(q_c, _take_heads(kv_h[0], slot), _take_heads(kv_h[1], slot))
+        out_h[:, _rows(c, g)].copy_(out_c)
+        lse_h[:, _rows(c, g)].copy_(lse_c)
+        back += [_start_to_seq(out_c, _head_blocks(out, n, ex.pieces, chunks, c), ex),
+                 _start_to_seq(lse_c, _head_blocks(lse, n, ex.pieces, chunks, c), ex)]
+    for pending in back:
+        pending.wait()
+    return out, lse, q_h, kv_h, out_h, lse_h
 
 
 def hybrid_backward(dout, q_h, kv_h, out_h, lse_h, kv_heads: int, ring_group, ulysses_group, *,
-                    causal: bool, order: str, seq_len: int | None, scale: float, backend: str):
-    n_u = ulysses_group.size()
-    ex = _exchange(ulysses_group, q_h.shape[1] * n_u, kv_heads, order, _ring_place(ring_group),
-                   q_h.shape[2] // n_u, q_h.device)
-    dq_h, dk_h, dv_h = ring_backward(_to_heads(dout, ex), q_h, kv_h[0], kv_h[1], out_h, lse_h,
-                                     ring_group, causal=causal, order=order, seq_len=seq_len,
-                                     scale=scale, backend=backend)
-    return (_to_seq(dq_h, ex), *unpack_pair(_kv_to_seq(torch.stack([dk_h, dv_h]), ex), dq_h.dtype))
+                    causal: bool, order: str, seq_len: int | None, scale: float, backend: str,
+                    chunks: int = 1):
+    b, h, s, e = dout.shape
+    n = ulysses_group.size()
+    ex = _exchange(ulysses_group, h, kv_heads, order, _ring_place(ring_group), s, dout.device, chunks)
+    _, attend_backward = _attention(ring_group, causal=causal, order=order, seq_len=seq_len,
+                                    scale=scale, backend=backend)
+    g, per_piece, m = h // n // chunks, chunks // ex.pieces, kv_h.shape[2]
+    scatter = ex.route == "scatter"
+    dq = q_h.new_empty(dout.shape)
+    dk, dv = (kv_h.new_empty((b, kv_heads, s, e)) for _ in range(2)) if scatter else (None, None)
+    # dk, dv of a K/V piece that several chunks read (or of everything, on the all-gather routes)
+    # are summed in fp32 here; with one chunk per piece they go back straight from the kernel.
+    acc = None if scatter and per_piece == 1 else torch.zeros(
+        kv_h.shape, dtype=torch.promote_types(kv_h.dtype, torch.float32), device=kv_h.device)
+
+    dout_in = [_start_to_heads(_head_blocks(dout, n, ex.pieces, chunks, c),
+                               dout.new_empty((b, g, n * s, e)), ex) for c in range(chunks)]
+    back = []
+    for c in range(chunks):
+        rows, slot = _rows(c, g), _kv_slot(c, g, h // n // m, dout.device)
+        k_c, v_c = _take_heads(kv_h[0], slot), _take_heads(kv_h[1], slot)
+        dq_c, dk_c, dv_c = attend_backward(dout_in[c].wait(), q_h[:, rows], k_c, v_c,
+                                           out_h[:, rows], lse_h[:, rows])
+        back.append(_start_to_seq(dq_c, _head_blocks(dq, n, ex.pieces, chunks, c), ex))
+        piece = c // per_piece
+        if acc is None:
+            dkv_piece = (dk_c, dv_c)
+        else:
+            _add_heads(acc[0], slot, dk_c)
+            _add_heads(acc[1], slot, dv_c)
+            done = scatter and (c + 1) % per_piece == 0  # the piece's last chunk: send its sum
+            dkv_piece = [a[:, _rows(piece, m // ex.pieces)].to(kv_h.dtype) for a in acc] if done else []
+        back += [_start_to_seq(d, _head_blocks(x, n, ex.pieces, ex.pieces, piece), ex)
+                 for d, x in zip(dkv_piece, (dk, dv))]
+    if not scatter:
+        dk, dv = unpack_pair(_kv_reduce_scatter(acc, ex), kv_h.dtype)
+    for pending in back:
+        pending.wait()
+    return dq, dk, dv
+
+
+def _fresh(x: torch.Tensor) -> torch.Tensor:
+    """An empty contiguous tensor like x: every output here is one, whatever x's strides (the
+    fake implementations promise the same)."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _fake_outputs(q, k, n_u):
     b, h, s, e = q.shape
     m = kv_heads_after_exchange(h, k.shape[1], n_u)
     q_h = q.new_empty((b, h // n_u, s * n_u, e))
-    return (torch.empty_like(q), lse_like(q), q_h, q.new_empty((2, b, m, s * n_u, e)),
-            torch.empty_like(q_h), lse_like(q_h))
+    return (_fresh(q), lse_like(q), q_h, k.new_empty((2, b, m, s * n_u, e)), _fresh(q_h),
+            lse_like(q_h))
 
 
-def _fake_grads(dout, kv_heads):
+def _fake_grads(dout, q_h, kv_h, kv_heads):
     b, _, s, e = dout.shape
-    return torch.empty_like(dout), *(dout.new_empty((b, kv_heads, s, e)) for _ in range(2))
+    return q_h.new_empty(dout.shape), *(kv_h.new_empty((b, kv_heads, s, e)) for _ in range(2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,9 +468,10 @@ _Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 @torch.library.custom_op("seqshard::ulysses_attention", mutates_args=())
 def _ulysses_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str, causal: bool,
-                order: str, seq_len: int | None, scale: float, backend: str) -> _SavedOutputs:
+                order: str, seq_len: int | None, scale: float, backend: str, chunks: int = 1
+                ) -> _SavedOutputs:
     return hybrid_forward(q, k, v, None, resolve_group(group_name), causal=causal, order=order,
-                          seq_len=seq_len, scale=scale, backend=backend)
+                          seq_len=seq_len, scale=scale, backend=backend, chunks=chunks)
 
 
 @_ulysses_op.register_fake
@@ -200,15 +482,16 @@ def _(q, k, v, group_name, *options):
 @torch.library.custom_op("seqshard::ulysses_attention_backward", mutates_args=())
 def _ulysses_backward_op(dout: torch.Tensor, q_h: torch.Tensor, kv_h: torch.Tensor,
                          out_h: torch.Tensor, lse_h: torch.Tensor, kv_heads: int, group_name: str,
-                         causal: bool, order: str, seq_len: int | None, scale: float, backend: str
-                         ) -> _Grads:
+                         causal: bool, order: str, seq_len: int | None, scale: float, backend: str,
+                         chunks: int = 1) -> _Grads:
     return hybrid_backward(dout, q_h, kv_h, out_h, lse_h, kv_heads, None, resolve_group(group_name),
-                           causal=causal, order=order, seq_len=seq_len, scale=scale, backend=backend)
+                           causal=causal, order=order, seq_len=seq_len, scale=scale, backend=backend,
+                           chunks=chunks)
 
 
 @_ulysses_backward_op.register_fake
 def _(dout, q_h, kv_h, out_h, lse_h, kv_heads, *rest):
-    return _fake_grads(dout, kv_heads)
+    return _fake_grads(dout, q_h, kv_h, kv_heads)
 
 
 register_autograd_saving_outputs(_ulysses_op, torch.ops.seqshard.ulysses_attention_backward)
@@ -222,20 +505,36 @@ def _check_heads(q, k, n_u: int, algorithm: str) -> None:
             "the heads")
 
 
+def _check_chunks(q, n_u: int, chunks: int, algorithm: str) -> int:
+    local = q.shape[1] // n_u
+    if not 1 <= chunks <= local or local % chunks:
+        divisors = [d for d in range(1, local + 1) if local % d == 0]
+        raise ValueError(f"{algorithm}: chunks={chunks} must divide the {local} heads each rank "
+                         f"holds after the exchange ({q.shape[1]} heads / Ulysses degree {n_u}); "
+                         f"use one of {divisors}")
+    return chunks
+
+
 def ulysses_attention(q, k, v, group=None, *, causal: bool = True, order: str = "contig",
                       seq_len: int | None = None, scale: float | None = None,
-                      backend: str | None = None, return_lse: bool = False):
+                      backend: str | None = None, chunks: int | None = None,
+                      return_lse: bool = False):
     """Exact attention of sequence-sharded q, k, v by the Ulysses all-to-all (heads must divide).
 
-    Same arguments and result as `ring_attention`.
+    `chunks`: pipeline the exchanges with the attention over this many head chunks per rank (it
+    must divide the heads per rank); None picks `default_chunks` (1 off CUDA). Otherwise the same
+    arguments and result as `ring_attention`.
     """
     pg = resolve_group(group)
     check_attention_inputs(q, k, v, world=pg.size(), order=order, seq_len=seq_len,
                            algorithm="ulysses_attention")
     _check_heads(q, k, pg.size(), "ulysses_attention")
+    if chunks is None:
+        chunks = default_chunks(q.device, q.shape[0], q.shape[1], q.shape[2] * pg.size(), pg.size())
+    _check_chunks(q, pg.size(), chunks, "ulysses_attention")
     scale, backend = resolve_options(q, scale, backend)
     out, lse, *_ = torch.ops.seqshard.ulysses_attention(q, k, v, pg.group_name, causal, order,
-                                                        seq_len, scale, backend)
+                                                        seq_len, scale, backend, chunks)
     return (out, lse) if return_lse else out
 
 
@@ -246,9 +545,10 @@ def ulysses_attention(q, k, v, group=None, *, causal: bool = True, order: str = 
 @torch.library.custom_op("seqshard::hybrid_attention", mutates_args=())
 def _hybrid_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_group_name: str,
                ulysses_group_name: str, causal: bool, order: str, seq_len: int | None, scale: float,
-               backend: str) -> _SavedOutputs:
+               backend: str, chunks: int = 1) -> _SavedOutputs:
     return hybrid_forward(q, k, v, resolve_group(ring_group_name), resolve_group(ulysses_group_name),
-                          causal=causal, order=order, seq_len=seq_len, scale=scale, backend=backend)
+                          causal=causal, order=order, seq_len=seq_len, scale=scale, backend=backend,
+                          chunks=chunks)
 
 
 @_hybrid_op.register_fake
@@ -260,15 +560,15 @@ def _(q, k, v, ring_group_name, ulysses_group_name, *options):
 def _hybrid_backward_op(dout: torch.Tensor, q_h: torch.Tensor, kv_h: torch.Tensor,
                         out_h: torch.Tensor, lse_h: torch.Tensor, kv_heads: int, ring_group_name: str,
                         ulysses_group_name: str, causal: bool, order: str, seq_len: int | None,
-                        scale: float, backend: str) -> _Grads:
+                        scale: float, backend: str, chunks: int = 1) -> _Grads:
     return hybrid_backward(dout, q_h, kv_h, out_h, lse_h, kv_heads, resolve_group(ring_group_name),
                            resolve_group(ulysses_group_name), causal=causal, order=order,
-                           seq_len=seq_len, scale=scale, backend=backend)
+                           seq_len=seq_len, scale=scale, backend=backend, chunks=chunks)
 
 
 @_hybrid_backward_op.register_fake
 def _(dout, q_h, kv_h, out_h, lse_h, kv_heads, *rest):
-    return _fake_grads(dout, kv_heads)
+    return _fake_grads(dout, q_h, kv_h, kv_heads)
 
 
 register_autograd_saving_outputs(_hybrid_op, torch.ops.seqshard.hybrid_attention_backward)
@@ -276,20 +576,24 @@ register_autograd_saving_outputs(_hybrid_op, torch.ops.seqshard.hybrid_attention
 
 def hybrid_attention(q, k, v, ring_group, ulysses_group, *, causal: bool = True,
                      order: str = "contig", seq_len: int | None = None, scale: float | None = None,
-                     backend: str | None = None, return_lse: bool = False):
+                     backend: str | None = None, chunks: int = 1, return_lse: bool = False):
     """Exact attention on a 2-D mesh: Ulysses over `ulysses_group` × ring over `ring_group`.
 
     The shards follow `order` over the flattened index ring_rank·N_u + ulysses_rank, e.g. the
     groups of `mesh.get_group("ring")` and `mesh.get_group("ulysses")` of a ('ring', 'ulysses')
-    DeviceMesh. Otherwise the same arguments and result as `ring_attention`.
+    DeviceMesh. `chunks` pipelines the Ulysses exchanges with a whole ring pass per head chunk (it
+    must divide the heads per Ulysses rank; default 1: the ring already overlaps its own traffic,
+    and more chunks mean more, smaller ring steps). Otherwise the same arguments and result as
+    `ring_attention`.
     """
     ring_pg, ulysses_pg = resolve_group(ring_group), resolve_group(ulysses_group)
     world = ring_pg.size() * ulysses_pg.size()
     check_attention_inputs(q, k, v, world=world, order=order, seq_len=seq_len,
                            algorithm="hybrid_attention")
     _check_heads(q, k, ulysses_pg.size(), "hybrid_attention")
+    _check_chunks(q, ulysses_pg.size(), chunks, "hybrid_attention")
     scale, backend = resolve_options(q, scale, backend)
     out, lse, *_ = torch.ops.seqshard.hybrid_attention(q, k, v, ring_pg.group_name,
                                                        ulysses_pg.group_name, causal, order,
-                                                       seq_len, scale, backend)
+                                                       seq_len, scale, backend, chunks)
     return (out, lse) if return_lse else out
