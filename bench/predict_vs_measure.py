@@ -172,8 +172,6 @@ def main(argv=None) -> int:
         rows.append(row)
         if dist.get_rank() == 0:
             print(json.dumps(row), flush=True)
-            with open(os.path.join(args.out, "predict_vs_measure.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
     if dist.get_rank() == 0:
         meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
                     device=f"{world}x " + (torch.cuda.get_device_name() if device == "cuda" else "CPU"),
