@@ -618,7 +618,10 @@ class Bench:
                 with sdpa_kernel(backends, set_priority=True):
                     out = F.scaled_dot_product_attention(qt, _expand(kt, rep), _expand(vt, rep),
                                                          is_causal=True)
-                return out.transpose(1, 2)
+                # cuDNN's SDPA backward returns wrong gradients for a non-contiguous output
+                # gradient (seen on H200, torch 2.11: dq error 1.4); the transpose below would
+                # hand it one, so its gradient is made contiguous first (as our runtime does)
+                return _ContiguousGrad.apply(out).transpose(1, 2)
 
             # [b, s, h, e]: scatter heads (dim 2), gather the sequence (dim 1); batch dim 0
             dist_attn = DistributedAttention(local_attn, group, scatter_idx=2, gather_idx=1)
@@ -747,6 +750,18 @@ class Bench:
             out.backward(shard(dout).to(torch.bfloat16))
         with torch.no_grad():
             return [unshard(t.detach()).float() for t in (out, ql.grad, kl.grad, vl.grad)]
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity forward; the gradient is made contiguous."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
 
 
 def _expand(x, rep: int):

@@ -6,6 +6,8 @@
 #                                 # (e) bench/predict_vs_measure.py in the time left
 #   bash bench/run_gpu.sh full    # bench/attention.py, everything its budget allows
 #   bash bench/run_gpu.sh all     # probe's (a)-(c), then the full benchmark in what time is left
+#   bash bench/run_gpu.sh diagnose  # (f) a profile of one step, (g) seqshard calibrate, (h)
+#                                   # predict_vs_measure with the calibrated cluster
 #
 # Needs .whl (ortools, DeepSpeed's pure-Python needs) and .ds (DeepSpeed built with DS_BUILD_OPS=0)
 # carried; bench/README.md says how they are made. Everything it prints goes to $OUT/run_gpu.log;
@@ -17,7 +19,7 @@
 # (extra arguments for bench/attention.py).
 set -uo pipefail
 MODE=${1:-probe}
-case "$MODE" in probe|full|all) ;; *) echo "usage: $0 probe|full|all" >&2; exit 2 ;; esac
+case "$MODE" in probe|full|all|diagnose) ;; *) echo "usage: $0 probe|full|all|diagnose" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 START=$(date +%s)
 LIMIT=${RUN_GPU_LIMIT_S:-570}
@@ -100,6 +102,22 @@ predict() {
     bench/predict_vs_measure.py --out "$OUT" --budget-s "$budget"
 }
 
+# diagnose: a profile of one step (bench/profile_step.py), a calibration of this machine
+# (seqshard calibrate), and predict_vs_measure with the calibrated cluster
+diagnose() {
+  step "f. profile one step" 200 python3 -m torch.distributed.run --nproc-per-node "$NPROC" \
+    --master-port 29710 bench/profile_step.py --out "$OUT"
+  step "g. calibrate" 200 python3 -m torch.distributed.run --nproc-per-node "$NPROC" \
+    --master-port 29720 -m seqshard calibrate --out "$OUT/calibrated-h200x$NPROC.json"
+  if [[ -f "$OUT/calibrated-h200x$NPROC.json" ]]; then
+    local budget=$(( $(left) - 70 )); (( budget > ${PREDICT_BUDGET_S:-150} )) && budget=${PREDICT_BUDGET_S:-150}
+    step "h. predict vs measure (calibrated)" $(( budget + 60 )) \
+      python3 -m torch.distributed.run --nproc-per-node "$NPROC" --master-port 29730 \
+      bench/predict_vs_measure.py --out "$OUT" --budget-s "$budget" \
+      --cluster "$OUT/calibrated-h200x$NPROC.json"
+  fi
+}
+
 main() {
   echo "== run_gpu.sh $MODE, limit ${LIMIT}s, out $OUT, $(date -u +%FT%TZ)"
   if compgen -G ".whl/*.whl" > /dev/null; then
@@ -111,6 +129,7 @@ main() {
     probe) probe; attention --quick; predict ;;
     full)  attention ;;
     all)   probe; attention ;;
+    diagnose) diagnose ;;
   esac
   local rc=$?
   echo "== done: rc=$rc after $(( $(date +%s) - START ))s; files in $OUT:"; ls -la "$OUT"

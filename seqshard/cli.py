@@ -165,17 +165,19 @@ def main(argv=None) -> int:
                    choices=["llama", "video_dit"])
     p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("calibrate", help="measure this machine into a cluster JSON",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=cmd_calibrate)
+    p = sub.add_parser("calibrate", help="measure this machine into a cluster JSON (options: "
+                       "seqshard calibrate --out FILE [--quick] [--links-from PRESET])", add_help=False)
+    p.set_defaults(fn=cmd_calibrate, passes_rest=True)
 
     p = sub.add_parser("bench", help="run a script of bench/ (GPU ones under torchrun)")
     p.add_argument("name", help="attention | plan_time | predict_vs_measure | gpu_smoke")
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun) for GPU benchmarks")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=cmd_bench)
-    args = parser.parse_args(argv)
+    p.set_defaults(fn=cmd_bench, passes_rest=True)
+    # calibrate and bench hand their remaining options to the script they run
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passes_rest", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     return args.fn(args)
 
 

@@ -33,3 +33,12 @@ def test_plan_reports_infeasible(capsys):
 def test_bench_names_the_scripts():
     with pytest.raises(SystemExit, match="plan_time"):
         main(["bench", "no_such_bench"])
+
+
+def test_calibrate_takes_its_own_options(tmp_path):
+    """`seqshard calibrate --out FILE --quick` reaches the calibration (on CPU: small sizes)."""
+    from seqshard.costmodel import Cluster
+
+    out = tmp_path / "cal.json"
+    assert main(["calibrate", "--out", str(out), "--quick"]) == 0
+    assert Cluster.load(out).gpu.attention_head_dim[-1][1] == 1.0

@@ -279,7 +279,8 @@ def allgather(shape: AttentionShape, *, training: bool, group_size, link: Link, 
     zigzag = shape.causal and order == "zigzag"
     q_len = S / (2 * n) if zigzag else S / n              # one kernel call per zigzag chunk
     imbalance = (2 * n - 1) / n if shape.causal and not zigzag else 1  # the last rank's share
-    c = imbalance * shape.flops(training=False) / n / gpu.attention_rate(q_len, shape.causal)
+    c = imbalance * shape.flops(training=False) / n / gpu.attention_rate(q_len, shape.causal,
+                                                                         shape.head_dim)
     kv_full = 2 * B * Hk * S * E * d
     t_ag = all_gather(kv_full / g, n, link)
     buffers = 2 if g > 1 else 1  # the next group's gather in flight

@@ -57,6 +57,8 @@ class Sizes:
     """Message sizes in bytes (nccl-tests' size: the full per-rank buffer)."""
     copy_bytes: int
     """Bytes of the copied buffer for the memory bandwidth."""
+    head_dims: tuple[int, ...] = ()
+    """Head dims whose attention rate is measured relative to `head_dim` (at a middle length)."""
     repeats: int = 5
     """Timed runs per measurement (the median counts)."""
     warmup: int = 2
@@ -74,16 +76,17 @@ class Sizes:
 
     @classmethod
     def gpu(cls) -> Sizes:
-        """Sizes for a datacenter GPU: attention at 1K … 128K (a few minutes)."""
-        return cls(matmul=8192, attention=tuple(1024 << i for i in range(8)), heads=32,
-                   head_dim=128, messages=(1 << 16, 1 << 20, 1 << 24, 1 << 28), copy_bytes=1 << 30,
-                   repeats=10, warmup=3)
+        """Sizes for a datacenter GPU: attention at 2K … 128K and head dims 64-128 (about a minute)."""
+        return cls(matmul=8192, attention=(2048, 8192, 32768, 131072), heads=32, head_dim=128,
+                   messages=(1 << 16, 1 << 20, 1 << 24, 1 << 28), copy_bytes=1 << 30,
+                   head_dims=(64, 72, 96), repeats=5, warmup=2)
 
     @classmethod
     def cpu(cls) -> Sizes:
         """Small sizes that run in seconds on a CPU (the smoke test)."""
         return cls(matmul=128, attention=(64, 128), heads=2, head_dim=16,
-                   messages=(1 << 12, 1 << 16), copy_bytes=1 << 22, repeats=3, warmup=1)
+                   messages=(1 << 12, 1 << 16), copy_bytes=1 << 22, head_dims=(8,), repeats=3,
+                   warmup=1)
 
 
 def _log(msg: str) -> None:
@@ -154,6 +157,24 @@ def _measure_gpu(sizes: Sizes, device: torch.device) -> GPU:
                  f"{flops / t / 1e12:.3g} TFLOP/s fwd+bwd")
         tables[causal] = tuple(points)
 
+    # smaller heads reach less of the rate: measure a few head dims at one middle length
+    length = sizes.attention[len(sizes.attention) // 2]
+    head_rates = {}
+    for head_dim in sorted({*sizes.head_dims, sizes.head_dim}):
+        shape = (1, sizes.heads, length, head_dim)
+        q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        grad = torch.randn(shape, device=device, dtype=torch.bfloat16)
+
+        def step():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+
+        t = _median_time(step, sizes, device, group)
+        head_rates[head_dim] = attention_flops(1, sizes.heads, length, length, head_dim, causal=True,
+                                               training=True) / t
+        _log(f"attention causal S={length} head dim {head_dim}: {head_rates[head_dim] / 1e12:.3g} TFLOP/s")
+    head_table = tuple((float(d), r / head_rates[sizes.head_dim]) for d, r in sorted(head_rates.items()))
+
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         capacity = torch.cuda.get_device_properties(device).total_memory
@@ -162,7 +183,8 @@ def _measure_gpu(sizes: Sizes, device: torch.device) -> GPU:
         capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return GPU(name=name, matmul_bf16=rates[torch.bfloat16], matmul_fp32=rates[torch.float32],
                hbm_bandwidth=copy_bw, hbm_capacity=float(capacity),
-               attention_causal=tables[True], attention_full=tables[False])
+               attention_causal=tables[True], attention_full=tables[False],
+               attention_head_dim=head_table)
 
 
 # --- one link ------------------------------------------------------------------------------------

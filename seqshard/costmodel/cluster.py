@@ -134,6 +134,10 @@ class GPU:
     length the kernel sees. Also used for forward-only attention."""
     attention_full: Table
     """Non-causal attention forward+backward FLOP/s vs the local sequence length."""
+    attention_head_dim: Table = ((128.0, 1.0),)
+    """Attention rate relative to the tables above vs the head dim (1 at the head dim the tables
+    were measured at, 128): kernels with smaller heads do less work per byte and reach less.
+    Measured by `seqshard calibrate`; flat beyond its end points."""
     matmul_efficiency: float = 1.0
     """Fraction of `matmul_*` that the planner's matmuls reach (1: the rates are measured GEMMs)."""
     pointwise_efficiency: float = 0.068
@@ -159,7 +163,7 @@ class GPU:
                   "attention_block_efficiency")
         _fraction(self, "matmul_efficiency", "pointwise_efficiency", "reduction_efficiency",
                   "attention_block_efficiency", "overlap_slowdown")
-        for name in ("attention_causal", "attention_full"):
+        for name in ("attention_causal", "attention_full", "attention_head_dim"):
             object.__setattr__(self, name, _table(getattr(self, name), f"GPU({self.name}).{name}"))
 
     def matmul_rate(self, dtype_bytes: int = 2) -> float:
@@ -170,11 +174,15 @@ class GPU:
             return self.matmul_fp32
         raise ValueError(f"no matmul rate for {dtype_bytes}-byte elements; use 2 (bf16) or 4 (fp32)")
 
-    def attention_rate(self, length, causal: bool):
-        """Attention forward+backward FLOP/s at local sequence length `length` (symbolic ok)."""
+    def attention_rate(self, length, causal: bool, head_dim=128):
+        """Attention forward+backward FLOP/s at local sequence length `length` (symbolic ok) and
+        head dim `head_dim`."""
         table = self.attention_causal if causal else self.attention_full
         kind = "causal" if causal else "full"
-        return log_interp(table, length, f"attn_rate_{kind}_{self.name}")
+        rate = log_interp(table, length, f"attn_rate_{kind}_{self.name}")
+        if len(self.attention_head_dim) > 1:
+            rate = rate * log_interp(self.attention_head_dim, head_dim, f"attn_head_dim_{self.name}")
+        return rate
 
     def __str__(self):
         return (f"{self.name} ({_si(self.matmul_bf16, 'FLOP/s')} bf16, "

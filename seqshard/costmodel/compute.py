@@ -174,7 +174,7 @@ def attention_time(batch, heads, q_len, kv_len, head_dim, *, causal: bool, gpu: 
     `length` is the local sequence length the kernel sees (default `q_len`); the GPU's rate
     table is measured forward+backward and is used for forward-only time too.
     """
-    rate = gpu.attention_rate(q_len if length is None else length, causal)
+    rate = gpu.attention_rate(q_len if length is None else length, causal, head_dim)
     return attention_flops(batch, heads, q_len, kv_len, head_dim, causal=causal, training=training) / rate
 
 

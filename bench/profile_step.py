@@ -1,0 +1,186 @@
+"""Where the time of one distributed attention step goes (4×H200, the headline shape).
+
+    torchrun --nproc-per-node 4 bench/profile_step.py --out DIR [--seq 131072]
+
+1. The local kernel alone at the shapes the algorithms hand it: cuDNN causal fwd+bwd at the
+   Ulysses shape (full S, H/N heads), the ring's block shape (S/N, H heads) and the ideal
+   (S/√N, H heads), in TFLOP/s: the ceiling each algorithm can reach.
+2. Ulysses with chunks ∈ {1, 2, 4, 8} and ring: median step time (CUDA events), TFLOP/s.
+3. One profiled step of each (rank 0, torch.profiler): GPU kernel time by category
+   (attention, NCCL, copies/elementwise, other), their sum against the step's wall time (the
+   difference is overlap, or idle GPU when negative).
+Writes profile_step-<date>.json and .md.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+
+def flops(b, h, s, e, causal=True, n=1):
+    return 3.5 * 4 * b * h * s * s * e * (0.5 if causal else 1.0) / n
+
+
+def timed(fn, warmup=2, repeats=5):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def category(name: str) -> str:
+    n = name.lower()
+    if "nccl" in n:
+        return "nccl"
+    if any(k in n for k in ("fmha", "flash", "cudnn", "attention", "sm90_xmma", "cutlass", "gemm")):
+        return "attention"
+    if any(k in n for k in ("copy", "elementwise", "memcpy", "memset", "cat", "index", "fill", "reduce")):
+        return "copies/elementwise"
+    return "other"
+
+
+def profile(fn) -> dict:
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    fn()
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+    wall = a.elapsed_time(b) / 1e3
+    cats: dict[str, float] = {}
+    top: dict[str, float] = {}
+    for ev in p.events():
+        if ev.device_type.name != "CUDA":
+            continue
+        t = ev.device_time_total / 1e6 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 1e6
+        cats[category(ev.name)] = cats.get(category(ev.name), 0.0) + t
+        top[ev.name[:90]] = top.get(ev.name[:90], 0.0) + t
+    biggest = sorted(top.items(), key=lambda x: -x[1])[:8]
+    return dict(wall_s=wall, kernels_s=cats, sum_s=sum(cats.values()), top=biggest)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--seq", type=int, default=128 * 1024)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--head-dim", type=int, default=128)
+    args = ap.parse_args(argv)
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl")
+    rank, n = dist.get_rank(), dist.get_world_size()
+    from seqshard.runtime import ring_attention, ulysses_attention
+    from seqshard.runtime.backends import attention_backward, attention_forward
+
+    S, H, E = args.seq, args.heads, args.head_dim
+    dev = "cuda"
+    rows = {"kernel": [], "steps": [], "profiles": {}}
+
+    # 1. the local kernel at each algorithm's shape (every rank runs the same; rank 0 reports)
+    for label, h, s in (("ulysses shape (S, H/N)", H // n, S), ("ideal (S/sqrt N, H)", H, int(S / n ** 0.5)),
+                        ("ring block (S/N, H)", H, S // n)):
+        q, k, v, do = (torch.randn(1, h, s, E, device=dev, dtype=torch.bfloat16) for _ in range(4))
+
+        def step():
+            out, lse = attention_forward(q, k, v, causal=True, backend="cudnn")
+            attention_backward(do, q, k, v, out, lse, causal=True, backend="cudnn")
+        t = timed(step)
+        rows["kernel"].append(dict(shape=label, heads=h, seq=s, ms=t * 1e3,
+                                   tflops=flops(1, h, s, E) / t / 1e12))
+        del q, k, v, do
+        torch.cuda.empty_cache()
+
+    # 2. and 3. the algorithms at the headline shape
+    gen = torch.Generator(dev).manual_seed(rank)
+    q, k, v, do = (torch.randn(1, H, S // n, E, device=dev, dtype=torch.bfloat16, generator=gen)
+                   for _ in range(4))
+    for x in (q, k, v):
+        x.requires_grad_()
+    systems = {f"ulysses chunks={c}": (lambda c=c: ulysses_attention(q, k, v, causal=True, chunks=c))
+               for c in (1, 2, 4, 8)}
+    systems["ring zigzag"] = lambda: ring_attention(q, k, v, causal=True, order="zigzag")
+
+    for name, fn in systems.items():
+        def step(fn=fn):
+            out = fn()
+            out.backward(do)
+        try:
+            t = timed(step)
+            t_all = torch.tensor([t], device=dev)
+            dist.all_reduce(t_all, op=dist.ReduceOp.MAX)
+            t = t_all.item()
+            rows["steps"].append(dict(system=name, ms=t * 1e3, tflops=flops(1, H, S, E, n=n) / t / 1e12))
+            if name in ("ulysses chunks=1", "ulysses chunks=4", "ring zigzag"):
+                pr = profile(step)
+                if rank == 0:
+                    rows["profiles"][name] = pr
+        except Exception as e:  # noqa: BLE001 - a failing variant is a result too
+            rows["steps"].append(dict(system=name, error=f"{type(e).__name__}: {e}"[:300]))
+        torch.cuda.empty_cache()
+        dist.barrier()
+
+    if rank == 0:
+        date = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        meta = dict(date=date, device=f"{n}x {torch.cuda.get_device_name()}", torch=torch.__version__,
+                    command=" ".join(["torchrun", f"--nproc-per-node={n}"] + sys.argv), seq=S, heads=H,
+                    head_dim=E)
+        lines = [f"# One step of distributed attention, profiled ({meta['device']}, torch {meta['torch']})",
+                 "", f"`{meta['command']}`; causal, bf16, B=1, H={H}, E={E}, S={S}; fwd+bwd; cuDNN; "
+                 "FLOPs as FlashAttention counts them (3.5 × 4·B·H·S²·E/2 per step, over N).", "",
+                 "## The local kernel at each algorithm's shape (one GPU)", "",
+                 "| shape | heads | length | ms | TFLOP/s |", "|---|---|---|---|---|"]
+        lines += [f"| {r['shape']} | {r['heads']} | {r['seq']} | {r['ms']:.2f} | {r['tflops']:.1f} |"
+                  for r in rows["kernel"]]
+        lines += ["", f"## Algorithms on {n} GPUs (slowest rank's median)", "",
+                  "| system | ms | TFLOP/s per GPU |", "|---|---|---|"]
+        lines += [f"| {r['system']} | {r.get('ms', float('nan')):.2f} | {r.get('tflops', float('nan')):.1f} |"
+                  if "error" not in r else f"| {r['system']} | failed: {r['error'][:100]} | |"
+                  for r in rows["steps"]]
+        lines += ["", "## Profile of one step (rank 0): GPU kernel time by category", "",
+                  "| system | wall ms | attention | NCCL | copies/elementwise | other | sum of kernels |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, pr in rows["profiles"].items():
+            c = pr["kernels_s"]
+            lines.append(f"| {name} | {pr['wall_s'] * 1e3:.2f} | {c.get('attention', 0) * 1e3:.2f} | "
+                         f"{c.get('nccl', 0) * 1e3:.2f} | {c.get('copies/elementwise', 0) * 1e3:.2f} | "
+                         f"{c.get('other', 0) * 1e3:.2f} | {pr['sum_s'] * 1e3:.2f} |")
+        for name, pr in rows["profiles"].items():
+            lines += ["", f"Largest kernels, {name}:", ""]
+            lines += [f"- {t * 1e3:.2f} ms  `{k}`" for k, t in pr["top"]]
+        text = "\n".join(lines) + "\n"
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, f"profile_step-{date}")
+        with open(stem + ".json", "w") as f:
+            json.dump(dict(meta=meta, **rows), f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(text)
+        print(text)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
