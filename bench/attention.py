@@ -1006,7 +1006,9 @@ def main(args) -> int:
     previous = shared[0]
     meta_row = next((r for r in previous if r.get("kind") == "meta"), None)
     stamp = meta_row["date"] if meta_row else datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    command = " ".join(["torchrun", f"--nproc-per-node {world}", *sys.argv])
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("TORCH_NCCL_HIGH_PRIORITY", "NCCL_NVLS_ENABLE")
+                   if k in os.environ)
+    command = " ".join([env, "torchrun", f"--nproc-per-node {world}", *sys.argv]).strip()
     if meta_row is None and rank == 0:
         with open(jsonl, "a") as f:
             f.write(json.dumps({"kind": "meta", "date": stamp, "command": command}) + "\n")

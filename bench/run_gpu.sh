@@ -127,7 +127,7 @@ main() {
   export PYTHONPATH="$PWD:/tmp/site:$PWD/.ds${PYTHONPATH:+:$PYTHONPATH}"
   case "$MODE" in
     probe) probe; attention --quick; predict ;;
-    full)  attention ;;
+    full)  export TORCH_NCCL_HIGH_PRIORITY=${TORCH_NCCL_HIGH_PRIORITY:-1}; attention ;;
     all)   probe; attention ;;
     diagnose) diagnose ;;
   esac

@@ -220,9 +220,13 @@ def test_bad_chunks_raise_errors_that_name_the_fix(pool2):
         assert "use one of [1, 2, 3, 6]" in message, message
 
 
-def test_default_chunks():
-    """1 off CUDA; on CUDA 4 from 8 heads per rank, 2 from 2, while each chunk keeps 2^17 rows."""
+def test_default_chunks(monkeypatch):
+    """1 off CUDA, and on CUDA unless NCCL streams have high priority; then 4 from 8 heads per
+    rank, 2 from 2, while each chunk keeps 2^17 rows."""
     cuda, k128, k32 = torch.device("cuda", 0), 128 * 1024, 32 * 1024
+    monkeypatch.delenv("TORCH_NCCL_HIGH_PRIORITY", raising=False)
+    assert default_chunks(cuda, 1, 32, k128, 4) == 1      # pipelining starves without priority
+    monkeypatch.setenv("TORCH_NCCL_HIGH_PRIORITY", "1")
     assert default_chunks("cpu", 1, 32, k128, 4) == 1
     assert default_chunks(cuda, 1, 32, k128, 4) == 4      # 8 heads per rank
     assert default_chunks(cuda, 1, 16, k128, 4) == 2      # 4 heads per rank
@@ -231,3 +235,21 @@ def test_default_chunks():
     assert default_chunks(cuda, 1, 24, k128, 4) == 2      # 6 heads per rank: 4 does not divide
     assert default_chunks(cuda, 1, 32, k32, 4) == 2       # 8 heads × 32K: 4 chunks too small
     assert default_chunks(cuda, 1, 32, 8 * 1024, 4) == 1
+
+
+def test_whole_block_reorder_is_a_concatenation():
+    """Contig arrivals take the cat/stack fast path (vectorized batched copies on a GPU); it must
+    equal the token-run copies it replaces, both ways."""
+    from seqshard.runtime.ulysses import _arrivals_to_positions, _positions_to_arrivals, _runs, _whole_blocks
+
+    n, b, g, s, e = 4, 2, 3, 5, 7
+    runs = _runs("contig", n, s, tuple(range(n)))
+    assert _whole_blocks(runs, s, n * s)
+    recv = torch.randn(n, b, g, s, e)
+    fast = _arrivals_to_positions(recv, torch.empty(b, g, n * s, e), runs)
+    slow = _arrivals_to_positions(recv, torch.empty(b, g, n * s, e).transpose(0, 1).contiguous()
+                                  .transpose(0, 1), runs)  # non-contiguous dest: the run copies
+    assert torch.equal(fast, slow) and torch.equal(fast, torch.cat(list(recv), dim=2))
+    back = _positions_to_arrivals(fast, torch.empty(n, b, g, s, e), runs)
+    assert torch.equal(back, recv)
+    assert not _whole_blocks(_runs("zigzag", n, 2 * s, tuple(range(n))), 2 * s, 2 * n * s)

@@ -57,6 +57,8 @@ per K/V piece.
 
 from __future__ import annotations
 
+import os
+
 import functools
 from dataclasses import dataclass
 
@@ -110,12 +112,15 @@ def kv_pieces(heads: int, kv_heads: int, world: int, chunks: int) -> int:
 def default_chunks(device, batch: int, heads: int, seq: int, world: int) -> int:
     """`chunks` when none is given, for `heads` query heads and a global (padded) length `seq`.
 
-    Off CUDA 1: gloo runs collectives on the cores that compute, there is nothing to overlap. On
-    CUDA 4 with >= 8 heads per rank, else 2 with >= 2, when it divides the heads per rank and every
-    chunk keeps >= 2^17 rows (batch · its heads · seq), so that its kernel still fills the GPU
-    (S = 128K: 4 from 8 heads per rank, 2 from 2; S = 32K: 2 from 8); else 1.
+    Off CUDA 1: gloo runs collectives on the cores that compute, there is nothing to overlap.
+    On CUDA, 1 unless NCCL runs on high-priority streams (TORCH_NCCL_HIGH_PRIORITY=1): measured on
+    4×H200 at 128K (bench/results/profile_step-*.md), the all-to-alls of later chunks could not get
+    SMs while cuDNN's attention filled them, and chunks=4 was 7% slower than 1. With high-priority
+    streams: 4 with >= 8 heads per rank, else 2 with >= 2, when it divides the heads per rank and
+    every chunk keeps >= 2^17 rows (batch · its heads · seq), so that its kernel still fills the
+    GPU (S = 128K: 4 from 8 heads per rank, 2 from 2; S = 32K: 2 from 8); else 1.
     """
-    if torch.device(device).type != "cuda":
+    if torch.device(device).type != "cuda" or os.environ.get("TORCH_NCCL_HIGH_PRIORITY") != "1":
         return 1
     local = heads // world
     for chunks, fewest in _CHUNK_CHOICES:
@@ -211,8 +216,19 @@ def _split_seq(x_h: torch.Tensor, n: int) -> torch.Tensor:
     return x_h.unflatten(_SEQ, (n, -1)).movedim(_SEQ, 0)
 
 
+def _whole_blocks(runs, recv_len: int, total: int) -> bool:
+    """The arrivals are whole rank blocks in position order (contig): one run over everything."""
+    return len(runs) == 1 and runs[0][:3] == (0, 0, 0) and runs[0][3] == recv_len \
+        and runs[0][3] * runs[0][4] == total
+
+
 def _arrivals_to_positions(recv: torch.Tensor, dest: torch.Tensor, runs) -> torch.Tensor:
-    """recv [N, b, g, s, ...] (rank-major) -> dest [b, g, S, ...] (position order)."""
+    """recv [N, b, g, s, ...] (rank-major) -> dest [b, g, S, ...] (position order).
+
+    Whole blocks in order are concatenated (cat's batched copy runs near copy bandwidth on a
+    GPU); other orders copy token runs through strided views (4-D index math, slower)."""
+    if dest.is_contiguous() and _whole_blocks(runs, recv.shape[1 + _SEQ], dest.shape[_SEQ]):
+        return torch.cat(recv.unbind(0), dim=_SEQ, out=dest)
     for p, j, t, n, count in runs:
         dest[:, :, p:p + count * n].unflatten(_SEQ, (count, n)).copy_(
             recv[j:j + count, :, :, t:t + n].movedim(0, _SEQ))
@@ -221,6 +237,8 @@ def _arrivals_to_positions(recv: torch.Tensor, dest: torch.Tensor, runs) -> torc
 
 def _positions_to_arrivals(src: torch.Tensor, send: torch.Tensor, runs) -> torch.Tensor:
     """The inverse: src [b, g, S, ...] (position order) -> send [N, b, g, s, ...] (rank-major)."""
+    if send.is_contiguous() and _whole_blocks(runs, send.shape[1 + _SEQ], src.shape[_SEQ]):
+        return torch.stack(src.split(send.shape[1 + _SEQ], dim=_SEQ), dim=0, out=send)
     for p, j, t, n, count in runs:
         send[j:j + count, :, :, t:t + n].copy_(
             src[:, :, p:p + count * n].unflatten(_SEQ, (count, n)).movedim(_SEQ, 0))
