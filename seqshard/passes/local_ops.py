@@ -145,10 +145,9 @@ def cross_entropy(sh, n, st):
     sig = sh.sig_atoms(lab_node)
     if len(sig) != 1:
         raise PlanError(f"{n.name}: split cross-entropy expects flattened labels [tokens]")
-    mask = sh.mask_atoms(sig[0], lab_lay)
-    valid = sh.call(rt.padding_mask, mask, name="valid_tokens") if mask else None
+    padding = sh.mask_atoms(sig[0], lab_lay)
     groups = tuple(sh.mesh.groups[i] for i, a in enumerate(st.output) if a == P)
-    return sh.call(rt.cross_entropy_partial, logits, labels, ignore, reduction, groups, valid,
+    return sh.call(rt.cross_entropy_partial, logits, labels, ignore, reduction, groups, padding,
                    name=f"{n.name}_share")
 
 

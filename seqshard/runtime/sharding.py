@@ -180,11 +180,13 @@ def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 def cross_entropy_partial(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                           reduction: int, count_groups: tuple[str, ...],
-                          valid: torch.Tensor | None = None) -> torch.Tensor:
+                          padding: tuple | None = None) -> torch.Tensor:
     """This rank's share of a cross-entropy whose tokens are split: the local sum, divided (for
     a mean) by the global number of counted tokens. Summing the shares over the ranks (an
-    all-reduce, inserted by the plan) gives the single-device loss. `valid` masks padding."""
-    if valid is not None:
+    all-reduce, inserted by the plan) gives the single-device loss. `padding` (a
+    `padding_mask` description of the token dim) marks padded tokens ignored."""
+    if padding is not None:
+        valid = padding_mask(padding, labels.device)
         labels = torch.where(valid, labels, torch.full_like(labels, ignore_index))
     total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
     if reduction != 1:  # sum
