@@ -19,7 +19,7 @@ from seqshard.dims import analyze
 from seqshard.models import build, llama, video_dit
 from seqshard.planner import Plan, plan
 from seqshard.planner.costs import Costs
-from seqshard.planner.solver import NS, Infeasible, Model, build_problem, solve
+from seqshard.planner.solver import NS, Infeasible, Model, build_problem
 
 GIB = 2**30
 
@@ -55,11 +55,11 @@ class SmallAttention(nn.Module):
         return (self.proj(o) + x).pow(2).mean()
 
 
-def brute_force(pb, budget):
-    """Enumerate every assignment with the solver's own integer terms: node costs, one move
-    per (tensor, layout) the chosen consumers need, kept bytes, working set."""
+def enumerate_plans(pb):
+    """Every assignment with the solver's own integer terms: (objective ns, memory bytes for
+    the budget check) - node costs, one move per (tensor, layout) the chosen consumers need,
+    kept bytes, the largest working set."""
     nodes = list(pb.strategies)
-    best = None
     for choice in product(*(range(len(pb.strategies[n])) for n in nodes)):
         pick = dict(zip(nodes, choice))
         obj = sum(int(round(pb.mult[n] * pb.node_cost[(n, i)].time_s * NS)) for n, i in pick.items())
@@ -70,14 +70,11 @@ def brute_force(pb, budget):
                 obj += int(round(pb.tensors[key].mult * secs * NS))
                 mem += int(pb.tensors[key].mult * kept)
         working = max((int(pb.node_cost[(n, i)].transient_bytes) for n, i in pick.items()), default=0)
-        if budget is not None and mem + working > budget - pb.static_bytes:
-            continue
-        best = obj if best is None else min(best, obj)
-    return best
+        yield obj, mem + working
 
 
-@pytest.mark.parametrize("budget_fraction", [None, 0.5])
-def test_solver_optimum_equals_brute_force(budget_fraction):
+@pytest.mark.parametrize("binding_budget", [False, True])
+def test_solver_optimum_equals_brute_force(binding_budget):
     with torch.device("meta"):
         model = SmallAttention().to(torch.bfloat16)
         x = torch.empty(1, 1 << 18, 256, dtype=torch.bfloat16)
@@ -87,20 +84,20 @@ def test_solver_optimum_equals_brute_force(budget_fraction):
     pb = build_problem(dims, costs, mesh, None, "replicated")
     sizes = [len(s) for s in pb.strategies.values()]
     assert len(sizes) >= 6 and max(sizes) >= 4, sizes  # enough to be a real search
-    budget = None
-    if budget_fraction is not None:  # halfway between the least and most memory: binds
-        least = Model(pb, None)
-        lo = least.solve(sum(c * v for v, c in least.memory_terms), 30, 2, 0.0).memory_bytes
-        hi = solve(pb, None, gap=0.0).memory_bytes
-        assert hi > lo, "the budget would not bind"
-        budget = lo + budget_fraction * (hi - lo)
-    expected = brute_force(pb, budget)
-    if budget is not None:
-        assert expected > brute_force(pb, None), "the budget must change the optimum"
+    plans = list(enumerate_plans(pb))
+    unconstrained = min(obj for obj, _ in plans)
+    best, budget = unconstrained, None
+    if binding_budget:  # between the least memory of any plan and of any fastest plan: binds
+        least = min(mem for _, mem in plans)
+        fastest = min(mem for obj, mem in plans if obj == unconstrained)
+        assert least < fastest, "no memory/time trade-off to bind"
+        budget = pb.static_bytes + (least + fastest) // 2
+        best = min(obj for obj, mem in plans if mem <= budget - pb.static_bytes)
+        assert best > unconstrained, "the budget must change the optimum"
     model_ = Model(pb, budget)
     got = model_.solve(model_.time_objective(), 30, 2, 0.0)
     assert got.status == "OPTIMAL"
-    assert round(got.objective_s * NS) == expected
+    assert round(got.objective_s * NS) == best
 
 
 # ------------------------------------------------------------------ what experts choose

@@ -58,13 +58,14 @@ def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
     dtype_bytes = _activation_bytes(dims)
     orders = _orders(dims, overrides)
     costs = Costs(dims, cluster, mesh, training=training, dtype_bytes=dtype_bytes,
-                  orders={a: o for a, o in _atom_orders(dims, orders).items()})
+                  orders=_atom_orders(dims, orders))
     say = (lambda msg: print(f"[plan {time.perf_counter() - t0:5.1f}s] {msg}", flush=True)) \
         if verbose else None
     pb = solver.build_problem(dims, costs, mesh, overrides, model_state, progress=say)
     if say:
         say(f"{len(pb.strategies)} template nodes (of {sum(pb.mult.values())}), "
-            f"{sum(len(s) for s in pb.strategies.values())} strategies, {len(pb.tensors)} tensors, {len(pb.move)} redistribution terms")
+            f"{sum(len(s) for s in pb.strategies.values())} strategies, {len(pb.tensors)} "
+            f"tensors, {len(pb.move)} redistribution terms")
     sol = solver.solve(pb, memory_budget, seconds=time_limit)
     if say:
         say(f"CP-SAT {sol.status} in {sol.seconds:.2f} s")
