@@ -9,8 +9,8 @@ on one mesh axis and one tensor dim that holds exactly the factor being moved:
     reduce_scatter_shard  partial → split    sum over ranks, keep this rank's piece
     all_reduce_sum   partial → replicated
 
-Orders. `contig`: rank u of N holds the u-th of N pieces. `zigzag` (causal load balance): the dim
-is cut into 2N chunks and rank u holds chunks u and 2N-1-u. A factor split over several mesh
+Orders (defined once, in `layout.py`). `contig`: rank u of N holds the u-th of N pieces. `zigzag`
+(causal load balance): the dim is cut into 2N chunks and rank u holds chunks u and 2N-1-u. A factor split over several mesh
 axes is split outer axis first, and zigzag is defined over the flattened rank index; the inner
 axis then sees a local dim in zigzag order over the outer ranks, and splitting it the same way
 (chunks u and 2N_inner-1-u of it) gives exactly the flattened zigzag. So every function here
@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import collectives as C
+from . import layout
 
 __all__ = ["slice_shard", "gather_shard", "all_to_all_shard", "reduce_scatter_shard",
            "all_reduce_sum", "sum_grad", "padding_mask", "zero_padding", "scale_grad", "local_positions_of",
@@ -43,43 +43,30 @@ def _pad(x: torch.Tensor, dim: int, size: int | None) -> torch.Tensor:
     return F.pad(x, pad)
 
 
-def _zigzag_perm(world: int, device) -> torch.Tensor:
-    """Chunk order that puts rank u's two chunks (u, 2N-1-u) side by side: 0, 2N-1, 1, 2N-2, …"""
-    u = torch.arange(world, device=device)
-    return torch.stack([u, 2 * world - 1 - u], dim=1).flatten()
-
-
 def _pack(x: torch.Tensor, dim: int, world: int, order: str) -> torch.Tensor:
     """Reorder `dim` so that rank u's piece is the u-th contiguous 1/N of it."""
     if order == "contig":
         return x
-    n = x.shape[dim]
-    chunks = x.unflatten(dim, (2 * world, n // (2 * world)))
-    return chunks.index_select(dim, _zigzag_perm(world, x.device)).flatten(dim, dim + 1)
+    return torch.cat([slice_shard(x, dim, r, world, order) for r in range(world)], dim)
 
 
 def _unpack(x: torch.Tensor, dim: int, world: int, order: str) -> torch.Tensor:
     """Inverse of `_pack`: pieces gathered in rank order back to the dim's own order."""
-    if order == "contig":
-        return x
-    n = x.shape[dim]
-    chunks = x.unflatten(dim, (2 * world, n // (2 * world)))
-    inverse = torch.argsort(_zigzag_perm(world, x.device))
-    return chunks.index_select(dim, inverse).flatten(dim, dim + 1)
+    return x if order == "contig" else layout.unshard(x, dim, order, world)
 
 
 def slice_shard(x: torch.Tensor, dim: int, rank: int, world: int, order: str = "contig",
                 pad_to: int | None = None) -> torch.Tensor:
-    """Keep rank `rank`'s piece of `dim` (after zero-padding it to `pad_to`)."""
+    """Keep rank `rank`'s piece of `dim` (after zero-padding it to `pad_to`): the token runs of
+    `layout.local_runs`, as views where the piece is one run."""
     x = _pad(x, dim, pad_to)
     n = x.shape[dim]
-    if n % (world if order == "contig" else 2 * world):
+    if n % layout.layout_multiple(order, world):
         raise ValueError(f"slice_shard: dim {dim} of size {n} does not split {world} ways "
                          f"({order}); the planner should have padded it")
-    if order == "contig":
-        return x.narrow(dim, rank * (n // world), n // world)
-    c = n // (2 * world)
-    return torch.cat([x.narrow(dim, rank * c, c), x.narrow(dim, (2 * world - 1 - rank) * c, c)], dim)
+    runs = layout.local_runs(order, rank, world, n // world)
+    pieces = [x.narrow(dim, start, length) for _, start, length in runs]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
 def gather_shard(x: torch.Tensor, dim: int, group_name: str, world: int, order: str = "contig",
