@@ -220,6 +220,17 @@ def local(shape: AttentionShape, *, training: bool, group_size, gpu: GPU, link: 
     return _single(shape, training, gpu, "local", heads_split=n)
 
 
+def _block_terms(shape: AttentionShape, n, gpu: GPU, order: str):
+    """What the block-by-block algorithms (ring, tokenring) share: elements of a local q and of
+    a local K (or V), lse rows, dtype bytes, the first and later step's kernel time, and the
+    fp32 merge of one block's partial (out, lse)."""
+    B, H, Hk, E, d = shape.batch, shape.heads, shape.kv_heads, shape.head_dim, shape.dtype_bytes
+    sl = shape.seq / n
+    q_el, kv_el, rows = B * H * sl * E, B * Hk * sl * E, B * H * sl
+    c0, c1 = _kernel_times(shape, n, gpu, order)
+    return q_el, kv_el, rows, d, c0, c1, _hbm(_merge_bytes(q_el, d), gpu)
+
+
 def ring(shape: AttentionShape, *, training: bool, group_size, link: Link, gpu: GPU,
          order: str = "contig") -> AttentionCost:
     """Ring attention (runtime/ring.py): K/V blocks pass around the group; see the module
@@ -229,11 +240,7 @@ def ring(shape: AttentionShape, *, training: bool, group_size, link: Link, gpu: 
     name = f"ring({order})"
     if _alone(n):
         return _single(shape, training, gpu, name)
-    B, H, Hk, E, d = shape.batch, shape.heads, shape.kv_heads, shape.head_dim, shape.dtype_bytes
-    sl = shape.seq / n
-    q_el, kv_el, rows = B * H * sl * E, B * Hk * sl * E, B * H * sl
-    c0, c1 = _kernel_times(shape, n, gpu, order)
-    m = _hbm(_merge_bytes(q_el, d), gpu)
+    q_el, kv_el, rows, d, c0, c1, m = _block_terms(shape, n, gpu, order)
     kv_bytes = 2 * kv_el * d
     t_kv = send_recv(kv_bytes, n, link)
     forward = _overlap(c0, t_kv, gpu) + (n - 2) * _overlap(c1 + m, t_kv, gpu) + c1 + m + link.latency
@@ -398,11 +405,7 @@ def tokenring(shape: AttentionShape, *, training: bool, group_size, link: Link, 
     name = f"tokenring({order})"
     if _alone(n):
         return _single(shape, training, gpu, name)
-    B, H, Hk, E, d = shape.batch, shape.heads, shape.kv_heads, shape.head_dim, shape.dtype_bytes
-    sl = shape.seq / n
-    q_el, kv_el, rows = B * H * sl * E, B * Hk * sl * E, B * H * sl
-    c0, c1 = _kernel_times(shape, n, gpu, order)
-    m = _hbm(_merge_bytes(q_el, d), gpu)
+    q_el, kv_el, rows, d, c0, c1, m = _block_terms(shape, n, gpu, order)
     q_bytes, o_bytes = q_el * d, q_el * d + rows * ACC_BYTES  # partial out in q's dtype, fp32 lse
     t_q, t_o = send_recv(q_bytes, n, link), send_recv(o_bytes, n, link)
     forward = (_overlap(c0, t_q, gpu) + (n - 2) * _overlap(c1 + m, smax(t_q, t_o), gpu)
