@@ -57,8 +57,6 @@ per K/V piece.
 
 from __future__ import annotations
 
-import os
-
 import functools
 from dataclasses import dataclass
 
@@ -110,18 +108,21 @@ def kv_pieces(heads: int, kv_heads: int, world: int, chunks: int) -> int:
 
 
 def default_chunks(device, batch: int, heads: int, seq: int, world: int) -> int:
-    """`chunks` when none is given, for `heads` query heads and a global (padded) length `seq`.
+    """`chunks` when none is given: 1 everywhere.
 
-    Off CUDA 1: gloo runs collectives on the cores that compute, there is nothing to overlap.
-    On CUDA, 1 unless NCCL runs on high-priority streams (TORCH_NCCL_HIGH_PRIORITY=1): measured on
-    4×H200 at 128K (bench/results/profile_step-*.md), the all-to-alls of later chunks could not get
-    SMs while cuDNN's attention filled them, and chunks=4 was 7% slower than 1. With high-priority
-    streams: 4 with >= 8 heads per rank, else 2 with >= 2, when it divides the heads per rank and
-    every chunk keeps >= 2^17 rows (batch · its heads · seq), so that its kernel still fills the
-    GPU (S = 128K: 4 from 8 heads per rank, 2 from 2; S = 32K: 2 from 8); else 1.
+    Off CUDA gloo runs collectives on the cores that compute: nothing to overlap. On 4×H200 at
+    128K (bench/results/profile_step-2026-11-21.md, attention-2026-11-21.md) chunks=4 was slower
+    than 1 (478 and, with TORCH_NCCL_HIGH_PRIORITY=1, 483 against 507 TFLOP/s per GPU): the
+    all-to-alls of later chunks share SMs that cuDNN's attention fills, and stretch it more than
+    they hide. Pass `chunks` explicitly to pipeline (it stays exact); `pipelined_chunks` gives
+    the largest sensible value.
     """
-    if torch.device(device).type != "cuda" or os.environ.get("TORCH_NCCL_HIGH_PRIORITY") != "1":
-        return 1
+    return 1
+
+
+def pipelined_chunks(batch: int, heads: int, seq: int, world: int) -> int:
+    """The chunk count to try when pipelining: 4 with >= 8 heads per rank, else 2 with >= 2, when
+    it divides the heads per rank and every chunk keeps >= 2^17 rows (batch · its heads · seq)."""
     local = heads // world
     for chunks, fewest in _CHUNK_CHOICES:
         rows = batch * local * seq // chunks
