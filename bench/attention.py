@@ -57,14 +57,14 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 K = 1024
-OURS = ("ulysses", "ulysses-pipelined", "ring", "allgather", "hybrid", "tokenring")
+OURS = ("ulysses", "ulysses-peer", "ring", "allgather", "hybrid", "tokenring")
 PEERS = ("cp-allgather", "ds-ulysses", "cp-alltoall")
 LOCAL = ("sdpa", "ours-local")  # N = 1: the kernel (also the ideal) and our local wrapper
-HEADLINE_ORDER = ("ulysses", "ulysses-pipelined", "ring", "cp-allgather", "ds-ulysses", "cp-alltoall", "allgather",
+HEADLINE_ORDER = ("ulysses", "ulysses-peer", "ring", "cp-allgather", "ds-ulysses", "cp-alltoall", "allgather",
                   "hybrid", "tokenring")
 # The sequence layout each system's inputs are in ("bshd": DeepSpeed's [b, s, h, e], contiguous).
 ORDER = {"ring": "zigzag", "allgather": "zigzag", "hybrid": "zigzag", "tokenring": "zigzag",
-         "ulysses": "contig", "ulysses-pipelined": "contig", "cp-allgather": "zigzag", "cp-alltoall": "zigzag",
+         "ulysses": "contig", "ulysses-peer": "contig", "cp-allgather": "zigzag", "cp-alltoall": "zigzag",
          "ds-ulysses": "contig", "sdpa": "contig", "ours-local": "contig"}
 MODES = ("fwd", "fwdbwd")
 # Targets of issue 6 (4 GPUs, headline config).
@@ -573,7 +573,6 @@ class Bench:
 
         from seqshard.runtime import (allgather_attention, hybrid_attention, local_attention,
                                       ring_attention, tokenring_attention, ulysses_attention)
-        from seqshard.runtime.ulysses import pipelined_chunks
 
         group = self.groups.get(n)
         kw = dict(causal=True, order=ORDER[system])
@@ -582,10 +581,8 @@ class Bench:
             "ours-local": lambda q, k, v: local_attention(q, k, v, causal=True),
             "ring": lambda q, k, v: ring_attention(q, k, v, group, **kw),
             "ulysses": lambda q, k, v: ulysses_attention(q, k, v, group, **kw),
-            # the exchange pipelined by head chunks (off by default: see ulysses.default_chunks)
-            "ulysses-pipelined": lambda q, k, v: ulysses_attention(
-                q, k, v, group, chunks=pipelined_chunks(q.shape[0], q.shape[1], q.shape[2] * group.size(),
-                                                        group.size()), **kw),
+            # copy-engine exchanges (runtime/peer.py), pipelined over head chunks
+            "ulysses-peer": lambda q, k, v: ulysses_attention(q, k, v, group, transport="peer", **kw),
             "allgather": lambda q, k, v: allgather_attention(q, k, v, group, head_stride=stride, **kw),
             "tokenring": lambda q, k, v: tokenring_attention(q, k, v, group, **kw),
             "hybrid": lambda q, k, v: hybrid_attention(q, k, v, *self.hybrid, **kw),

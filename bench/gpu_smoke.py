@@ -56,6 +56,8 @@ class Run:
     padded: bool = False         # seq_len = S - --pad
     mesh: tuple[int, int] | None = None  # hybrid (ring, ulysses)
     head_stride: int | None = None
+    transport: str = "nccl"      # Ulysses / hybrid exchanges (runtime/peer.py)
+    chunks: int | None = None    # Ulysses head chunks (None: the default)
 
 
 def runs(world: int, args) -> list[Run]:
@@ -69,6 +71,11 @@ def runs(world: int, args) -> list[Run]:
         Run("allgather head_stride=1 padded", "allgather", padded=True, head_stride=1),
         Run("ulysses zigzag causal", "ulysses"),
         Run("ulysses MQA padded", "ulysses", kv_heads=1, padded=True),
+        Run("ulysses nccl zigzag causal", "ulysses", transport="nccl", chunks=1),
+        Run("ulysses peer chunks=2 zigzag padded", "ulysses", padded=True, transport="peer",
+            chunks=2),
+        Run("ulysses peer chunks=1 contig full", "ulysses", order="contig", causal=False,
+            transport="peer", chunks=1),
         Run("tokenring zigzag causal", "tokenring"),
         Run("tokenring contig full padded", "tokenring", order="contig", causal=False, padded=True),
         Run(f"hybrid 1x{world} causal", "hybrid", mesh=(1, world)),
@@ -129,11 +136,17 @@ def run_algorithm(run: Run, q, k, v, seq_len: int, backend: str | None):
     if run.algorithm == "allgather":
         return allgather_attention(q, k, v, head_stride=run.head_stride, **kw)
     if run.algorithm == "ulysses":
-        return ulysses_attention(q, k, v, **kw)
+        return ulysses_attention(q, k, v, chunks=run.chunks, transport=_transport(run, q), **kw)
     if run.algorithm == "tokenring":
         return tokenring_attention(q, k, v, **kw)
     mesh = MESHES[run.mesh]
-    return hybrid_attention(q, k, v, mesh.get_group("ring"), mesh.get_group("ulysses"), **kw)
+    return hybrid_attention(q, k, v, mesh.get_group("ring"), mesh.get_group("ulysses"),
+                            transport=_transport(run, q), **kw)
+
+
+def _transport(run: Run, q) -> str:
+    """'peer' needs CUDA; on the CPU its pull plans run emulated (runtime/peer.py)."""
+    return "emulated" if run.transport == "peer" and not q.is_cuda else run.transport
 
 
 MESHES: dict = {}

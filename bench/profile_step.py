@@ -5,7 +5,8 @@
 1. The local kernel alone at the shapes the algorithms hand it: cuDNN causal fwd+bwd at the
    Ulysses shape (full S, H/N heads), the ring's block shape (S/N, H heads) and the ideal
    (S/√N, H heads), in TFLOP/s: the ceiling each algorithm can reach.
-2. Ulysses with chunks ∈ {1, 2, 4, 8} and ring: median step time (CUDA events), TFLOP/s.
+2. Ulysses over NCCL's all-to-all and over copy engines (transport 'peer', chunks ∈ {1, 2, 4, 8}), and ring: median step time
+   (CUDA events), TFLOP/s; the other transports' results against the all-to-all's.
 3. One profiled step of each (rank 0, torch.profiler): GPU kernel time by category
    (attention, NCCL, copies/elementwise, other), their sum against the step's wall time (the
    difference is overlap, or idle GPU when negative).
@@ -53,7 +54,8 @@ def category(name: str) -> str:
         return "nccl"
     if any(k in n for k in ("fmha", "flash", "cudnn", "attention", "sm90_xmma", "cutlass", "gemm")):
         return "attention"
-    if any(k in n for k in ("copy", "elementwise", "memcpy", "memset", "cat", "index", "fill", "reduce")):
+    if any(k in n for k in ("copy", "elementwise", "memcpy", "memset", "cat", "index", "fill", "reduce",
+                            "merge_kernel", "add_kernel")):
         return "copies/elementwise"
     return "other"
 
@@ -88,6 +90,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128 * 1024)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--systems", default="", help="comma-separated prefixes of the systems to run "
+                    "(default: all); skips the kernel table")
+    ap.add_argument("--tag", default="", help="appended to the result file names")
     args = ap.parse_args(argv)
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl")
@@ -100,8 +105,9 @@ def main(argv=None) -> int:
     rows = {"kernel": [], "steps": [], "profiles": {}}
 
     # 1. the local kernel at each algorithm's shape (every rank runs the same; rank 0 reports)
+    only = [x.replace("_", " ") for x in args.systems.split(",") if x]  # '_' for a space
     for label, h, s in (("ulysses shape (S, H/N)", H // n, S), ("ideal (S/sqrt N, H)", H, int(S / n ** 0.5)),
-                        ("ring block (S/N, H)", H, S // n)):
+                        ("ring block (S/N, H)", H, S // n)) if not only else ():
         q, k, v, do = (torch.randn(1, h, s, E, device=dev, dtype=torch.bfloat16) for _ in range(4))
 
         def step():
@@ -119,9 +125,33 @@ def main(argv=None) -> int:
                    for _ in range(4))
     for x in (q, k, v):
         x.requires_grad_()
-    systems = {f"ulysses chunks={c}": (lambda c=c: ulysses_attention(q, k, v, causal=True, chunks=c))
-               for c in (1, 2, 4, 8)}
+    systems = {"ulysses nccl chunks=1": lambda: ulysses_attention(q, k, v, causal=True, chunks=1,
+                                                                  transport="nccl")}
+    systems.update({f"ulysses peer chunks={c}": (lambda c=c: ulysses_attention(
+        q, k, v, causal=True, chunks=c, transport="peer")) for c in (1, 2, 4, 8)})
     systems["ring zigzag"] = lambda: ring_attention(q, k, v, causal=True, order="zigzag")
+    profiled = ("ulysses nccl chunks=1", "ulysses peer chunks=4", "ring zigzag")
+
+    # the copy-engine exchange gives the NCCL one's result (same kernels per head: bit for bit)
+    def result(fn):
+        for x in (q, k, v):
+            x.grad = None
+        out = fn()
+        out.backward(do)
+        return [t.detach().clone() for t in (out, q.grad, k.grad, v.grad)]
+    ref = result(systems["ulysses nccl chunks=1"])
+    for name in ("ulysses peer chunks=1", "ulysses peer chunks=4"):
+        if only and not any(name.startswith(p) for p in only):
+            continue
+        got = result(systems[name])
+        diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, ref))
+        rows.setdefault("peer_vs_nccl", {})[name] = diff
+        if rank == 0:
+            print(f"{name}: max |difference| from nccl chunks=1 over out, dq, dk, dv: {diff:.3g}",
+                  flush=True)
+    del ref
+    if only:
+        systems = {k: f for k, f in systems.items() if any(k.startswith(p) for p in only)}
 
     for name, fn in systems.items():
         def step(fn=fn):
@@ -133,7 +163,7 @@ def main(argv=None) -> int:
             dist.all_reduce(t_all, op=dist.ReduceOp.MAX)
             t = t_all.item()
             rows["steps"].append(dict(system=name, ms=t * 1e3, tflops=flops(1, H, S, E, n=n) / t / 1e12))
-            if name in ("ulysses chunks=1", "ulysses chunks=4", "ring zigzag"):
+            if name in profiled:
                 pr = profile(step)
                 if rank == 0:
                     rows["profiles"][name] = pr
@@ -144,11 +174,13 @@ def main(argv=None) -> int:
 
     if rank == 0:
         date = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        env = {k: os.environ[k] for k in ("NCCL_MAX_CTAS", "NCCL_MAX_P2P_NCHANNELS") if k in os.environ}
         meta = dict(date=date, device=f"{n}x {torch.cuda.get_device_name()}", torch=torch.__version__,
+                    env=env,
                     command=" ".join(["torchrun", f"--nproc-per-node={n}"] + sys.argv), seq=S, heads=H,
                     head_dim=E)
         lines = [f"# One step of distributed attention, profiled ({meta['device']}, torch {meta['torch']})",
-                 "", f"`{meta['command']}`; causal, bf16, B=1, H={H}, E={E}, S={S}; fwd+bwd; cuDNN; "
+                 "", f"`{' '.join(f'{k}={v}' for k, v in env.items())} {meta['command']}`; causal, bf16, B=1, H={H}, E={E}, S={S}; fwd+bwd; cuDNN; "
                  "FLOPs as FlashAttention counts them (3.5 × 4·B·H·S²·E/2 per step, over N).", "",
                  "## The local kernel at each algorithm's shape (one GPU)", "",
                  "| shape | heads | length | ms | TFLOP/s |", "|---|---|---|---|---|"]
@@ -159,6 +191,9 @@ def main(argv=None) -> int:
         lines += [f"| {r['system']} | {r.get('ms', float('nan')):.2f} | {r.get('tflops', float('nan')):.1f} |"
                   if "error" not in r else f"| {r['system']} | failed: {r['error'][:100]} | |"
                   for r in rows["steps"]]
+        lines += ["", "Ulysses over other transports against the all-to-all (max |difference| over out, "
+                  "dq, dk, dv): "
+                  + ", ".join(f"{k}: {v:.3g}" for k, v in rows.get("peer_vs_nccl", {}).items())]
         lines += ["", "## Profile of one step (rank 0): GPU kernel time by category", "",
                   "| system | wall ms | attention | NCCL | copies/elementwise | other | sum of kernels |",
                   "|---|---|---|---|---|---|---|"]
@@ -172,7 +207,7 @@ def main(argv=None) -> int:
             lines += [f"- {t * 1e3:.2f} ms  `{k}`" for k, t in pr["top"]]
         text = "\n".join(lines) + "\n"
         os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"profile_step-{date}")
+        stem = os.path.join(args.out, f"profile_step-{date}{args.tag}")
         with open(stem + ".json", "w") as f:
             json.dump(dict(meta=meta, **rows), f, indent=1)
         with open(stem + ".md", "w") as f:

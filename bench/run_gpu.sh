@@ -8,6 +8,9 @@
 #   bash bench/run_gpu.sh all     # probe's (a)-(c), then the full benchmark in what time is left
 #   bash bench/run_gpu.sh diagnose  # (f) a profile of one step, (g) seqshard calibrate, (h)
 #                                   # predict_vs_measure with the calibrated cluster
+#   bash bench/run_gpu.sh dev     # (a) versions, (c) smoke on 4 GPUs, (f) a profile of one step
+#                                 # (DEV_SMOKE=0 skips (c); DEV_PROFILE_ARGS; DEV_NCCL_CTAS="8 16"
+#                                 # profiles again under NCCL_MAX_CTAS)
 #
 # Needs .whl (ortools, DeepSpeed's pure-Python needs) and .ds (DeepSpeed built with DS_BUILD_OPS=0)
 # carried; bench/README.md says how they are made. Everything it prints goes to $OUT/run_gpu.log;
@@ -19,7 +22,7 @@
 # (extra arguments for bench/attention.py).
 set -uo pipefail
 MODE=${1:-probe}
-case "$MODE" in probe|full|all|diagnose) ;; *) echo "usage: $0 probe|full|all|diagnose" >&2; exit 2 ;; esac
+case "$MODE" in probe|full|all|diagnose|dev) ;; *) echo "usage: $0 probe|full|all|diagnose|dev" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 START=$(date +%s)
 LIMIT=${RUN_GPU_LIMIT_S:-570}
@@ -45,7 +48,7 @@ step() {
   return $rc
 }
 
-probe() {
+versions() {
   step "a. GPUs" 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   step "a. topology" 30 nvidia-smi topo -m
   step "a. versions" 120 python3 - <<'EOF'
@@ -57,6 +60,10 @@ print("seqshard local backend:", select_backend("cuda", torch.bfloat16, 128), ba
 import ortools; print("ortools", ortools.__version__)
 import deepspeed; from deepspeed.sequence.layer import DistributedAttention; print("deepspeed", deepspeed.__version__, "accelerator", deepspeed.get_accelerator()._name)
 EOF
+}
+
+probe() {
+  versions
   step "b. GPU unit tests" 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime_backends.py
   local marker; marker=$(mktemp)
   step "c. smoke, 2 GPUs" 150 python3 -m torch.distributed.run --nproc-per-node 2 bench/gpu_smoke.py
@@ -130,6 +137,22 @@ main() {
     full)  export TORCH_NCCL_HIGH_PRIORITY=${TORCH_NCCL_HIGH_PRIORITY:-1}; attention ;;
     all)   probe; attention ;;
     diagnose) diagnose ;;
+    dev)   versions
+           if [[ ${DEV_SMOKE:-1} == 1 ]]; then
+             step "c. smoke, 4 GPUs" 150 python3 -m torch.distributed.run --nproc-per-node 4 \
+               bench/gpu_smoke.py
+             cp $(ls -t bench/results/gpu_smoke-*.md | head -1) "$OUT/gpu_smoke.md"
+             step "b. GPU unit tests" 120 python3 -m pytest -q -m gpu -p no:cacheprovider \
+               tests/test_runtime_merge.py
+           fi
+           step "f. profile one step" 240 python3 -m torch.distributed.run --nproc-per-node 4 \
+             --master-port 29710 bench/profile_step.py --out "$OUT" ${DEV_PROFILE_ARGS:-}
+           for ctas in ${DEV_NCCL_CTAS:-}; do
+             step "f. profile, NCCL_MAX_CTAS=$ctas" 120 \
+               env NCCL_MAX_CTAS=$ctas NCCL_MAX_P2P_NCHANNELS=$ctas python3 -m \
+               torch.distributed.run --nproc-per-node 4 --master-port 29711 bench/profile_step.py \
+               --out "$OUT" --systems=ring,ulysses_nccl --tag="-ctas$ctas"
+           done ;;
   esac
   local rc=$?
   echo "== done: rc=$rc after $(( $(date +%s) - START ))s; files in $OUT:"; ls -la "$OUT"

@@ -53,12 +53,13 @@ class Case:
     padded: int
     bshe: bool  # the shards are [b, s, h, e] in memory, passed as [b, h, s, e] views
     seed: int
+    transport: str = "nccl"  # of the pipelined run ('emulated': peer.py's pull plans)
 
     def __str__(self) -> str:
         h, hk = self.heads
         return (f"chunks {self.chunks} {'causal' if self.causal else 'full'} {self.order} "
                 f"h{h}/hk{hk} b{self.batch} seq {self.seq_len}/{self.padded}"
-                + (" bshe" if self.bshe else "") + f" seed {self.seed}")
+                + (" bshe" if self.bshe else "") + f" {self.transport} seed {self.seed}")
 
 
 def make_cases(world: int, seed: int) -> list[Case]:
@@ -75,7 +76,8 @@ def make_cases(world: int, seed: int) -> list[Case]:
         else:
             seq_len = padded_len = multiple * rng.randint(1, 3)
         cases.append(Case(chunks, causal, order, heads, rng.choice((1, 2)), seq_len, padded_len,
-                          rng.random() < 0.25, rng.randrange(2**31)))
+                          rng.random() < 0.25, rng.randrange(2**31),
+                          ("nccl", "emulated")[len(cases) % 2]))
     return cases
 
 
@@ -92,20 +94,22 @@ def check_case(case: Case) -> dict[str, tuple[float, float, float, float]]:
     def shard(x):
         return layout.shard(x, 2, case.order, rank, world)
 
-    def run(chunks):
+    def run(chunks, transport):
         leaves = [shard(x).transpose(1, 2).contiguous() if case.bshe else shard(x) for x in (q, k, v)]
         for x in leaves:
             x.requires_grad_()
         ql, kl, vl = (x.transpose(1, 2) if case.bshe else x for x in leaves)
         out = ulysses_attention(ql, kl, vl, causal=case.causal, order=case.order,
-                                seq_len=case.seq_len, backend="math", chunks=chunks)
+                                seq_len=case.seq_len, backend="math", chunks=chunks,
+                                transport=transport)
         dout_l = shard(dout)
         out.backward(dout_l.transpose(1, 2).contiguous().transpose(1, 2) if case.bshe else dout_l)
         grads = (x.grad.transpose(1, 2) if case.bshe else x.grad for x in leaves)
         return out.detach(), *grads
 
     result = {}
-    for name, got, plain, ref in zip(("out", "dq", "dk", "dv"), run(case.chunks), run(1), expected):
+    for name, got, plain, ref in zip(("out", "dq", "dk", "dv"), run(case.chunks, case.transport),
+                                        run(1, "nccl"), expected):
         ref = shard(ref)
         assert got.dtype == torch.float32 and got.shape == ref.shape, (name, got.shape, ref.shape)
         result[name] = (((got.double() - ref) ** 2).sum().item(), (ref**2).sum().item(),
@@ -159,22 +163,23 @@ def test_pipelined_matches_single_device_and_plain_on_4_ranks(pool4):
 
 
 def hybrid_chunks_match() -> float:
-    """Worker (2×2 mesh): the hybrid with chunks=2 against chunks=1, GQA, zigzag, padded."""
+    """Worker (2×2 mesh): the hybrid with chunks=2 (by emulated copy-engine pulls) against
+    chunks=1 (NCCL all-to-all), GQA, zigzag, padded."""
     mesh = testing.mesh((2, 2), ("ring", "ulysses"))
     groups = (mesh.get_group("ring"), mesh.get_group("ulysses"))
     gen = torch.Generator().manual_seed(7)
     q, dout = (torch.randn(2, 8, 16, 8, generator=gen) for _ in range(2))
     k, v = (torch.randn(2, 4, 16, 8, generator=gen) for _ in range(2))
 
-    def run(chunks):
+    def run(chunks, transport):
         ql, kl, vl = (layout.shard(x, 2, "zigzag", dist.get_rank(), 4).requires_grad_()
                       for x in (q, k, v))
         out = hybrid_attention(ql, kl, vl, *groups, order="zigzag", seq_len=13, backend="math",
-                               chunks=chunks)
+                               chunks=chunks, transport=transport)
         out.backward(layout.shard(dout, 2, "zigzag", dist.get_rank(), 4))
         return out.detach(), ql.grad, kl.grad, vl.grad
 
-    return max(((a - b).norm() / b.norm()).item() for a, b in zip(run(2), run(1)))
+    return max(((a - b).norm() / b.norm()).item() for a, b in zip(run(2, "emulated"), run(1, "nccl")))
 
 
 def test_hybrid_chunks_match_unpipelined(pool4):
@@ -226,6 +231,7 @@ def test_default_chunks():
     k128, k32 = 128 * 1024, 32 * 1024
     assert default_chunks("cpu", 1, 32, k128, 4) == 1
     assert default_chunks(torch.device("cuda", 0), 1, 32, k128, 4) == 1
+    assert default_chunks(torch.device("cuda", 0), 1, 32, k128, 4, "peer") == 4  # copy engines
     assert pipelined_chunks(1, 32, k128, 4) == 4      # 8 heads per rank
     assert pipelined_chunks(1, 16, k128, 4) == 2      # 4 heads per rank
     assert pipelined_chunks(1, 8, k128, 4) == 2       # 2 heads per rank

@@ -69,6 +69,7 @@ from seqshard.runtime.blocks import pair_blocks
 from seqshard.runtime.collectives import (Pending, resolve_group, start_all_gather,
                                           start_all_to_all_single, start_reduce_scatter)
 from seqshard.runtime.layout import chunk_permutation, sorting_permutations
+from seqshard.runtime.peer import TRANSPORTS, start_pull, transport as resolve_transport
 from seqshard.runtime.opsupport import (check_attention_inputs, lse_like,
                                         register_autograd_saving_outputs, resolve_options,
                                         unpack_pair)
@@ -107,17 +108,20 @@ def kv_pieces(heads: int, kv_heads: int, world: int, chunks: int) -> int:
     return max(d for d in range(1, chunks + 1) if chunks % d == 0 and per_rank % d == 0)
 
 
-def default_chunks(device, batch: int, heads: int, seq: int, world: int) -> int:
-    """`chunks` when none is given: 1 everywhere.
+def default_chunks(device, batch: int, heads: int, seq: int, world: int,
+                   transport: str = "nccl") -> int:
+    """`chunks` when none is given: `pipelined_chunks` when the exchanges run on copy engines
+    ('peer'), else 1.
 
-    Off CUDA gloo runs collectives on the cores that compute: nothing to overlap. On 4×H200 at
-    128K (bench/results/profile_step-2026-11-21.md, attention-2026-11-21.md) chunks=4 was slower
-    than 1 (478 and, with TORCH_NCCL_HIGH_PRIORITY=1, 483 against 507 TFLOP/s per GPU): the
-    all-to-alls of later chunks share SMs that cuDNN's attention fills, and stretch it more than
-    they hide. Pass `chunks` explicitly to pipeline (it stays exact); `pipelined_chunks` gives
-    the largest sensible value.
+    Off CUDA gloo runs collectives on the cores that compute: nothing to overlap. Over NCCL on
+    4×H200 at 128K (bench/results/profile_step-2026-11-21.md) chunks=4 was slower than 1 (478 and,
+    with TORCH_NCCL_HIGH_PRIORITY=1, 483 against 507 TFLOP/s per GPU): the all-to-alls of later
+    chunks share SMs that cuDNN's attention fills, and stretch it more than they hide. Copy
+    engines take no SMs (peer.py), so there the chunks overlap.
     """
-    return 1
+    if transport != "peer":
+        return 1
+    return pipelined_chunks(batch, heads, seq, world)
 
 
 def pipelined_chunks(batch: int, heads: int, seq: int, world: int) -> int:
@@ -152,10 +156,13 @@ class _Exchange:
     kv_index: torch.Tensor | None  # kv heads kept after an all-gather ('one'/'replicate')
     perm: torch.Tensor | None      # all-gathered (rank-major) sequence -> position order
     back: torch.Tensor | None      # its inverse
+    transport: str = "nccl"        # 'nccl' all-to-all, or pulls by copy engine (peer.py)
 
 
-def _exchange(group, heads, kv_heads, order, ring_place, local_len, device, chunks) -> _Exchange:
-    """`ring_place`: (ring rank, ring size) on a 2-D mesh, None for plain Ulysses."""
+def _exchange(group, heads, kv_heads, order, ring_place, local_len, device, chunks,
+              how: str = "nccl") -> _Exchange:
+    """`ring_place`: (ring rank, ring size) on a 2-D mesh, None for plain Ulysses; `how`: the
+    resolved transport."""
     n_u = group.size()
     ring_rank, ring_size = (0, 1) if ring_place is None else ring_place
     first = ring_rank * n_u  # flattened index of this Ulysses group's first rank
@@ -165,7 +172,7 @@ def _exchange(group, heads, kv_heads, order, ring_place, local_len, device, chun
     kv_index = None if route == "scatter" else _kv_index(heads, kv_heads, n_u, group.rank(), device)
     return _Exchange(group, route, kv_heads, chunks, kv_pieces(heads, kv_heads, n_u, chunks),
                      _runs(order, ring_size * n_u, local_len, ranks), perm is None, kv_index,
-                     perm, back)
+                     perm, back, how)
 
 
 @functools.lru_cache(maxsize=256)
@@ -251,9 +258,43 @@ def _then(pending: Pending, finish) -> Pending:
     return Pending([], pending, lambda p: finish(p.wait()))
 
 
+_ALL = slice(None)
+
+
+def _heads_plan(ex: _Exchange, rank: int):
+    """What `rank` pulls towards heads: (peer, index into peer's blocks [N, b, g, s, ...], index
+    into dest [b, g, S, ...]) for every run of arrivals, in position order."""
+    plan = []
+    for p, j, t, n, count in ex.runs:
+        for i in range(count):
+            plan.append((j + i, (rank, _ALL, _ALL, slice(t, t + n)),
+                         (_ALL, _ALL, slice(p + i * n, p + (i + 1) * n))))
+    return plan
+
+
+def _seq_plan(ex: _Exchange, rank: int):
+    """What `rank` pulls back to the sequence split: (peer, index into peer's x_h [b, g, S, ...],
+    index into blocks [N, b, g, s, ...]): its own tokens' runs, from every peer."""
+    plan = []
+    for p, j, t, n, count in ex.runs:
+        if j <= rank < j + count:
+            at = p + (rank - j) * n
+            plan += [(peer, (_ALL, _ALL, slice(at, at + n)), (peer, _ALL, _ALL, slice(t, t + n)))
+                     for peer in range(ex.group.size())]
+    return plan
+
+
+def _start_plan(stage: torch.Tensor, dest: torch.Tensor, plan_of, ex: _Exchange) -> Pending:
+    """Run this rank's pull plan over the exchange's transport ('peer' or 'emulated')."""
+    pulls = [(peer, src, dest[dst]) for peer, src, dst in plan_of(ex.group.rank())]
+    return start_pull(stage, pulls, ex.group, dest, ex.transport)
+
+
 def _start_to_heads(blocks: torch.Tensor, dest: torch.Tensor, ex: _Exchange) -> Pending:
     """Post blocks [N, b, g, s, ...] (block j to rank j); the arrivals land in dest [b, g, S, ...] in
     position order. Result: dest."""
+    if ex.transport != "nccl":  # every run of arrivals straight into place
+        return _start_plan(blocks, dest, functools.partial(_heads_plan, ex), ex)
     in_place = _split_seq(dest, ex.group.size())
     if ex.in_order and in_place.is_contiguous():
         return Pending([start_all_to_all_single(blocks.contiguous(), in_place, ex.group)], dest)
@@ -265,6 +306,8 @@ def _start_to_heads(blocks: torch.Tensor, dest: torch.Tensor, ex: _Exchange) -> 
 def _start_to_seq(x_h: torch.Tensor, blocks: torch.Tensor, ex: _Exchange) -> Pending:
     """Post head-layout x_h [b, g, S, ...] back to the sequence split; the arrivals land in blocks
     [N, b, g, s, ...], a view into the sequence-layout result. Result: blocks."""
+    if ex.transport != "nccl":  # this rank's tokens, from every peer's x_h, straight into place
+        return _start_plan(x_h, blocks, functools.partial(_seq_plan, ex), ex)
     send = _split_seq(x_h, ex.group.size())
     if not (ex.in_order and send.is_contiguous()):
         send = _positions_to_arrivals(x_h, x_h.new_empty(blocks.shape), ex.runs)
@@ -373,13 +416,26 @@ def _ring_place(ring_group):
     return None if ring_group is None else (ring_group.rank(), ring_group.size())
 
 
+def _plan_exchange(ulysses_group, ring_group, b, h, hk, order, s, device, chunks, transport):
+    """The exchange with its transport resolved, and `chunks` = 0 resolved to the default."""
+    n = ulysses_group.size()
+    how = resolve_transport(device, ulysses_group, transport)
+    if chunks == 0:
+        chunks = default_chunks(device, b, h, n * s, n, how)
+    return _exchange(ulysses_group, h, hk, order, _ring_place(ring_group), s, device, chunks, how)
+
+
 def hybrid_forward(q, k, v, ring_group, ulysses_group, *, causal: bool, order: str,
-                   seq_len: int | None, scale: float, backend: str, chunks: int = 1):
+                   seq_len: int | None, scale: float, backend: str, chunks: int = 1,
+                   transport: str = "nccl"):
     """(out, lse, q_h, kv_h, out_h, lse_h): the result and what the backward needs, with the
-    exchanges pipelined over `chunks` head chunks (module docstring)."""
+    exchanges pipelined over `chunks` head chunks (module docstring; 0: the default for the
+    transport)."""
     b, h, s, e = q.shape
     n = ulysses_group.size()
-    ex = _exchange(ulysses_group, h, k.shape[1], order, _ring_place(ring_group), s, q.device, chunks)
+    ex = _plan_exchange(ulysses_group, ring_group, b, h, k.shape[1], order, s, q.device, chunks,
+                        transport)
+    chunks = ex.chunks
     attend, _ = _attention(ring_group, causal=causal, order=order, seq_len=seq_len, scale=scale,
                            backend=backend)
     g, per_piece = h // n // chunks, chunks // ex.pieces
@@ -416,10 +472,12 @@ def hybrid_forward(q, k, v, ring_group, ulysses_group, *, causal: bool, order: s
 
 def hybrid_backward(dout, q_h, kv_h, out_h, lse_h, kv_heads: int, ring_group, ulysses_group, *,
                     causal: bool, order: str, seq_len: int | None, scale: float, backend: str,
-                    chunks: int = 1):
+                    chunks: int = 1, transport: str = "nccl"):
     b, h, s, e = dout.shape
     n = ulysses_group.size()
-    ex = _exchange(ulysses_group, h, kv_heads, order, _ring_place(ring_group), s, dout.device, chunks)
+    ex = _plan_exchange(ulysses_group, ring_group, b, h, kv_heads, order, s, dout.device, chunks,
+                        transport)
+    chunks = ex.chunks
     _, attend_backward = _attention(ring_group, causal=causal, order=order, seq_len=seq_len,
                                     scale=scale, backend=backend)
     g, per_piece, m = h // n // chunks, chunks // ex.pieces, kv_h.shape[2]
@@ -487,10 +545,11 @@ _Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 @torch.library.custom_op("seqshard::ulysses_attention", mutates_args=())
 def _ulysses_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str, causal: bool,
-                order: str, seq_len: int | None, scale: float, backend: str, chunks: int = 1
-                ) -> _SavedOutputs:
+                order: str, seq_len: int | None, scale: float, backend: str, chunks: int = 1,
+                transport: str = "nccl") -> _SavedOutputs:
     return hybrid_forward(q, k, v, None, resolve_group(group_name), causal=causal, order=order,
-                          seq_len=seq_len, scale=scale, backend=backend, chunks=chunks)
+                          seq_len=seq_len, scale=scale, backend=backend, chunks=chunks,
+                          transport=transport)
 
 
 @_ulysses_op.register_fake
@@ -502,10 +561,10 @@ def _(q, k, v, group_name, *options):
 def _ulysses_backward_op(dout: torch.Tensor, q_h: torch.Tensor, kv_h: torch.Tensor,
                          out_h: torch.Tensor, lse_h: torch.Tensor, kv_heads: int, group_name: str,
                          causal: bool, order: str, seq_len: int | None, scale: float, backend: str,
-                         chunks: int = 1) -> _Grads:
+                         chunks: int = 1, transport: str = "nccl") -> _Grads:
     return hybrid_backward(dout, q_h, kv_h, out_h, lse_h, kv_heads, None, resolve_group(group_name),
                            causal=causal, order=order, seq_len=seq_len, scale=scale, backend=backend,
-                           chunks=chunks)
+                           chunks=chunks, transport=transport)
 
 
 @_ulysses_backward_op.register_fake
@@ -524,6 +583,11 @@ def _check_heads(q, k, n_u: int, algorithm: str) -> None:
             "the heads")
 
 
+def _check_transport(transport: str) -> None:
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport={transport!r}: use one of {TRANSPORTS}")
+
+
 def _check_chunks(q, n_u: int, chunks: int, algorithm: str) -> int:
     local = q.shape[1] // n_u
     if not 1 <= chunks <= local or local % chunks:
@@ -537,23 +601,26 @@ def _check_chunks(q, n_u: int, chunks: int, algorithm: str) -> int:
 def ulysses_attention(q, k, v, group=None, *, causal: bool = True, order: str = "contig",
                       seq_len: int | None = None, scale: float | None = None,
                       backend: str | None = None, chunks: int | None = None,
-                      return_lse: bool = False):
+                      transport: str = "nccl", return_lse: bool = False):
     """Exact attention of sequence-sharded q, k, v by the Ulysses all-to-all (heads must divide).
 
     `chunks`: pipeline the exchanges with the attention over this many head chunks per rank (it
-    must divide the heads per rank); None picks `default_chunks` (1 off CUDA). Otherwise the same
-    arguments and result as `ring_attention`.
+    must divide the heads per rank); None picks `default_chunks` (1 unless the transport is
+    'peer'). `transport`: 'nccl' (all-to-all), or 'peer' (copy engines over symmetric memory,
+    one host; see peer.py). Otherwise the same arguments and result as `ring_attention`.
     """
     pg = resolve_group(group)
     check_attention_inputs(q, k, v, world=pg.size(), order=order, seq_len=seq_len,
                            algorithm="ulysses_attention")
     _check_heads(q, k, pg.size(), "ulysses_attention")
+    _check_transport(transport)
     if chunks is None:
-        chunks = default_chunks(q.device, q.shape[0], q.shape[1], q.shape[2] * pg.size(), pg.size())
-    _check_chunks(q, pg.size(), chunks, "ulysses_attention")
+        chunks = 0  # resolved with the transport, inside the op
+    else:
+        _check_chunks(q, pg.size(), chunks, "ulysses_attention")
     scale, backend = resolve_options(q, scale, backend)
     out, lse, *_ = torch.ops.seqshard.ulysses_attention(q, k, v, pg.group_name, causal, order,
-                                                        seq_len, scale, backend, chunks)
+                                                        seq_len, scale, backend, chunks, transport)
     return (out, lse) if return_lse else out
 
 
@@ -564,10 +631,10 @@ def ulysses_attention(q, k, v, group=None, *, causal: bool = True, order: str = 
 @torch.library.custom_op("seqshard::hybrid_attention", mutates_args=())
 def _hybrid_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_group_name: str,
                ulysses_group_name: str, causal: bool, order: str, seq_len: int | None, scale: float,
-               backend: str, chunks: int = 1) -> _SavedOutputs:
+               backend: str, chunks: int = 1, transport: str = "nccl") -> _SavedOutputs:
     return hybrid_forward(q, k, v, resolve_group(ring_group_name), resolve_group(ulysses_group_name),
                           causal=causal, order=order, seq_len=seq_len, scale=scale, backend=backend,
-                          chunks=chunks)
+                          chunks=chunks, transport=transport)
 
 
 @_hybrid_op.register_fake
@@ -579,10 +646,12 @@ def _(q, k, v, ring_group_name, ulysses_group_name, *options):
 def _hybrid_backward_op(dout: torch.Tensor, q_h: torch.Tensor, kv_h: torch.Tensor,
                         out_h: torch.Tensor, lse_h: torch.Tensor, kv_heads: int, ring_group_name: str,
                         ulysses_group_name: str, causal: bool, order: str, seq_len: int | None,
-                        scale: float, backend: str, chunks: int = 1) -> _Grads:
+                        scale: float, backend: str, chunks: int = 1, transport: str = "nccl"
+                        ) -> _Grads:
     return hybrid_backward(dout, q_h, kv_h, out_h, lse_h, kv_heads, resolve_group(ring_group_name),
                            resolve_group(ulysses_group_name), causal=causal, order=order,
-                           seq_len=seq_len, scale=scale, backend=backend, chunks=chunks)
+                           seq_len=seq_len, scale=scale, backend=backend, chunks=chunks,
+                           transport=transport)
 
 
 @_hybrid_backward_op.register_fake
@@ -595,15 +664,16 @@ register_autograd_saving_outputs(_hybrid_op, torch.ops.seqshard.hybrid_attention
 
 def hybrid_attention(q, k, v, ring_group, ulysses_group, *, causal: bool = True,
                      order: str = "contig", seq_len: int | None = None, scale: float | None = None,
-                     backend: str | None = None, chunks: int = 1, return_lse: bool = False):
+                     backend: str | None = None, chunks: int = 1, transport: str = "nccl",
+                     return_lse: bool = False):
     """Exact attention on a 2-D mesh: Ulysses over `ulysses_group` × ring over `ring_group`.
 
     The shards follow `order` over the flattened index ring_rank·N_u + ulysses_rank, e.g. the
     groups of `mesh.get_group("ring")` and `mesh.get_group("ulysses")` of a ('ring', 'ulysses')
     DeviceMesh. `chunks` pipelines the Ulysses exchanges with a whole ring pass per head chunk (it
     must divide the heads per Ulysses rank; default 1: the ring already overlaps its own traffic,
-    and more chunks mean more, smaller ring steps). Otherwise the same arguments and result as
-    `ring_attention`.
+    and more chunks mean more, smaller ring steps). `transport` as for `ulysses_attention`.
+    Otherwise the same arguments and result as `ring_attention`.
     """
     ring_pg, ulysses_pg = resolve_group(ring_group), resolve_group(ulysses_group)
     world = ring_pg.size() * ulysses_pg.size()
@@ -611,8 +681,9 @@ def hybrid_attention(q, k, v, ring_group, ulysses_group, *, causal: bool = True,
                            algorithm="hybrid_attention")
     _check_heads(q, k, ulysses_pg.size(), "hybrid_attention")
     _check_chunks(q, ulysses_pg.size(), chunks, "hybrid_attention")
+    _check_transport(transport)
     scale, backend = resolve_options(q, scale, backend)
     out, lse, *_ = torch.ops.seqshard.hybrid_attention(q, k, v, ring_pg.group_name,
                                                        ulysses_pg.group_name, causal, order,
-                                                       seq_len, scale, backend, chunks)
+                                                       seq_len, scale, backend, chunks, transport)
     return (out, lse) if return_lse else out
