@@ -36,11 +36,12 @@ from dataclasses import dataclass
 
 import torch
 
-from seqshard.runtime import backends
+from seqshard.runtime import backends, fused
 from seqshard.runtime.layout import local_runs, valid_count
 from seqshard.runtime.merge import merge_
 
-__all__ = ["Block", "pair_blocks", "gathered_blocks", "run_forward", "run_backward"]
+__all__ = ["Block", "pair_blocks", "gathered_blocks", "run_forward", "run_backward", "block_grads",
+           "add_rows"]
 
 
 @dataclass(frozen=True)
@@ -111,14 +112,40 @@ def run_forward(q, k, v, blocks, out_acc, lse_acc, *, scale: float, backend: str
         merge_(_rows(out_acc, b.q0, b.q1), _rows(lse_acc, b.q0, b.q1), out, lse)
 
 
+def block_grads(dout, q, k, v, out, lse, blocks, *, scale: float, backend: str):
+    """[(block, dq, dk, dv)]: each block's gradients (given the merged out and lse), in the
+    kernel's dtype, for the caller to add where they belong."""
+    return [(b, *backends.attention_backward(
+        _rows(dout, b.q0, b.q1), _rows(q, b.q0, b.q1), _rows(k, b.k0, b.k1),
+        _rows(v, b.k0, b.k1), _rows(out, b.q0, b.q1), _rows(lse, b.q0, b.q1),
+        causal=b.causal, scale=scale, backend=backend)) for b in blocks]
+
+
+def add_rows(acc: torch.Tensor, grads, which: str) -> None:
+    """Add the query ('q') or key ('k') rows of `block_grads`' dq (which='q') or dk/dv into acc
+    (dq [b, h, s, e]; or packed dK/dV [2, b, hk, s, e] for which='k')."""
+    for b, dq, dk, dv in grads:
+        if which == "q":
+            _add(_rows(acc, b.q0, b.q1), dq)
+        else:
+            _add(_rows(acc[0], b.k0, b.k1), dk)
+            _add(_rows(acc[1], b.k0, b.k1), dv)
+
+
+def _add(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += x; fp32 += bf16 on CUDA as one vectorized Triton kernel (torch's mixed-dtype add
+    is not vectorized)."""
+    if fused.usable(acc, x):
+        fused.add_rows_(acc, x)
+    else:
+        acc.add_(x)
+
+
 def run_backward(dout, q, k, v, out, lse, blocks, dq_acc, dk_acc, dv_acc, *, scale: float,
                  backend: str) -> None:
     """Add the gradients of every block (given the merged out and lse) into the buffers."""
-    for b in blocks:
-        dq, dk, dv = backends.attention_backward(
-            _rows(dout, b.q0, b.q1), _rows(q, b.q0, b.q1), _rows(k, b.k0, b.k1),
-            _rows(v, b.k0, b.k1), _rows(out, b.q0, b.q1), _rows(lse, b.q0, b.q1),
-            causal=b.causal, scale=scale, backend=backend)
+    for b, dq, dk, dv in block_grads(dout, q, k, v, out, lse, blocks, scale=scale,
+                                     backend=backend):
         _rows(dq_acc, b.q0, b.q1).add_(dq)
         _rows(dk_acc, b.k0, b.k1).add_(dk)
         _rows(dv_acc, b.k0, b.k1).add_(dv)

@@ -66,8 +66,11 @@ def register_autograd_saving_inputs(op, backward_op) -> None:
         ctx.save_for_backward(*inputs[:3], out, lse)
         ctx.options = inputs[3:]
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
 
     def backward(ctx, dout, _dlse):
+        if dout is None:
+            return None, None, None, *([None] * len(ctx.options))
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = backward_op(dout, q, k, v, out, lse, *ctx.options)
         return dq, dk, dv, *([None] * len(ctx.options))
@@ -85,8 +88,13 @@ def register_autograd_saving_outputs(op, backward_op) -> None:
         ctx.kv_heads = inputs[1].shape[1]
         ctx.options = inputs[3:]
         ctx.mark_non_differentiable(*output[1:])
+        # no zero-filled gradients for lse and the saved head-layout tensors (Ulysses: 4 tensors
+        # the size of the inputs, filled on every step)
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, dout, *_unused):
+        if dout is None:
+            return None, None, None, *([None] * len(ctx.options))
         dq, dk, dv = backward_op(dout, *ctx.saved_tensors, ctx.kv_heads, *ctx.options)
         return dq, dk, dv, *([None] * len(ctx.options))
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from seqshard.runtime.blocks import pair_blocks, run_backward, run_forward
+from seqshard.runtime.blocks import add_rows, block_grads, pair_blocks, run_forward
 from seqshard.runtime.collectives import resolve_group, start_shift
 from seqshard.runtime.merge import accumulator
 from seqshard.runtime.opsupport import (check_attention_inputs, fresh_like, lse_like,
@@ -66,12 +66,17 @@ def ring_backward(dout, q, k, v, out, lse, group, *, causal: bool, order: str, s
     dkv_pending = None
     for step in range(world):
         kv_pending = start_shift([kv], 1, group, _TAG_KV) if step + 1 < world else None
-        dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
         blocks = pair_blocks(order, causal, rank, (rank - step) % world, world, q.shape[2], seq_len)
-        run_backward(dout, q, kv[0], kv[1], out, lse, blocks, dq, dkv[0], dkv[1], scale=scale,
-                     backend=backend)
-        if dkv_pending is not None:
-            dkv += dkv_pending.wait()[0]  # the accumulator of the shard held now
+        grads = block_grads(dout, q, kv[0], kv[1], out, lse, blocks, scale=scale, backend=backend)
+        add_rows(dq, grads, "q")
+        # the accumulator of the shard held now: it arrives from rank - 1 while the kernels above
+        # run, and this rank's share is added into it in place (no zero-fill, no second pass)
+        if dkv_pending is None:
+            dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+        else:
+            (dkv,) = dkv_pending.wait()
+        add_rows(dkv, grads, "k")
+        del grads
         dkv_pending = start_shift([dkv], 1, group, _TAG_DKV)
         if kv_pending is not None:
             (kv,) = kv_pending.wait()
