@@ -62,13 +62,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from seqshard.runtime.backends import attention_backward, attention_forward
-from seqshard.runtime.blocks import pair_blocks
 from seqshard.runtime.collectives import (Pending, resolve_group, start_all_gather,
                                           start_all_to_all_single, start_reduce_scatter)
 from seqshard.runtime.layout import chunk_permutation, sorting_permutations
+from seqshard.runtime.local import whole_backward, whole_forward
 from seqshard.runtime.peer import TRANSPORTS, start_pull, transport as resolve_transport
 from seqshard.runtime.opsupport import (check_attention_inputs, lse_like,
                                         register_autograd_saving_outputs, resolve_options,
@@ -372,38 +370,13 @@ def _add_heads(acc: torch.Tensor, slot, x: torch.Tensor) -> None:
 # Attention over head chunks: the whole sequence held here, or the ring of the hybrid
 # ---------------------------------------------------------------------------------------------
 
-def _whole_forward(q, k, v, *, causal: bool, seq_len: int | None, scale: float, backend: str):
-    """(out, lse) of q [b, g, S, e] over the whole sequence held here, in position order: the
-    single block of a one-rank ring (blocks.pair_blocks), straight from the kernel."""
-    (block,) = pair_blocks("contig", causal, 0, 0, 1, q.shape[_SEQ], seq_len)
-    assert block.q0 == 0 and block.k0 == 0, block
-    out, lse = attention_forward(q[:, :, :block.q1], k[:, :, :block.k1], v[:, :, :block.k1],
-                                 causal=block.causal, scale=scale, backend=backend)
-    pad = q.shape[_SEQ] - block.q1  # padded query rows: out 0, lse -inf
-    if pad:
-        out, lse = F.pad(out, (0, 0, 0, pad)), F.pad(lse, (0, pad), value=float("-inf"))
-    return out, lse
-
-
-def _whole_backward(dout, q, k, v, out, lse, *, causal: bool, seq_len: int | None, scale: float,
-                    backend: str):
-    """dq, dk, dv of `_whole_forward` (padded rows get 0)."""
-    (block,) = pair_blocks("contig", causal, 0, 0, 1, q.shape[_SEQ], seq_len)
-    n, m = block.q1, block.k1
-    grads = attention_backward(dout[:, :, :n], q[:, :, :n], k[:, :, :m], v[:, :, :m],
-                               out[:, :, :n], lse[:, :, :n], causal=block.causal, scale=scale,
-                               backend=backend)
-    pad = q.shape[_SEQ] - n
-    return tuple(F.pad(d, (0, 0, 0, pad)) for d in grads) if pad else grads
-
-
 def _attention(ring_group, **options):
     """(forward, backward) over head-layout chunks: the ring over `ring_group` (hybrid), or the
     whole sequence held here (ring_group None)."""
     if ring_group is None:
         del options["order"]  # one rank holds the whole sequence in position order
-        return (functools.partial(_whole_forward, **options),
-                functools.partial(_whole_backward, **options))
+        return (functools.partial(whole_forward, **options),
+                functools.partial(whole_backward, **options))
     return (functools.partial(ring_forward, group=ring_group, **options),
             functools.partial(ring_backward, group=ring_group, **options))
 
