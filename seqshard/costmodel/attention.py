@@ -172,9 +172,10 @@ def _hbm(nbytes, gpu: GPU):
 
 def _merge_bytes(elements, dtype_bytes: int):
     """Memory traffic of merging a block's output into the fp32 accumulator per element, as
-    runtime/merge.py's `merge_` does it: acc *= w_a (read, write fp32), t = w_b · out_b (read the
-    block output, write fp32), acc += t (two reads, one write); the lse is E times smaller."""
-    return elements * (6 * ACC_BYTES + dtype_bytes)
+    runtime/fused.py's one-pass kernel does it on a GPU: read the accumulator and the block
+    output, write the accumulator; the lse is E times smaller. (The torch fallback on CPUs makes
+    ~3 passes over the fp32 accumulator.)"""
+    return elements * (2 * ACC_BYTES + dtype_bytes)
 
 
 def _accumulate_bytes(elements, dtype_bytes: int):
