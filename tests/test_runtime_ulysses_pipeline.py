@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 from dataclasses import dataclass
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -241,19 +243,41 @@ def test_default_chunks():
     assert pipelined_chunks(1, 32, 8 * 1024, 4) == 1
 
 
-def test_whole_block_reorder_is_a_concatenation():
-    """Contig arrivals take the cat/stack fast path (vectorized batched copies on a GPU); it must
-    equal the token-run copies it replaces, both ways."""
-    from seqshard.runtime.ulysses import _arrivals_to_positions, _positions_to_arrivals, _runs, _whole_blocks
+def reorders(interpret: bool) -> None:
+    """The run copies of the exchange against cat / index_select, both ways, contig and zigzag,
+    with strided destinations; `interpret`: through the Triton kernel (fused.copy_rows_)."""
+    from seqshard.runtime import fused, layout
+    from seqshard.runtime.ulysses import _arrivals_to_positions, _positions_to_arrivals, _runs
 
-    n, b, g, s, e = 4, 2, 3, 5, 7
-    runs = _runs("contig", n, s, tuple(range(n)))
-    assert _whole_blocks(runs, s, n * s)
-    recv = torch.randn(n, b, g, s, e)
-    fast = _arrivals_to_positions(recv, torch.empty(b, g, n * s, e), runs)
-    slow = _arrivals_to_positions(recv, torch.empty(b, g, n * s, e).transpose(0, 1).contiguous()
-                                  .transpose(0, 1), runs)  # non-contiguous dest: the run copies
-    assert torch.equal(fast, slow) and torch.equal(fast, torch.cat(list(recv), dim=2))
-    back = _positions_to_arrivals(fast, torch.empty(n, b, g, s, e), runs)
-    assert torch.equal(back, recv)
-    assert not _whole_blocks(_runs("zigzag", n, 2 * s, tuple(range(n))), 2 * s, 2 * n * s)
+    n, b, g, s, e = 4, 2, 3, 6, 8
+    for order in ("contig", "zigzag"):
+        runs = _runs(order, n, s, tuple(range(n)))
+        recv = torch.randn(n, b, g, s, e)
+        for dest in (torch.empty(b, g, n * s, e), torch.empty(g, b, n * s, e).transpose(0, 1)):
+            assert fused.copyable(dest[:, :, :s], recv[0]) == interpret
+            got = _arrivals_to_positions(recv, dest, runs)
+            # recv is rank-major; the positions of rank j's local tokens come from the layout
+            expected = torch.empty(b, g, n * s, e)
+            for j in range(n):
+                expected[:, :, layout.local_positions(order, j, n, s)] = recv[j]
+            assert torch.equal(got, expected), order
+            back = _positions_to_arrivals(got, torch.empty(g, n, b, s, e).permute(1, 2, 0, 3, 4),
+                                          runs)
+            assert torch.equal(back, recv), order
+
+
+def test_reorders_are_exact():
+    reorders(interpret=False)
+
+
+def test_reorders_are_exact_through_the_triton_copy():
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+    code = ("import torch; torch.manual_seed(0); "
+            "from test_runtime_ulysses_pipeline import reorders; reorders(interpret=True)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRITON_INTERPRET="1",
+                                   PYTHONPATH=os.pathsep.join([os.path.dirname(__file__),
+                                                               os.environ.get("PYTHONPATH", "")])))
+    assert done.returncode == 0, done.stdout + done.stderr

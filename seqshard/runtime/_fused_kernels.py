@@ -46,3 +46,19 @@ def add_kernel(acc_ptr, x_ptr, n_rows, H, S, E, a_b, a_h, a_s, x_b, x_h, x_s,
     acc = tl.load(acc_at, mask=mask, other=0.0)
     x = tl.load(x_at, mask=mask, other=0.0).to(tl.float32)
     tl.store(acc_at, acc + x, mask=mask)
+
+
+@triton.jit
+def copy_kernel(dst_ptr, src_ptr, n_rows, B, C, D, E, d_a, d_b, d_c, d_d, s_a, s_b, s_c, s_d,
+                BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = rows < n_rows
+    d = rows % D
+    c = (rows // D) % C
+    b = (rows // (D * C)) % B
+    a = rows // (D * C * B)
+    cols = tl.arange(0, BLOCK_E)
+    mask = live[:, None] & (cols < E)[None, :]
+    src_at = src_ptr + (a * s_a + b * s_b + c * s_c + d * s_d)[:, None] + cols[None, :]
+    dst_at = dst_ptr + (a * d_a + b * d_b + c * d_c + d * d_d)[:, None] + cols[None, :]
+    tl.store(dst_at, tl.load(src_at, mask=mask), mask=mask)

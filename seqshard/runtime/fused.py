@@ -3,10 +3,13 @@
     merge_rows_(acc_out, acc_lse, out, lse)   merge.merge_ in one kernel: read the accumulator
                                               and the partial once, write the accumulator once
     add_rows_(acc, x)                         acc += x (fp32 += bf16), vectorized
+    copy_rows_(dst, src)                      dst.copy_(src) for strided views, vectorized
 
 Why: on 4×H200 at 128K the ring spent 18 ms of a 250 ms step in elementwise kernels
 (bench/results/profile_step-2026-11-21.md): the merge ran as ~5 passes over the fp32 accumulator
-(weights, scale, product, sum, lse) and torch's mixed-dtype add is not vectorized.
+(weights, scale, product, sum, lse) and torch's mixed-dtype add is not vectorized. Likewise
+Ulysses' layout copies (arrivals of the all-to-all into position order) ran as torch's
+non-vectorized strided copy or cat kernels at about a third of copy bandwidth.
 
 Tensors are [b, h, s, e] views with a unit stride over e (row slices of contiguous accumulators,
 kernel outputs); lse is [b, h, s]. Other strides are passed to the kernel, so slices need no copy.
@@ -23,7 +26,7 @@ import os
 
 import torch
 
-__all__ = ["usable", "merge_rows_", "add_rows_"]
+__all__ = ["usable", "copyable", "merge_rows_", "add_rows_", "copy_rows_"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -41,6 +44,18 @@ def usable(acc: torch.Tensor, *others: torch.Tensor) -> bool:
     if acc.dtype != torch.float32 or acc.stride(-1) != 1 or any(t.stride(-1) != 1 for t in others):
         return False
     if not (acc.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    return _kernels() is not None
+
+
+def copyable(dst: torch.Tensor, src: torch.Tensor) -> bool:
+    """copy_rows_ applies: views of 1 to 5 dims of one dtype and shape, unit stride over the
+    last, CUDA (or the interpreter)."""
+    if not 1 <= dst.dim() <= 5 or dst.shape != src.shape or dst.dtype != src.dtype:
+        return False
+    if dst.stride(-1) != 1 or src.stride(-1) != 1 or dst.numel() == 0:
+        return False
+    if not (dst.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return False
     return _kernels() is not None
 
@@ -77,3 +92,19 @@ def add_rows_(acc: torch.Tensor, x: torch.Tensor) -> None:
     b, h, s, e = x.shape
     _kernels().add_kernel[grid](acc, x, n_rows, h, s, e, *acc.stride()[:3], *x.stride()[:3],
                       BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4)
+
+
+def copy_rows_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst.copy_(src) for views of up to 5 dims with any strides except a unit stride over the
+    last: one launch, rows of the last dim moved with wide loads. Returns dst."""
+    assert dst.shape == src.shape and dst.dtype == src.dtype, (dst.shape, src.shape)
+    while dst.dim() < 5:
+        dst, src = dst.unsqueeze(0), src.unsqueeze(0)
+    a, b, c, d, e = src.shape
+    block_e = 1 << max(0, (e - 1).bit_length())
+    block_r = max(1, min(64, 4096 // block_e))
+    n_rows = a * b * c * d
+    _kernels().copy_kernel[(-(-n_rows // block_r),)](
+        dst, src, n_rows, b, c, d, e, *dst.stride()[:4], *src.stride()[:4],
+        BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4)
+    return dst
