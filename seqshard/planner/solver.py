@@ -485,7 +485,7 @@ def explain_all(pb: Problem, sol: Solution) -> dict[str, str]:
             mark = "  ← chosen" if i == chosen else ""
             lines.append(f"  {label:34s} {_ms(total):>10s} {_ms(c.compute_s):>10s} {_ms(c.comm_s):>10s} "
                          f"{_ms(edge_t):>10s} {mem / 2**20:>8.1f} MiB{mark}")
-        best_total, best_i = rows[0][0], rows[0][1]
+        best_i = rows[0][1]
         if best_i == chosen:
             why = "it has the lowest predicted time."
         else:

@@ -4,6 +4,9 @@
                  all-reduce, ring shift)
     backends     local attention kernels behind one (out, lse) interface, and their selection
     merge        numerically stable fp32 merge of partial attention results
+    fused        Triton kernels for the fp32 merge, fp32 += bf16 adds and strided layout copies
+                 (CUDA; torch ops elsewhere)
+    peer         Ulysses exchanges by copy engine over symmetric memory (transport='peer')
     layout       contig / zigzag sequence layouts, positions and permutations
     blocks       attention masks as full / causal-square blocks over shards
     ring, tokenring, allgather, ulysses (+ hybrid), local

@@ -77,10 +77,10 @@ def merge_rows_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor,
     if out.numel() == 0:
         return
     n_rows, block_r, block_e, grid = _launch_shape(out)
-    b, h, s, e = out.shape
-    _kernels().merge_kernel[grid](acc_out, acc_lse, out, lse, n_rows, h, s, e,
-                        *acc_out.stride()[:3], *acc_lse.stride(), *out.stride()[:3],
-                        *lse.stride(), BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4)
+    _, h, s, e = out.shape
+    _kernels().merge_kernel[grid](
+        acc_out, acc_lse, out, lse, n_rows, h, s, e, *acc_out.stride()[:3], *acc_lse.stride(),
+        *out.stride()[:3], *lse.stride(), BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4)
 
 
 def add_rows_(acc: torch.Tensor, x: torch.Tensor) -> None:
@@ -89,9 +89,10 @@ def add_rows_(acc: torch.Tensor, x: torch.Tensor) -> None:
     if x.numel() == 0:
         return
     n_rows, block_r, block_e, grid = _launch_shape(x)
-    b, h, s, e = x.shape
-    _kernels().add_kernel[grid](acc, x, n_rows, h, s, e, *acc.stride()[:3], *x.stride()[:3],
-                      BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4)
+    _, h, s, e = x.shape
+    _kernels().add_kernel[grid](
+        acc, x, n_rows, h, s, e, *acc.stride()[:3], *x.stride()[:3],
+        BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4)
 
 
 def copy_rows_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
