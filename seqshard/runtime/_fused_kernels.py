@@ -1,18 +1,27 @@
-"""The Triton kernels of fused.py (imported on first use: CPU-only installs need no Triton)."""
+"""The Triton kernels of fused.py (imported on first use: CPU-only installs need no Triton).
+
+Each program handles BLOCK_R rows of the last dim (a row: one (b, h, s) of a [b, h, s, e] view),
+BLOCK_E wide; outer strides are arguments, the last dim has unit stride.
+"""
 
 import triton
 import triton.language as tl
 
 
 @triton.jit
+def _rows(n_rows, H, S, E, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's rows as (b, h, s) (64-bit), the live rows, the columns and the tile mask."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = rows < n_rows
+    cols = tl.arange(0, BLOCK_E)
+    return rows // (S * H), (rows // S) % H, rows % S, live, cols, live[:, None] & (cols < E)[None, :]
+
+
+@triton.jit
 def merge_kernel(acc_ptr, acc_lse_ptr, out_ptr, lse_ptr, n_rows, H, S, E,
                  a_b, a_h, a_s, al_b, al_h, al_s, o_b, o_h, o_s, l_b, l_h, l_s,
                  BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    live = rows < n_rows
-    s = rows % S
-    h = (rows // S) % H
-    b = rows // (S * H)
+    b, h, s, live, cols, mask = _rows(n_rows, H, S, E, BLOCK_R, BLOCK_E)
     acc_l = tl.load(acc_lse_ptr + b * al_b + h * al_h + s * al_s, mask=live, other=0.0)
     new_l = tl.load(lse_ptr + b * l_b + h * l_h + s * l_s, mask=live, other=0.0).to(tl.float32)
     diff = acc_l - new_l
@@ -22,8 +31,6 @@ def merge_kernel(acc_ptr, acc_lse_ptr, out_ptr, lse_ptr, n_rows, H, S, E,
     top = tl.maximum(acc_l, new_l)
     # logaddexp; log(1 + t) for t = exp(-|diff|) <= 1 is off log1p by < 6e-8 absolute
     merged = tl.where(top == float("-inf"), top, top + tl.log(1.0 + tl.exp(-tl.abs(diff))))
-    cols = tl.arange(0, BLOCK_E)
-    mask = live[:, None] & (cols < E)[None, :]
     acc_at = acc_ptr + (b * a_b + h * a_h + s * a_s)[:, None] + cols[None, :]
     out_at = out_ptr + (b * o_b + h * o_h + s * o_s)[:, None] + cols[None, :]
     acc = tl.load(acc_at, mask=mask, other=0.0)
@@ -33,14 +40,8 @@ def merge_kernel(acc_ptr, acc_lse_ptr, out_ptr, lse_ptr, n_rows, H, S, E,
 
 @triton.jit
 def add_kernel(acc_ptr, x_ptr, n_rows, H, S, E, a_b, a_h, a_s, x_b, x_h, x_s,
-                BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    live = rows < n_rows
-    s = rows % S
-    h = (rows // S) % H
-    b = rows // (S * H)
-    cols = tl.arange(0, BLOCK_E)
-    mask = live[:, None] & (cols < E)[None, :]
+               BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    b, h, s, live, cols, mask = _rows(n_rows, H, S, E, BLOCK_R, BLOCK_E)
     acc_at = acc_ptr + (b * a_b + h * a_h + s * a_s)[:, None] + cols[None, :]
     x_at = x_ptr + (b * x_b + h * x_h + s * x_s)[:, None] + cols[None, :]
     acc = tl.load(acc_at, mask=mask, other=0.0)
@@ -51,14 +52,9 @@ def add_kernel(acc_ptr, x_ptr, n_rows, H, S, E, a_b, a_h, a_s, x_b, x_h, x_s,
 @triton.jit
 def copy_kernel(dst_ptr, src_ptr, n_rows, B, C, D, E, d_a, d_b, d_c, d_d, s_a, s_b, s_c, s_d,
                 BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    live = rows < n_rows
-    d = rows % D
-    c = (rows // D) % C
-    b = (rows // (D * C)) % B
-    a = rows // (D * C * B)
-    cols = tl.arange(0, BLOCK_E)
-    mask = live[:, None] & (cols < E)[None, :]
+    # rows over [a, b, c, d]: (b, c) of the helper's [b, h, s] split of the flat index by C·D
+    ab, c, d, live, cols, mask = _rows(n_rows, C, D, E, BLOCK_R, BLOCK_E)
+    a, b = ab // B, ab % B
     src_at = src_ptr + (a * s_a + b * s_b + c * s_c + d * s_d)[:, None] + cols[None, :]
     dst_at = dst_ptr + (a * d_a + b * d_b + c * d_c + d * d_d)[:, None] + cols[None, :]
     tl.store(dst_at, tl.load(src_at, mask=mask), mask=mask)

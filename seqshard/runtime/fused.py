@@ -60,12 +60,11 @@ def copyable(dst: torch.Tensor, src: torch.Tensor) -> bool:
     return _kernels() is not None
 
 
-def _launch_shape(x: torch.Tensor):
-    """Rows per program and the e tile: ~4K elements per program."""
-    block_e = 1 << max(0, (x.shape[-1] - 1).bit_length())
+def _launch(n_rows: int, e: int):
+    """(block_r, block_e, grid): tiles of ~4K elements, BLOCK_E the next power of two >= e."""
+    block_e = 1 << max(0, (e - 1).bit_length())
     block_r = max(1, min(64, 4096 // block_e))
-    n_rows = x.shape[0] * x.shape[1] * x.shape[2]
-    return n_rows, block_r, block_e, (-(-n_rows // block_r),)
+    return block_r, block_e, (-(-n_rows // block_r),)
 
 
 def merge_rows_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor,
@@ -76,8 +75,9 @@ def merge_rows_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor,
         (acc_out.shape, out.shape, acc_lse.shape, lse.shape)
     if out.numel() == 0:
         return
-    n_rows, block_r, block_e, grid = _launch_shape(out)
-    _, h, s, e = out.shape
+    b, h, s, e = out.shape
+    n_rows = b * h * s
+    block_r, block_e, grid = _launch(n_rows, e)
     _kernels().merge_kernel[grid](
         acc_out, acc_lse, out, lse, n_rows, h, s, e, *acc_out.stride()[:3], *acc_lse.stride(),
         *out.stride()[:3], *lse.stride(), BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4)
@@ -88,8 +88,9 @@ def add_rows_(acc: torch.Tensor, x: torch.Tensor) -> None:
     assert acc.shape == x.shape, (acc.shape, x.shape)
     if x.numel() == 0:
         return
-    n_rows, block_r, block_e, grid = _launch_shape(x)
-    _, h, s, e = x.shape
+    b, h, s, e = x.shape
+    n_rows = b * h * s
+    block_r, block_e, grid = _launch(n_rows, e)
     _kernels().add_kernel[grid](
         acc, x, n_rows, h, s, e, *acc.stride()[:3], *x.stride()[:3],
         BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4)
@@ -102,10 +103,9 @@ def copy_rows_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     while dst.dim() < 5:
         dst, src = dst.unsqueeze(0), src.unsqueeze(0)
     a, b, c, d, e = src.shape
-    block_e = 1 << max(0, (e - 1).bit_length())
-    block_r = max(1, min(64, 4096 // block_e))
     n_rows = a * b * c * d
-    _kernels().copy_kernel[(-(-n_rows // block_r),)](
+    block_r, block_e, grid = _launch(n_rows, e)
+    _kernels().copy_kernel[grid](
         dst, src, n_rows, b, c, d, e, *dst.stride()[:4], *src.stride()[:4],
         BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4)
     return dst

@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from seqshard.runtime.collectives import Pending, start_all_gather
 
-__all__ = ["start_pull", "transport", "TRANSPORTS"]
+__all__ = ["start_pull", "transport", "check_transport", "TRANSPORTS"]
 
 TRANSPORTS = ("nccl", "peer", "emulated")
 
@@ -153,6 +153,11 @@ def start_pull(stage: torch.Tensor, pulls, group: dist.ProcessGroup, result, how
     return _PEERS[key].start(stage, pulls, result)
 
 
+def check_transport(name: str) -> None:
+    if name not in TRANSPORTS:
+        raise ValueError(f"transport={name!r}: use one of {TRANSPORTS}")
+
+
 _PEER_OK: dict[tuple[str, str], str | None] = {}
 
 
@@ -160,8 +165,7 @@ def transport(device: torch.device, group: dist.ProcessGroup, requested: str = "
     """The transport an exchange over `group` uses: `requested`, checked. 'peer' is checked once per
     group by all its ranks together (they must agree) and raises, naming the fix, where it can't
     run. A one-rank group moves nothing: 'nccl' (plain copies)."""
-    if requested not in TRANSPORTS:
-        raise ValueError(f"transport={requested!r}: use one of {TRANSPORTS}")
+    check_transport(requested)
     if group.size() == 1 or requested != "peer":
         return "nccl" if group.size() == 1 else requested
     key = (group.group_name, str(device))

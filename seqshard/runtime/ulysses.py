@@ -68,7 +68,7 @@ from seqshard.runtime.collectives import (Pending, resolve_group, start_all_gath
                                           start_all_to_all_single, start_reduce_scatter)
 from seqshard.runtime.layout import chunk_permutation, sorting_permutations
 from seqshard.runtime.local import whole_backward, whole_forward
-from seqshard.runtime.peer import TRANSPORTS, start_pull, transport as resolve_transport
+from seqshard.runtime.peer import check_transport, start_pull, transport as resolve_transport
 from seqshard.runtime.opsupport import (check_attention_inputs, lse_like,
                                         register_autograd_saving_outputs, resolve_options,
                                         unpack_pair)
@@ -555,11 +555,6 @@ def _check_heads(q, k, n_u: int, algorithm: str) -> None:
             "the heads")
 
 
-def _check_transport(transport: str) -> None:
-    if transport not in TRANSPORTS:
-        raise ValueError(f"transport={transport!r}: use one of {TRANSPORTS}")
-
-
 def _check_chunks(q, n_u: int, chunks: int, algorithm: str) -> int:
     local = q.shape[1] // n_u
     if not 1 <= chunks <= local or local % chunks:
@@ -585,7 +580,7 @@ def ulysses_attention(q, k, v, group=None, *, causal: bool = True, order: str = 
     check_attention_inputs(q, k, v, world=pg.size(), order=order, seq_len=seq_len,
                            algorithm="ulysses_attention")
     _check_heads(q, k, pg.size(), "ulysses_attention")
-    _check_transport(transport)
+    check_transport(transport)
     if chunks is None:
         chunks = 0  # resolved with the transport, inside the op
     else:
@@ -653,7 +648,7 @@ def hybrid_attention(q, k, v, ring_group, ulysses_group, *, causal: bool = True,
                            algorithm="hybrid_attention")
     _check_heads(q, k, ulysses_pg.size(), "hybrid_attention")
     _check_chunks(q, ulysses_pg.size(), chunks, "hybrid_attention")
-    _check_transport(transport)
+    check_transport(transport)
     scale, backend = resolve_options(q, scale, backend)
     out, lse, *_ = torch.ops.seqshard.hybrid_attention(q, k, v, ring_pg.group_name,
                                                        ulysses_pg.group_name, causal, order,
