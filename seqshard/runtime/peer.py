@@ -1,20 +1,23 @@
 """Exchanges by copy engine over symmetric memory: all-to-alls that leave the SMs to attention.
 
-Why. cuDNN's attention kernels fill every SM. NCCL's all-to-all runs as kernels too, so an
-exchange overlapped with attention stretched the attention by more than it hid (4×H200 at 128K:
-Ulysses in 4 head chunks ran at 478 TFLOP/s per GPU against 507 unpipelined;
-bench/results/profile_step-2026-11-21.md). Between GPUs of one host the same bytes can move on
-the copy engines, which no kernel competes for.
+Why. cuDNN's attention kernels fill every SM, and NCCL moves data with kernels: on 4×H200,
+8 all-to-alls (5.5 ms alone) running beside an 8-head 128K attention step stretched it by 21 ms,
+about 4× their own time, while copy-engine pulls of the same bytes (8.4 ms alone) stretched it by
+no more than the run-to-run spread (bench/overlap.py → bench/results/overlap-2026-11-21c.md).
+Between GPUs of one host the bytes can move on the copy engines, which no kernel competes for.
 
-How. Each rank copies what it sends into a symmetric buffer (`torch.distributed._symmetric_memory`:
-every rank maps every other rank's buffer), a barrier says every stage is written, and each rank
-*pulls* its pieces from its peers' buffers straight to where they belong: `dst.copy_(src)` between
-contiguous tensors of one dtype is one `cudaMemcpyAsync`, done by a copy engine. Strided
-destinations (a head-chunk of the sequence, say) are cut into contiguous pieces first, so no
-permutation kernel is ever run. A second barrier says every peer has read this rank's buffer, so
-the next exchange may overwrite it. All of it runs on one high-priority side stream in issue
-order (one stream per peer for the pulls, so the copy engines work in parallel), so consecutive
-exchanges share one workspace; `Pending.wait()` makes the current stream wait for it.
+How. Each rank copies what it sends into a slot of a symmetric buffer
+(`torch.distributed._symmetric_memory`: every rank maps every other rank's buffer) and tells its
+peers so; each rank *pulls* its pieces from its peers' slots straight to where they belong:
+`dst.copy_(src)` between contiguous tensors of one dtype is one `cudaMemcpyAsync`, done by a copy
+engine. Strided destinations (a head-chunk of the sequence, say) are cut into contiguous pieces
+first, so no permutation kernel is ever run. The signals are 32-bit flags in symmetric memory,
+set and awaited by the GPUs' front ends with the CUDA driver's stream memory operations
+(cuStreamWriteValue32 / cuStreamWaitValue32, `_StreamOps`), not by kernels: a spinning barrier
+kernel holds an SM (the first version used torch's barrier kernels; they spun 51–57 ms per step).
+Exchanges take slots in turn (`_SLOTS` of them), so a rank stages the next exchange while its
+peers still pull the last; `_Peers` gives the protocol. `Pending.wait()` makes the current stream
+wait for the pulls.
 
     start_pull(stage, pulls, group, result)
         stage   a tensor of the same shape and dtype on every rank (any strides)
@@ -25,20 +28,22 @@ Transports: 'nccl' (the NCCL all-to-all, the default), 'peer' (copy engines, thi
 `start_pull`; CUDA, every rank of the group on one host, checked once per group) and 'emulated',
 which runs the same pull lists with an all-gather of the stages instead of symmetric memory: CPU
 tests check every index of the pull plans with it (gloo), the GPU smoke test checks the copy
-engines.
+engines (bench/gpu_smoke.py) and profile_step checks them against NCCL's result.
 
-Measured (4×H200, 128K, causal MHA 32×128, fwd+bwd; bench/results/profile_step-2026-11-21b.md):
-correct, but not faster in isolation. Over copy engines Ulysses ran at 504.7 TFLOP/s per GPU
-unpipelined and 498.3 in 4 head chunks, against 507.2 for NCCL unpipelined: the attention kernels
-ran 5.7% longer beside the copies (and beside the barrier kernels that wait for the peers), more
-than the hidden exchange saved. So 'nccl' stays the default; 'peer' is there for models whose
-exchanges can hide behind other work, and for the next attempt at hiding them here. (The same
-pull plans as NCCL point-to-point row runs, landing in place with no permutation kernel, were
-slower still: 503.0 against 512.2; profile_step-2026-11-21d.md.)
+Measured (4×H200, 128K, causal MHA 32×128, fwd+bwd): pipelined over 2 head chunks, Ulysses over
+copy engines runs as fast as over NCCL unpipelined, not faster: 237.05 against 237.99 ms
+(profile_step-2026-11-21i.md), 237.41 against 235.78 in the benchmark (attention-2026-11-21e.md).
+What stays exposed is the first chunk's way in and the last chunk's way out (about 2 ms each,
+waiting on the slowest rank included), and one exchange alone is slower than NCCL's (1.1–1.4
+against 0.75 ms per 256 MB tensor: staging, the signal chain and the pulls run one after
+another). So 'nccl' stays the default; 'peer' is there for models whose exchanges can hide
+behind other work. (NCCL point-to-point runs landing in place were slower than the all-to-all:
+503.0 against 512.2 TFLOP/s per GPU, profile_step-2026-11-21d.md.)
 """
 
 from __future__ import annotations
 
+import ctypes
 import socket
 import warnings
 
@@ -67,68 +72,141 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 class _StreamWork:
-    """A Pending's work: the current stream waits for an event of the side stream."""
+    """A Pending's work: the current stream waits for events of the side streams."""
 
-    def __init__(self, event: torch.cuda.Event, keep):
-        self._event, self._keep = event, keep
+    def __init__(self, events, keep):
+        self._events, self._keep = events, keep
 
     def wait(self):
-        torch.cuda.current_stream().wait_event(self._event)
+        for event in self._events:
+            torch.cuda.current_stream().wait_event(event)
         self._keep = None
 
 
+class _StreamOps:
+    """Signals between GPUs that the GPUs' front ends carry out, with no kernel:
+    cuStreamWriteValue32 (a fenced 32-bit store, here into a peer's memory) and
+    cuStreamWaitValue32 (the stream waits until a 32-bit word is >= a value), from the CUDA
+    driver through ctypes. A spinning barrier kernel holds an SM that attention wants."""
+
+    _GEQ = 0  # CU_STREAM_WAIT_VALUE_GEQ; writes use the default flags (a memory fence first)
+
+    def __init__(self):
+        lib = ctypes.CDLL("libcuda.so.1")
+        self._write, self._wait = lib.cuStreamWriteValue32_v2, lib.cuStreamWaitValue32_v2
+        for f in (self._write, self._wait):
+            f.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+            f.restype = ctypes.c_int
+
+    @staticmethod
+    def _check(code: int, what: str):
+        if code != 0:
+            raise RuntimeError(f"{what} failed with CUDA driver error {code}; use transport='nccl'")
+
+    def write(self, stream: torch.cuda.Stream, address: int, value: int) -> None:
+        self._check(self._write(stream.cuda_stream, address, value, 0), "cuStreamWriteValue32")
+
+    def wait(self, stream: torch.cuda.Stream, address: int, value: int) -> None:
+        self._check(self._wait(stream.cuda_stream, address, value, self._GEQ), "cuStreamWaitValue32")
+
+
+_OPS: _StreamOps | None = None
+
+
+def _ops() -> _StreamOps:
+    global _OPS
+    if _OPS is None:
+        _OPS = _StreamOps()
+    return _OPS
+
+
+_READY, _DONE = 0, 1  # the two flag rows of every rank: [kind, source rank]
+_SLOTS = 4  # stages in flight per rank: later exchanges stage while earlier ones are pulled
+
+
 class _Peers:
-    """Symmetric workspace and side streams of one (group, device)."""
+    """Symmetric workspace, flags and side streams of one (group, device).
+
+    Exchange e (counted from 1, the same on every rank) stages into slot e % _SLOTS of the
+    workspace. Rank r, on its side stream: waits until every peer p has read that slot in exchange
+    e - _SLOTS (done[p] >= e - _SLOTS in r's flags), copies its stage there and sets ready[r] = e
+    in every peer's flags. On its pull stream for peer p: waits for ready[p] >= e in its own
+    flags, pulls its pieces from p's slot, and sets done[r] = e in p's flags. The current stream
+    waits for the pulls (and the copies of its own pieces) when the result is needed. A rank
+    waits only for the partner of each copy, never for the whole group, and stages ahead of its
+    pulls: consecutive exchanges overlap."""
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device):
         self.group, self.device = group, device
         self.rank, self.world = group.rank(), group.size()
+        self.peers = [(self.rank + step) % self.world for step in range(1, self.world)]
         self.stream = torch.cuda.Stream(device, priority=-1)
-        self.pull_streams = [torch.cuda.Stream(device, priority=-1) for _ in range(self.world - 1)]
-        self.buffer, self.handle = None, None
+        self.pull_streams = {p: torch.cuda.Stream(device, priority=-1) for p in self.peers}
+        self.buffer, self.handle, self.slot_bytes, self.epoch = None, None, 0, 0
+        from torch.distributed import _symmetric_memory as symm_mem
+        self.flags = symm_mem.empty(2 * self.world, dtype=torch.int32, device=device)
+        self.flags.zero_()
+        self.flag_ptrs = list(symm_mem.rendezvous(self.flags, group.group_name).buffer_ptrs)
+        torch.cuda.synchronize(device)
+        dist.barrier(group=group)  # every rank's flags are zero before anyone signals
+
+    def _flag(self, owner: int, kind: int, source: int) -> int:
+        """The address of flag [kind, source] in `owner`'s flags."""
+        return self.flag_ptrs[owner] + 4 * (kind * self.world + source)
 
     def _workspace(self, nbytes: int):
-        """The symmetric handle of a workspace of at least `nbytes` (collective when it grows)."""
-        if self.buffer is None or self.buffer.numel() < nbytes:
+        """The symmetric handle of _SLOTS slots of at least `nbytes` (collective when it grows)."""
+        nbytes = -(-nbytes // 256) * 256
+        if self.buffer is None or self.slot_bytes < nbytes:
             from torch.distributed import _symmetric_memory as symm_mem
-            self.stream.synchronize()  # queued copies may still read the old buffer
-            size = max(nbytes, 2 * (0 if self.buffer is None else self.buffer.numel()))
-            self.buffer = symm_mem.empty(size, dtype=torch.uint8, device=self.device)
+            if self.buffer is not None:  # every peer has read, and this rank has pulled, the last
+                for p in self.peers:
+                    _ops().wait(self.stream, self._flag(self.rank, _DONE, p), self.epoch)
+                for s in (self.stream, *self.pull_streams.values()):
+                    s.synchronize()
+            self.slot_bytes = max(nbytes, 2 * self.slot_bytes)
+            self.buffer = symm_mem.empty(_SLOTS * self.slot_bytes, dtype=torch.uint8,
+                                         device=self.device)
             self.handle = symm_mem.rendezvous(self.buffer, self.group.group_name)
         return self.handle
 
     def start(self, stage: torch.Tensor, pulls, result) -> Pending:
-        nbytes = stage.numel() * stage.element_size()
-        handle = self._workspace(nbytes)
-        main = self.stream
-        main.wait_stream(torch.cuda.current_stream(self.device))
+        handle = self._workspace(stage.numel() * stage.element_size())
+        self.epoch += 1
+        e, ops = self.epoch, _ops()
+        offset = (e % _SLOTS) * self.slot_bytes // stage.element_size()
+
+        def slot(rank):
+            return handle.get_buffer(rank, stage.shape, stage.dtype, offset)
+
+        current, main = torch.cuda.current_stream(self.device), self.stream
         by_peer: dict[int, list] = {}
         for peer, index, dst in pulls:
             by_peer.setdefault(peer, []).append((index, dst))
+        main.wait_stream(current)
         with torch.cuda.stream(main):
-            _copy(handle.get_buffer(self.rank, stage.shape, stage.dtype), stage)
-            handle.barrier()
-            # peers in rotation from rank + 1, so no buffer is everyone's first read
-            order = [(self.rank + step) % self.world for step in range(1, self.world)]
-            for stream, peer in zip(self.pull_streams, order):
-                if peer not in by_peer:
-                    continue
-                stream.wait_stream(main)
-                remote = handle.get_buffer(peer, stage.shape, stage.dtype)
-                with torch.cuda.stream(stream):
-                    for index, dst in by_peer[peer]:
-                        _copy(dst, remote[index])
+            if e > _SLOTS:
+                for p in self.peers:
+                    ops.wait(main, self._flag(self.rank, _DONE, p), e - _SLOTS)
+            _copy(slot(self.rank), stage)
+            for p in self.peers:
+                ops.write(main, self._flag(p, _READY, self.rank), e)
             for index, dst in by_peer.get(self.rank, ()):
                 _copy(dst, stage[index])
-            for stream, peer in zip(self.pull_streams, order):
-                if peer in by_peer:
-                    main.wait_stream(stream)
-            handle.barrier()
-            done = torch.cuda.Event()
-            done.record(main)
+        events = [main.record_event()]
+        for p in self.peers:  # from rank + 1 on, so no buffer is everyone's first read
+            stream = self.pull_streams[p]
+            stream.wait_stream(current)
+            ops.wait(stream, self._flag(self.rank, _READY, p), e)
+            remote = slot(p)
+            with torch.cuda.stream(stream):
+                for index, dst in by_peer.get(p, ()):
+                    _copy(dst, remote[index])
+            ops.write(stream, self._flag(p, _DONE, self.rank), e)
+            events.append(stream.record_event())
         # the caller's tensors stay referenced until wait(); the current stream then orders any
         # reuse of their memory after the side streams
-        return Pending([_StreamWork(done, (stage, pulls))], result)
+        return Pending([_StreamWork(events, (stage, pulls))], result)
 
 
 _PEERS: dict[tuple[str, torch.device], _Peers] = {}
@@ -183,16 +261,20 @@ def _peer_unavailable(device: torch.device, group: dist.ProcessGroup) -> str | N
     if local:
         try:
             from torch.distributed import _symmetric_memory  # noqa: F401
-        except ImportError:
+            _ops()
+        except (ImportError, OSError, AttributeError):
             local = False
     hosts = [None] * group.size()
     dist.all_gather_object(hosts, (socket.gethostname(), local), group=group)
     if any(not ok for _, ok in hosts):
-        return "a rank of the group is not on CUDA or lacks torch's symmetric memory"
+        return ("a rank of the group is not on CUDA, or lacks torch's symmetric memory or the CUDA "
+                "driver's stream memory operations")
     if len({host for host, _ in hosts}) > 1:
         return "the group spans hosts"
     try:
-        _PEERS.setdefault((group.group_name, device), _Peers(group, device))._workspace(1 << 20)
+        key = (group.group_name, device)
+        _PEERS[key] = _PEERS.get(key) or _Peers(group, device)
+        _PEERS[key]._workspace(1 << 20)
     except Exception as error:  # noqa: BLE001 - reported below; every rank must agree
         warnings.warn(f"seqshard: symmetric memory failed: {error}")
         failed = torch.ones(1, device=device)

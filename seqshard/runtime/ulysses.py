@@ -81,7 +81,7 @@ _HEADS, _SEQ = 1, 2  # dims of [b, h, s, e]; a packed K/V buffer [2, b, hk, s, e
 
 # default_chunks: (chunks, fewest heads per rank) in order of preference, and the fewest rows
 # (batch · heads · global sequence) a chunk keeps so that its kernel still fills the GPU
-_CHUNK_CHOICES = ((4, 8), (2, 2))
+_CHUNK_CHOICES = ((2, 2),)
 _MIN_CHUNK_ROWS = 1 << 17
 
 
@@ -113,10 +113,10 @@ def default_chunks(device, batch: int, heads: int, seq: int, world: int,
     ('peer'), else 1.
 
     Off CUDA gloo runs collectives on the cores that compute: nothing to overlap. Over NCCL on
-    4×H200 at 128K (bench/results/profile_step-2026-11-21.md) chunks=4 was slower than 1 (478 and,
-    with TORCH_NCCL_HIGH_PRIORITY=1, 483 against 507 TFLOP/s per GPU): the all-to-alls of later
-    chunks share SMs that cuDNN's attention fills, and stretch it more than they hide. Copy
-    engines take no SMs (peer.py), so there the chunks overlap.
+    4×H200 at 128K, chunks=4 was slower than 1 (478 and, with TORCH_NCCL_HIGH_PRIORITY=1, 483
+    against 507 TFLOP/s per GPU; bench/results/profile_step-2026-11-21.md): NCCL's kernels share
+    the SMs that cuDNN's attention fills, and stretched it by about 4× the time they took alone
+    (overlap-2026-11-21c.md). Copy engines take no SMs (peer.py), so there the chunks overlap.
     """
     if transport != "peer":
         return 1
@@ -124,8 +124,10 @@ def default_chunks(device, batch: int, heads: int, seq: int, world: int,
 
 
 def pipelined_chunks(batch: int, heads: int, seq: int, world: int) -> int:
-    """The chunk count to try when pipelining: 4 with >= 8 heads per rank, else 2 with >= 2, when
-    it divides the heads per rank and every chunk keeps >= 2^17 rows (batch · its heads · seq)."""
+    """The chunk count to try when pipelining: 2 when it divides the heads per rank and each chunk
+    keeps >= 2^17 rows (batch · its heads · seq). (4×H200 at 128K over copy engines,
+    profile_step-2026-11-21h: 2 chunks 236.7 ms, 4 chunks 241.7: with 4, the first chunk's
+    attention runs beside the exchanges of the other three and slows down.)"""
     local = heads // world
     for chunks, fewest in _CHUNK_CHOICES:
         rows = batch * local * seq // chunks
