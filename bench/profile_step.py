@@ -60,7 +60,40 @@ def category(name: str) -> str:
     return "other"
 
 
-def profile(fn) -> dict:
+def timeline(p) -> dict:
+    """GPU activity of a profiled step from the profiler's trace: per stream, (start µs, duration
+    µs, name) of every kernel and copy, and the gaps of the busiest (compute) stream longer than
+    50 µs with what the other streams ran meanwhile."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        p.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"
+              and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not events:
+        return {}
+    t0 = min(e["ts"] for e in events)
+    streams: dict[str, list] = {}
+    for e in sorted(events, key=lambda e: e["ts"]):
+        streams.setdefault(str(e.get("args", {}).get("stream", e.get("tid"))), []).append(
+            (round(e["ts"] - t0, 1), round(e["dur"], 1), e["name"][:48]))
+    compute = max(streams, key=lambda k: sum(d for _, d, _ in streams[k]))
+    gaps = []
+    runs = streams[compute]
+    for (s0, d0, n0), (s1, _, n1) in zip(runs, runs[1:]):
+        if s1 - (s0 + d0) > 50:
+            lo, hi = s0 + d0, s1
+            other = {k: round(sum(min(hi, s + d) - max(lo, s) for s, d, _ in v
+                                  if s < hi and s + d > lo), 1)
+                     for k, v in streams.items() if k != compute}
+            gaps.append(dict(at_us=round(lo, 1), us=round(hi - lo, 1), after=n0, before=n1,
+                             other_streams_busy_us={k: x for k, x in other.items() if x > 0}))
+    return dict(compute_stream=compute, gaps=gaps, idle_us=round(sum(g["us"] for g in gaps), 1),
+                streams={k: v[:400] for k, v in streams.items()})
+
+
+def profile(fn, with_timeline=False) -> dict:
     from torch.profiler import ProfilerActivity, profile as prof
 
     fn()
@@ -81,7 +114,13 @@ def profile(fn) -> dict:
         cats[category(ev.name)] = cats.get(category(ev.name), 0.0) + t
         top[ev.name[:90]] = top.get(ev.name[:90], 0.0) + t
     biggest = sorted(top.items(), key=lambda x: -x[1])[:8]
-    return dict(wall_s=wall, kernels_s=cats, sum_s=sum(cats.values()), top=biggest)
+    out = dict(wall_s=wall, kernels_s=cats, sum_s=sum(cats.values()), top=biggest)
+    if with_timeline:
+        try:
+            out["timeline"] = timeline(p)
+        except Exception as e:  # noqa: BLE001 - the rest of the profile stands
+            out["timeline"] = dict(error=f"{type(e).__name__}: {e}"[:200])
+    return out
 
 
 def main(argv=None) -> int:
@@ -93,6 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--systems", default="", help="comma-separated prefixes of the systems to run "
                     "(default: all); skips the kernel table")
     ap.add_argument("--tag", default="", help="appended to the result file names")
+    ap.add_argument("--timeline", action="store_true", help="keep each profiled step's GPU "
+                    "timeline (per stream) and the compute stream's gaps in the JSON")
     args = ap.parse_args(argv)
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl")
@@ -130,7 +171,8 @@ def main(argv=None) -> int:
     systems.update({f"ulysses peer chunks={c}": (lambda c=c: ulysses_attention(
         q, k, v, causal=True, chunks=c, transport="peer")) for c in (1, 2, 4, 8)})
     systems["ring zigzag"] = lambda: ring_attention(q, k, v, causal=True, order="zigzag")
-    profiled = ("ulysses nccl chunks=1", "ulysses peer chunks=4", "ring zigzag")
+    profiled = ("ulysses nccl chunks=1", "ulysses peer chunks=2", "ulysses peer chunks=4",
+                "ring zigzag")
 
     # the copy-engine exchange gives the NCCL one's result (same kernels per head: bit for bit)
     def result(fn):
@@ -164,7 +206,7 @@ def main(argv=None) -> int:
             t = t_all.item()
             rows["steps"].append(dict(system=name, ms=t * 1e3, tflops=flops(1, H, S, E, n=n) / t / 1e12))
             if name in profiled:
-                pr = profile(step)
+                pr = profile(step, with_timeline=args.timeline)
                 if rank == 0:
                     rows["profiles"][name] = pr
         except Exception as e:  # noqa: BLE001 - a failing variant is a result too
@@ -174,7 +216,8 @@ def main(argv=None) -> int:
 
     if rank == 0:
         date = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        env = {k: os.environ[k] for k in ("NCCL_MAX_CTAS", "NCCL_MAX_P2P_NCHANNELS") if k in os.environ}
+        env = {k: os.environ[k] for k in ("NCCL_MAX_CTAS", "NCCL_MAX_P2P_NCHANNELS",
+                                          "CUDA_DEVICE_MAX_CONNECTIONS") if k in os.environ}
         meta = dict(date=date, device=f"{n}x {torch.cuda.get_device_name()}", torch=torch.__version__,
                     env=env,
                     command=" ".join(["torchrun", f"--nproc-per-node={n}"] + sys.argv), seq=S, heads=H,
@@ -205,6 +248,14 @@ def main(argv=None) -> int:
         for name, pr in rows["profiles"].items():
             lines += ["", f"Largest kernels, {name}:", ""]
             lines += [f"- {t * 1e3:.2f} ms  `{k}`" for k, t in pr["top"]]
+            tl = pr.get("timeline")
+            if tl and "gaps" in tl:
+                lines += ["", f"Compute stream idle (gaps > 50 µs): {tl['idle_us'] / 1e3:.2f} ms in "
+                          f"{len(tl['gaps'])} gaps; the longest:", ""]
+                for gap in sorted(tl["gaps"], key=lambda g: -g["us"])[:6]:
+                    lines.append(f"- {gap['us'] / 1e3:.2f} ms at {gap['at_us'] / 1e3:.1f} ms, after "
+                                 f"`{gap['after']}`, before `{gap['before']}`; other streams busy "
+                                 f"{gap['other_streams_busy_us']} µs")
         text = "\n".join(lines) + "\n"
         os.makedirs(args.out, exist_ok=True)
         stem = os.path.join(args.out, f"profile_step-{date}{args.tag}")

@@ -10,7 +10,10 @@
 #                                   # predict_vs_measure with the calibrated cluster
 #   bash bench/run_gpu.sh dev     # (a) versions, (c) smoke on 4 GPUs, (f) a profile of one step
 #                                 # (DEV_SMOKE=0 skips (c); DEV_PROFILE_ARGS; DEV_NCCL_CTAS="8 16"
-#                                 # profiles again under NCCL_MAX_CTAS)
+#                                 # profiles again under NCCL_MAX_CTAS; DEV_OVERLAP=1 first runs
+#                                 # (o) bench/overlap.py, then its exchange part again under each
+#                                 # NAME=VALUE of DEV_OVERLAP_ENVS; DEV_ATTENTION_ARGS="--quick ..."
+#                                 # ends with (d) bench/attention.py with those arguments)
 #
 # Needs .whl (ortools, DeepSpeed's pure-Python needs) and .ds (DeepSpeed built with DS_BUILD_OPS=0)
 # carried; bench/README.md says how they are made. Everything it prints goes to $OUT/run_gpu.log;
@@ -138,6 +141,15 @@ main() {
     all)   probe; attention ;;
     diagnose) diagnose ;;
     dev)   versions
+           if [[ ${DEV_OVERLAP:-0} == 1 ]]; then
+             step "o. overlap" 200 python3 -m torch.distributed.run --nproc-per-node 4 \
+               --master-port 29705 bench/overlap.py --out "$OUT"
+             for env in ${DEV_OVERLAP_ENVS:-}; do  # NAME=VALUE: the exchange alone under NCCL settings
+               step "o. exchange, $env" 90 env "$env" python3 -m torch.distributed.run \
+                 --nproc-per-node 4 --master-port 29706 bench/overlap.py --out "$OUT" \
+                 --exchange-only --tag="-${env%%=*}"
+             done
+           fi
            if [[ ${DEV_SMOKE:-1} == 1 ]]; then
              step "c. smoke, 4 GPUs" 150 python3 -m torch.distributed.run --nproc-per-node 4 \
                bench/gpu_smoke.py
@@ -152,7 +164,11 @@ main() {
                env NCCL_MAX_CTAS=$ctas NCCL_MAX_P2P_NCHANNELS=$ctas python3 -m \
                torch.distributed.run --nproc-per-node 4 --master-port 29711 bench/profile_step.py \
                --out "$OUT" --systems=ring,ulysses_nccl --tag="-ctas$ctas"
-           done ;;
+           done
+           if [[ -n ${DEV_ATTENTION_ARGS:-} ]]; then
+             export TORCH_NCCL_HIGH_PRIORITY=${TORCH_NCCL_HIGH_PRIORITY:-1}
+             attention $DEV_ATTENTION_ARGS
+           fi ;;
   esac
   local rc=$?
   echo "== done: rc=$rc after $(( $(date +%s) - START ))s; files in $OUT:"; ls -la "$OUT"
