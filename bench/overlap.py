@@ -132,7 +132,8 @@ def main(argv=None) -> int:
         f"stacked per tensor {exchange['nccl ×3 stacked, per tensor']:.3f}")
 
     exp = ulysses._plan_exchange(group, None, 1, H, H, "contig", s, x.device, 1, "peer")
-    ref = dest.clone()
+    ref = dest.clone()  # NCCL's arrivals in position order (the layout copy above)
+    dest.fill_(float("nan"))
     ulysses._start_to_heads(blocks, dest, exp).wait()
     exchange["peer matches nccl"] = bool(torch.equal(dest, ref))
     exchange["peer"] = event_ms(lambda: ulysses._start_to_heads(blocks, dest, exp).wait(), R)
