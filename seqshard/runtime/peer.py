@@ -33,8 +33,9 @@ engines (bench/gpu_smoke.py) and profile_step checks them against NCCL's result.
 Measured (4×H200, 128K, causal MHA 32×128, fwd+bwd): pipelined over 2 head chunks, Ulysses over
 copy engines runs as fast as over NCCL unpipelined, not faster: 237.05 against 237.99 ms
 (profile_step-2026-11-21i.md), 237.41 against 235.78 in the benchmark (attention-2026-11-21e.md).
-What stays exposed is the first chunk's way in and the last chunk's way out (2–3 ms each in the
-profiles' timelines, waiting on the slowest rank included); in two of three profiles the
+What stays exposed is the first chunk's way in and the last chunk's way out, of the forward and
+of the backward (the compute stream idles 7.7–8.0 ms per step in two profiles' timelines, 16 in a
+third, waits for the slowest rank included); in two of three profiles the
 attention kernels also ran ~10 ms longer beside the pipelined copies than over NCCL, unlike
 beside copies in isolation (overlap.py); and one exchange alone is slower than NCCL's (1.1–1.4
 against 0.75 ms per 256 MB tensor: staging, the signal chain and the pulls run one after
