@@ -125,9 +125,10 @@ def default_chunks(device, batch: int, heads: int, seq: int, world: int,
 
 def pipelined_chunks(batch: int, heads: int, seq: int, world: int) -> int:
     """The chunk count to try when pipelining: 2 when it divides the heads per rank and each chunk
-    keeps >= 2^17 rows (batch · its heads · seq). (4×H200 at 128K over copy engines,
-    profile_step-2026-11-21h: 2 chunks 236.7 ms, 4 chunks 241.7: with 4, the first chunk's
-    attention runs beside the exchanges of the other three and slows down.)"""
+    keeps >= 2^17 rows (batch · its heads · seq). (4×H200 at 128K over copy engines: 2 chunks
+    236.7 ms against 241.7 for 4 with the transport's first signalling version,
+    profile_step-2026-11-21h, where the first chunk's attention ran slower beside the other
+    three chunks' exchanges; 237.05 against 237.39 with the current one, -i; 8 chunks 243.0.)"""
     local = heads // world
     for chunks, fewest in _CHUNK_CHOICES:
         rows = batch * local * seq // chunks
