@@ -78,7 +78,7 @@ def main(argv=None) -> int:
 
     from seqshard.runtime import ulysses
     from seqshard.runtime.local import whole_backward, whole_forward
-    from seqshard.runtime.peer import _ops
+    from seqshard.runtime.peer import stream_wait, stream_write
 
     S, H, E, R = args.seq, args.heads, args.head_dim, args.repeats
     s, g = S // n, H // n
@@ -185,16 +185,16 @@ def main(argv=None) -> int:
     dist.barrier()
     trips = 200
     if rank in (0, 1):
-        st, ops = torch.cuda.current_stream(), _ops()
+        st = torch.cuda.current_stream()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for i in range(1, trips + 1):
             if rank == 0:
-                ops.write(st, ptrs[1], i)
-                ops.wait(st, ptrs[0], i)
+                stream_write(st, ptrs[1], i)
+                stream_wait(st, ptrs[0], i)
             else:
-                ops.wait(st, ptrs[1], i)
-                ops.write(st, ptrs[0], i)
+                stream_wait(st, ptrs[1], i)
+                stream_write(st, ptrs[0], i)
         b.record()
         torch.cuda.synchronize()
         exchange["signal round trip (us)"] = a.elapsed_time(b) * 1e3 / trips

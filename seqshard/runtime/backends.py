@@ -285,13 +285,17 @@ def _pad_rows(x: torch.Tensor, rows: int, value: float) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, pad) if x.dim() == 4 else (0, pad), value=value)
 
 
+def _extents(q, k, v, causal, scale, kv_len, backend):
+    """Checked inputs: (scale, query rows, key rows) the kernel sees; causal blocks are square."""
+    _check(q, k, v, causal, kv_len, backend)
+    n_k = k.shape[2] if kv_len is None else kv_len
+    return (q.shape[-1] ** -0.5 if scale is None else scale), (n_k if causal else q.shape[2]), n_k
+
+
 def attention_forward(q, k, v, *, causal: bool = False, scale: float | None = None,
                       kv_len: int | None = None, backend: str = "math"):
     """Local attention: `(out, lse)` for q [b, h, sq, e] against k, v [b, hk, sk, e]."""
-    _check(q, k, v, causal, kv_len, backend)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    n_k = k.shape[2] if kv_len is None else kv_len
-    n_q = n_k if causal else q.shape[2]
+    scale, n_q, n_k = _extents(q, k, v, causal, scale, kv_len, backend)
     if n_k == 0:
         lse_dtype = torch.promote_types(q.dtype, torch.float32)
         return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), dtype=lse_dtype, device=q.device)
@@ -303,10 +307,7 @@ def attention_forward(q, k, v, *, causal: bool = False, scale: float | None = No
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False, scale: float | None = None,
                        kv_len: int | None = None, backend: str = "math"):
     """Gradients of local attention given the (possibly globally merged) `out` and `lse`."""
-    _check(q, k, v, causal, kv_len, backend)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    n_k = k.shape[2] if kv_len is None else kv_len
-    n_q = n_k if causal else q.shape[2]
+    scale, n_q, n_k = _extents(q, k, v, causal, scale, kv_len, backend)
     if n_k == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     # A row that saw no key (lse = -inf, out = 0) must contribute nothing: P = exp(s - inf) = 0.

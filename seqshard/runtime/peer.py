@@ -13,7 +13,7 @@ peers so; each rank *pulls* its pieces from its peers' slots straight to where t
 engine. Strided destinations (a head-chunk of the sequence, say) are cut into contiguous pieces
 first, so no permutation kernel is ever run. The signals are 32-bit flags in symmetric memory,
 set and awaited by the GPUs' front ends with the CUDA driver's stream memory operations
-(cuStreamWriteValue32 / cuStreamWaitValue32, `_StreamOps`), not by kernels: a spinning barrier
+(cuStreamWriteValue32 / cuStreamWaitValue32: `stream_write`, `stream_wait`), not by kernels: a spinning barrier
 kernel holds an SM (the first version used torch's barrier kernels; they spun 51–57 ms per step).
 Exchanges take slots in turn (`_SLOTS` of them), so a rank stages the next exchange while its
 peers still pull the last; `_Peers` gives the protocol. `Pending.wait()` makes the current stream
@@ -47,6 +47,7 @@ behind other work. (NCCL point-to-point runs landing in place were slower than t
 from __future__ import annotations
 
 import ctypes
+import functools
 import socket
 import warnings
 
@@ -55,7 +56,8 @@ import torch.distributed as dist
 
 from seqshard.runtime.collectives import Pending, start_all_gather
 
-__all__ = ["start_pull", "transport", "check_transport", "TRANSPORTS"]
+__all__ = ["start_pull", "transport", "check_transport", "TRANSPORTS", "stream_write",
+           "stream_wait"]
 
 TRANSPORTS = ("nccl", "peer", "emulated")
 
@@ -86,41 +88,32 @@ class _StreamWork:
         self._keep = None
 
 
-class _StreamOps:
-    """Signals between GPUs that the GPUs' front ends carry out, with no kernel:
-    cuStreamWriteValue32 (a fenced 32-bit store, here into a peer's memory) and
-    cuStreamWaitValue32 (the stream waits until a 32-bit word is >= a value), from the CUDA
-    driver through ctypes. A spinning barrier kernel holds an SM that attention wants."""
-
-    _GEQ = 0  # CU_STREAM_WAIT_VALUE_GEQ; writes use the default flags (a memory fence first)
-
-    def __init__(self):
-        lib = ctypes.CDLL("libcuda.so.1")
-        self._write, self._wait = lib.cuStreamWriteValue32_v2, lib.cuStreamWaitValue32_v2
-        for f in (self._write, self._wait):
-            f.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-            f.restype = ctypes.c_int
-
-    @staticmethod
-    def _check(code: int, what: str):
-        if code != 0:
-            raise RuntimeError(f"{what} failed with CUDA driver error {code}; use transport='nccl'")
-
-    def write(self, stream: torch.cuda.Stream, address: int, value: int) -> None:
-        self._check(self._write(stream.cuda_stream, address, value, 0), "cuStreamWriteValue32")
-
-    def wait(self, stream: torch.cuda.Stream, address: int, value: int) -> None:
-        self._check(self._wait(stream.cuda_stream, address, value, self._GEQ), "cuStreamWaitValue32")
+@functools.cache
+def _driver():
+    """cuStreamWriteValue32 / cuStreamWaitValue32 of the CUDA driver, through ctypes: signals
+    between GPUs that the GPUs' front ends carry out, with no kernel (a spinning barrier kernel
+    holds an SM that attention wants)."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    write, wait = lib.cuStreamWriteValue32_v2, lib.cuStreamWaitValue32_v2
+    for f in (write, wait):
+        f.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+        f.restype = ctypes.c_int
+    return write, wait
 
 
-_OPS: _StreamOps | None = None
+def _checked(code: int, what: str) -> None:
+    if code != 0:
+        raise RuntimeError(f"{what} failed with CUDA driver error {code}; use transport='nccl'")
 
 
-def _ops() -> _StreamOps:
-    global _OPS
-    if _OPS is None:
-        _OPS = _StreamOps()
-    return _OPS
+def stream_write(stream: torch.cuda.Stream, address: int, value: int) -> None:
+    """On `stream`: a fenced 32-bit store of `value` at `address` (here a peer's flag)."""
+    _checked(_driver()[0](stream.cuda_stream, address, value, 0), "cuStreamWriteValue32")
+
+
+def stream_wait(stream: torch.cuda.Stream, address: int, value: int) -> None:
+    """`stream` waits until the 32-bit word at `address` is >= `value` (CU_STREAM_WAIT_VALUE_GEQ)."""
+    _checked(_driver()[1](stream.cuda_stream, address, value, 0), "cuStreamWaitValue32")
 
 
 _READY, _DONE = 0, 1  # the two flag rows of every rank: [kind, source rank]
@@ -164,7 +157,7 @@ class _Peers:
             from torch.distributed import _symmetric_memory as symm_mem
             if self.buffer is not None:  # every peer has read, and this rank has pulled, the last
                 for p in self.peers:
-                    _ops().wait(self.stream, self._flag(self.rank, _DONE, p), self.epoch)
+                    stream_wait(self.stream, self._flag(self.rank, _DONE, p), self.epoch)
                 for s in (self.stream, *self.pull_streams.values()):
                     s.synchronize()
             self.slot_bytes = max(nbytes, 2 * self.slot_bytes)
@@ -176,7 +169,7 @@ class _Peers:
     def start(self, stage: torch.Tensor, pulls, result) -> Pending:
         handle = self._workspace(stage.numel() * stage.element_size())
         self.epoch += 1
-        e, ops = self.epoch, _ops()
+        e = self.epoch
         offset = (e % _SLOTS) * self.slot_bytes // stage.element_size()
 
         def slot(rank):
@@ -190,22 +183,22 @@ class _Peers:
         with torch.cuda.stream(main):
             if e > _SLOTS:
                 for p in self.peers:
-                    ops.wait(main, self._flag(self.rank, _DONE, p), e - _SLOTS)
+                    stream_wait(main, self._flag(self.rank, _DONE, p), e - _SLOTS)
             _copy(slot(self.rank), stage)
             for p in self.peers:
-                ops.write(main, self._flag(p, _READY, self.rank), e)
+                stream_write(main, self._flag(p, _READY, self.rank), e)
             for index, dst in by_peer.get(self.rank, ()):
                 _copy(dst, stage[index])
         events = [main.record_event()]
         for p in self.peers:  # from rank + 1 on, so no buffer is everyone's first read
             stream = self.pull_streams[p]
             stream.wait_stream(current)
-            ops.wait(stream, self._flag(self.rank, _READY, p), e)
+            stream_wait(stream, self._flag(self.rank, _READY, p), e)
             remote = slot(p)
             with torch.cuda.stream(stream):
                 for index, dst in by_peer.get(p, ()):
                     _copy(dst, remote[index])
-            ops.write(stream, self._flag(p, _DONE, self.rank), e)
+            stream_write(stream, self._flag(p, _DONE, self.rank), e)
             events.append(stream.record_event())
         # the caller's tensors stay referenced until wait(); the current stream then orders any
         # reuse of their memory after the side streams
@@ -264,7 +257,7 @@ def _peer_unavailable(device: torch.device, group: dist.ProcessGroup) -> str | N
     if local:
         try:
             from torch.distributed import _symmetric_memory  # noqa: F401
-            _ops()
+            _driver()
         except (ImportError, OSError, AttributeError):
             local = False
     hosts = [None] * group.size()
