@@ -23,9 +23,8 @@ from seqshard.runtime.blocks import gathered_blocks, run_backward, run_forward
 from seqshard.runtime.collectives import resolve_group, start_all_gather, start_reduce_scatter
 from seqshard.runtime.layout import sorting_permutations
 from seqshard.runtime.merge import accumulator
-from seqshard.runtime.opsupport import (check_attention_inputs, fresh_like, lse_like,
-                                        register_autograd_saving_inputs, resolve_options,
-                                        unpack_pair)
+from seqshard.runtime.opsupport import (check_attention_inputs, register_attention_op,
+                                        resolve_options, unpack_pair)
 
 __all__ = ["allgather_attention", "allgather_forward", "allgather_backward"]
 
@@ -102,7 +101,6 @@ def _store(dkv, pending, heads):
 # Custom ops
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("seqshard::allgather_attention", mutates_args=())
 def _allgather_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str, causal: bool,
                   order: str, seq_len: int | None, scale: float, backend: str,
                   head_stride: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,12 +108,6 @@ def _allgather_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name:
                              seq_len=seq_len, scale=scale, backend=backend, head_stride=head_stride)
 
 
-@_allgather_op.register_fake
-def _(q, k, v, *options):
-    return fresh_like(q), lse_like(q)
-
-
-@torch.library.custom_op("seqshard::allgather_attention_backward", mutates_args=())
 def _allgather_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            out: torch.Tensor, lse: torch.Tensor, group_name: str, causal: bool,
                            order: str, seq_len: int | None, scale: float, backend: str,
@@ -126,12 +118,7 @@ def _allgather_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                               head_stride=head_stride)
 
 
-@_allgather_backward_op.register_fake
-def _(dout, q, k, v, *rest):
-    return fresh_like(q), fresh_like(k), fresh_like(v)
-
-
-register_autograd_saving_inputs(_allgather_op, torch.ops.seqshard.allgather_attention_backward)
+register_attention_op("seqshard::allgather_attention", _allgather_op, _allgather_backward_op)
 
 
 def allgather_attention(q, k, v, group=None, *, causal: bool = True, order: str = "contig",

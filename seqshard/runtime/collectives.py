@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
+from seqshard.runtime.opsupport import fresh_like
+
 __all__ = [
     "group_name",
     "resolve_group",
@@ -180,120 +182,67 @@ def start_shift(tensors: Sequence[torch.Tensor], shift: int, group: dist.Process
 # Custom ops
 # ---------------------------------------------------------------------------------------------
 
-def _world(name: str) -> int:
-    return _resolve_process_group(name).size()
+def _register(name: str, forward, fake, adjoint) -> None:
+    """Register `seqshard::<name>`: forward(x, *options) -> y (typed: the annotations are the
+    schema), its fake, and autograd dx = adjoint(dy, *options), itself one of these ops."""
+    op = torch.library.custom_op(f"seqshard::{name}", forward, mutates_args=())
+    op.register_fake(fake)
+
+    def setup_context(ctx, inputs, output):
+        ctx.options = inputs[1:]
+
+    def backward(ctx, grad):
+        return adjoint(grad, *ctx.options), *([None] * len(ctx.options))
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-@torch.library.custom_op("seqshard::all_to_all", mutates_args=())
+def _resized(x: torch.Tensor, group_name: str, *, grow: int | None = None,
+             shrink: int | None = None) -> torch.Tensor:
+    """An empty tensor like x with dim `grow` times and dim `shrink` over the group size: fakes."""
+    shape, world = list(x.shape), _resolve_process_group(group_name).size()
+    if shrink is not None:
+        shape[shrink] //= world
+    if grow is not None:
+        shape[grow] *= world
+    return x.new_empty(shape)
+
+
 def _all_to_all_op(x: torch.Tensor, scatter_dim: int, gather_dim: int, group_name: str) -> torch.Tensor:
     return all_to_all_tensor(x, scatter_dim, gather_dim, _resolve_process_group(group_name))
 
 
-@_all_to_all_op.register_fake
-def _(x, scatter_dim, gather_dim, group_name):
-    shape = list(x.shape)
-    n = _world(group_name)
-    shape[scatter_dim] //= n
-    shape[gather_dim] *= n
-    return x.new_empty(shape)
-
-
-def _all_to_all_setup(ctx, inputs, output):
-    _, ctx.scatter_dim, ctx.gather_dim, ctx.group_name = inputs
-
-
-def _all_to_all_backward(ctx, grad):
-    return (torch.ops.seqshard.all_to_all(grad, ctx.gather_dim, ctx.scatter_dim, ctx.group_name),
-            None, None, None)
-
-
-_all_to_all_op.register_autograd(_all_to_all_backward, setup_context=_all_to_all_setup)
-
-
-@torch.library.custom_op("seqshard::all_gather", mutates_args=())
 def _all_gather_op(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
     return start_all_gather(x, dim, _resolve_process_group(group_name)).wait()
 
 
-@_all_gather_op.register_fake
-def _(x, dim, group_name):
-    shape = list(x.shape)
-    shape[dim] *= _world(group_name)
-    return x.new_empty(shape)
-
-
-def _dim_group_setup(ctx, inputs, output):
-    _, ctx.dim, ctx.group_name = inputs
-
-
-def _all_gather_backward(ctx, grad):
-    return torch.ops.seqshard.reduce_scatter(grad, ctx.dim, ctx.group_name), None, None
-
-
-_all_gather_op.register_autograd(_all_gather_backward, setup_context=_dim_group_setup)
-
-
-@torch.library.custom_op("seqshard::reduce_scatter", mutates_args=())
 def _reduce_scatter_op(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
     return start_reduce_scatter(x, dim, _resolve_process_group(group_name)).wait()
 
 
-@_reduce_scatter_op.register_fake
-def _(x, dim, group_name):
-    shape = list(x.shape)
-    shape[dim] //= _world(group_name)
-    return x.new_empty(shape)
-
-
-def _reduce_scatter_backward(ctx, grad):
-    return torch.ops.seqshard.all_gather(grad, ctx.dim, ctx.group_name), None, None
-
-
-_reduce_scatter_op.register_autograd(_reduce_scatter_backward, setup_context=_dim_group_setup)
-
-
-@torch.library.custom_op("seqshard::all_reduce", mutates_args=())
 def _all_reduce_op(x: torch.Tensor, group_name: str) -> torch.Tensor:
     out = x.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=_resolve_process_group(group_name))
     return out
 
 
-@_all_reduce_op.register_fake
-def _(x, group_name):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _all_reduce_setup(ctx, inputs, output):
-    ctx.group_name = inputs[1]
-
-
-def _all_reduce_backward(ctx, grad):
-    return torch.ops.seqshard.all_reduce(grad, ctx.group_name), None
-
-
-_all_reduce_op.register_autograd(_all_reduce_backward, setup_context=_all_reduce_setup)
-
-
-@torch.library.custom_op("seqshard::ring_shift", mutates_args=())
 def _ring_shift_op(x: torch.Tensor, shift: int, group_name: str) -> torch.Tensor:
     return start_shift([x], shift, _resolve_process_group(group_name)).wait()[0]
 
 
-@_ring_shift_op.register_fake
-def _(x, shift, group_name):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _ring_shift_setup(ctx, inputs, output):
-    _, ctx.shift, ctx.group_name = inputs
-
-
-def _ring_shift_backward(ctx, grad):
-    return torch.ops.seqshard.ring_shift(grad, -ctx.shift, ctx.group_name), None, None
-
-
-_ring_shift_op.register_autograd(_ring_shift_backward, setup_context=_ring_shift_setup)
+_register("all_to_all", _all_to_all_op,
+          lambda x, scatter, gather, name: _resized(x, name, grow=gather, shrink=scatter),
+          lambda dy, scatter, gather, name: torch.ops.seqshard.all_to_all(dy, gather, scatter, name))
+_register("all_gather", _all_gather_op,
+          lambda x, dim, name: _resized(x, name, grow=dim),
+          lambda dy, dim, name: torch.ops.seqshard.reduce_scatter(dy, dim, name))
+_register("reduce_scatter", _reduce_scatter_op,
+          lambda x, dim, name: _resized(x, name, shrink=dim),
+          lambda dy, dim, name: torch.ops.seqshard.all_gather(dy, dim, name))
+_register("all_reduce", _all_reduce_op, lambda x, name: fresh_like(x),
+          lambda dy, name: torch.ops.seqshard.all_reduce(dy, name))
+_register("ring_shift", _ring_shift_op, lambda x, shift, name: fresh_like(x),
+          lambda dy, shift, name: torch.ops.seqshard.ring_shift(dy, -shift, name))
 
 
 # ---------------------------------------------------------------------------------------------

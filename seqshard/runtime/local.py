@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from seqshard.runtime.backends import attention_backward, attention_forward
 from seqshard.runtime.blocks import pair_blocks
-from seqshard.runtime.opsupport import (check_attention_inputs, fresh_like, lse_like,
-                                        register_autograd_saving_inputs, resolve_options)
+from seqshard.runtime.opsupport import (check_attention_inputs, register_attention_op,
+                                        resolve_options)
 
 __all__ = ["local_attention", "whole_forward", "whole_backward"]
 
@@ -46,18 +46,15 @@ def whole_backward(dout, q, k, v, out, lse, *, causal: bool, seq_len: int | None
     return tuple(F.pad(d, (0, 0, 0, pad)) for d in grads) if pad else grads
 
 
-@torch.library.custom_op("seqshard::local_attention", mutates_args=())
+# ---------------------------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------------------------
+
 def _local_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, seq_len: int | None,
               scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return whole_forward(q, k, v, causal=causal, seq_len=seq_len, scale=scale, backend=backend)
 
 
-@_local_op.register_fake
-def _(q, k, v, *options):
-    return fresh_like(q), lse_like(q)
-
-
-@torch.library.custom_op("seqshard::local_attention_backward", mutates_args=())
 def _local_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, causal: bool, seq_len: int | None,
                        scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,12 +62,7 @@ def _local_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                           backend=backend)
 
 
-@_local_backward_op.register_fake
-def _(dout, q, k, v, *rest):
-    return fresh_like(q), fresh_like(k), fresh_like(v)
-
-
-register_autograd_saving_inputs(_local_op, torch.ops.seqshard.local_attention_backward)
+register_attention_op("seqshard::local_attention", _local_op, _local_backward_op)
 
 
 def local_attention(q, k, v, *, causal: bool = True, seq_len: int | None = None,

@@ -1,13 +1,12 @@
-"""What the distributed attention ops share: input checks, option defaults, autograd glue.
+"""What the attention ops share: input checks, option defaults, and their registration.
 
-Every algorithm is registered as a pair of `torch.library` custom ops,
+Every algorithm is a pair of `torch.library` custom ops with fake implementations, so generated
+code and torch.compile see one opaque node per attention call:
 
-    seqshard::<algo>(q, k, v, *options)                -> (out, lse, *saved)
-    seqshard::<algo>_backward(dout, *saved', *options) -> (dq, dk, dv)
+    seqshard::<name>(q, k, v, *options)                 -> (out, lse, *saved)
+    seqshard::<name>_backward(dout, *saved', *options)  -> (dq, dk, dv)
 
-with fake implementations giving shapes, so generated code and torch.compile see one opaque node
-per attention call. `lse` (and anything saved) is returned without gradient: only `out` is
-differentiable.
+`register_attention_op` writes both ops and their autograd once. Only `out` is differentiable.
 """
 
 from __future__ import annotations
@@ -17,8 +16,8 @@ import torch
 from seqshard.runtime.backends import select_backend
 from seqshard.runtime.layout import check_local_len
 
-__all__ = ["check_attention_inputs", "resolve_options", "lse_like", "register_autograd_saving_inputs",
-           "register_autograd_saving_outputs", "unpack_pair"]
+__all__ = ["check_attention_inputs", "resolve_options", "fresh_like", "lse_like",
+           "register_attention_op", "unpack_pair"]
 
 
 def check_attention_inputs(q, k, v, *, world: int, order: str, seq_len: int | None,
@@ -57,48 +56,54 @@ def lse_like(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(q.shape[:-1], dtype=torch.promote_types(q.dtype, torch.float32))
 
 
-def register_autograd_saving_inputs(op, backward_op) -> None:
-    """Autograd for `op(q, k, v, *options) -> (out, lse)` whose backward is
-    `backward_op(dout, q, k, v, out, lse, *options) -> (dq, dk, dv)`."""
+def _fake_out_lse(q, k, v, *options):
+    return fresh_like(q), lse_like(q)
+
+
+def _fake_grads(dout, q, k, v, *rest):
+    return fresh_like(q), fresh_like(k), fresh_like(v)
+
+
+def register_attention_op(name: str, forward, backward, *, saves: str = "inputs",
+                          fake=_fake_out_lse, backward_fake=_fake_grads) -> None:
+    """Register the custom ops `name` (e.g. 'seqshard::ring_attention') and `name`_backward, their
+    fake implementations and the autograd formula that joins them.
+
+    `forward` and `backward` are typed functions: their annotations are the ops' schemas.
+        saves='inputs'   forward(q, k, v, *options) -> (out, lse)
+                         backward(dout, q, k, v, out, lse, *options) -> (dq, dk, dv)
+        saves='outputs'  forward(q, k, v, *options) -> (out, lse, *saved)
+                         backward(dout, *saved, kv_heads, *options) -> (dq, dk, dv)
+    ('outputs': the forward returns what its backward needs, e.g. Ulysses' head-layout tensors.)
+    The default fakes give fresh (out, lse) like q and (dq, dk, dv) like q, k, v.
+    """
+    assert saves in ("inputs", "outputs"), saves
+    op = torch.library.custom_op(name, forward, mutates_args=())
+    backward_op = torch.library.custom_op(f"{name}_backward", backward, mutates_args=())
+    op.register_fake(fake)
+    backward_op.register_fake(backward_fake)
 
     def setup_context(ctx, inputs, output):
-        out, lse = output
-        ctx.save_for_backward(*inputs[:3], out, lse)
-        ctx.options = inputs[3:]
-        ctx.mark_non_differentiable(lse)
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
-
-    def backward(ctx, dout, _dlse):
-        if dout is None:
-            return None, None, None, *([None] * len(ctx.options))
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward_op(dout, q, k, v, out, lse, *ctx.options)
-        return dq, dk, dv, *([None] * len(ctx.options))
-
-    op.register_autograd(backward, setup_context=setup_context)
-
-
-def register_autograd_saving_outputs(op, backward_op) -> None:
-    """Autograd for `op(q, k, v, *options) -> (out, lse, *saved)` (the saved tensors are outputs,
-    e.g. Ulysses' head-layout q, K/V, out, lse) whose backward is
-    `backward_op(dout, *saved, kv_heads, *options) -> (dq, dk, dv)`."""
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*output[2:])
-        ctx.kv_heads = inputs[1].shape[1]
+        if saves == "inputs":
+            ctx.save_for_backward(*inputs[:3], *output)
+            ctx.kv_heads = ()
+        else:
+            ctx.save_for_backward(*output[2:])
+            ctx.kv_heads = (inputs[1].shape[1],)
         ctx.options = inputs[3:]
         ctx.mark_non_differentiable(*output[1:])
-        # no zero-filled gradients for lse and the saved head-layout tensors (Ulysses: 4 tensors
-        # the size of the inputs, filled on every step)
+        # no zero-filled gradients for lse and the saved tensors (Ulysses: 4 tensors the size of
+        # the inputs, filled on every step)
         ctx.set_materialize_grads(False)
 
-    def backward(ctx, dout, *_unused):
+    def differentiate(ctx, dout, *_unused):
+        unused = [None] * len(ctx.options)
         if dout is None:
-            return None, None, None, *([None] * len(ctx.options))
-        dq, dk, dv = backward_op(dout, *ctx.saved_tensors, ctx.kv_heads, *ctx.options)
-        return dq, dk, dv, *([None] * len(ctx.options))
+            return None, None, None, *unused
+        dq, dk, dv = backward_op(dout, *ctx.saved_tensors, *ctx.kv_heads, *ctx.options)
+        return dq, dk, dv, *unused
 
-    op.register_autograd(backward, setup_context=setup_context)
+    op.register_autograd(differentiate, setup_context=setup_context)
 
 
 def unpack_pair(pair: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

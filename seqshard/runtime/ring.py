@@ -28,9 +28,8 @@ import torch
 from seqshard.runtime.blocks import add_rows, block_grads, pair_blocks, run_forward
 from seqshard.runtime.collectives import resolve_group, start_shift
 from seqshard.runtime.merge import accumulator
-from seqshard.runtime.opsupport import (check_attention_inputs, fresh_like, lse_like,
-                                        register_autograd_saving_inputs, resolve_options,
-                                        unpack_pair)
+from seqshard.runtime.opsupport import (check_attention_inputs, register_attention_op,
+                                        resolve_options, unpack_pair)
 
 __all__ = ["ring_attention", "ring_forward", "ring_backward"]
 
@@ -88,7 +87,6 @@ def ring_backward(dout, q, k, v, out, lse, group, *, causal: bool, order: str, s
 # Custom ops
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("seqshard::ring_attention", mutates_args=())
 def _ring_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str, causal: bool,
              order: str, seq_len: int | None, scale: float, backend: str
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,12 +94,6 @@ def _ring_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str,
                         seq_len=seq_len, scale=scale, backend=backend)
 
 
-@_ring_op.register_fake
-def _(q, k, v, *options):
-    return fresh_like(q), lse_like(q)
-
-
-@torch.library.custom_op("seqshard::ring_attention_backward", mutates_args=())
 def _ring_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       out: torch.Tensor, lse: torch.Tensor, group_name: str, causal: bool, order: str,
                       seq_len: int | None, scale: float, backend: str
@@ -110,12 +102,7 @@ def _ring_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                          order=order, seq_len=seq_len, scale=scale, backend=backend)
 
 
-@_ring_backward_op.register_fake
-def _(dout, q, k, v, *rest):
-    return fresh_like(q), fresh_like(k), fresh_like(v)
-
-
-register_autograd_saving_inputs(_ring_op, torch.ops.seqshard.ring_attention_backward)
+register_attention_op("seqshard::ring_attention", _ring_op, _ring_backward_op)
 
 
 def ring_attention(q, k, v, group=None, *, causal: bool = True, order: str = "contig",

@@ -25,8 +25,8 @@ from seqshard.runtime.backends import attention_forward
 from seqshard.runtime.blocks import Block, pair_blocks, run_backward, run_forward
 from seqshard.runtime.collectives import resolve_group, start_p2p, start_shift
 from seqshard.runtime.merge import accumulator, merge_
-from seqshard.runtime.opsupport import (check_attention_inputs, fresh_like, lse_like,
-                                        register_autograd_saving_inputs, resolve_options)
+from seqshard.runtime.opsupport import (check_attention_inputs, lse_like, register_attention_op,
+                                        resolve_options)
 
 __all__ = ["tokenring_attention", "tokenring_forward", "tokenring_backward"]
 
@@ -138,7 +138,6 @@ def _add_arrived(dq, pending, block):
 # Custom ops
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("seqshard::tokenring_attention", mutates_args=())
 def _tokenring_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str, causal: bool,
                   order: str, seq_len: int | None, scale: float, backend: str
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,12 +145,6 @@ def _tokenring_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name:
                              seq_len=seq_len, scale=scale, backend=backend)
 
 
-@_tokenring_op.register_fake
-def _(q, k, v, *options):
-    return fresh_like(q), lse_like(q)
-
-
-@torch.library.custom_op("seqshard::tokenring_attention_backward", mutates_args=())
 def _tokenring_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            out: torch.Tensor, lse: torch.Tensor, group_name: str, causal: bool,
                            order: str, seq_len: int | None, scale: float, backend: str
@@ -160,12 +153,7 @@ def _tokenring_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                               order=order, seq_len=seq_len, scale=scale, backend=backend)
 
 
-@_tokenring_backward_op.register_fake
-def _(dout, q, k, v, *rest):
-    return fresh_like(q), fresh_like(k), fresh_like(v)
-
-
-register_autograd_saving_inputs(_tokenring_op, torch.ops.seqshard.tokenring_attention_backward)
+register_attention_op("seqshard::tokenring_attention", _tokenring_op, _tokenring_backward_op)
 
 
 def tokenring_attention(q, k, v, group=None, *, causal: bool = True, order: str = "contig",

@@ -69,9 +69,8 @@ from seqshard.runtime.collectives import (Pending, resolve_group, start_all_gath
 from seqshard.runtime.layout import chunk_permutation, sorting_permutations
 from seqshard.runtime.local import whole_backward, whole_forward
 from seqshard.runtime.peer import check_transport, start_pull, transport as resolve_transport
-from seqshard.runtime.opsupport import (check_attention_inputs, lse_like,
-                                        register_autograd_saving_outputs, resolve_options,
-                                        unpack_pair)
+from seqshard.runtime.opsupport import (check_attention_inputs, fresh_like, lse_like,
+                                        register_attention_op, resolve_options, unpack_pair)
 from seqshard.runtime.ring import ring_backward, ring_forward
 
 __all__ = ["ulysses_attention", "hybrid_attention", "kv_route", "kv_heads_after_exchange",
@@ -418,7 +417,7 @@ def hybrid_forward(q, k, v, ring_group, ulysses_group, *, causal: bool, order: s
     q_h = q.new_empty((b, h // n, n * s, e))
     kv_h = k.new_empty((2, b, m, n * s, e)) if ex.route == "scatter" else None
     out_h, lse_h = torch.empty_like(q_h), lse_like(q_h)
-    out, lse = _fresh(q), lse_like(q)
+    out, lse = fresh_like(q), lse_like(q)
 
     # Post every exchange towards heads now, in the order the chunks need them (NCCL runs them in
     # that order); chunk c waits only for its own.
@@ -490,21 +489,15 @@ def hybrid_backward(dout, q_h, kv_h, out_h, lse_h, kv_heads: int, ring_group, ul
     return dq, dk, dv
 
 
-def _fresh(x: torch.Tensor) -> torch.Tensor:
-    """An empty contiguous tensor like x: every output here is one, whatever x's strides (the
-    fake implementations promise the same)."""
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
 def _fake_outputs(q, k, n_u):
     b, h, s, e = q.shape
     m = kv_heads_after_exchange(h, k.shape[1], n_u)
     q_h = q.new_empty((b, h // n_u, s * n_u, e))
-    return (_fresh(q), lse_like(q), q_h, k.new_empty((2, b, m, s * n_u, e)), _fresh(q_h),
+    return (fresh_like(q), lse_like(q), q_h, k.new_empty((2, b, m, s * n_u, e)), fresh_like(q_h),
             lse_like(q_h))
 
 
-def _fake_grads(dout, q_h, kv_h, kv_heads):
+def _fake_grads(dout, q_h, kv_h, out_h, lse_h, kv_heads, *options):
     b, _, s, e = dout.shape
     return q_h.new_empty(dout.shape), *(kv_h.new_empty((b, kv_heads, s, e)) for _ in range(2))
 
@@ -518,7 +511,6 @@ _SavedOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, to
 _Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-@torch.library.custom_op("seqshard::ulysses_attention", mutates_args=())
 def _ulysses_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str, causal: bool,
                 order: str, seq_len: int | None, scale: float, backend: str, chunks: int = 1,
                 transport: str = "nccl") -> _SavedOutputs:
@@ -527,12 +519,6 @@ def _ulysses_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: s
                           transport=transport)
 
 
-@_ulysses_op.register_fake
-def _(q, k, v, group_name, *options):
-    return _fake_outputs(q, k, resolve_group(group_name).size())
-
-
-@torch.library.custom_op("seqshard::ulysses_attention_backward", mutates_args=())
 def _ulysses_backward_op(dout: torch.Tensor, q_h: torch.Tensor, kv_h: torch.Tensor,
                          out_h: torch.Tensor, lse_h: torch.Tensor, kv_heads: int, group_name: str,
                          causal: bool, order: str, seq_len: int | None, scale: float, backend: str,
@@ -542,12 +528,12 @@ def _ulysses_backward_op(dout: torch.Tensor, q_h: torch.Tensor, kv_h: torch.Tens
                            chunks=chunks, transport=transport)
 
 
-@_ulysses_backward_op.register_fake
-def _(dout, q_h, kv_h, out_h, lse_h, kv_heads, *rest):
-    return _fake_grads(dout, q_h, kv_h, kv_heads)
+def _ulysses_fake(q, k, v, group_name, *options):
+    return _fake_outputs(q, k, resolve_group(group_name).size())
 
 
-register_autograd_saving_outputs(_ulysses_op, torch.ops.seqshard.ulysses_attention_backward)
+register_attention_op("seqshard::ulysses_attention", _ulysses_op, _ulysses_backward_op,
+                      saves="outputs", fake=_ulysses_fake, backward_fake=_fake_grads)
 
 
 def _check_heads(q, k, n_u: int, algorithm: str) -> None:
@@ -598,7 +584,6 @@ def ulysses_attention(q, k, v, group=None, *, causal: bool = True, order: str = 
 # Custom ops: hybrid
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("seqshard::hybrid_attention", mutates_args=())
 def _hybrid_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_group_name: str,
                ulysses_group_name: str, causal: bool, order: str, seq_len: int | None, scale: float,
                backend: str, chunks: int = 1, transport: str = "nccl") -> _SavedOutputs:
@@ -607,12 +592,6 @@ def _hybrid_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_group_nam
                           chunks=chunks, transport=transport)
 
 
-@_hybrid_op.register_fake
-def _(q, k, v, ring_group_name, ulysses_group_name, *options):
-    return _fake_outputs(q, k, resolve_group(ulysses_group_name).size())
-
-
-@torch.library.custom_op("seqshard::hybrid_attention_backward", mutates_args=())
 def _hybrid_backward_op(dout: torch.Tensor, q_h: torch.Tensor, kv_h: torch.Tensor,
                         out_h: torch.Tensor, lse_h: torch.Tensor, kv_heads: int, ring_group_name: str,
                         ulysses_group_name: str, causal: bool, order: str, seq_len: int | None,
@@ -624,12 +603,12 @@ def _hybrid_backward_op(dout: torch.Tensor, q_h: torch.Tensor, kv_h: torch.Tenso
                            transport=transport)
 
 
-@_hybrid_backward_op.register_fake
-def _(dout, q_h, kv_h, out_h, lse_h, kv_heads, *rest):
-    return _fake_grads(dout, q_h, kv_h, kv_heads)
+def _hybrid_fake(q, k, v, ring_group_name, ulysses_group_name, *options):
+    return _fake_outputs(q, k, resolve_group(ulysses_group_name).size())
 
 
-register_autograd_saving_outputs(_hybrid_op, torch.ops.seqshard.hybrid_attention_backward)
+register_attention_op("seqshard::hybrid_attention", _hybrid_op, _hybrid_backward_op,
+                      saves="outputs", fake=_hybrid_fake, backward_fake=_fake_grads)
 
 
 def hybrid_attention(q, k, v, ring_group, ulysses_group, *, causal: bool = True,
