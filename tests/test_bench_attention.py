@@ -1,5 +1,6 @@
 """bench/attention.py's pure logic on CPU: the FLOP convention, the ideal's length, the plan's
-priorities (headline first), the budget cut-off, the derived numbers, and the report writers.
+priorities (headline first), the budget cut-off, the derived numbers, and the report writers
+(bench/attention_configs.py, bench/attention_report.py, and the command line of bench/attention.py).
 
 The GPU measurements themselves run on the device machine (bench/run_gpu.sh); these tests make
 sure the numbers it reports are computed as bench/README.md defines them.
@@ -7,26 +8,28 @@ sure the numbers it reports are computed as bench/README.md defines them.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "attention.py"
+_BENCH = str(Path(__file__).resolve().parents[1] / "bench")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_attention", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+def _load(*names):
+    """bench/'s modules import each other by their plain names, as when a script runs there."""
+    sys.path.insert(0, _BENCH)
+    try:
+        return [importlib.import_module(name) for name in names]
+    finally:
+        sys.path.remove(_BENCH)
 
 
-att = _load()
+att, rep, cli = _load("attention_configs", "attention_report", "attention")
 K = att.K
 SHAPE = att.Shape()          # H 32, d 128, GQA 8
 OPTS = att.PlanOptions()     # 32K..512K, headline 128K
@@ -164,7 +167,7 @@ def _headline_rows():
 
 
 def test_derived_numbers_efficiency_and_peer_ratios():
-    derived = {r["system"]: r for r in att.derive(_headline_rows(), SHAPE, OPTS)}
+    derived = {r["system"]: r for r in rep.derive(_headline_rows(), SHAPE, OPTS)}
     uly = derived["ulysses"]
     assert uly["tflops_per_gpu"] == pytest.approx(525.0)
     assert uly["ideal_len"] == 64 * K and uly["ideal_tflops"] == pytest.approx(535.0)
@@ -177,8 +180,8 @@ def test_derived_numbers_efficiency_and_peer_ratios():
 
 
 def test_headline_targets_met_and_missed():
-    derived = att.derive(_headline_rows(), SHAPE, OPTS)
-    head = att.headline(derived, SHAPE, OPTS, world=4)
+    derived = rep.derive(_headline_rows(), SHAPE, OPTS)
+    head = rep.headline(derived, SHAPE, OPTS, world=4)
     t = head["targets"]
     assert head["best_ours"] == "ulysses" and head["best_cp"] == "cp-allgather"
     assert t["best_efficiency"]["met"] is True          # 525/535 = 0.981
@@ -199,7 +202,7 @@ def test_markdown_has_the_headline_first_and_every_section():
     rows = _headline_rows() + [_accuracy_row("ring", 5e-3, 4e-3), _accuracy_row("ulysses", 9e-3, 4e-3)]
     meta = {"date": "20261121-120000", "device": "NVIDIA H200", "torch": "2.11.0", "command": "x",
             "elapsed_s": 300.0, "not_run": ["ring-n2-s32768-kv8-fwd"]}
-    md = att.markdown(meta, rows, SHAPE, OPTS, world=4)
+    md = rep.markdown(meta, rows, SHAPE, OPTS, world=4)
     order = [md.index(h) for h in ("## Headline", "## Accuracy", "## All configs", "## Not run",
                                    "## Definitions")]
     assert order == sorted(order)
@@ -217,7 +220,7 @@ def test_json_report_schema_round_trips():
     rows = _headline_rows() + [_accuracy_row("ring", 5e-3, 4e-3)]
     meta = {"date": "20261121-120000", "device": "NVIDIA H200", "torch": "2.11.0",
             "command": "torchrun --nproc-per-node 4 bench/attention.py", "elapsed_s": 1.0}
-    doc = json.loads(json.dumps(att.report(meta, rows, SHAPE, OPTS, world=4)))
+    doc = json.loads(json.dumps(rep.report(meta, rows, SHAPE, OPTS, world=4)))
     for key in ("date", "device", "torch", "command", "definitions", "headline", "rows", "accuracy",
                 "shape", "options"):
         assert key in doc, key
@@ -233,9 +236,9 @@ def test_base_row_and_command_line():
     cfg = att.Config("accuracy", 4, 8 * K, 8, "fwdbwd", "accuracy")
     row = att.base_row(cfg, SHAPE, "timeout", "no progress")
     assert row["kind"] == "accuracy" and row["system"] == "all" and row["config"] == cfg.key
-    args = att.parse_args(["--out", "/tmp/x", "--seqs", "8K,16384", "--headline-seq", "8K"])
+    args = cli.parse_args(["--out", "/tmp/x", "--seqs", "8K,16384", "--headline-seq", "8K"])
     assert args.seqs == [8 * K, 16384] and args.headline_seq == 8 * K and args.budget_s == 420.0
-    default = att.parse_args([])
+    default = cli.parse_args([])
     assert default.seqs == [32 * K, 128 * K, 256 * K, 512 * K] and not default.quick
     assert math.isclose(att.estimate_s(att.Config("accuracy", 4, 8 * K, 32, "fwdbwd", "a"), SHAPE),
                         att.ACCURACY_EST_S)
@@ -246,9 +249,9 @@ def test_resume_marks_started_but_unfinished_configs_as_crashed():
     ok = att.Config("ring", 4, 128 * K, 32, "fwdbwd", "headline")
     dead = att.Config("ulysses", 4, 512 * K, 32, "fwdbwd", "long")
     lines = [{"kind": "meta", "date": "x", "command": "y"},
-             {"kind": "start", "config": ok.key, "cfg": att.asdict(ok)},
+             {"kind": "start", "config": ok.key, "cfg": asdict(ok)},
              att.base_row(ok, SHAPE, "ok", None),
-             {"kind": "start", "config": dead.key, "cfg": att.asdict(dead)}]
+             {"kind": "start", "config": dead.key, "cfg": asdict(dead)}]
     lines = [json.loads(json.dumps(r)) for r in lines]  # as read back from the JSON-lines file
     crashed = att.crashed_rows(lines, SHAPE)
     assert [(r["config"], r["status"], r["system"]) for r in crashed] == [(dead.key, "crashed", "ulysses")]
