@@ -24,11 +24,8 @@ import os
 os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -38,6 +35,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
+import report  # noqa: E402
+import timing  # noqa: E402
 from seqshard.runtime import (allgather_attention, backend_report, hybrid_attention, layout,  # noqa: E402
                               local_attention, ring_attention, select_backend, tokenring_attention,
                               ulysses_attention)
@@ -180,12 +179,13 @@ def check(run: Run, args, backend: str | None, cache: dict) -> dict:
 
     ql, kl, vl = (shard(x).to(torch.bfloat16).requires_grad_() for x in (q, k, v))
     chosen = select_backend(device, torch.bfloat16, args.head_dim, override=backend)
-    _sync(device)
-    start = time.perf_counter()
-    out = run_algorithm(run, ql, kl, vl, seq_len, backend)
-    out.backward(shard(dout).to(torch.bfloat16))
-    _sync(device)
-    ms = 1e3 * (time.perf_counter() - start)
+    outs = []
+
+    def step():
+        outs.append(run_algorithm(run, ql, kl, vl, seq_len, backend))
+        outs[-1].backward(shard(dout).to(torch.bfloat16))
+    ms = timing.measure(step, repeats=1, device=device).median_ms  # one cold run: orientation only
+    out = outs[0]
     ours = [unshard(t.detach()) for t in (out, ql.grad, kl.grad, vl.grad)]
     errors = [rel(a, b) for a, b in zip(ours, ref)]
     ok = all(e <= 2 * y + SLACK for e, y in zip(errors, yardstick)) and all(e == e for e in errors)
@@ -210,19 +210,16 @@ def table(rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def write_results(rows, args, report):
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir = Path(__file__).resolve().parent / "results"
-    out_dir.mkdir(exist_ok=True)
+def write_results(rows, args, backends):
+    stamp = report.stamp()
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (script check only)"
     meta = dict(date=stamp, device=device, gpus=dist.get_world_size(),
                 torch=torch.__version__, command=" ".join([sys.executable, *sys.argv]),
-                args=vars(args), backends=report)
-    (out_dir / f"gpu_smoke-{stamp}.json").write_text(json.dumps(dict(**meta, rows=rows), indent=2))
+                args=vars(args), backends=backends)
     md = (f"# GPU smoke {stamp}\n\n{meta['device']} × {meta['gpus']}, torch {meta['torch']}\n\n"
-          f"`{meta['command']}`\n\nlocal backends: {report}\n\n" + table(rows))
-    (out_dir / f"gpu_smoke-{stamp}.md").write_text(md)
-    return out_dir / f"gpu_smoke-{stamp}.md"
+          f"`{meta['command']}`\n\nlocal backends: {backends}\n\n" + table(rows))
+    return report.write_json_and_markdown(Path(__file__).resolve().parent / "results",
+                                          f"gpu_smoke-{stamp}", dict(**meta, rows=rows), md)
 
 
 def main(args) -> int:
@@ -230,19 +227,19 @@ def main(args) -> int:
     for run in runs(world, args):
         if run.mesh is not None and run.mesh not in MESHES:
             MESHES[run.mesh] = init_device_mesh(args.device, run.mesh, mesh_dim_names=("ring", "ulysses"))
-    report = backend_report(_device(args), torch.bfloat16, args.head_dim)
-    chosen = [b for b in args.backend or [None] if b is None or report.get(b) == "ok"]
+    usable = backend_report(_device(args), torch.bfloat16, args.head_dim)
+    chosen = [b for b in args.backend or [None] if b is None or usable.get(b) == "ok"]
     skipped = sorted(set(args.backend or []) - set(chosen))
     rows, cache = [], {}
     for backend in chosen:
         for run in runs(world, args):
             rows.append(check(run, args, backend, cache))
     if rank == 0:
-        print(f"local attention backends for bf16, head dim {args.head_dim}: {report}")
+        print(f"local attention backends for bf16, head dim {args.head_dim}: {usable}")
         if skipped:
             print(f"skipped (not usable here): {skipped}")
         print(table(rows))
-        print(f"written: {write_results(rows, args, report)}")
+        print(f"written: {write_results(rows, args, usable)}")
     failed = [r["run"] for r in rows if not r["ok"]]
     if failed and rank == 0:
         print(f"FAILED: {failed}", file=sys.stderr)
@@ -273,11 +270,6 @@ def _worker(rank: int, world: int, port: int, args) -> None:
 
 def _device(args) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _run_in_group(args) -> int:

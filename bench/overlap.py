@@ -31,33 +31,13 @@ import os
 os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-
-def event_ms(fn, repeats: int, warmup: int = 2) -> float:
-    """Median CUDA-event time of fn() on the current stream, ms; the slowest rank's."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    t = torch.tensor([statistics.median(times)], device="cuda")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+import report  # noqa: E402
+import timing  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -90,18 +70,22 @@ def main(argv=None) -> int:
         if rank == 0:
             print(msg, flush=True)
 
+    def event_ms(fn):
+        """Isolated iterations, all ranks meeting before each; the slowest rank's median."""
+        return timing.measure(fn, warmup=2, repeats=R, barrier=True, slowest="median").median_ms
+
     # 1. one exchange alone
     x = torch.randn(1, H, s, E, device=dev, dtype=bf)
     blocks = x.view(1, n, g, s, E).movedim(1, 0)  # [N, 1, g, s, E]: block j to rank j (contiguous)
     recv = torch.empty_like(blocks)
     dest = torch.empty(1, g, S, E, device=dev, dtype=bf)
     ex = ulysses._plan_exchange(group, None, 1, H, H, "contig", s, x.device, 1, "nccl")
-    exchange["nccl"] = event_ms(lambda: dist.all_to_all_single(recv, blocks), R)
-    exchange["layout copy"] = event_ms(lambda: ulysses._arrivals_to_positions(recv, dest, ex.runs), R)
+    exchange["nccl"] = event_ms(lambda: dist.all_to_all_single(recv, blocks))
+    exchange["layout copy"] = event_ms(lambda: ulysses._arrivals_to_positions(recv, dest, ex.runs))
     x3 = torch.randn(n, 3, 1, g, s, E, device=dev, dtype=bf)
     recv3 = torch.empty_like(x3)
     exchange["nccl ×3 stacked, per tensor"] = event_ms(
-        lambda: dist.all_to_all_single(recv3, x3), R) / 3
+        lambda: dist.all_to_all_single(recv3, x3)) / 3
     x3 = recv3 = None
     sends = [torch.randn_like(blocks) for _ in range(3)]
     recvs = [torch.empty_like(blocks) for _ in range(3)]
@@ -116,7 +100,7 @@ def main(argv=None) -> int:
                         dist.P2POp(dist.irecv, b[frm], group=group, group_peer=frm)]
         for w in dist.batch_isend_irecv(ops):
             w.wait()
-    exchange["nccl ×3 as one batch of sends and receives, per tensor"] = event_ms(batched, R) / 3
+    exchange["nccl ×3 as one batch of sends and receives, per tensor"] = event_ms(batched) / 3
 
     def coalesced():
         with dist._coalescing_manager(group, x.device, async_ops=True) as cm:
@@ -124,7 +108,7 @@ def main(argv=None) -> int:
                 dist.all_to_all_single(b, a, group=group)
         cm.wait()
     try:
-        exchange["nccl ×3 coalesced, per tensor"] = event_ms(coalesced, R) / 3
+        exchange["nccl ×3 coalesced, per tensor"] = event_ms(coalesced) / 3
     except Exception as error:  # noqa: BLE001 - a variant torch may not support
         log(f"[overlap] coalesced all-to-alls failed: {error}")
     sends = recvs = None
@@ -136,14 +120,14 @@ def main(argv=None) -> int:
     dest.fill_(float("nan"))
     ulysses._start_to_heads(blocks, dest, exp).wait()
     exchange["peer matches nccl"] = bool(torch.equal(dest, ref))
-    exchange["peer"] = event_ms(lambda: ulysses._start_to_heads(blocks, dest, exp).wait(), R)
+    exchange["peer"] = event_ms(lambda: ulysses._start_to_heads(blocks, dest, exp).wait())
     dests = [torch.empty_like(dest) for _ in range(3)]
 
     def three():
         pending = [ulysses._start_to_heads(blocks, d, exp) for d in dests]
         for p in pending:
             p.wait()
-    exchange["peer ×3 in a row, per tensor"] = event_ms(three, R) / 3
+    exchange["peer ×3 in a row, per tensor"] = event_ms(three) / 3
     log(f"[overlap] peer {exchange['peer']:.3f} ms (matches nccl: {exchange['peer matches nccl']}), "
         f"×3 per tensor {exchange['peer ×3 in a row, per tensor']:.3f}")
 
@@ -168,10 +152,10 @@ def main(argv=None) -> int:
         if join:
             for st in set(streams):
                 cur.wait_stream(st)
-    exchange["ce pull, 3 streams"] = event_ms(lambda: pulls(streams), R)
-    exchange["ce pull, 1 stream"] = event_ms(lambda: pulls(streams[:1]), R)
+    exchange["ce pull, 3 streams"] = event_ms(lambda: pulls(streams))
+    exchange["ce pull, 1 stream"] = event_ms(lambda: pulls(streams[:1]))
     slot = handle.get_buffer(rank, blocks.shape, bf)
-    exchange["stage (memcpy)"] = event_ms(lambda: slot.copy_(blocks), R)
+    exchange["stage (memcpy)"] = event_ms(lambda: slot.copy_(blocks))
     gbs = 3 / 4 * nbytes / 1e9
     log(f"[overlap] ce pull {exchange['ce pull, 3 streams']:.3f} ms "
         f"({gbs / exchange['ce pull, 3 streams'] * 1e3:.0f} GB/s in), 1 stream "
@@ -186,18 +170,18 @@ def main(argv=None) -> int:
     trips = 200
     if rank in (0, 1):
         st = torch.cuda.current_stream()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for i in range(1, trips + 1):
-            if rank == 0:
-                stream_write(st, ptrs[1], i)
-                stream_wait(st, ptrs[0], i)
-            else:
-                stream_wait(st, ptrs[1], i)
-                stream_write(st, ptrs[0], i)
-        b.record()
-        torch.cuda.synchronize()
-        exchange["signal round trip (us)"] = a.elapsed_time(b) * 1e3 / trips
+
+        def round_trips():
+            for i in range(1, trips + 1):
+                if rank == 0:
+                    stream_write(st, ptrs[1], i)
+                    stream_wait(st, ptrs[0], i)
+                else:
+                    stream_wait(st, ptrs[1], i)
+                    stream_write(st, ptrs[0], i)
+        # once, no warm-up (the flags count up), on two ranks: this rank's time
+        ms = timing.measure(round_trips, repeats=1).median_ms
+        exchange["signal round trip (us)"] = ms * 1e3 / trips
         exchange["signal values ok"] = int(flags[rank].item()) == trips
     dist.barrier()
     if rank == 0:
@@ -258,13 +242,9 @@ def main(argv=None) -> int:
                 "attention in 4 head chunks": in_chunks(4),
                 **{f"traffic alone: {k}": (lambda f=f: f()()) for k, f in traffic.items()},
                 **{f"attention beside: {k}": beside(f) for k, f in traffic.items()}}
-    rounds = {k: [] for k in variants}
-    for k, f in variants.items():
-        event_ms(f, 1, warmup=1)
-    for _ in range(R):
-        for k, f in variants.items():
-            rounds[k].append(event_ms(f, 1, warmup=0))
-    med = {k: statistics.median(v) for k, v in rounds.items()}
+    timed = timing.measure(variants, warmup=2, repeats=R, barrier=True, slowest="each")
+    rounds = {k: t.times_ms for k, t in timed.items()}
+    med = {k: t.median_ms for k, t in timed.items()}
     alone = med["attention alone"]
     overlap.update({k: med[k] for k in ("attention alone", "attention in 2 head chunks",
                                          "attention in 4 head chunks")})
@@ -284,7 +264,7 @@ def finish(args, rank, n, exchange, overlap, n_exchanges=0) -> int:
     s, g = S // n, H // n
     nbytes, gbs = H * s * E * 2, 3 / 4 * H * s * E * 2 / 1e9
     if rank == 0:
-        date = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        date = report.stamp()
         meta = dict(date=date, device=f"{n}x {torch.cuda.get_device_name()}", torch=torch.__version__,
                     nccl=".".join(map(str, torch.cuda.nccl.version())), seq=S, heads=H, head_dim=E,
                     command=" ".join(["torchrun", f"--nproc-per-node={n}", *sys.argv]))
@@ -320,12 +300,8 @@ def finish(args, rank, n, exchange, overlap, n_exchanges=0) -> int:
         lines += ["", "cost = (attention beside − attention alone) / traffic alone: the share of "
                   "the traffic's own time that overlapping still costs (< 1: hiding it pays)."]
         text = "\n".join(lines) + "\n"
-        os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"overlap-{date}{args.tag}")
-        with open(stem + ".json", "w") as f:
-            json.dump(dict(meta=meta, exchange=exchange, overlap=overlap), f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(text)
+        report.write_json_and_markdown(args.out, f"overlap-{date}{args.tag}",
+                                       dict(meta=meta, exchange=exchange, overlap=overlap), text)
         print(text)
     dist.barrier()
     dist.destroy_process_group()

@@ -21,6 +21,8 @@ import time
 import torch
 import torch.distributed as dist
 
+import report
+import timing
 from seqshard.costmodel import Cluster
 from seqshard.costmodel import compute as comp
 from seqshard.models import AXES, build, named_plans
@@ -48,29 +50,6 @@ def cast(inputs, dtype):
     return tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
 
 
-class Timer:
-    """CUDA events on a GPU, the host clock on CPU (dry runs)."""
-
-    def __init__(self, device):
-        self.cuda = device == "cuda"
-
-    def __enter__(self):
-        if self.cuda:
-            self.start, self.end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            self.start.record()
-        else:
-            self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.end.record()
-            torch.cuda.synchronize()
-            self.seconds = self.start.elapsed_time(self.end) / 1e3
-        else:
-            self.seconds = time.perf_counter() - self.t0
-
-
 def run_case(family, config, sizes, plan_name, cluster, device="cuda", repeats=5):
     world, rank = dist.get_world_size(), dist.get_rank()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -94,15 +73,13 @@ def run_case(family, config, sizes, plan_name, cluster, device="cuda", repeats=5
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        with Timer(device) as t:
-            pm(*inputs).backward()
-        times.append(t.seconds)
+    # isolated steps (the warm-ups above, so that the peak memory counts only these); the slowest
+    # rank's median sets the step
+    step_s = timing.measure(lambda: pm(*inputs).backward(), repeats=repeats, device=device,
+                            slowest="median").median_ms / 1e3
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
-    measured = torch.tensor([sorted(times)[len(times) // 2], float(peak)], device=device,
-                            dtype=torch.float64)
-    dist.all_reduce(measured, op=dist.ReduceOp.MAX)  # the slowest rank sets the step
+    measured = torch.tensor([step_s, float(peak)], device=device, dtype=torch.float64)
+    dist.all_reduce(measured, op=dist.ReduceOp.MAX)
     n_params = sum(q.numel() for q in model.parameters())
     state = comp.model_state(n_params, training=True, param_bytes=2)
     predicted_mem = p.predicted.peak_memory_bytes - state.optimizer
@@ -177,11 +154,8 @@ def main(argv=None) -> int:
                     device=f"{world}x " + (torch.cuda.get_device_name() if device == "cuda" else "CPU"),
                     cluster=str(cluster),
                     command=" ".join(["torchrun", f"--nproc-per-node={world}"] + sys.argv))
-        stem = os.path.join(args.out, f"predict_vs_measure-{meta['date']}")
-        with open(stem + ".json", "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(markdown(rows, meta))
+        report.write_json_and_markdown(args.out, f"predict_vs_measure-{meta['date']}",
+                                       dict(meta=meta, rows=rows), markdown(rows, meta))
         print(markdown(rows, meta))
     dist.destroy_process_group()
     return 0

@@ -20,32 +20,18 @@ import os
 os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+import report  # noqa: E402
+import timing  # noqa: E402
+
 
 def flops(b, h, s, e, causal=True, n=1):
     return 3.5 * 4 * b * h * s * s * e * (0.5 if causal else 1.0) / n
-
-
-def timed(fn, warmup=2, repeats=5):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
 
 
 def category(name: str) -> str:
@@ -96,15 +82,10 @@ def timeline(p) -> dict:
 def profile(fn, with_timeline=False) -> dict:
     from torch.profiler import ProfilerActivity, profile as prof
 
-    fn()
+    fn()  # the warm-up stays outside the profile
     torch.cuda.synchronize()
     with prof(activities=[ProfilerActivity.CUDA]) as p:
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-    wall = a.elapsed_time(b) / 1e3
+        wall = timing.measure(fn, repeats=1).median_ms / 1e3
     cats: dict[str, float] = {}
     top: dict[str, float] = {}
     for ev in p.events():
@@ -154,7 +135,7 @@ def main(argv=None) -> int:
         def step():
             out, lse = attention_forward(q, k, v, causal=True, backend="cudnn")
             attention_backward(do, q, k, v, out, lse, causal=True, backend="cudnn")
-        t = timed(step)
+        t = timing.measure(step, warmup=2, repeats=5).median_ms / 1e3  # this rank's
         rows["kernel"].append(dict(shape=label, heads=h, seq=s, ms=t * 1e3,
                                    tflops=flops(1, h, s, E) / t / 1e12))
         del q, k, v, do
@@ -200,10 +181,7 @@ def main(argv=None) -> int:
             out = fn()
             out.backward(do)
         try:
-            t = timed(step)
-            t_all = torch.tensor([t], device=dev)
-            dist.all_reduce(t_all, op=dist.ReduceOp.MAX)
-            t = t_all.item()
+            t = timing.measure(step, warmup=2, repeats=5, slowest="median").median_ms / 1e3
             rows["steps"].append(dict(system=name, ms=t * 1e3, tflops=flops(1, H, S, E, n=n) / t / 1e12))
             if name in profiled:
                 pr = profile(step, with_timeline=args.timeline)
@@ -215,7 +193,7 @@ def main(argv=None) -> int:
         dist.barrier()
 
     if rank == 0:
-        date = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        date = report.stamp()
         env = {k: os.environ[k] for k in ("NCCL_MAX_CTAS", "NCCL_MAX_P2P_NCHANNELS",
                                           "CUDA_DEVICE_MAX_CONNECTIONS") if k in os.environ}
         meta = dict(date=date, device=f"{n}x {torch.cuda.get_device_name()}", torch=torch.__version__,
@@ -257,12 +235,8 @@ def main(argv=None) -> int:
                                  f"`{gap['after']}`, before `{gap['before']}`; other streams busy "
                                  f"{gap['other_streams_busy_us']} µs")
         text = "\n".join(lines) + "\n"
-        os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"profile_step-{date}{args.tag}")
-        with open(stem + ".json", "w") as f:
-            json.dump(dict(meta=meta, **rows), f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(text)
+        report.write_json_and_markdown(args.out, f"profile_step-{date}{args.tag}",
+                                       dict(meta=meta, **rows), text)
         print(text)
     dist.destroy_process_group()
     return 0
