@@ -361,9 +361,8 @@ def unsupported_reason(name: str, device, dtype: torch.dtype, head_dim: int) -> 
     if device.type != "cuda" or not torch.cuda.is_available():
         return "needs a CUDA device"
     if name == "efficient":
-        # measured on H200, torch 2.11.0+cu130 (tests/test_runtime_backends.py
-        # ::test_cuda_backend_backward_from_merged_lse): its backward given an lse it did not
-        # produce returns dq off by 76%, so a ring's block backward would be wrong
+        # its backward given an lse it did not produce returns a wrong dq, so a ring's block
+        # backward would be wrong (docs/runtime-measurements.md)
         return "its backward is wrong with a merged lse (torch 2.11, H200)"
     dtypes, max_head_dim, min_sm = _CUDA_LIMITS[name]
     if dtype not in dtypes:
@@ -379,7 +378,7 @@ def _preference(device: torch.device) -> tuple[str, ...]:
     if device.type == "cpu":
         return ("flash_cpu", "math")
     if device.type == "cuda":
-        # cuDNN is the fastest SDPA kernel on Hopper (shared/ANCHORS.md: ~540 vs ~320 TFLOP/s).
+        # cuDNN is the fastest SDPA kernel on Hopper (docs/runtime-measurements.md).
         first = ("cudnn", "flash") if _sm(device) >= 90 else ("flash", "cudnn")
         return (*first, "flash_attn", "efficient", "math")
     return ("math",)

@@ -5,11 +5,10 @@
     add_rows_(acc, x)                         acc += x (fp32 += bf16), vectorized
     copy_rows_(dst, src)                      dst.copy_(src) for strided views, vectorized
 
-Why: on 4×H200 at 128K the ring spent 18 ms of a 250 ms step in elementwise kernels
-(bench/results/profile_step-2026-11-21.md): the merge ran as ~5 passes over the fp32 accumulator
-(weights, scale, product, sum, lse) and torch's mixed-dtype add is not vectorized. Likewise
-Ulysses' layout copies (arrivals of the all-to-all into position order) ran as torch's
-non-vectorized strided copy or cat kernels at about a third of copy bandwidth.
+Why: in torch the merge is ~5 passes over the fp32 accumulator (weights, scale, product, sum,
+lse), the mixed-dtype add is not vectorized, and Ulysses' layout copies (arrivals of the
+all-to-all into position order) run as non-vectorized strided copy or cat kernels; at long
+sequences these show in the step time (docs/runtime-measurements.md).
 
 Tensors are [b, h, s, e] views with a unit stride over e (row slices of contiguous accumulators,
 kernel outputs); lse is [b, h, s]. Other strides are passed to the kernel, so slices need no copy.

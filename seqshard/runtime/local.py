@@ -3,9 +3,8 @@ Ulysses switch the planner made explicit): every rank holds the whole sequence o
 
 No communication, and no fp32 accumulation: the single block of a one-rank ring (the same block
 mask and padding handling, `seq_len`, as the distributed algorithms) goes straight to the kernel,
-and so does its backward. `whole_forward` / `whole_backward` are also Ulysses' local step.
-(Through the ring's fp32 accumulators it ran 5% under the bare kernel: 520.5 against 545.8 TFLOP/s
-at 32K on an H200, attention-2026-11-21b.md.)
+and so does its backward; through accumulators it would run measurably under the bare kernel
+(docs/runtime-measurements.md). `whole_forward` / `whole_backward` are also Ulysses' local step.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """Exchanges by copy engine over symmetric memory: all-to-alls that leave the SMs to attention.
 
-Why. cuDNN's attention kernels fill every SM, and NCCL moves data with kernels: on 4×H200,
-8 all-to-alls (5.5 ms alone) running beside an 8-head 128K attention step stretched it by 21 ms,
-about 4× their own time, while copy-engine pulls of the same bytes (8.4 ms alone) stretched it by
-no more than the run-to-run spread (bench/overlap.py → bench/results/overlap-2026-11-21c.md).
-Between GPUs of one host the bytes can move on the copy engines, which no kernel competes for.
+Why. cuDNN's attention kernels fill every SM, and NCCL moves data with kernels, so an exchange
+beside attention slows it by far more than the exchange's own time. Between GPUs of one host the
+bytes can move on the copy engines instead, which no kernel competes for.
 
 How. Each rank copies what it sends into a slot of a symmetric buffer
 (`torch.distributed._symmetric_memory`: every rank maps every other rank's buffer) and tells its
@@ -13,11 +11,10 @@ peers so; each rank *pulls* its pieces from its peers' slots straight to where t
 engine. Strided destinations (a head-chunk of the sequence, say) are cut into contiguous pieces
 first, so no permutation kernel is ever run. The signals are 32-bit flags in symmetric memory,
 set and awaited by the GPUs' front ends with the CUDA driver's stream memory operations
-(cuStreamWriteValue32 / cuStreamWaitValue32: `stream_write`, `stream_wait`), not by kernels: a spinning barrier
-kernel holds an SM (the first version used torch's barrier kernels; they spun 51–57 ms per step).
-Exchanges take slots in turn (`_SLOTS` of them), so a rank stages the next exchange while its
-peers still pull the last; `_Peers` gives the protocol. `Pending.wait()` makes the current stream
-wait for the pulls.
+(cuStreamWriteValue32 / cuStreamWaitValue32: `stream_write`, `stream_wait`), not by kernels: a
+spinning barrier kernel holds an SM. Exchanges take slots in turn (`_SLOTS` of them), so a rank
+stages the next exchange while its peers still pull the last; `_Peers` gives the protocol.
+`Pending.wait()` makes the current stream wait for the pulls.
 
     start_pull(stage, pulls, group, result)
         stage   a tensor of the same shape and dtype on every rank (any strides)
@@ -30,18 +27,10 @@ which runs the same pull lists with an all-gather of the stages instead of symme
 tests check every index of the pull plans with it (gloo), the GPU smoke test checks the copy
 engines (bench/gpu_smoke.py) and profile_step checks them against NCCL's result.
 
-Measured (4×H200, 128K, causal MHA 32×128, fwd+bwd): pipelined over 2 head chunks, Ulysses over
-copy engines runs as fast as over NCCL unpipelined, not faster: 237.05 against 237.99 ms
-(profile_step-2026-11-21i.md), 237.41 against 235.78 in the benchmark (attention-2026-11-21e.md).
-What stays exposed is the first chunk's way in and the last chunk's way out, of the forward and
-of the backward (the compute stream idles 7.7–8.0 ms per step in two profiles' timelines, 16 in a
-third, waits for the slowest rank included); in two of three profiles the
-attention kernels also ran ~10 ms longer beside the pipelined copies than over NCCL, unlike
-beside copies in isolation (overlap.py); and one exchange alone is slower than NCCL's (1.1–1.4
-against 0.75 ms per 256 MB tensor: staging, the signal chain and the pulls run one after
-another). So 'nccl' stays the default; 'peer' is there for models whose exchanges can hide
-behind other work. (NCCL point-to-point runs landing in place were slower than the all-to-all:
-503.0 against 512.2 TFLOP/s per GPU, profile_step-2026-11-21d.md.)
+'nccl' stays the default: pipelined over head chunks, 'peer' ties NCCL rather than beating it
+(the first chunk in and the last chunk out stay exposed, and one exchange alone is slower than
+NCCL's); it is there for models whose exchanges can hide behind other work. The measurements are
+in docs/runtime-measurements.md.
 """
 
 from __future__ import annotations

@@ -111,11 +111,10 @@ def default_chunks(device, batch: int, heads: int, seq: int, world: int,
     """`chunks` when none is given: `pipelined_chunks` when the exchanges run on copy engines
     ('peer'), else 1.
 
-    Off CUDA gloo runs collectives on the cores that compute: nothing to overlap. Over NCCL on
-    4×H200 at 128K, chunks=4 was slower than 1 (478 and, with TORCH_NCCL_HIGH_PRIORITY=1, 483
-    against 507 TFLOP/s per GPU; bench/results/profile_step-2026-11-21.md): NCCL's kernels share
-    the SMs that cuDNN's attention fills, and stretched it by about 4× the time they took alone
-    (overlap-2026-11-21c.md). Copy engines take no SMs (peer.py), so there the chunks overlap.
+    Off CUDA gloo runs collectives on the cores that compute: nothing to overlap. Over NCCL more
+    chunks were slower: NCCL's kernels share the SMs that cuDNN's attention fills and stretch it
+    by more than they take alone. Copy engines take no SMs (peer.py), so there the chunks overlap
+    (docs/runtime-measurements.md).
     """
     if transport != "peer":
         return 1
@@ -124,10 +123,8 @@ def default_chunks(device, batch: int, heads: int, seq: int, world: int,
 
 def pipelined_chunks(batch: int, heads: int, seq: int, world: int) -> int:
     """The chunk count to try when pipelining: 2 when it divides the heads per rank and each chunk
-    keeps >= 2^17 rows (batch · its heads · seq). (4×H200 at 128K over copy engines: 2 chunks
-    236.7 ms against 241.7 for 4 with the transport's first signalling version,
-    profile_step-2026-11-21h, where the first chunk's attention ran slower beside the other
-    three chunks' exchanges; 237.05 against 237.39 with the current one, -i; 8 chunks 243.0.)"""
+    keeps >= 2^17 rows (batch · its heads · seq), so that its kernel still fills the GPU. More
+    chunks were slower over copy engines (docs/runtime-measurements.md)."""
     local = heads // world
     for chunks, fewest in _CHUNK_CHOICES:
         rows = batch * local * seq // chunks
@@ -229,8 +226,8 @@ def _arrivals_to_positions(recv: torch.Tensor, dest: torch.Tensor, runs) -> torc
     """recv [N, b, g, s, ...] (rank-major) -> dest [b, g, S, ...] (position order).
 
     One strided copy per token run (one for contig, N + 1 for zigzag): on CUDA a Triton kernel
-    with wide loads (fused.copy_rows_; torch's cat and strided copy ran at about a third of copy
-    bandwidth here); elsewhere torch's strided copies."""
+    with wide loads (fused.copy_rows_; torch's cat and strided copy are not vectorized); elsewhere
+    torch's strided copies."""
     for p, j, t, n, count in runs:
         _copy(dest[:, :, p:p + count * n].unflatten(_SEQ, (count, n)),
               recv[j:j + count, :, :, t:t + n].movedim(0, _SEQ))
