@@ -12,6 +12,7 @@
     ring, tokenring, allgather, ulysses (+ hybrid), local
                  exact distributed attention, each a custom op seqshard::<name>_attention with a
                  readable wrapper of the same name
+    opsupport    what those share: input checks, option defaults, `register_attention_op`
     sharding     redistribution steps (slice / gather / all-to-all a factor) built on collectives
 
 Tensors are q [b, h, s_local, e], k, v [b, hk, s_local, e]; lse is [b, h, s_local], fp32.

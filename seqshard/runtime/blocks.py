@@ -23,8 +23,11 @@ Two shapes of problem occur:
   zigzag ring; Brandon et al., Striped Attention, 2023).
 
 * `gathered_blocks` — a query shard against the whole key sequence in natural order (all-gather
-  K/V; Ulysses and local attention with world = 1): each query run at global offset g gets a full
-  block over keys [0, g) and a causal square over [g, g + n).
+  K/V): each query run at global offset g gets a full block over keys [0, g) and a causal square
+  over [g, g + n).
+
+(Ulysses and local attention hold the whole sequence: theirs is the single block of a one-rank
+`pair_blocks`, straight to the kernel; local.py.)
 
 `run_forward` / `run_backward` evaluate a block list with a local backend, merging into fp32
 accumulators (forward) or summing into fp32 gradient buffers (backward).

@@ -9,9 +9,8 @@
     ring_shift(x, n, group)       send to rank+n, receive from rank-n      ring_shift(dy, -n)
 
 Each moves one contiguous buffer (the dim is brought to the front by a single copy, and put back by
-a single copy): no list of chunks and no `torch.cat` (the list-based all-to-all is what the plain
-Ulysses baseline in shared/ANCHORS.md pays for). Outputs are fresh tensors, never views of the
-input. Every op has a fake (meta) implementation giving its shape and a registered autograd
+a single copy): no list of chunks and no `torch.cat`. Outputs are fresh tensors, never views of
+the input. Every op has a fake (meta) implementation giving its shape and a registered autograd
 formula that itself calls these ops, so AOTAutograd / torch.compile trace forward and backward with
 fake tensors and treat each collective as one opaque node.
 
@@ -166,10 +165,10 @@ def start_p2p(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[t
     return Pending(works, [t for t, _ in recvs])
 
 
-def start_shift(tensors: Sequence[torch.Tensor], shift: int, group: dist.ProcessGroup | None,
+def start_shift(tensors: Sequence[torch.Tensor], shift: int, group: dist.ProcessGroup,
                 tag: int = 0) -> Pending:
     """Send each tensor to rank + shift and receive its counterpart from rank - shift (one batch)."""
-    world = 1 if group is None else group.size()
+    world = group.size()
     if shift % world == 0:
         return _done([t.clone(memory_format=torch.contiguous_format) for t in tensors])
     rank = group.rank()

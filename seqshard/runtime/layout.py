@@ -14,7 +14,7 @@ Padding: positions >= `seq_len` (the valid global length) are padding, always a 
 global sequence. Local positions increase along the local shard, so the valid tokens of any shard
 are a prefix of it (`valid_count` of them). `seq_len=None` means no padding.
 
-These helpers are shared by the attention algorithms (block masks), the passes stage (RoPE
+These helpers are shared by the attention algorithms (block masks), code generation (RoPE
 positions of local tokens) and redistributions (reordering a gathered sequence).
 """
 

@@ -17,8 +17,7 @@ accumulator of the shard it now holds (carrying the contributions of the ranks t
 before), adds its own and sends it on; one more hop after the last step brings every accumulator
 back to its owner.
 
-`group=None` runs the same code on one rank (no communication): Ulysses and local attention use
-that for their local step, and the 2-D hybrid runs this over its ring axis.
+The 2-D hybrid (ulysses.py) runs this over its ring axis on head-sharded super-shards.
 """
 
 from __future__ import annotations
@@ -36,14 +35,10 @@ __all__ = ["ring_attention", "ring_forward", "ring_backward"]
 _TAG_KV, _TAG_DKV = 1, 2  # gloo matches sends to receives by tag; two streams are in flight
 
 
-def _place(group) -> tuple[int, int]:
-    return (1, 0) if group is None else (group.size(), group.rank())
-
-
 def ring_forward(q, k, v, group, *, causal: bool, order: str, seq_len: int | None, scale: float,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of this rank's queries against the whole sequence; no checks, no autograd."""
-    world, rank = _place(group)
+    world, rank = group.size(), group.rank()
     out, lse = accumulator(q)
     kv = torch.stack([k, v])  # [2, b, hk, s/N, e]: one buffer travels
     for step in range(world):
@@ -58,7 +53,7 @@ def ring_forward(q, k, v, group, *, causal: bool, order: str, seq_len: int | Non
 def ring_backward(dout, q, k, v, out, lse, group, *, causal: bool, order: str, seq_len: int | None,
                   scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of this rank's shards given the merged out and lse of `ring_forward`."""
-    world, rank = _place(group)
+    world, rank = group.size(), group.rank()
     acc = torch.promote_types(q.dtype, torch.float32)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack([k, v])

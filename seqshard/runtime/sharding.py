@@ -1,6 +1,6 @@
 """Moving activations between layouts, as generated code calls it.
 
-One function per step of a redistribution (see `seqshard.planner.strategy.redistribution`), each
+One function per step of a redistribution (the strategies stage's `redistribution`), each
 on one mesh axis and one tensor dim that holds exactly the factor being moved:
 
     slice_shard      replicated → split      local: keep this rank's piece (zero-padded first)
