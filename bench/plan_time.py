@@ -24,9 +24,9 @@ from seqshard.capture import capture
 from seqshard.costmodel import Cluster
 from seqshard.dims import analyze
 from seqshard.models import build
-from seqshard.planner import solver
-from seqshard.planner.api import _activation_bytes, _atom_orders, _orders
-from seqshard.planner.costs import Costs
+from seqshard import solver
+from seqshard.planner.api import activation_bytes, atom_orders, sequence_orders
+from seqshard.strategies import Costs
 
 CASES = [  # (model config, tokens, cluster, mesh); sizes that fit without activation recompute
     ("llama3-8b", 1 << 17, "h200x8", (("sp", 8),)),
@@ -44,9 +44,9 @@ def run_case(config, tokens, cluster_name, mesh):
     dims = analyze(capture(model, inputs))
     t2 = time.perf_counter()
     cluster = Cluster.parse(cluster_name)
-    orders = _orders(dims, None)
-    costs = Costs(dims, cluster, mesh, training=True, dtype_bytes=_activation_bytes(dims),
-                  orders=_atom_orders(dims, orders))
+    orders = sequence_orders(dims, None)
+    costs = Costs(dims, cluster, mesh, training=True, dtype_bytes=activation_bytes(dims),
+                  orders=atom_orders(dims, orders))
     pb = solver.build_problem(dims, costs, mesh, None, "sharded")
     t3 = time.perf_counter()
     sol = solver.solve(pb, 0.9 * cluster.gpu.hbm_capacity)

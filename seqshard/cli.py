@@ -61,7 +61,7 @@ def cmd_plan(args) -> int:
     from seqshard.costmodel import Cluster
     from seqshard.models import AXES, build
     from seqshard.planner import plan
-    from seqshard.planner.solver import Infeasible
+    from seqshard.solver import Infeasible
 
     cluster = Cluster.parse(args.cluster)
     if args.mesh:

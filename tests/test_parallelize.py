@@ -2,7 +2,7 @@
 exactly like the single-device model (loss, every parameter gradient, a few AdamW steps), at 2
 and 4 ranks and on a 2×2 mesh, with lengths the group does not divide.
 
-Failures point at: the passes (seqshard/passes: a wrong local size, a missing redistribution),
+Failures point at: codegen (seqshard/codegen: a wrong local size, a missing redistribution),
 the runtime (seqshard/runtime: an algorithm's forward or backward), or the gradient bookkeeping
 (sum_grad / scale_grad in runtime/sharding.py) when only gradients are off by a factor."""
 

@@ -2,8 +2,8 @@
 experts choose, it reacts to the memory budget, and it plans a 70B model for 1024 GPUs fast.
 
 No process group is needed: models are built on the meta device. A failure in the
-rediscovery tests means the cost model (seqshard/costmodel, planner/costs.py) or the strategy
-space (planner/solver.py `candidates`) changed what is cheapest; read `plan.explain(...)`."""
+rediscovery tests means the cost model (seqshard/costmodel, strategies/costs.py) or the strategy
+space (strategies/strategy.py `candidates`) changed what is cheapest; read `plan.explain(...)`."""
 
 import time
 from itertools import product
@@ -18,8 +18,8 @@ from seqshard.costmodel import Cluster
 from seqshard.dims import analyze
 from seqshard.models import build, llama, video_dit
 from seqshard.planner import Plan, plan
-from seqshard.planner.costs import Costs
-from seqshard.planner.solver import NS, Infeasible, Model, build_problem
+from seqshard.strategies import Costs
+from seqshard.solver import NS, Infeasible, Model, build_problem
 
 GIB = 2**30
 

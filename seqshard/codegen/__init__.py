@@ -1,0 +1,34 @@
+"""Codegen: captured graph + plan → this rank's program, a `torch.fx.GraphModule` with readable
+Python source (`pm.code`).
+
+    strategies = resolve_plan(dims, plan, sizes)      # names → factors; every node's choice checked
+    program = Sharder(dims, strategies, mesh, orders).run()
+        shard inputs and positions   (local slices of the global inputs; arange → local positions)
+        localize views               (sizes from factor sizes: local_ops.view)
+        insert redistributions       (all-to-all / all-gather / reduce-scatter / all-reduce)
+        replace attention            (the plan's distributed algorithm, from its registry entry)
+        seed replicated outputs once (scale_grad) and sum parameter gradients (sum_grad)
+
+This is emission, not a sequence of graph passes: one walk over the captured graph writes a new
+graph, op by op, into calls of `seqshard.runtime` and local ATen ops (see docs/design.md). The
+graph-to-graph rewrites run earlier, at capture (`capture.canonicalize`).
+"""
+
+from __future__ import annotations
+
+from seqshard.dims import DimAnalysis
+from seqshard.strategies import Plan, PlanError, orders_of, resolve_plan
+
+from .mesh import MeshInfo
+from .sharder import Program, Sharder
+
+__all__ = ["apply_plan", "MeshInfo", "Program", "PlanError"]
+
+
+def apply_plan(dims: DimAnalysis, plan: Plan, mesh: MeshInfo) -> Program:
+    if tuple(plan.axis_names) != tuple(mesh.names):
+        raise PlanError(f"the plan was made for mesh axes {plan.axis_names}, this mesh has "
+                        f"{mesh.names}: pass mesh=init_device_mesh(device, sizes, "
+                        f"mesh_dim_names={plan.axis_names})")
+    strategies = resolve_plan(dims, plan, mesh.sizes)
+    return Sharder(dims, strategies, mesh, orders_of(dims, plan)).run()

@@ -23,9 +23,11 @@ import torch.fx as fx
 
 from . import ops  # noqa: F401 - registers the rules
 from .factors import Dim, FactorError, Factors, Sig
-from .registry import Role, RuleCtx, UnsupportedOp, find_rule
+from .registry import AttentionDims, Role, RuleCtx, UnsupportedOp, find_rule
 
-__all__ = ["analyze", "DimAnalysis", "Factors", "Role", "Sig", "Dim", "FactorError"]
+__all__ = ["analyze", "DimAnalysis", "AttentionDims", "Factors", "Role", "Sig", "Dim",
+           "FactorError"]
+
 
 
 @dataclass
@@ -68,6 +70,14 @@ class DimAnalysis:
             if self.F.label(a) == name:
                 return a
         return None
+
+    def attention(self, node: fx.Node) -> AttentionDims | None:
+        """The attention dims of an SDPA node; None for any other node."""
+        return self.attrs.get(node, {}).get("attention")
+
+    def seq_atoms(self, node: fx.Node) -> set[int]:
+        """The atoms of an attention node's key sequence (what distributed attention splits)."""
+        return {self.F.find(a) for a in self.F.atoms_of(self.attention(node).seq_k)}
 
     def sizes(self) -> dict[str, int]:
         """Every named atomic factor's size, by name (names repeat across layers, sizes agree)."""
@@ -220,14 +230,14 @@ def _name_factors(da: DimAnalysis, axes: dict) -> None:
     F = da.F
     nodes = list(da.cap.nodes())
     for n in nodes:  # attention first: it knows what its dims are for
-        att = da.attrs.get(n, {}).get("attention")
-        if not att:
+        att = da.attention(n)
+        if att is None:
             continue
-        for d in att["seq_k"] + att["seq_q"]:
+        for d in att.seq_k + att.seq_q:
             F.set_name(d, "s", 1)
-        for d in att["head_dim"]:
+        for d in att.head_dim:
             F.set_name(d, "e", 1)
-        heads, kv = att["heads"], att["kv_heads"]
+        heads, kv = att.heads, att.kv_heads
         if F.atoms_of(heads) == F.atoms_of(kv):
             for d in heads:
                 F.set_name(d, "h", 1)
@@ -239,7 +249,7 @@ def _name_factors(da: DimAnalysis, axes: dict) -> None:
             rest = [a for a in F.atoms_of(heads) if a not in {F.find(x) for x in F.atoms_of(kv)}]
             for a in rest:
                 F.set_name(a, "r", 1)
-        for d in att["batch"]:
+        for d in att.batch:
             if len(d) == 1:
                 F.set_name(d[0], "b", 5)
     for n in nodes:

@@ -58,6 +58,19 @@ def find_rule(target):
     return None
 
 
+@dataclass(frozen=True)
+class AttentionDims:
+    """What the dims of one attention node are for (set by the SDPA rule):
+    q [*batch, heads, seq_q, head_dim], k and v [*batch, kv_heads, seq_k, head_dim]."""
+
+    batch: tuple[Dim, ...]
+    heads: Dim
+    kv_heads: Dim
+    seq_q: Dim
+    seq_k: Dim
+    head_dim: Dim
+
+
 class UnsupportedOp(Exception):
     """Raised by a rule for a use of its op it cannot describe; the op runs replicated."""
 

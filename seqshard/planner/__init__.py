@@ -1,21 +1,15 @@
-"""Planner: strategies per node, the CP-SAT solver, and the public entry points.
+"""The public entry points: the driver on top of the pipeline.
 
-    plan = planner.plan(model, inputs, cluster=Cluster.preset("h200", gpus=8))
-    pm = planner.parallelize(model, inputs)
+    plan = planner.plan(model, inputs, cluster=Cluster.preset("h200", gpus=8))   # no GPU needed
+    pm = planner.parallelize(model, inputs)                                      # under torchrun
 
-`parallelize` runs the later stages (passes, codegen) too, so it is loaded on first use: the
-passes read plans from this package, and this package must not need them to plan.
+`plan` runs capture → dims → strategies → solver; `parallelize` runs those (or takes a plan) and
+then codegen. Planning imports nothing of `seqshard.runtime`; `parallelize` does.
 """
 
+from seqshard.strategies import Cost, NodePlan, Plan, Predicted, Split
+
 from .api import plan
-from .plan import Cost, NodePlan, Plan, Predicted, Split
+from .parallel import ParallelModule, parallelize
 
 __all__ = ["plan", "parallelize", "ParallelModule", "Plan", "NodePlan", "Split", "Cost", "Predicted"]
-
-
-def __getattr__(name):
-    if name in ("parallelize", "ParallelModule"):
-        from . import parallel
-
-        return getattr(parallel, name)
-    raise AttributeError(f"module 'seqshard.planner' has no attribute {name!r}")

@@ -7,12 +7,13 @@ from math import prod
 
 import torch
 
-from seqshard.capture import capture
+from seqshard import solver
+from seqshard.capture import capture, sdpa_options
+from seqshard.costmodel import Cluster
 from seqshard.dims import DimAnalysis, analyze
+from seqshard.strategies import Costs, Plan, parse_spec
 
-from .plan import Plan
-
-__all__ = ["plan", "plan_captured"]
+__all__ = ["plan", "plan_captured", "sequence_orders", "atom_orders", "activation_bytes"]
 
 
 def plan(model, example_inputs, *, cluster=None, mesh: tuple[tuple[str, int], ...] | None = None,
@@ -36,11 +37,6 @@ def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
                   memory_budget=None, training=True, model_state: str = "replicated",
                   time_limit: float = 60.0, verbose: bool = False) -> Plan:
     """Plan a captured model: enumerate strategies, price them, solve (see `solver`)."""
-    from seqshard.costmodel import Cluster
-
-    from . import solver
-    from .costs import Costs
-
     t0 = time.perf_counter()
     if cluster is None:
         gpus = prod(n for _, n in mesh) if mesh else 8
@@ -55,10 +51,10 @@ def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
                          f"{cluster.gpus} GPUs")
     if memory_budget is None:
         memory_budget = 0.9 * cluster.gpu.hbm_capacity
-    dtype_bytes = _activation_bytes(dims)
-    orders = _orders(dims, overrides)
+    dtype_bytes = activation_bytes(dims)
+    orders = sequence_orders(dims, overrides)
     costs = Costs(dims, cluster, mesh, training=training, dtype_bytes=dtype_bytes,
-                  orders=_atom_orders(dims, orders))
+                  orders=atom_orders(dims, orders))
     say = (lambda msg: print(f"[plan {time.perf_counter() - t0:5.1f}s] {msg}", flush=True)) \
         if verbose else None
     pb = solver.build_problem(dims, costs, mesh, overrides, model_state, progress=say)
@@ -81,17 +77,15 @@ def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
     return solver.to_plan(pb, sol, orders, notes)
 
 
-def _activation_bytes(dims: DimAnalysis) -> int:
+def activation_bytes(dims: DimAnalysis) -> int:
     for n in dims.cap.nodes():
         if n.op == "call_function" and n.target == torch.ops.aten.scaled_dot_product_attention.default:
             return n.meta["val"].element_size()
     return 2
 
 
-def _orders(dims: DimAnalysis, overrides) -> dict[str, str]:
+def sequence_orders(dims: DimAnalysis, overrides) -> dict[str, str]:
     """Sequence orders: forced by overrides, else zigzag for the sequence of causal attention."""
-    from .overrides import parse_spec
-
     orders = {}
     for text in (overrides or {}).values():
         spec = parse_spec(text)
@@ -99,14 +93,13 @@ def _orders(dims: DimAnalysis, overrides) -> dict[str, str]:
             for _, f in spec.splits or ():
                 orders[f] = spec.order
     for n in dims.cap.nodes():
-        att = dims.attrs.get(n, {}).get("attention")
-        if att and (n.kwargs.get("is_causal") or (len(n.args) > 5 and n.args[5])):
-            for a in dims.F.atoms_of(att["seq_k"]):
+        if dims.attention(n) is not None and sdpa_options(n).get("is_causal"):
+            for a in dims.seq_atoms(n):
                 orders.setdefault(dims.F.label(a), "zigzag")
     return orders
 
 
-def _atom_orders(dims: DimAnalysis, orders: dict[str, str]) -> dict[int, str]:
+def atom_orders(dims: DimAnalysis, orders: dict[str, str]) -> dict[int, str]:
     out = {}
     for sig in dims.sigs.values():
         for s in (sig if isinstance(sig, list) else [sig]) if sig is not None else []:

@@ -20,12 +20,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from typing import TYPE_CHECKING
+
 from seqshard.capture import capture
 from seqshard.dims import analyze
-from seqshard.passes import MeshInfo, apply_plan
-from seqshard.passes.shard import Program
+from seqshard.strategies import Plan, R
 
-from .plan import Plan
+from . import api
+
+if TYPE_CHECKING:
+    from seqshard.codegen import MeshInfo, Program
 
 __all__ = ["parallelize", "ParallelModule"]
 
@@ -51,7 +55,9 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
     plan: a Plan (from `planner.plan`, JSON, or another size of the same model).
     overrides: {module pattern: spec} forced choices (see `planner.overrides`).
     axes: names for the factors of inputs, e.g. {"x": "b t p c"}."""
-    from . import api
+    # codegen brings the runtime (custom ops, torch.distributed): loaded here, so that
+    # `planner.plan` stays free of it (tests/test_layering.py)
+    from seqshard.codegen import MeshInfo, apply_plan
 
     mesh = mesh if mesh is not None else default_mesh()
     info = MeshInfo.from_device_mesh(mesh)
@@ -151,14 +157,14 @@ class ParallelModule(nn.Module):
             if kind == "out":
                 node = next(n for n in self._cap.nodes() if n.op == "output").args[0][key]
                 src = self.program.output_layouts[key]
-                gm = sh.redistributor(node, src, tuple("R" for _ in src))
+                gm = sh.redistributor(node, src, tuple(R for _ in src))
             else:
                 name = self._cap.inputs[self._cap.input_names.index(key)]
                 node = next(n for n in self._cap.nodes() if n.name == name)
                 dst = self.program.input_layouts.get(key)
                 if dst is None:
                     return lambda t: t  # replicated wherever it is used
-                gm = sh.redistributor(node, tuple("R" for _ in dst), dst)
+                gm = sh.redistributor(node, tuple(R for _ in dst), dst)
             self._redistributors[(kind, key)] = gm
         return self._redistributors[(kind, key)]
 

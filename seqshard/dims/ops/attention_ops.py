@@ -11,7 +11,7 @@ conservative (it stays whole) and it reads as the one `e` people expect.
 
 import torch
 
-from ..registry import Role, RuleCtx, rule
+from ..registry import AttentionDims, Role, RuleCtx, rule
 
 aten = torch.ops.aten
 
@@ -38,6 +38,6 @@ def sdpa(ctx: RuleCtx):
         ctx.mark([k[-2]], Role.WHOLE)  # no distributed algorithm takes an arbitrary mask
     ctx.mark([q[-1]], Role.WHOLE)
     ctx.mark([k[-2]], Role.SEQ)
-    ctx.attrs["attention"] = dict(batch=batch, heads=q[-3], kv_heads=k[-3], seq_q=q[-2],
-                                  seq_k=k[-2], head_dim=q[-1])
+    ctx.attrs["attention"] = AttentionDims(batch=batch, heads=q[-3], kv_heads=k[-3], seq_q=q[-2],
+                                           seq_k=k[-2], head_dim=q[-1])
     return batch + (q[-3], q[-2], q[-1])

@@ -25,9 +25,16 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from .plan import ALGORITHMS, ORDERS
+from seqshard.dims import Role
+
+from .algorithms import ALGORITHMS, NAMES
+from .layout import PlanError
+from .plan import ORDERS
 
 __all__ = ["Spec", "parse_spec", "spec_for", "forced"]
+
+DEFAULT_FOR_SEQ_AXES = {1: "ring", 2: "hybrid"}
+"""The algorithm an override that splits the sequence but names none gets."""
 
 
 @dataclass(frozen=True)
@@ -66,13 +73,13 @@ def parse_spec(text: str) -> Spec:
             splits = (splits or ()) + ((axis or None, factor),)
         elif term == "replicate":
             splits = ()
-        elif term in ALGORITHMS:
+        elif term in NAMES:
             algorithm = term
         elif term in ORDERS:
             order = term
         else:
             raise ValueError(f"unknown override term {term!r} in {text!r}; terms are split:F, "
-                             f"split:F@AXIS, replicate, {', '.join(ALGORITHMS)}, {', '.join(ORDERS)}")
+                             f"split:F@AXIS, replicate, {', '.join(NAMES)}, {', '.join(ORDERS)}")
     return Spec(splits, algorithm, order)
 
 
@@ -88,10 +95,6 @@ def spec_for(overrides: dict[str, str], module: str) -> Spec | None:
 
 def forced(dims, node, spec: Spec, axis_names: tuple[str, ...]):
     """(splits as atoms per axis, algorithm) that `spec` forces on `node`, checked."""
-    from seqshard.dims import Role
-
-    from .strategy import PlanError, is_attention
-
     assign = spec.assign(axis_names)
     splits = []
     where = f"{node.name} ({dims.cap.module_path(node) or 'top'}: {dims.cap.source(node)})"
@@ -107,14 +110,13 @@ def forced(dims, node, spec: Spec, axis_names: tuple[str, ...]):
                 "factor, or add an op rule for it")
         splits.append(atom)
     algorithm = None
-    if is_attention(node):
-        att = dims.attrs[node]["attention"]
-        seq = {dims.F.find(a) for a in dims.F.atoms_of(att["seq_k"])}
-        seq_axes = [i for i, a in enumerate(splits) if a in seq]
-        if seq_axes:
-            algorithm = spec.algorithm or ("hybrid" if len(seq_axes) == 2 else "ring")
-            if algorithm == "local":
-                raise PlanError(f"{where}: 'local' attention cannot have its sequence split")
-        else:
+    if dims.attention(node) is not None:
+        seq = dims.seq_atoms(node)
+        count = sum(1 for a in splits if a in seq)
+        algorithm = spec.algorithm or DEFAULT_FOR_SEQ_AXES.get(count, "local")
+        if count and ALGORITHMS[algorithm].seq_axes != count:
+            raise PlanError(f"{where}: {algorithm!r} attention splits the sequence over "
+                            f"{ALGORITHMS[algorithm].seq_axes} mesh axes, the override over {count}")
+        if not count:
             algorithm = "local"
     return tuple(splits), algorithm

@@ -8,10 +8,11 @@ from math import prod
 import torch
 import torch.fx as fx
 
-from seqshard.capture import SDPA
+import seqshard.runtime
+from seqshard.capture import SDPA, sdpa_options
 from seqshard.dims import Role
-from seqshard.planner.strategy import P, R, PlanError, Strategy
 from seqshard.runtime import sharding as rt
+from seqshard.strategies import ALGORITHMS, P, R, PlanError, Strategy
 
 aten = torch.ops.aten
 LOCALIZERS: dict = {}
@@ -184,42 +185,19 @@ def _partial(st: Strategy) -> bool:
 # ------------------------------------------------------------------ attention
 @localizer(SDPA)
 def attention(sh, n, st):
-    if st.algorithm == "local":
+    """The plan's distributed algorithm: a call to its runtime function (`ALGORITHMS[...]`),
+    with the sequence's process group(s), outer mesh axis first."""
+    algo = ALGORITHMS[st.algorithm]
+    if algo.runtime is None:
         return copy(sh, n, st)
-    from seqshard.runtime.allgather import allgather_attention
-    from seqshard.runtime.ring import ring_attention
-    from seqshard.runtime.tokenring import tokenring_attention
-    from seqshard.runtime.ulysses import hybrid_attention, ulysses_attention
-
     args, kwargs = _inputs(sh, n, st)
     q, k, v = args[:3]
-    names = ["attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
-    opts = dict(zip(names, args[3:]))
-    opts.update(kwargs)
+    opts = sdpa_options(n)
     if opts.get("dropout_p"):
         raise PlanError(f"{n.name}: distributed attention does not take dropout")
-    att = sh.dims.attrs[n]["attention"]
-    (s,) = {sh.F.find(a) for a in sh.F.atoms_of(att["seq_k"]) if sh.F.find(a) in st.splits}
-    axes = [i for i, a in enumerate(st.splits) if a == s]
+    (s,) = {a for a in sh.dims.seq_atoms(n) if a in st.splits}
+    groups = [sh.mesh.groups[i] for i, a in enumerate(st.splits) if a == s]
     seq_len = sh.F.size(s) if s in sh.pads else None
-    common = dict(causal=bool(opts.get("is_causal", False)), order=sh.orders.get(s, "contig"),
-                  seq_len=seq_len, scale=opts.get("scale"))
-    groups = [sh.mesh.groups[i] for i in axes]
-    heads = sh.F.dim_size(att["heads"])
-    if st.algorithm in ("ulysses", "hybrid"):
-        n_u = sh.mesh.sizes[axes[-1]]
-        local_heads = heads // prod(sh.mesh.sizes[i] for i, a in enumerate(st.splits)
-                                    if a is not None and a != s and a in sh.F.atoms_of(att["heads"]))
-        if local_heads % n_u:
-            raise PlanError(f"{n.name} ({sh.cap.module_path(n)}): {local_heads} heads cannot be split "
-                            f"{n_u} ways by Ulysses; use ring/allgather/tokenring, or a Ulysses "
-                            f"degree that divides {local_heads}")
-    if st.algorithm == "hybrid":
-        ring_group, ulysses_group = groups  # outer axis rings, inner axis all-to-alls
-        return sh.call(hybrid_attention, q, k, v, ring_group, ulysses_group, name=n.name, **common)
-    fn = {"ring": ring_attention, "allgather": allgather_attention,
-          "ulysses": ulysses_attention, "tokenring": tokenring_attention}[st.algorithm]
-    if len(groups) != 1:
-        raise PlanError(f"{n.name}: {st.algorithm} splits the sequence over one mesh axis, "
-                        f"the plan splits it over {len(groups)}; use 'hybrid'")
-    return sh.call(fn, q, k, v, groups[0], name=n.name, **common)
+    return sh.call(getattr(seqshard.runtime, algo.runtime), q, k, v, *groups, name=n.name,
+                   causal=bool(opts.get("is_causal", False)), order=sh.orders.get(s, "contig"),
+                   seq_len=seq_len, scale=opts.get("scale"))

@@ -17,7 +17,8 @@ import json
 import re
 from dataclasses import asdict, dataclass, field, replace
 
-ALGORITHMS = ("local", "ring", "allgather", "ulysses", "hybrid", "tokenring")
+from .algorithms import NAMES as ALGORITHMS
+
 ORDERS = ("contig", "zigzag")
 
 

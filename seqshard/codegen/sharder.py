@@ -3,7 +3,7 @@
 One walk over the captured graph in order. For every node:
 
 1. each tensor input is brought to the layout the node's strategy needs (`Sharder.value`):
-   the redistribution steps of `planner.strategy.redistribution`, emitted as calls into
+   the redistribution steps of `strategies.redistribution`, emitted as calls into
    `seqshard.runtime.sharding` and cached, so two consumers that need the same layout share
    one collective;
 2. the op is emitted on local shards by its family's localizer (`local_ops.py`): views get
@@ -27,8 +27,8 @@ import torch
 import torch.fx as fx
 
 from seqshard.dims import DimAnalysis
-from seqshard.planner.strategy import P, R, PlanError, Step, Strategy, redistribution
 from seqshard.runtime import sharding as rt
+from seqshard.strategies import P, R, PlanError, Shard, Step, Strategy, redistribution, split_axes
 
 from .mesh import MeshInfo
 
@@ -74,9 +74,9 @@ class Sharder:
 
         def visit(layout):
             by_atom: dict[int, int] = {}
-            for ax, a in enumerate(layout):
-                if isinstance(a, int):
-                    by_atom[a] = by_atom.get(a, 1) * self.mesh.sizes[ax]
+            for ax, p in enumerate(layout):
+                if isinstance(p, Shard):
+                    by_atom[p.atom] = by_atom.get(p.atom, 1) * self.mesh.sizes[ax]
             for a, n in by_atom.items():
                 n *= 2 if self.orders.get(a) == "zigzag" else 1
                 multiple[a] = lcm(multiple.get(a, 1), n)
@@ -96,7 +96,7 @@ class Sharder:
         return pads
 
     def split_axes(self, a: int, layout) -> list[int]:
-        return [i for i, x in enumerate(layout) if x == a]
+        return split_axes(layout, a)
 
     def local_size(self, a: int, layout) -> int:
         axes = self.split_axes(a, layout)
@@ -156,9 +156,7 @@ class Sharder:
     def emit_step(self, x: fx.Node, v: fx.Node, layout, step: Step):
         sig = self.sig_atoms(x)
         i = step.axis
-        new = list(layout)
-        new[i] = R if step.kind in ("all_gather", "all_reduce") else step.dst
-        new = tuple(new)
+        new = step.after(layout)
         group, world, rank = self.mesh.groups[i], self.mesh.sizes[i], self.mesh.coords[i]
         label = self.F.label
         if step.kind == "all_reduce":
@@ -250,7 +248,7 @@ class Sharder:
                 st: Strategy = self.strategies[n]
                 local_ops.emit(self, n, st)
                 for x, lay in st.inputs:
-                    if x.name in cap.inputs and any(isinstance(a, int) for a in lay):
+                    if x.name in cap.inputs and any(isinstance(p, Shard) for p in lay):
                         self.input_layouts.setdefault(cap.input_names[cap.inputs.index(x.name)], lay)
             elif n.op == "output":
                 outs = [self._output(x) for x in n.args[0]]

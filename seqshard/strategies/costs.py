@@ -15,14 +15,17 @@ import sympy
 import torch
 import torch.fx as fx
 
+from seqshard.capture import sdpa_options
 from seqshard.costmodel import attention as att_cost
 from seqshard.costmodel import collectives as coll
 from seqshard.costmodel import compute as comp
 from seqshard.costmodel.cluster import Cluster
 from seqshard.dims import DimAnalysis
 
+from .algorithms import ALGORITHMS
+from .layout import redistribution, split_axes
 from .plan import Cost
-from .strategy import R, Strategy, is_attention, redistribution
+from .strategy import Strategy, is_attention
 
 aten = torch.ops.aten
 
@@ -39,7 +42,7 @@ SAVES_FIRST = {aten.linear, aten.rms_norm, aten.layer_norm, aten.silu, aten.gelu
                aten._softmax, aten.log_softmax, aten.cross_entropy_loss, aten.relu, aten.sqrt}
 
 
-def _packet(node: fx.Node):
+def op_packet(node: fx.Node):
     return getattr(node.target, "overloadpacket", node.target)
 
 
@@ -70,7 +73,7 @@ class Costs:
         return self.F.size(a)
 
     def local(self, a: int, layout) -> object:
-        n = prod(self.shape[i] for i, x in enumerate(layout) if x == a)
+        n = prod(self.shape[i] for i in split_axes(layout, a))
         if n == 1:
             return self.size_of(a)
         size = self.size_of(a)
@@ -94,7 +97,7 @@ class Costs:
     def node(self, n: fx.Node, st: Strategy, *, saved: bool) -> Cost:
         """Compute (forward, and backward when training), the node's own communication, and the
         bytes its output keeps for backward."""
-        packet = _packet(n)
+        packet = op_packet(n)
         out = st.output if not isinstance(st.output, list) else None
         mem = self.bytes(n, out) if (saved and out is not None and self.training) else 0
         if packet in VIEWS:
@@ -107,7 +110,7 @@ class Costs:
         return Cost(compute_s=time, memory_bytes=mem)
 
     def _work(self, n: fx.Node, st: Strategy) -> comp.Work:
-        packet = _packet(n)
+        packet = op_packet(n)
         ins = dict(st.inputs)
         out_layout = st.output if not isinstance(st.output, list) else st.output[0]
         out_numel = self.numel(n, out_layout) if not isinstance(st.output, list) else \
@@ -129,7 +132,7 @@ class Costs:
         return comp.pointwise(out_numel, inputs=max(tensors, 1), dtype_bytes=self.dtype_bytes)
 
     def _attention(self, n: fx.Node, st: Strategy, mem) -> Cost:
-        att = self.dims.attrs[n]["attention"]
+        att = self.dims.attention(n)
         q = n.args[0]
         (q_layout,) = [lay for x, lay in st.inputs if x is q]
         kv_layout = [lay for x, lay in st.inputs if x is n.args[1]][0]
@@ -138,31 +141,26 @@ class Costs:
         def size(dims, layout):
             return prod((self.local(F.find(a), layout) for d in dims for a in F.atoms_of(d)), start=1)
 
-        batch = size(att["batch"], q_layout)
-        heads = size([att["heads"]], q_layout)
-        kv_heads = size([att["kv_heads"]], kv_layout)
-        head_dim = size([att["head_dim"]], q_layout)
-        seq_atoms = [F.find(a) for a in F.atoms_of(att["seq_k"])]
+        batch = size(att.batch, q_layout)
+        heads = size([att.heads], q_layout)
+        kv_heads = size([att.kv_heads], kv_layout)
+        head_dim = size([att.head_dim], q_layout)
+        seq_atoms = [F.find(a) for a in F.atoms_of(att.seq_k)]
         seq = prod((self.size_of(a) for a in seq_atoms), start=1)
-        causal = bool(_sdpa_opt(n, "is_causal", 5))
+        causal = bool(sdpa_options(n).get("is_causal"))
         shape = att_cost.AttentionShape(batch=batch, heads=heads, kv_heads=kv_heads, seq=seq,
                                         head_dim=head_dim, dtype_bytes=self.dtype_bytes, causal=causal)
         axes = [i for i, a in enumerate(st.splits) if a in seq_atoms]
         order = self.orders.get(seq_atoms[0], "zigzag" if causal else "contig")
-        if st.algorithm == "local" or not axes:
+        if not axes:
             c = att_cost.local(shape, training=self.training, group_size=1, gpu=self.gpu)
-        elif st.algorithm == "hybrid":
-            ring_axis, uly_axis = axes
-            c = att_cost.hybrid(shape, training=self.training,
-                                group_size=(self.shape[uly_axis], self.shape[ring_axis]),
-                                link=(self.links[uly_axis], self.links[ring_axis]), gpu=self.gpu,
-                                order=order)
-        else:
-            (axis,) = axes
-            fn = getattr(att_cost, st.algorithm)
-            kw = {"order": order}
-            c = fn(shape, training=self.training, group_size=self.shape[axis],
-                   link=self.links[axis], gpu=self.gpu, **kw)
+        else:  # hybrid: ring on the outer axis, Ulysses on the inner; its cost takes (inner, outer)
+            group = tuple(self.shape[i] for i in reversed(axes))
+            link = tuple(self.links[i] for i in reversed(axes))
+            if len(axes) == 1:
+                group, link = group[0], link[0]
+            c = ALGORITHMS[st.algorithm].cost(shape, training=self.training, group_size=group,
+                                              link=link, gpu=self.gpu, order=order)
         return Cost(compute_s=c.compute, comm_s=c.time - c.compute, memory_bytes=mem,
                     comm_bytes=c.comm_bytes, transient_bytes=c.extra_memory)
 
@@ -185,9 +183,7 @@ class Costs:
             n, link = self.shape[step.axis], self.links[step.axis]
             kind = {"all_reduce": "all_reduce", "reduce_scatter": "reduce_scatter",
                     "all_gather": "all_gather", "all_to_all": "all_to_all", "slice": None}[step.kind]
-            new = list(lay)
-            new[step.axis] = R if step.kind in ("all_gather", "all_reduce") else step.dst
-            new = tuple(new)
+            new = step.after(lay)
             if kind is None:  # a local slice: a copy of the piece, and its zero-filled adjoint
                 t += 2 * self.bytes(x, new) / self.gpu.hbm_bandwidth
             else:
@@ -207,8 +203,3 @@ KERNEL_S = 4e-6
 def _at_least_a_kernel(t):
     return t if not isinstance(t, (int, float)) else max(t, KERNEL_S)
 
-
-def _sdpa_opt(n: fx.Node, name: str, position: int):
-    if name in n.kwargs:
-        return n.kwargs[name]
-    return n.args[position] if len(n.args) > position else None

@@ -1,0 +1,15 @@
+"""The CP-SAT stage: choose one strategy per node, minimizing predicted step time under a
+memory budget.
+
+    problem.py   the sets: template nodes, their strategies and costs, clustered tensors, moves
+    clusters.py  identical layers solved once
+    model.py     the CP-SAT model; its docstring is the formulation
+    explain.py   solution → Plan, with every attention node's alternatives
+"""
+
+from .explain import explain_all, to_plan
+from .model import NS, Infeasible, Model, Solution, solve
+from .problem import Problem, Tensor, build_problem
+
+__all__ = ["build_problem", "solve", "to_plan", "explain_all", "Model", "Solution", "Problem",
+           "Tensor", "Infeasible", "NS"]

@@ -1,0 +1,46 @@
+"""A plan's names → strategies: plans speak of factor and node names (so they apply at any size);
+codegen needs atoms and checked strategies."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from seqshard.dims import DimAnalysis
+
+from .layout import PlanError
+from .plan import Plan
+from .strategy import Strategy, plan_nodes, resolve
+
+__all__ = ["resolve_plan", "orders_of"]
+
+
+def resolve_plan(dims: DimAnalysis, plan: Plan, sizes: tuple[int, ...]) -> dict[fx.Node, Strategy]:
+    """Every plan node's strategy on a mesh of axis `sizes` (the plan's axes, in order)."""
+    by_name = plan.by_name()
+    axis_names = plan.axis_names
+    out = {}
+    for n in plan_nodes(dims):
+        np_ = by_name.get(n.name)
+        if np_ is None:
+            raise PlanError(f"the plan has no entry for node {n.name} ({dims.cap.module_path(n)}): "
+                            "it was made for a different model (plans are per model, not per size)")
+        splits = [None] * len(axis_names)
+        for s in np_.splits:
+            if s.axis not in axis_names:
+                raise PlanError(f"{n.name}: split on axis {s.axis!r}, but the mesh axes are {axis_names}")
+            atom = dims.factor(n, s.factor)
+            if atom is None:
+                raise PlanError(f"{n.name} ({dims.cap.module_path(n)}) has no factor {s.factor!r}; "
+                                f"its factors: {[dims.F.label(a) for a in dims.iteration_atoms(n)]}")
+            splits[axis_names.index(s.axis)] = atom
+        out[n] = resolve(n, dims, tuple(splits), np_.algorithm, axis_names, tuple(sizes))
+    return out
+
+
+def orders_of(dims: DimAnalysis, plan: Plan) -> dict[int, str]:
+    """atom → "zigzag" | "contig" for every atom whose factor name the plan orders."""
+    named = dict(plan.orders)
+    atoms = {dims.F.find(a) for sig in dims.sigs.values() if sig is not None
+             for s in (sig if isinstance(sig, list) else [sig]) if s is not None
+             for d in s for a in dims.F.atoms_of(d)}
+    return {a: named[dims.F.label(a)] for a in atoms if dims.F.label(a) in named}

@@ -1,0 +1,184 @@
+"""Strategies: what splitting a node's factors means for its inputs and its output.
+
+A node's strategy splits, on each mesh axis, at most one atomic factor of its iteration space
+(the factors of its inputs and outputs). From the node's factor roles (`seqshard.dims`) follow:
+
+    every input holding the factor  → Shard(factor) on that axis, the others replicated on it
+    the output holding the factor   → Shard(factor) on that axis
+    a SUM factor (contracted)       → the output is a partial sum (P) on that axis
+    a SEQ factor (attention)        → needs a distributed attention algorithm (`algorithms`)
+    a WHOLE factor                  → illegal: the op needs it whole
+
+    candidates(dims, node, mesh)    every legal strategy of a node (what the solver chooses from)
+    resolve(node, dims, splits, algorithm, axis_names)   one strategy, checked
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from itertools import product
+from math import prod
+
+import torch.fx as fx
+
+from seqshard.capture import SDPA
+from seqshard.dims import DimAnalysis, Role
+
+from .algorithms import ALGORITHMS, SEQ_ALGORITHMS, for_seq_axes
+from .layout import P, R, Layout, PlanError, Shard
+from .overrides import Spec, forced
+
+__all__ = ["Strategy", "resolve", "candidates", "whole_somewhere", "plan_nodes", "tensor_inputs",
+           "atoms_of", "is_attention", "where"]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    splits: tuple                  # per mesh axis: the atom it splits, or None
+    algorithm: str | None          # attention nodes only: a key of `ALGORITHMS`
+    inputs: tuple                  # (input node, required Layout) for every tensor input
+    output: Layout | list          # Layout, or a list of Layouts (None: not a tensor) for multi-output nodes
+
+    def outputs(self) -> list:
+        return self.output if isinstance(self.output, list) else [self.output]
+
+
+def plan_nodes(dims: DimAnalysis) -> list[fx.Node]:
+    """The nodes a plan decides: every op except tuple indexing (it follows its producer)."""
+    return [n for n in dims.cap.nodes() if n.op == "call_function" and n.target is not operator.getitem]
+
+
+def tensor_inputs(node: fx.Node, dims: DimAnalysis) -> list[fx.Node]:
+    return [x for x in node.all_input_nodes if isinstance(dims.sigs.get(x), tuple)]
+
+
+def atoms_of(dims: DimAnalysis, sig) -> set[int]:
+    return {dims.F.find(a) for d in sig for a in dims.F.atoms_of(d)}
+
+
+def is_attention(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target == SDPA
+
+
+def where(dims: DimAnalysis, node: fx.Node) -> str:
+    """`name (module: source line)`, how errors point at a node."""
+    return f"{node.name} ({dims.cap.module_path(node) or 'top'}: {dims.cap.source(node)})"
+
+
+def local_heads(dims: DimAnalysis, node: fx.Node, splits: tuple, sizes) -> tuple[int, int]:
+    """(query heads, kv heads) per rank of an attention node once mesh axes that split a head
+    factor (not the sequence) are applied."""
+    att, F = dims.attention(node), dims.F
+    seq = dims.seq_atoms(node)
+    heads_atoms = {F.find(a) for a in F.atoms_of(att.heads)}
+    kv_atoms = {F.find(a) for a in F.atoms_of(att.kv_heads)}
+    by = [(sizes[i], a) for i, a in enumerate(splits) if a is not None and a not in seq]
+    h = F.dim_size(att.heads) // prod((n for n, a in by if a in heads_atoms), start=1)
+    hk = F.dim_size(att.kv_heads) // prod((n for n, a in by if a in kv_atoms), start=1)
+    return h, hk
+
+
+def resolve(node: fx.Node, dims: DimAnalysis, splits: tuple, algorithm: str | None,
+            axis_names: tuple[str, ...], sizes: tuple[int, ...] | None = None) -> Strategy:
+    """The strategy of `node` when mesh axis i splits atom `splits[i]` (None: nothing). With
+    `sizes` (the mesh axis sizes), an attention algorithm's head rule is checked too."""
+    roles = dims.roles.get(node, {})
+    space = set(dims.iteration_atoms(node))
+    at = where(dims, node)
+    for axis, a in zip(axis_names, splits):
+        if a is None:
+            continue
+        label = dims.F.label(a)
+        if a not in space:
+            raise PlanError(f"{at} has no factor {label!r} to split on axis {axis!r}")
+        role = roles.get(a, Role.LOCAL)
+        if role == Role.WHOLE:
+            why = dims.unsupported.get(node)
+            raise PlanError(f"{at} needs factor {label!r} whole"
+                            + (f" ({why}; it runs replicated)" if why else "")
+                            + f"; it cannot be split on axis {axis!r} here - split another "
+                            "factor or let this node be replicated")
+        if role == Role.SEQ and algorithm not in SEQ_ALGORITHMS:
+            raise PlanError(f"{at} splits the attention sequence {label!r}: choose an "
+                            f"algorithm from {SEQ_ALGORITHMS}, not {algorithm!r}")
+    if is_attention(node):
+        seq = dims.seq_atoms(node)
+        seq_axes = [i for i, a in enumerate(splits) if a in seq]
+        algorithm = algorithm or "local"
+        algo = ALGORITHMS[algorithm]
+        if algo.seq_axes != len(seq_axes):
+            raise PlanError(f"{at}: {algorithm!r} splits the sequence over {algo.seq_axes} mesh "
+                            f"axes, this strategy over {len(seq_axes)}; use "
+                            + " or ".join(repr(a.name) for a in for_seq_axes(len(seq_axes)))
+                            + (" (ring on the outer axis, Ulysses on the inner)" if len(seq_axes) == 2 else ""))
+        if seq_axes and atoms_of(dims, (dims.attention(node).seq_q,)) != seq:
+            raise PlanError(f"{at}: distributed attention needs self-attention (queries and "
+                            "keys from the same sequence)")
+        if sizes is not None and seq_axes:
+            h, hk = local_heads(dims, node, splits, sizes)
+            why = algo.check_heads(h, hk, tuple(sizes[i] for i in seq_axes))
+            if why:
+                raise PlanError(f"{at}: {why}")
+    elif algorithm not in (None, "local"):
+        raise PlanError(f"{at} is not attention; it takes no algorithm ({algorithm!r})")
+
+    inputs = []
+    for x in tensor_inputs(node, dims):
+        have = atoms_of(dims, dims.sigs[x])
+        inputs.append((x, tuple(Shard(a) if a is not None and a in have else R for a in splits)))
+
+    def out_layout(sig):
+        have = atoms_of(dims, sig)
+        return tuple(R if a is None else Shard(a) if a in have else
+                     (P if roles.get(a) == Role.SUM else R) for a in splits)
+
+    sig = dims.sigs[node]
+    output = [out_layout(s) if s is not None else None for s in sig] if isinstance(sig, list) \
+        else out_layout(sig)
+    return Strategy(tuple(splits), algorithm if is_attention(node) else None, tuple(inputs), output)
+
+
+def candidates(dims: DimAnalysis, node: fx.Node, mesh: tuple[tuple[str, int], ...],
+               spec: Spec | None = None, whole: frozenset = frozenset()) -> list[Strategy]:
+    """Every legal strategy of `node` (restricted by an override spec when given); factors in
+    `whole` are not offered (see `whole_somewhere`)."""
+    names = tuple(a for a, _ in mesh)
+    sizes = tuple(n for _, n in mesh)
+    roles = dims.roles.get(node, {})
+    atoms = [a for a in dims.iteration_atoms(node)
+             if dims.F.size(a) > 1 and roles.get(a, Role.LOCAL) != Role.WHOLE
+             and a not in whole]
+    if spec is not None and spec.splits is not None:
+        forced_splits, _ = forced(dims, node, spec, names)
+        choices = [[a] for a in forced_splits]
+    else:
+        choices = [[None] + [a for a in atoms if dims.F.size(a) >= n] for n in sizes]
+    out, why = [], []
+    for splits in product(*choices):
+        algos = [None]
+        if is_attention(node):
+            seq = dims.seq_atoms(node)
+            count = sum(1 for a in splits if a in seq)
+            algos = [a.name for a in for_seq_axes(count)]
+            if spec is not None and spec.algorithm is not None and count:
+                algos = [a for a in algos if a == spec.algorithm]  # only where s is split
+        for algo in algos:
+            try:
+                out.append(resolve(node, dims, tuple(splits), algo, names, sizes))
+            except PlanError as e:
+                why.append(str(e))
+    if not out:
+        raise PlanError(f"no legal strategy for {where(dims, node)}"
+                        + (" under its override" if spec else "")
+                        + (": " + "; ".join(dict.fromkeys(why)) if why else ""))
+    return out
+
+
+def whole_somewhere(dims: DimAnalysis) -> frozenset:
+    """Factors some op needs whole (a norm's hidden dim, attention's head dim, a vocabulary).
+    They are not offered as splits anywhere: splitting one elsewhere only adds a gather in
+    front of that op, and leaving them out keeps 2-D meshes fast to solve. (Ops without a rule
+    mark everything whole; they say nothing about how a factor is used, so they don't count.)"""
+    return frozenset(a for n, roles in dims.roles.items() if n not in dims.unsupported
+                     for a, r in roles.items() if r == Role.WHOLE)
