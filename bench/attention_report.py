@@ -10,7 +10,7 @@ Definitions (also written into every report):
     ideal      the single-GPU kernel (PyTorch SDPA with the same local backend as ours, MHA shapes,
                no algorithm around it) at equal per-GPU work: N GPUs at length S do S²/N of causal
                work each, as one GPU does at length S/√N (rounded to --ideal-quantum). Above
-               --ideal-max-len the kernel's rate is flat (shared/ANCHORS.md: 544 / 535 TFLOP/s at
+               --ideal-max-len the kernel's rate is flat (docs/anchors.md: 544 / 535 TFLOP/s at
                32K / 128K), so the rate measured at that length stands in for it.
     efficiency TFLOP/s per GPU / ideal TFLOP/s.
     ×peer      peer's median time / ours (> 1: ours is faster), same N, S, heads and mode.

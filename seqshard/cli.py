@@ -120,9 +120,16 @@ def cmd_bench(args) -> int:
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(root, "bench", f"{args.name.replace('-', '_')}.py")
-    if not os.path.exists(script):
-        names = sorted(f[:-3] for f in os.listdir(os.path.join(root, "bench")) if f.endswith(".py"))
+    bench = os.path.join(root, "bench")
+    script = os.path.join(bench, f"{args.name.replace('-', '_')}.py")
+
+    def runnable(path):  # a benchmark has a main; its helper modules (timing.py, ...) don't
+        with open(path) as f:
+            return 'if __name__ == "__main__"' in f.read()
+
+    if not os.path.exists(script) or not runnable(script):
+        names = sorted(f[:-3] for f in os.listdir(bench)
+                       if f.endswith(".py") and runnable(os.path.join(bench, f)))
         raise SystemExit(f"no benchmark {args.name!r} in {root}/bench; there are: {', '.join(names)}")
     cmd = [sys.executable, script, *args.rest]
     if args.nproc > 1:

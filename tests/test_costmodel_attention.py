@@ -24,7 +24,7 @@ def tflops_per_gpu(shape, cost, n):
     (262144, 475, 513),
 ])
 def test_predictions_land_near_the_anchor_measurements(seq, measured_ring, measured_ulysses):
-    """ANCHORS.md, 4×H200, causal B1 H32 d128 bf16 fwd+bwd. GPU.attention_block_efficiency (0.9)
+    """docs/anchors.md, 4×H200, causal B1 H32 d128 bf16 fwd+bwd. GPU.attention_block_efficiency (0.9)
     was set from the 128K ring figure (and ring-flash-attn's 90.2%); the rest is not fitted.
     Off by more: a rate, bandwidth or overlap term of the ring/Ulysses model changed."""
     shape = mha(seq)

@@ -12,7 +12,7 @@ MiB = 2**20
 
 
 def test_h200_preset_carries_the_anchor_measurements():
-    """A failure here means the H200 table no longer matches shared/ANCHORS.md."""
+    """A failure here means the H200 table no longer matches docs/anchors.md."""
     c = Cluster.preset("h200", gpus=4)
     assert (c.gpus, c.gpus_per_node, c.nodes) == (4, 4, 1)
     assert c.gpu.matmul_bf16 == 758e12

@@ -41,7 +41,13 @@ class Program:
     placeholders: list[str]                     # gm's inputs in order (captured placeholder names)
     input_layouts: dict[str, tuple]             # user input → layout its first split use needs
     output_layouts: list                        # layout of each output
-    sharder: "Sharder" = field(repr=False)
+    cap: object = field(repr=False)             # the captured model it was emitted from
+    _sharder: "Sharder" = field(repr=False)
+
+    def redistributor(self, node: fx.Node, src, dst) -> fx.GraphModule:
+        """A small program that moves captured `node`'s values from layout `src` to `dst` (what
+        `ParallelModule.gather` and `.shard` run)."""
+        return self._sharder.redistributor(node, src, dst)
 
     def code_of(self, module_prefix: str) -> str:
         """The lines of the generated code that come from modules under `module_prefix`."""
@@ -256,7 +262,7 @@ class Sharder:
         self.g.lint()
         gm = fx.GraphModule(cap.gm, self.g)
         return Program(gm, placeholders, self.input_layouts, [self.layout[x] for x in
-                       next(n for n in cap.nodes() if n.op == "output").args[0]], self)
+                       next(n for n in cap.nodes() if n.op == "output").args[0]], cap, self)
 
     def redistributor(self, node: fx.Node, src, dst) -> fx.GraphModule:
         """A small program that moves `node`'s values from layout `src` to `dst` (for

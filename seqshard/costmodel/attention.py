@@ -50,7 +50,7 @@ overlapped), `comm` (all transfers back to back, seconds), `forward`/`backward` 
 seconds with overlap), `comm_bytes` (bytes one GPU sends), `extra_memory` (peak bytes held beyond
 the local shards of q, k, v, o while the op runs). Inference has backward = 0.
 
-Checked against ANCHORS.md (4×H200, causal B1 H32 d128, fwd+bwd, per GPU): at 128K the model
+Checked against docs/anchors.md (4×H200, causal B1 H32 d128, fwd+bwd, per GPU): at 128K the model
 predicts ring 474 / Ulysses 517 TFLOP/s against 477 / 517 measured; at 256K 486 / 526 against
 475 / 513 (tests/test_costmodel_attention.py).
 """

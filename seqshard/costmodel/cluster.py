@@ -376,7 +376,7 @@ def _to_dict(obj) -> dict:
 
 # --- presets ---------------------------------------------------------------------------------
 #
-# H200: measured on our 4×H200 machine (shared/ANCHORS.md, 2026-11-21, torch 2.11, NCCL, cuDNN
+# H200: measured on our 4×H200 machine (docs/anchors.md, 2026-11-21, torch 2.11, NCCL, cuDNN
 # SDPA), except the fields marked "datasheet". H100 and A100 have not been measured here: they
 # are their public datasheet figures multiplied by the efficiencies the H200 measurements show
 # (measured / datasheet), for compute, memory bandwidth and NVLink alike. Latencies and the
@@ -392,7 +392,7 @@ def _scaled(table, factor: float):
     return tuple((x, y * factor) for x, y in table)
 
 
-# H200 SXM 141 GB. Source: ANCHORS.md (measured), datasheet where marked.
+# H200 SXM 141 GB. Source: docs/anchors.md (measured), datasheet where marked.
 _H200_GPU = GPU(
     name="H200",
     matmul_bf16=758e12,                          # bf16 matmul 8192³
@@ -402,7 +402,7 @@ _H200_GPU = GPU(
     attention_causal=((8192, 517e12), (32768, 544e12), (131072, 535e12)),  # cuDNN SDPA fwd+bwd
     attention_full=((32768, 559e12), (131072, 559e12)),                    # cuDNN SDPA fwd+bwd
 )
-# NVLink 4 (NV18, 450 GB/s per direction), 4 GPUs, NCCL bus bandwidth. Source: ANCHORS.md.
+# NVLink 4 (NV18, 450 GB/s per direction), 4 GPUs, NCCL bus bandwidth. Source: docs/anchors.md.
 # Reduce-scatter was not measured: a ring reduce-scatter moves the bytes of a ring all-gather.
 _NVLINK4 = Link(
     name="nvlink",

@@ -46,7 +46,7 @@ class VideoDiTConfig:
 CONFIGS: dict[str, VideoDiTConfig] = {
     "tiny": VideoDiTConfig(in_channels=6, dim=48, pairs=2, heads=4, mlp_ratio=2.0, freq_dim=32),
     "small": VideoDiTConfig(in_channels=16, dim=384, pairs=2, heads=6),
-    # the configuration of ANCHORS.md's DiT rows: hidden 1152, 16 heads, 4 block pairs
+    # the configuration of docs/anchors.md's DiT rows: hidden 1152, 16 heads, 4 block pairs
     "dit-bench": VideoDiTConfig(in_channels=16, dim=1152, pairs=4, heads=16),
     # Latte-XL / STDiT-XL size: 28 blocks (14 pairs), hidden 1152, 16 heads
     "stdit-xl": VideoDiTConfig(in_channels=16, dim=1152, pairs=14, heads=16),

@@ -98,7 +98,7 @@ class ParallelModule(nn.Module):
         self.program = program
         self.mesh = mesh
         self.check_inputs = check_inputs
-        cap = program.sharder.cap
+        cap = program.cap
         self._cap = cap
         self._shapes = [tuple(t.shape) for t in example_inputs]
         self._outputs: list = []
@@ -153,7 +153,7 @@ class ParallelModule(nn.Module):
 
     def _redistributor(self, kind: str, key):
         if (kind, key) not in self._redistributors:
-            sh = self.program.sharder
+            sh = self.program
             if kind == "out":
                 node = next(n for n in self._cap.nodes() if n.op == "output").args[0][key]
                 src = self.program.output_layouts[key]
