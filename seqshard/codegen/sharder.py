@@ -237,7 +237,7 @@ class Sharder:
                 self.env[n] = self.g.placeholder(n.name)
                 self.layout[n] = (R,) * naxes
                 placeholders.append(n.name)
-                if n.name in cap.params and self.mesh.world_group and \
+                if n.name in cap.params and self.mesh.world_group and self.mesh.world > 1 and \
                         cap.model.get_parameter(cap.params[n.name]).requires_grad:
                     self.env[n] = self.call(rt.sum_grad, self.env[n], self.mesh.world_group,
                                             name=f"{n.name}_grad_summed")

@@ -6,7 +6,7 @@
     overrides.py   forced choices per module pattern
     costs.py       a strategy's and a redistribution's price, from `seqshard.costmodel`
     plan.py        `Plan`: the solver's output and codegen's input (JSON, a table, explanations)
-    resolve.py     a plan's names → strategies
+    from_plan.py   a plan's names → strategies
 """
 
 from .algorithms import ALGORITHMS, Algorithm
@@ -14,7 +14,7 @@ from .costs import Costs
 from .layout import P, R, Layout, PlanError, Shard, Step, redistribution, replicated, split_axes
 from .overrides import Spec, parse_spec, spec_for
 from .plan import Cost, NodePlan, Plan, Predicted, Split
-from .resolve import orders_of, resolve_plan
+from .from_plan import orders_of, resolve_plan
 from .strategy import (Strategy, atoms_of, candidates, is_attention, plan_nodes, resolve,
                        tensor_inputs, whole_somewhere)
 

@@ -153,7 +153,8 @@ def candidates(dims: DimAnalysis, node: fx.Node, mesh: tuple[tuple[str, int], ..
         forced_splits, _ = forced(dims, node, spec, names)
         choices = [[a] for a in forced_splits]
     else:
-        choices = [[None] + [a for a in atoms if dims.F.size(a) >= n] for n in sizes]
+        # an axis of size 1 splits nothing (a split there would only add copies)
+        choices = [[None] + [a for a in atoms if dims.F.size(a) >= n > 1] for n in sizes]
     out, why = [], []
     for splits in product(*choices):
         algos = [None]

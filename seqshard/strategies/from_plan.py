@@ -33,8 +33,24 @@ def resolve_plan(dims: DimAnalysis, plan: Plan, sizes: tuple[int, ...]) -> dict[
                 raise PlanError(f"{n.name} ({dims.cap.module_path(n)}) has no factor {s.factor!r}; "
                                 f"its factors: {[dims.F.label(a) for a in dims.iteration_atoms(n)]}")
             splits[axis_names.index(s.axis)] = atom
-        out[n] = resolve(n, dims, tuple(splits), np_.algorithm, axis_names, tuple(sizes))
+        splits, algorithm = _drop_unit_axes(dims, n, splits, np_.algorithm, sizes)
+        out[n] = resolve(n, dims, tuple(splits), algorithm, axis_names, tuple(sizes))
     return out
+
+
+def _drop_unit_axes(dims, n, splits, algorithm, sizes):
+    """A mesh axis of size 1 splits nothing: a plan made for N ranks runs on one as the captured
+    model, with no redistribution steps. Attention keeps the algorithm of the axes that remain."""
+    kept = [a if size > 1 else None for a, size in zip(splits, sizes)]
+    if algorithm not in (None, "local") and kept != list(splits):
+        seq = dims.seq_atoms(n)
+        axes = [i for i, a in enumerate(kept) if a in seq]
+        if not axes:
+            algorithm = "local"
+        elif algorithm == "hybrid" and len(axes) == 1:  # ring on the outer axis, Ulysses inner
+            outer = [i for i, a in enumerate(splits) if a in seq][0]
+            algorithm = "ring" if axes[0] == outer else "ulysses"
+    return kept, algorithm
 
 
 def orders_of(dims: DimAnalysis, plan: Plan) -> dict[int, str]:
