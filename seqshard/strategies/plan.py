@@ -239,9 +239,13 @@ def _fold(rows: list[tuple]) -> list[tuple]:
 
 
 def _layer_of(module: str) -> str:
-    """`layers.3.attn.q_proj` → `layers.3.attn`: leaf projections fold into their layer."""
+    """`layers.3.attn.q_proj` → `layers.3.attn`, `lm.model.layers.3.self_attn.q_proj` →
+    `lm.model.layers.3.self_attn`: the part after a layer index is the row; deeper modules
+    (leaf projections) fold into it. Without an index: the first three parts."""
     parts = module.split(".")
-    return ".".join(parts[:3]) if len(parts) > 3 else module
+    index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    keep = index + 2 if index is not None else 3
+    return ".".join(parts[:keep])
 
 
 def _fmt_s(t: float) -> str:
