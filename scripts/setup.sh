@@ -23,3 +23,17 @@ else
     fi
 fi
 "$PY" -m pip install -q -e ".$extra"
+
+# --dev: tests/test_plan_html.py screenshots the plan page in headless Chromium (Debian's
+# chromium package, with a font). Without apt (or root/sudo) the test skips its screenshot.
+if [ -n "$extra" ] && ! { command -v chromium || command -v chromium-browser; } >/dev/null 2>&1; then
+    sudo=""; [ "$(id -u)" != 0 ] && sudo="sudo -n"
+    if command -v apt-get >/dev/null 2>&1 && { [ -z "$sudo" ] || sudo -n true 2>/dev/null; }; then
+        echo "setup: installing chromium with apt-get (for tests/test_plan_html.py)"
+        { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+              --no-install-recommends chromium fonts-dejavu-core; } >/dev/null \
+            || echo "setup: could not install chromium; tests/test_plan_html.py will skip its screenshot"
+    else
+        echo "setup: no chromium and no apt-get as root; tests/test_plan_html.py will skip its screenshot"
+    fi
+fi

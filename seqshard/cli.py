@@ -100,6 +100,10 @@ def cmd_plan(args) -> int:
         with open(args.json, "w") as f:
             f.write(p.to_json())
         print(f"plan written to {args.json}")
+    if args.html:
+        with open(args.html, "w") as f:
+            f.write(p.to_html())
+        print(f"plan page written to {args.html}")
     return 0
 
 
@@ -163,6 +167,7 @@ def main(argv=None) -> int:
     p.add_argument("--inference", action="store_true", help="forward only")
     p.add_argument("--explain", action="append", help="a layer to explain (repeatable)")
     p.add_argument("--json", help="write the plan as JSON")
+    p.add_argument("--html", help="write the plan as a self-contained HTML page")
     p.add_argument("--verbose", action="store_true", help="progress of the planner")
     p.set_defaults(fn=cmd_plan)
 

@@ -6,6 +6,7 @@
     overrides.py   forced choices per module pattern
     costs.py       a strategy's and a redistribution's price, from `seqshard.costmodel`
     plan.py        `Plan`: the solver's output and codegen's input (JSON, a table, explanations)
+    plan_html.py   a plan as one self-contained HTML page (`Plan.to_html`)
     from_plan.py   a plan's names → strategies
 """
 

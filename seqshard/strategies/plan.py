@@ -186,6 +186,11 @@ class Plan:
             text += f"note: {note}\n"
         return text
 
+    def to_html(self) -> str:
+        """One self-contained HTML page: strategy map, time and memory per layer, alternatives."""
+        from .plan_html import to_html
+        return to_html(self)
+
     def explain(self, name: str) -> str:
         """The alternatives for a layer's attention (or any node, by node or module name) with
         their predicted costs, and why the chosen one won."""
