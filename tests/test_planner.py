@@ -185,3 +185,13 @@ def test_explain_and_json_round_trip():
     assert q.hash() == p.hash() and q.predicted == p.predicted and q.nodes == p.nodes
     assert q.explain("layers.1.attn") == text
     assert "layers.0-1.attn" in str(p)  # identical layers fold into one row
+
+
+def test_an_override_on_one_layer_is_not_tied_to_its_twins():
+    """Identical layers are solved once; a layer with its own override is not identical.
+    (It was: `{"*": "split:s ring zigzag", "layers.1.attn": "ulysses"}` gave ring on both.)"""
+    model, inputs = build("llama", "tiny-mha", device="meta", seq=64)
+    p = plan(model, inputs, cluster="h200x4",
+             overrides={"*": "split:s ring zigzag", "layers.1.attn": "ulysses"})
+    algos = {n.module: n.algorithm for n in p.attention()}
+    assert algos == {"layers.0.attn": "ring", "layers.1.attn": "ulysses"}, algos

@@ -7,6 +7,7 @@ for Llama-3-70B): every node of a repeated layer maps to the same node of its fi
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import torch.fx as fx
 
@@ -17,11 +18,13 @@ __all__ = ["cluster_layers"]
 _LAYER = re.compile(r"^(.*?\.\d+)(\.|$)")
 
 
-def cluster_layers(dims: DimAnalysis, nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
+def cluster_layers(dims: DimAnalysis, nodes: list[fx.Node],
+                   spec_of: Callable[[str], object] = lambda module: None) -> dict[fx.Node, fx.Node]:
     """Map every node of a repeated layer to the same node of the first identical layer.
 
     A layer is a module path ending in an index (`layers.7`, `blocks.3`); two layers are
-    identical when their nodes have the same ops, factor signatures and wiring."""
+    identical when their nodes have the same ops, factor signatures, wiring and forced choices
+    (`spec_of(module path)`: an override on `layers.1.attn` alone makes layer 1 its own class)."""
     layers: dict[str, list[fx.Node]] = {}
     for n in nodes:
         m = _LAYER.match(dims.cap.module_path(n))
@@ -31,7 +34,7 @@ def cluster_layers(dims: DimAnalysis, nodes: list[fx.Node]) -> dict[fx.Node, fx.
     mapping = {n: n for n in nodes}
     for members in layers.values():
         pos = {n: i for i, n in enumerate(members)}
-        key = tuple((str(n.target), _shape_key(dims, n),
+        key = tuple((str(n.target), _shape_key(dims, n), spec_of(dims.cap.module_path(n)),
                      tuple(("in", pos[x]) if x in pos else ("out", _shape_key(dims, x))
                            for x in n.all_input_nodes)) for n in members)
         if key in templates:

@@ -68,7 +68,7 @@ def build_problem(dims: DimAnalysis, costs: Costs, mesh, overrides: dict | None,
                   model_state: str, progress=None) -> Problem:
     pb = Problem(dims, costs, tuple(mesh))
     nodes = plan_nodes(dims)
-    pb.template = cluster_layers(dims, nodes)
+    pb.template = cluster_layers(dims, nodes, lambda m: spec_for(overrides, m) if overrides else None)
     saved = _saved(dims)
     for n in nodes:
         t = pb.template[n]
