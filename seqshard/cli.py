@@ -1,28 +1,98 @@
-"""`seqshard` command line: demo | capture | plan | bench | calibrate."""
+"""`seqshard` command line: demo | capture | plan | bench | calibrate.
+
+A mistake on the command line (a bad count, an unknown model, config or cluster, a cluster file
+that is missing or malformed, a model too big for this machine's memory) is one line on stderr,
+`seqshard: error: ...`, naming the fix, and exit status 2."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error of the command line
+        self.exit(2, f"seqshard: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", choices=["llama", "video_dit"], help="built-in model family")
     p.add_argument("--config", default="tiny", help="named configuration (see seqshard/models)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=37, help="llama: sequence length")
-    p.add_argument("--frames", type=int, default=6, help="video_dit: frames T")
-    p.add_argument("--patches", type=int, default=10, help="video_dit: patches per frame P")
+    p.add_argument("--batch", type=_count, default=1)
+    p.add_argument("--seq", type=_count, default=37, help="llama: tokens, e.g. 37, 4K")
+    p.add_argument("--frames", type=_count, default=6, help="video_dit: frames T")
+    p.add_argument("--patches", type=_count, default=10, help="video_dit: patches per frame P")
     p.add_argument("--meta", action="store_true", help="build on the meta device (no memory)")
 
 
 def _build(args):
+    import torch
+
     from seqshard.models import build
 
     sizes = dict(batch=args.batch, seq=args.seq) if args.model == "llama" else \
         dict(batch=args.batch, frames=args.frames, patches=args.patches)
+    if not args.meta:  # count the parameters on the meta device before allocating them
+        model, _ = build(args.model, args.config, device="meta", **sizes)
+        need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        have = _available_memory()
+        if need > 0.8 * have:
+            n = sum(p.numel() for p in model.parameters())
+            count = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+            raise ValueError(f"{args.model} {args.config} has {count} parameters, "
+                             f"{_size(need)} in {str(torch.get_default_dtype())[6:]}; this "
+                             f"machine has {_size(have)} available: add --meta to capture it on "
+                             "the meta device (shapes only, nothing allocated)")
     return build(args.model, args.config, device="meta" if args.meta else "cpu", **sizes)
+
+
+def _size(b: float) -> str:
+    for unit, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= k:
+            return f"{b / k:.1f} {unit}"
+    return f"{b:.0f} B"
+
+
+def _available_memory() -> int:
+    """Bytes of host memory available now (MemAvailable; else free physical pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _cluster(text: str):
+    from seqshard.costmodel import Cluster
+
+    if not text.endswith(".json"):
+        return Cluster.parse(text)  # its errors name the presets
+    if not os.path.exists(text):
+        raise ValueError(f"--cluster {text}: no such file; pass a preset such as h200x8 or "
+                         "h100x1024, or a file written by `seqshard calibrate --out FILE`")
+    try:
+        return Cluster.load(text)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        why = str(e) if str(e).startswith("not a seqshard") else f"not a seqshard cluster file: {e}"
+        raise ValueError(f"--cluster {text}: {why}; write one with `seqshard calibrate --out "
+                         "FILE`") from None
+
+
+def _mesh(text: str) -> tuple[tuple[str, int], ...]:
+    """'node=128,gpu=8' → (("node", 128), ("gpu", 8))."""
+    mesh = []
+    for item in text.split(","):
+        name, _, size = item.partition("=")
+        if not name.strip() or not size.strip().isdigit() or int(size) < 1:
+            raise ValueError(f"--mesh {text}: expected AXIS=SIZE pairs separated by commas, "
+                             "such as node=128,gpu=8")
+        mesh.append((name.strip(), int(size)))
+    return tuple(mesh)
 
 
 def cmd_capture(args) -> int:
@@ -47,30 +117,38 @@ def cmd_capture(args) -> int:
     return 0
 
 
-def _count(text: str) -> int:
+def _count(text) -> int:
     """'1M' → 1048576, '128K' → 131072, '4096' → 4096 (K and M are powers of two, as in 128K
     context lengths)."""
-    text = text.strip().upper()
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-    return int(float(text[:-1] if scale > 1 else text) * scale)
+    if isinstance(text, int):  # an argparse default
+        return text
+    clean = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(clean[-1:], 1)
+    try:
+        value = float(clean[:-1] if scale > 1 else clean) * scale
+    except ValueError:
+        value = 0.0
+    if not (value >= 1 and value == int(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive count such as 4096, 128K or 1M, "
+                                         f"got {text!r}")
+    return int(value)
 
 
 def cmd_plan(args) -> int:
     import torch
 
-    from seqshard.costmodel import Cluster
     from seqshard.models import AXES, build
     from seqshard.planner import plan
     from seqshard.solver import Infeasible
 
-    cluster = Cluster.parse(args.cluster)
+    cluster = _cluster(args.cluster)
     if args.mesh:
-        mesh = tuple((k, int(v)) for k, v in (item.split("=") for item in args.mesh.split(",")))
+        mesh = _mesh(args.mesh)
     elif cluster.nodes > 1:
         mesh = (("node", cluster.nodes), ("gpu", cluster.gpus_per_node))
     else:
         mesh = (("sp", cluster.gpus),)
-    sizes = dict(batch=args.batch, seq=_count(args.seq)) if args.model == "llama" else \
+    sizes = dict(batch=args.batch, seq=args.seq) if args.model == "llama" else \
         dict(batch=args.batch, frames=args.frames, patches=args.patches)
     model, inputs = build(args.model, args.config, device="meta", dtype=torch.bfloat16, **sizes)
     inputs = tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in inputs)
@@ -143,7 +221,7 @@ def cmd_bench(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="seqshard", description=__doc__)
+    parser = _Parser(prog="seqshard", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("capture", help="print every node with its factor signature and source line")
     _model_args(p)
@@ -153,10 +231,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("plan", help="plan a built-in model for a cluster (no GPU needed)")
     p.add_argument("--model", choices=["llama", "video_dit"], default="llama")
     p.add_argument("--config", default="llama3-8b")
-    p.add_argument("--seq", default="128K", help="llama: tokens, e.g. 1M, 128K, 4096")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--frames", type=int, default=64)
-    p.add_argument("--patches", type=int, default=1024)
+    p.add_argument("--seq", type=_count, default="128K", help="llama: tokens, e.g. 1M, 128K, 4096")
+    p.add_argument("--batch", type=_count, default=1)
+    p.add_argument("--frames", type=_count, default=64)
+    p.add_argument("--patches", type=_count, default=1024)
     p.add_argument("--cluster", default="h200x8", help="h200x8, h100x1024, a100x64, or a JSON file")
     p.add_argument("--mesh", help="axis sizes, e.g. node=128,gpu=8 (default: one axis per level)")
     p.add_argument("--budget", type=float, help="memory per GPU in GiB (default 90%% of the GPU)")
@@ -190,7 +268,11 @@ def main(argv=None) -> int:
     if rest and not getattr(args, "passes_rest", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (ValueError, OSError) as e:  # a mistake in what was asked: its message says the fix
+        print(f"seqshard: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

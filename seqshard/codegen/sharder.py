@@ -237,8 +237,11 @@ class Sharder:
                 self.env[n] = self.g.placeholder(n.name)
                 self.layout[n] = (R,) * naxes
                 placeholders.append(n.name)
-                if n.name in cap.params and self.mesh.world_group and self.mesh.world > 1 and \
-                        cap.model.get_parameter(cap.params[n.name]).requires_grad:
+                # parameters, and inputs captured with requires_grad: each rank holds a share
+                if self.mesh.world_group and self.mesh.world > 1 and (
+                        cap.model.get_parameter(cap.params[n.name]).requires_grad
+                        if n.name in cap.params else
+                        n.name in cap.inputs and getattr(n.meta.get("val"), "requires_grad", False)):
                     self.env[n] = self.call(rt.sum_grad, self.env[n], self.mesh.world_group,
                                             name=f"{n.name}_grad_summed")
             elif n.op == "get_attr":

@@ -22,6 +22,8 @@ def plan(model, example_inputs, *, cluster=None, mesh: tuple[tuple[str, int], ..
     """Capture `model` on `example_inputs` (the meta device works) and plan it.
 
     cluster: a `costmodel.Cluster` or its name ("h100x1024"; default: H200s, one per mesh rank);
+    axes: names for the factors of inputs, e.g. {"x": "b t p c"}; the plan records them
+        (`plan.axes`), and `parallelize(plan=...)` uses them;
     mesh: axis names and sizes (default: one axis "sp" over every GPU of the cluster);
     overrides: forced choices per module pattern (see `planner.overrides`);
     memory_budget: bytes per GPU (default 90% of its memory);
@@ -30,7 +32,8 @@ def plan(model, example_inputs, *, cluster=None, mesh: tuple[tuple[str, int], ..
         example_inputs = (example_inputs,)
     dims = analyze(capture(model, example_inputs), axes)
     return plan_captured(dims, mesh=mesh, overrides=overrides, cluster=cluster,
-                         memory_budget=memory_budget, training=training, **options)
+                         memory_budget=memory_budget, training=training,
+                         **options).with_axes(axes)
 
 
 def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,

@@ -7,13 +7,36 @@
     pm.plan, pm.code
 
 Gradients: the program is differentiated as a whole, each collective with its true adjoint, so a
-rank's gradient of a replicated tensor is its share of the total. Parameters are summed over all
-ranks in backward (`sum_grad`), and a replicated output's gradient is counted once
-(`scale_grad`): after `loss.backward()` every rank holds the single-device gradients.
+rank's gradient of a replicated tensor is its share of the total. Parameters, and inputs that
+require grad, are summed over all ranks in backward (`sum_grad`), and a replicated output's
+gradient is counted once (`scale_grad`): after `loss.backward()` every rank holds the
+single-device gradients, `x.grad` included.
+
+Modes: a captured program is one mode of the model (dropout on or off, and any other branch on
+`self.training`). `pm.train()` / `pm.eval()` (or the same on any submodule) switch to the program
+of that mode, built once from the same plan; so does a call after parameters were frozen or
+unfrozen, or whose inputs differ in `requires_grad` from the example inputs.
+
+Failing together (no hangs): every rank must make the same calls. `parallelize` first exchanges a
+header (mesh, plan or not and its hash, overrides, axes, model and input shapes, train/eval
+modes) and raises a `ValueError` on every rank if they differ; after capture and analysis, after
+planning and after building the program, each rank reports ok or its error, and every rank
+raises (the failing rank its own error, the others the same type naming that rank and its
+message). Each call first exchanges a digest of every input (`_input_digest`) and checks token
+ids against the embedding and loss they index, so different inputs, different modes or a bad
+token id fail on every rank before the program runs.
+
+What can still hang (the process group's timeout, 30 min by default, is then the only way out;
+pass `timeout=` to `init_process_group` to shorten it): a rank that dies (killed, out of host
+memory) or never makes the call; an error inside the program or its backward on some ranks only
+(CUDA out of memory on one GPU, an error in a collective); `gather`/`shard` called on some ranks
+only; and everything under `check_inputs=False`, which skips the per-call exchange.
 """
 
 from __future__ import annotations
 
+import hashlib
+import sys
 import weakref
 
 import torch
@@ -37,10 +60,6 @@ __all__ = ["parallelize", "ParallelModule"]
 def default_mesh():
     from torch.distributed.device_mesh import init_device_mesh
 
-    if not dist.is_initialized():
-        raise RuntimeError("parallelize needs a process group: run under torchrun (or call "
-                           "torch.distributed.init_process_group) - or use planner.plan() to plan "
-                           "without one")
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     return init_device_mesh(device, (dist.get_world_size(),), mesh_dim_names=("sp",))
 
@@ -54,78 +73,212 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
     mesh: a DeviceMesh over all ranks (default: 1-D over the world, axis "sp").
     plan: a Plan (from `planner.plan`, JSON, or another size of the same model).
     overrides: {module pattern: spec} forced choices (see `planner.overrides`).
-    axes: names for the factors of inputs, e.g. {"x": "b t p c"}."""
+    axes: names for the factors of inputs, e.g. {"x": "b t p c"}; default: the axes the plan
+        was made with (`plan.axes`).
+    check_inputs: exchange a digest of the inputs on every call (see `ParallelModule.forward`).
+
+    Every rank must call it with the same arguments; a difference, or an error on any rank,
+    raises on every rank (see the module docstring)."""
     # codegen brings the runtime (custom ops, torch.distributed): loaded here, so that
     # `planner.plan` stays free of it (tests/test_layering.py)
     from seqshard.codegen import MeshInfo, apply_plan
 
-    mesh = mesh if mesh is not None else default_mesh()
-    info = MeshInfo.from_device_mesh(mesh)
+    if not dist.is_initialized():
+        raise RuntimeError("parallelize needs a process group: run under torchrun (or call "
+                           "torch.distributed.init_process_group) - or use planner.plan() to plan "
+                           "without one")
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    cap = capture(model, example_inputs)
-    dims = analyze(cap, axes)
+    if axes is None and plan is not None and plan.axes:
+        axes = dict(plan.axes)
+    _check_same_call(model, example_inputs, mesh, plan, overrides, axes, check_inputs)
+    if plan is not None and overrides:
+        raise ValueError("pass either plan= or overrides=, not both (overrides shape a new plan)")
+    mesh = mesh if mesh is not None else default_mesh()
+    info = MeshInfo.from_device_mesh(mesh)
+
+    dims = _together("capture", lambda: analyze(capture(model, example_inputs), axes))
     if plan is None:
         # rank 0 plans and sends the plan: CP-SAT's parallel search may pick a different plan of
         # equal cost on another rank. A planning error travels too: every rank raises it.
-        message = [None, None]
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        message, error = [None, None], None
+        if dist.get_rank() == 0:
             try:
                 message[0] = api.plan_captured(dims, mesh=tuple(zip(info.names, info.sizes)),
                                                overrides=overrides, cluster=cluster,
                                                memory_budget=memory_budget,
                                                training=training).to_json()
-            except (ValueError, RuntimeError) as e:
-                message[1] = (type(e), str(e))
-        if dist.is_initialized() and dist.get_world_size() > 1:
+            except Exception as e:  # noqa: BLE001 - sent to every rank, raised there
+                message[1], error = _describe(e), e
+        if dist.get_world_size() > 1:
             dist.broadcast_object_list(message, src=0)
+        if error is not None:
+            raise error
         if message[1] is not None:
-            kind, text = message[1]
-            raise kind(text)
-        plan = Plan.from_json(message[0])
-    elif overrides:
-        raise ValueError("pass either plan= or overrides=, not both (overrides shape a new plan)")
-    program = apply_plan(dims, plan, info)
-    return ParallelModule(model, example_inputs, plan, program, info, check_inputs)
+            raise _rebuild(message[1], 0, "planning")
+        plan = Plan.from_json(message[0]).with_axes(axes)
+    program = _together("building the program", lambda: apply_plan(dims, plan, info))
+    return ParallelModule(model, plan, program, info, axes, check_inputs)
 
 
 class ParallelModule(nn.Module):
-    def __init__(self, model: nn.Module, example_inputs: tuple, plan: Plan, program: Program,
-                 mesh: MeshInfo, check_inputs: bool):
+    """This rank's program for `model`; call it with the global inputs (the same on every rank).
+
+    `pm.program` is the program of the current mode; programs of other modes (train/eval, inputs
+    or parameters with or without requires_grad) are built from the same plan when first
+    needed, and kept."""
+
+    def __init__(self, model: nn.Module, plan: Plan, program: Program, mesh: MeshInfo,
+                 axes: dict[str, str] | None, check_inputs: bool):
         super().__init__()
         self.model = model
         self.plan = plan
         self.program = program
         self.mesh = mesh
         self.check_inputs = check_inputs
+        self._axes = axes
+        self._submodules = list(model.modules())
+        self._parameters = list(model.parameters())
         cap = program.cap
-        self._cap = cap
-        self._shapes = [tuple(t.shape) for t in example_inputs]
+        self._names = list(cap.input_names)
+        vals = {n.name: n.meta["val"] for n in cap.nodes() if n.op == "placeholder"}
+        self._shapes = [tuple(vals[n].shape) for n in cap.inputs]
+        self._programs = {self._mode_key(tuple(vals[n].requires_grad for n in cap.inputs)): program}
+        self._index_limits = _index_limits(cap)
         self._outputs: list = []
         self._redistributors: dict = {}
-        _same_on_all_ranks(f"plan {plan.hash()}", "the plan",
-                           "build the plan once (or load the same JSON) on every rank")
+        self._weights: dict = {}  # device → the digest's position weights (see _input_digest)
 
     @property
     def code(self) -> str:
-        """This rank's program as Python source."""
+        """This rank's program (of the current mode) as Python source."""
         return self.program.gm.code
 
+    def _mode_key(self, inputs_requires_grad: tuple) -> tuple:
+        """What a captured program depends on besides shapes: each submodule's train/eval flag,
+        and which parameters and inputs require grad (their gradients are summed over ranks)."""
+        return (tuple(m.training for m in self._submodules),
+                tuple(p.requires_grad for p in self._parameters), inputs_requires_grad)
+
     def forward(self, *inputs):
-        if len(inputs) != len(self._shapes):
-            raise ValueError(f"expected {len(self._shapes)} inputs "
-                             f"({', '.join(self._cap.input_names)}), got {len(inputs)}")
-        shapes = [tuple(t.shape) for t in inputs]
-        if shapes != self._shapes:
-            raise ValueError(f"this module was built for input shapes {self._shapes}, got {shapes}: "
-                             "call parallelize again with these inputs; the plan carries over "
-                             "unchanged (plan=pm.plan)")
-        if self.check_inputs:
-            _check_inputs_match(inputs, self._cap.input_names)
-        args = [self._cap.placeholder_value(name, inputs) for name in self.program.placeholders]
+        """Run this rank's program on the global inputs.
+
+        With `check_inputs` (the default), the ranks first all-gather one row of int64: whether
+        the call is well-formed here, the train/eval modes, which parameters and inputs require
+        grad, and a digest of every input's bytes (`_input_digest`); any difference raises a
+        `ValueError` on every rank naming the input and the ranks. Cost per call: one all-gather of a few
+        int64, one pass over each input (the digest of 1×128K int64 tokens takes 0.09 ms and of
+        a 1×16×64×1152 float32 tensor 0.35 ms on one CPU thread; 0.03 ms each on an H200), and
+        on GPUs one device-to-host copy, which waits for the work queued before the call.
+        Token ids and labels are then checked against the embedding or loss they index, on the
+        whole input on every rank (`_check_indices`)."""
+        problem = self._local_problem(inputs)
+        key = None
+        if problem is None:
+            key = self._mode_key(tuple(bool(t.requires_grad) for t in inputs))
+        if self.check_inputs and dist.get_world_size() > 1:
+            self._agree(inputs, key, problem)
+        elif problem is not None:
+            raise ValueError(problem)
+        self._check_indices(inputs)
+        if key not in self._programs:
+            self._programs[key] = self._build(key, inputs)
+        self.program = self._programs[key]
+        args = [self.program.cap.placeholder_value(name, inputs) for name in self.program.placeholders]
         outs = self.program.gm(*args)
         self._outputs = [weakref.ref(o) if isinstance(o, torch.Tensor) else None for o in outs]
         return outs[0] if len(outs) == 1 else outs
+
+    # ------------------------------------------------------------------ checks of a call
+    def _local_problem(self, inputs) -> str | None:
+        if len(inputs) != len(self._shapes):
+            return (f"expected {len(self._shapes)} inputs ({', '.join(self._names)}), "
+                    f"got {len(inputs)}")
+        if not all(isinstance(t, torch.Tensor) for t in inputs):
+            return f"inputs must be tensors, got {[type(t).__name__ for t in inputs]}"
+        shapes = [tuple(t.shape) for t in inputs]
+        if shapes != self._shapes:
+            return (f"this module was built for input shapes {self._shapes}, got {shapes}: call "
+                    "parallelize again with these inputs; the plan carries over unchanged "
+                    "(plan=pm.plan)")
+        return None
+
+    def _agree(self, inputs, key, problem) -> None:
+        """All-gather [ok, modes, parameters' and inputs' requires_grad, digest of each input]
+        (flags as 56-bit hashes) and compare."""
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend() == "nccl" else torch.device("cpu")
+        head = [0, 0, 0, 0]
+        digests = [torch.zeros((), dtype=torch.int64, device=device)] * len(self._shapes)
+        if problem is None:
+            head = [1] + [int.from_bytes(hashlib.blake2b(bytes(flags), digest_size=7).digest(),
+                                         "little") for flags in key]
+            digests = [_input_digest(t, self._weights).to(device) for t in inputs]
+        row = torch.cat([torch.tensor(head, dtype=torch.int64).to(device), torch.stack(digests)])
+        every = [torch.empty_like(row) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, row)
+        rows = torch.stack(every).cpu().tolist()
+        bad = [r for r, x in enumerate(rows) if not x[0]]
+        if bad:
+            if problem is not None:
+                raise ValueError(problem)
+            raise ValueError(f"{_ranks(bad)} called with inputs that do not fit this module "
+                             f"(count or shapes; see the error there); {_same}")
+        if len({x[1] for x in rows}) > 1:
+            raise ValueError(f"the ranks are in different train/eval modes ({_groups(rows, 1)}); "
+                             "call pm.train() or pm.eval() on every rank")
+        if len({x[2] for x in rows}) > 1:
+            raise ValueError(f"the ranks differ in which parameters require grad "
+                             f"({_groups(rows, 2)}); freeze and unfreeze alike on every rank")
+        if len({x[3] for x in rows}) > 1:
+            raise ValueError(f"the ranks differ in which inputs require grad ({_groups(rows, 3)})"
+                             f"; {_same}")
+        for i, name in enumerate(self._names):
+            if len({x[4 + i] for x in rows}) > 1:
+                values = [x[4 + i] for x in rows]
+                common = max(values, key=lambda v: (values.count(v), v == values[0]))
+                odd = [r for r, v in enumerate(values) if v != common]
+                raise ValueError(f"{_ranks(odd)} passed a different {name!r} than "
+                                 f"{_ranks([r for r in range(len(values)) if r not in odd])}"
+                                 f" (its bytes differ: values, order or NaN payloads); {_same}")
+
+    def _check_indices(self, inputs) -> None:
+        """Token ids and labels within range, checked on the whole (identical) input on every
+        rank: in the program only the rank holding a bad id would fail, and the rest hang."""
+        for i, limit, ignore, what in self._index_limits:
+            t = inputs[i]
+            if t.numel() == 0:
+                continue
+            ok = (t >= 0) & (t < limit)
+            if ignore is not None:
+                ok |= t == ignore
+            if not bool(ok.all()):
+                bad = t[~ok].flatten()[0].item()
+                raise IndexError(f"{self._names[i]!r} holds {bad}, outside [0, {limit}) of {what}")
+
+    def _build(self, key, inputs) -> Program:
+        """The program of another mode: the model captured again in that mode, the same plan.
+
+        Plans are keyed by node names. Dropout stays one node in both modes (`dropout(x, p,
+        train)`), so nothing is renamed; a branch on `self.training` that adds or removes ops
+        renumbers the later nodes of the same op (`add_7` becomes `add_6`): the plan then still
+        applies node by node, every choice checked, or fails naming the node."""
+        from seqshard.codegen import apply_plan
+
+        grads = key[2]
+        mode = "training" if self.model.training else "eval"
+        examples = tuple(t.detach().requires_grad_(g) for t, g in zip(inputs, grads))
+
+        def build():
+            try:
+                return apply_plan(analyze(capture(self.model, examples), self._axes), self.plan,
+                                  self.mesh)
+            except ValueError as e:
+                raise ValueError(f"the plan does not apply to the model in {mode} mode: {e}; "
+                                 f"call parallelize with the model in {mode} mode for a plan "
+                                 "that fits it") from e
+
+        return _together(f"building the {mode} program", build)
 
     # ------------------------------------------------------------------ shards and wholes
     def _output_index(self, t: torch.Tensor) -> int:
@@ -144,62 +297,204 @@ class ParallelModule(nn.Module):
 
     def shard(self, t: torch.Tensor, like: str) -> torch.Tensor:
         """Split a global tensor the way input `like` is split (e.g. labels like input_ids)."""
-        if like not in self._cap.input_names:
-            raise ValueError(f"like={like!r}: inputs are {self._cap.input_names}")
-        if tuple(t.shape) != self._shapes[self._cap.input_names.index(like)]:
+        if like not in self._names:
+            raise ValueError(f"like={like!r}: inputs are {self._names}")
+        if tuple(t.shape) != self._shapes[self._names.index(like)]:
             raise ValueError(f"shard(like={like!r}) needs a tensor of {like}'s shape "
-                             f"{self._shapes[self._cap.input_names.index(like)]}, got {tuple(t.shape)}")
+                             f"{self._shapes[self._names.index(like)]}, got {tuple(t.shape)}")
         return self._redistributor("in", like)(t)
 
     def _redistributor(self, kind: str, key):
-        if (kind, key) not in self._redistributors:
-            sh = self.program
+        program = self.program
+        cache = (id(program), kind, key)
+        if cache not in self._redistributors:
+            cap = program.cap
             if kind == "out":
-                node = next(n for n in self._cap.nodes() if n.op == "output").args[0][key]
-                src = self.program.output_layouts[key]
-                gm = sh.redistributor(node, src, tuple(R for _ in src))
+                node = next(n for n in cap.nodes() if n.op == "output").args[0][key]
+                src = program.output_layouts[key]
+                gm = program.redistributor(node, src, tuple(R for _ in src))
             else:
-                name = self._cap.inputs[self._cap.input_names.index(key)]
-                node = next(n for n in self._cap.nodes() if n.name == name)
-                dst = self.program.input_layouts.get(key)
+                name = cap.inputs[cap.input_names.index(key)]
+                node = next(n for n in cap.nodes() if n.name == name)
+                dst = program.input_layouts.get(key)
                 if dst is None:
                     return lambda t: t  # replicated wherever it is used
-                gm = sh.redistributor(node, tuple(R for _ in dst), dst)
-            self._redistributors[(kind, key)] = gm
-        return self._redistributors[(kind, key)]
+                gm = program.redistributor(node, tuple(R for _ in dst), dst)
+            self._redistributors[cache] = gm
+        return self._redistributors[cache]
 
 
-def _same_on_all_ranks(value: str, what: str, fix: str) -> None:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+_same = "every rank must pass the same global inputs - the module shards them itself"
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+
+
+def _groups(rows: list, col: int) -> str:
+    """'rank 0 | ranks 1, 2': the ranks grouped by the value in column `col` of their rows."""
+    groups: dict = {}
+    for r, x in enumerate(rows):
+        groups.setdefault(x[col], []).append(r)
+    return " | ".join(_ranks(g) for g in groups.values())
+
+
+# ------------------------------------------------------------------ input digest
+_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _input_digest(t: torch.Tensor, weights: dict) -> torch.Tensor:
+    """A 64-bit digest of `t`'s bytes, on `t`'s device: Σ wᵢ·xᵢ mod 2⁶⁴ over the bytes read as
+    int64 words xᵢ, with fixed pseudo-random odd weights wᵢ (the same on every rank).
+
+    Bit patterns, not values: NaN equals the same NaN; order-sensitive: a permutation moves
+    words to positions of other weights; a difference in any single word always shows (an odd
+    wᵢ is invertible mod 2⁶⁴), several at once collide with probability about 2⁻⁶³. Integer
+    arithmetic, so the result does not depend on the order of the summation (thread counts,
+    devices). Costs one pass over the input (a dot product) and keeps one int64 weight per 8
+    bytes of the largest input, per device."""
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    flat = t.contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    raw = flat.view(_INTS[flat.element_size()])
+    if flat.numel() * flat.element_size() % 8 or flat.storage_offset() * flat.element_size() % 8:
+        raw = raw.view(torch.uint8)
+        raw = torch.cat([raw, raw.new_zeros(-raw.numel() % 8)])
+    words = raw.view(torch.int64)
+    w = weights.get(words.device)
+    if w is None or w.numel() < words.numel():
+        gen = torch.Generator().manual_seed(0x5E95A4D)
+        w = torch.randint(-2**63, 2**63 - 1, (max(words.numel(), 1),), generator=gen,
+                          dtype=torch.int64).bitwise_or_(1).to(words.device)
+        weights[words.device] = w
+    w = w[: words.numel()]
+    if words.device.type == "cpu":
+        return torch.dot(words, w)
+    return (words * w).sum()
+
+
+def _index_limits(cap) -> list[tuple[int, int, int | None, str]]:
+    """(input index, bound, ignored value, what) for every user input that indexes an embedding
+    or is a loss's target (through views): its values must lie in [0, bound)."""
+    aten = torch.ops.aten
+    views = {aten.view.default, aten.reshape.default, aten.flatten.using_ints,
+             aten.unsqueeze.default, aten.squeeze.dim, aten.contiguous.default, aten._to_copy.default,
+             aten.to.dtype, aten.permute.default, aten.transpose.int}
+    limits = []
+    for i, name in enumerate(cap.inputs):
+        start = next(n for n in cap.nodes() if n.name == name)
+        if start.meta["val"].is_floating_point():
+            continue
+        todo = [start]
+        while todo:
+            x = todo.pop()
+            for u in x.users:
+                if u.target in views and u.args[0] is x:
+                    todo.append(u)
+                elif u.target == aten.embedding.default and u.args[1] is x:
+                    limits.append((i, u.args[0].meta["val"].shape[0], None,
+                                   f"the embedding {cap.module_path(u) or u.name}"))
+                elif u.target in (aten.cross_entropy_loss.default, aten.nll_loss_nd.default,
+                                  aten.nll_loss.default) and u.args[1] is x:
+                    logits = u.args[0].meta["val"]
+                    ignore = u.args[4] if len(u.args) > 4 else u.kwargs.get("ignore_index", -100)
+                    limits.append((i, logits.shape[1 if logits.dim() > 1 else 0], ignore,
+                                   f"the classes of {u.name}"))
+    return limits
+
+
+# ------------------------------------------------------------------ failing together
+def _check_same_call(model, inputs, mesh, plan, overrides, axes, check_inputs) -> None:
+    """One all-gather of what each rank was called with; a difference raises on every rank."""
+    if dist.get_world_size() == 1:
         return
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    bad = [r for r, v in enumerate(values) if v != values[0]]
-    if bad:
-        raise ValueError(f"ranks disagree on {what}: rank 0 has {values[0]}, rank {bad[0]} has "
-                         f"{values[bad[0]]}; {fix}")
+    try:
+        if plan is not None and not isinstance(plan, Plan):
+            raise TypeError(f"plan= takes a Plan, got {type(plan).__name__} (Plan.from_json "
+                            "reads a plan's JSON)")
+        params = hashlib.sha256(repr([(n, tuple(p.shape), str(p.dtype)) for n, p in
+                                      model.state_dict(keep_vars=True).items()]).encode())
+        header = {
+            "mesh": None if mesh is None else (tuple(mesh.mesh_dim_names or ()), tuple(mesh.shape)),
+            "plan": None if plan is None else plan.hash(),
+            "overrides": None if not overrides else sorted(overrides.items()),
+            "axes": None if not axes else sorted((k, str(v)) for k, v in axes.items()),
+            "inputs": [(tuple(t.shape), str(t.dtype), bool(t.requires_grad)) if isinstance(
+                t, torch.Tensor) else type(t).__name__ for t in inputs],
+            "model": f"{type(model).__name__} {params.hexdigest()[:16]}",
+            "mode": tuple(m.training for m in model.modules()),
+            "check_inputs": bool(check_inputs),
+        }
+        error = None
+    except Exception as e:  # noqa: BLE001 - reported to every rank, then raised
+        header, error = {"error": _describe(e)}, e
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, header)
+    failed = [(r, h["error"]) for r, h in enumerate(every) if "error" in h]
+    if error is not None:
+        raise error
+    if failed:
+        raise _rebuild(failed[0][1], failed[0][0], "parallelize")
+    fixes = {
+        "mesh": "pass the same mesh= on every rank (or none: one axis 'sp' over the world)",
+        "plan": "pass the same plan= on every rank, or plan=None on every rank (rank 0 then "
+                "plans for all)",
+        "overrides": "pass the same overrides= on every rank",
+        "axes": "pass the same axes= on every rank",
+        "inputs": "pass the same example inputs on every rank (shapes, dtypes, requires_grad)",
+        "model": "build the same model on every rank",
+        "mode": "call model.train() or model.eval() alike on every rank",
+        "check_inputs": "pass the same check_inputs= on every rank",
+    }
+    problems = []
+    for field, fix in fixes.items():
+        values = [h[field] for h in every]
+        odd = [r for r, v in enumerate(values) if v != values[0]]
+        if odd:
+            show = {"plan": lambda v: "plan=None" if v is None else f"plan {v}",
+                    "mode": lambda v: f"{sum(v)} of {len(v)} modules training"}.get(field, repr)
+            problems.append(f"{field}: rank 0 has {show(values[0])}, {_ranks(odd)} "
+                            f"{show(values[odd[0]])}; {fix}")
+    if problems:
+        raise ValueError("parallelize was called differently on different ranks: "
+                         + " | ".join(problems))
 
 
-def _check_inputs_match(inputs: tuple, names: list[str]) -> None:
-    """Every rank must pass the same global inputs: compare shapes and a checksum."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    rows = []
-    for t in inputs:
-        shape = list(t.shape) + [0] * (8 - t.dim())
-        total = t.detach().double().sum() if t.is_floating_point() else t.detach().long().sum().double()
-        rows.append(torch.tensor(shape[:8] + [float(t.dim())], dtype=torch.float64, device=t.device))
-        rows.append(total.reshape(1).to(t.device))
-    mine = torch.cat(rows)
-    device = mine.device
-    if dist.get_backend() == "nccl" and device.type != "cuda":
-        mine = mine.cuda()
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
-    for r, other in enumerate(every):
-        if not torch.equal(other, every[0]):
-            diff = (other != every[0]).nonzero()[0].item()
-            which = names[min(diff // 10, len(names) - 1)]
-            raise ValueError(f"rank {r} passed a different {which!r} than rank 0 (shape or "
-                             "values): every rank must pass the same global inputs - the module "
-                             "shards them itself")
+def _together(phase: str, fn):
+    """Run `fn` on this rank, then learn whether any rank failed: every rank raises, the failing
+    one its own error, the others the same type naming that rank and its message."""
+    error = None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - reported to every rank, then raised
+        error, result = e, None
+    if dist.get_world_size() > 1:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, None if error is None else _describe(error))
+        failed = [(r, e) for r, e in enumerate(every) if e is not None]
+        if failed and error is None:
+            raise _rebuild(failed[0][1], failed[0][0], phase)
+    if error is not None:
+        raise error
+    return result
+
+
+def _describe(e: Exception) -> tuple[str, str, str]:
+    return type(e).__module__, type(e).__qualname__, str(e)
+
+
+def _rebuild(described: tuple[str, str, str], rank: int, phase: str) -> Exception:
+    """Another rank's error as an exception here: its type when it can be made from a message
+    (ValueError, PlanError, ...), else RuntimeError."""
+    module, name, text = described
+    message = f"rank {rank} failed in {phase}: {text}"
+    try:
+        kind = sys.modules[module]
+        for part in name.split("."):
+            kind = getattr(kind, part)
+        return kind(message)
+    except Exception:  # noqa: BLE001 - an exception type that takes other arguments
+        return RuntimeError(f"{name}: {message}")

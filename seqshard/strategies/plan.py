@@ -86,6 +86,7 @@ class Plan:
     predicted: Predicted | None = None
     notes: tuple[str, ...] = ()                   # what the planner wants people to know
     explanations: dict = field(default_factory=dict, compare=False, hash=False)
+    axes: tuple[tuple[str, str], ...] = ()        # (input name, its factor names "b t p c")
 
     def __post_init__(self):
         for f, o in self.orders:
@@ -119,29 +120,44 @@ class Plan:
         return json.dumps(d, indent=1)
 
     @staticmethod
-    def from_json(text: str) -> "Plan":
-        d = json.loads(text)
-        if d.pop("version", None) != 1:
-            raise ValueError("not a seqshard plan (version 1)")
+    def from_json(text: str | bytes) -> "Plan":
+        """The plan of `to_json`'s text. Anything else raises one `ValueError` that names the
+        field: "plan JSON: nodes[3].splits[0].axis: expected a string, got 5"."""
+        try:
+            d = json.loads(text)
+        except RecursionError:
+            raise ValueError("plan JSON: nested too deeply to be a plan") from None
+        except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"plan JSON: not JSON text: {e}") from None
+        _check_json(d)
         nodes = tuple(
             NodePlan(node=n["node"], module=n["module"], op=n["op"],
-                     splits=tuple(Split(**s) for s in n["splits"]), algorithm=n["algorithm"],
-                     cost=Cost(**n["cost"]) if n["cost"] else None)
+                     splits=tuple(Split(**s) for s in n.get("splits", ())),
+                     algorithm=n.get("algorithm"), cost=Cost(**n["cost"]) if n.get("cost") else None)
             for n in d["nodes"])
         return Plan(mesh=tuple(tuple(m) for m in d["mesh"]), nodes=nodes,
-                    orders=tuple(tuple(o) for o in d["orders"]),
-                    predicted=Predicted(**d["predicted"]) if d["predicted"] else None,
-                    notes=tuple(d["notes"]), explanations=d.get("explanations", {}))
+                    orders=tuple(tuple(o) for o in d.get("orders", ())),
+                    predicted=Predicted(**d["predicted"]) if d.get("predicted") else None,
+                    notes=tuple(d.get("notes", ())), explanations=d.get("explanations", {}),
+                    axes=tuple(tuple(a) for a in d.get("axes", ())))
 
     def hash(self) -> str:
-        """A stable hash of what the plan decides (not of its predictions)."""
-        key = json.dumps({"mesh": [a for a, _ in self.mesh], "orders": sorted(self.orders),
-                          "nodes": [(n.node, [str(s) for s in n.splits], n.algorithm)
-                                    for n in self.nodes]})
-        return hashlib.sha256(key.encode()).hexdigest()[:16]
+        """A stable hash of what the plan decides (not of its predictions). The input axes count
+        when recorded: they name the factors the splits refer to."""
+        key = {"mesh": [a for a, _ in self.mesh], "orders": sorted(self.orders),
+               "nodes": [(n.node, [str(s) for s in n.splits], n.algorithm) for n in self.nodes]}
+        if self.axes:
+            key["axes"] = [list(a) for a in self.axes]
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
     def with_mesh(self, mesh: tuple[tuple[str, int], ...]) -> "Plan":
         return replace(self, mesh=tuple(mesh))
+
+    def with_axes(self, axes: dict) -> "Plan":
+        """This plan recording the input axes it was made with ({"x": "b t p c"} or lists of
+        names), so `parallelize(plan=...)` needs no `axes=`."""
+        return replace(self, axes=tuple((str(k), v if isinstance(v, str) else " ".join(v))
+                                        for k, v in (axes or {}).items()))
 
     # ------------------------------------------------------------------ people
     def rows(self) -> list[tuple]:
@@ -211,6 +227,100 @@ class Plan:
             if n.module.startswith(name):
                 return n
         raise KeyError(f"no node or module {name!r} in the plan")
+
+
+# ------------------------------------------------------------------ the JSON schema
+# An object is {field: (what, required)} (what "|None": null allowed); a what is "str",
+# "number", "size" (an int >= 1), OneOf(values), Pair(what, what), [what] (a list) or
+# {str: what} (a mapping).
+@dataclass(frozen=True)
+class _OneOf:
+    values: tuple
+
+
+@dataclass(frozen=True)
+class _Pair:
+    first: object
+    second: object
+
+
+_COST = {f: ("number", False) for f in ("compute_s", "comm_s", "redistribute_s", "memory_bytes",
+                                        "comm_bytes", "transient_bytes")}
+_SPLIT = {"axis": ("str", True), "factor": ("str", True)}
+_NODE = {"node": ("str", True), "module": ("str", True), "op": ("str", True),
+         "splits": ([_SPLIT], False), "algorithm": (_OneOf((None,) + tuple(ALGORITHMS)), False),
+         "cost": (_COST, False, "|None")}
+_PREDICTED = {"step_s": ("number", True), "peak_memory_bytes": ("number", True),
+              "comm_bytes": ("number", True), "compute_s": ("number", False),
+              "comm_s": ("number", False)}
+_PLAN = {"version": (_OneOf((1,)), True), "mesh": ([_Pair("str", "size")], True),
+         "nodes": ([_NODE], True), "orders": ([_Pair("str", _OneOf(ORDERS))], False),
+         "predicted": (_PREDICTED, False, "|None"), "notes": (["str"], False),
+         "explanations": ({str: "str"}, False), "axes": ([_Pair("str", "str")], False)}
+
+
+def _check_json(d) -> None:
+    """Raise `ValueError("plan JSON: <path>: expected ..., got ...")` unless `d` is a plan."""
+    _check_value(d, _PLAN, "")
+    names = [a for a, _ in d["mesh"]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"plan JSON: mesh: axis names must differ, got {names}")
+    for i, n in enumerate(d["nodes"]):
+        axes = [s["axis"] for s in n.get("splits", ())]
+        for j, a in enumerate(axes):
+            if a not in names:
+                raise ValueError(f"plan JSON: nodes[{i}].splits[{j}].axis: expected a mesh axis "
+                                 f"{names}, got {a!r}")
+            if a in axes[:j]:
+                raise ValueError(f"plan JSON: nodes[{i}].splits: axis {a!r} splits two factors")
+
+
+def _check_value(v, what, path: str) -> None:
+    def fail(expected: str):
+        shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+        raise ValueError(f"plan JSON: {path or '(top)'}: expected {expected}, got {shown}")
+
+    if what == "str":
+        if not isinstance(v, str):
+            fail("a string")
+    elif what == "number":
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            fail("a number")
+    elif what == "size":
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            fail("a positive integer")
+    elif isinstance(what, _OneOf):
+        if isinstance(v, (bool, list, dict)) or v not in what.values:
+            fail("one of " + ", ".join("null" if x is None else repr(x) for x in what.values))
+    elif isinstance(what, _Pair):
+        if not isinstance(v, list) or len(v) != 2:
+            fail("a pair [name, value]")
+        _check_value(v[0], what.first, f"{path}[0]")
+        _check_value(v[1], what.second, f"{path}[1]")
+    elif isinstance(what, list):
+        if not isinstance(v, list):
+            fail("a list")
+        for i, x in enumerate(v):
+            _check_value(x, what[0], f"{path}[{i}]")
+    elif str in what:  # a mapping of names to values
+        if not isinstance(v, dict):
+            fail("an object")
+        for k, x in v.items():
+            _check_value(x, what[str], f"{path}.{k}")
+    else:  # an object with named fields
+        if not isinstance(v, dict):
+            fail("an object")
+        unknown = sorted(set(v) - set(what))
+        if unknown:
+            raise ValueError(f"plan JSON: {path or '(top)'}: unknown field {unknown[0]!r}; the "
+                             f"fields are {sorted(what)}")
+        for name, (kind, required, *null) in what.items():
+            here = f"{path}.{name}" if path else name
+            if name not in v:
+                if required:
+                    raise ValueError(f"plan JSON: {here}: missing")
+            elif not (null and v[name] is None):
+                _check_value(v[name], kind, here)
 
 
 _INDEX = re.compile(r"\.(\d+)(?=\.|$)")
