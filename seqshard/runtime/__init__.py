@@ -8,7 +8,9 @@
                  (CUDA; torch ops elsewhere)
     peer         Ulysses exchanges by copy engine over symmetric memory (transport='peer')
     layout       contig / zigzag sequence layouts, positions and permutations
-    blocks       attention masks as full / causal-square blocks over shards
+    blocks       attention masks as full / causal-square / masked blocks over shards
+    masks        structured masks from per-token tensors: documents (segments), positions,
+                 sliding window, key padding (every attention function's keyword arguments)
     ring, tokenring, allgather, ulysses (+ hybrid), local
                  exact distributed attention, each a custom op seqshard::<name>_attention with a
                  readable wrapper of the same name

@@ -16,6 +16,12 @@ suffix of padded keys: keys >= kv_len are masked; with `causal` the block is squ
 sees a full problem or a top-left causal square. A row that sees no key has lse = -inf; the
 backward treats it as contributing nothing.
 
+`mask` (bool [b or 1, 1, sq, sk], True = visible) is any other mask: the blocks of documents,
+windows and key padding that are neither full nor causal (blocks.refine). `cudnn` takes it as an
+additive -inf bias, and its backward accepts a merged lse with the bias too (checked on an H200 by
+the gpu tests of tests/test_runtime_masks.py); every other backend runs such a block on `math`.
+A row the mask leaves without keys gets out 0, lse -inf and no gradient on both.
+
 GQA/MQA: q head i uses kv head i // (H // Hk). `math` and `flash_attn` handle it natively; the
 aten SDPA kernels get the kv heads expanded and dk/dv summed over each group.
 
@@ -91,8 +97,9 @@ def _lse_bhs(lse: torch.Tensor, rows: int) -> torch.Tensor:
 # math: the reference
 # ---------------------------------------------------------------------------------------------
 
-def _scores(q, k, causal, scale):
-    """Scores grouped by kv head: [b, hk, rep, sq, sk] in fp32 (fp64 for fp64 inputs)."""
+def _scores(q, k, causal, scale, mask=None):
+    """Scores grouped by kv head: [b, hk, rep, sq, sk] in fp32 (fp64 for fp64 inputs); keys
+    outside `mask` [b|1, 1, sq, sk] at -inf."""
     b, h, sq, e = q.shape
     hk = k.shape[1]
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -101,22 +108,26 @@ def _scores(q, k, causal, scale):
     if causal:
         above = torch.ones(sq, k.shape[2], dtype=torch.bool, device=q.device).triu(1)
         s = s.masked_fill(above, float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask.unsqueeze(2), float("-inf"))
     return qg, s
 
 
-def _math_forward(q, k, v, causal, scale):
+def _math_forward(q, k, v, causal, scale, mask=None):
     b, h, sq, e = q.shape
-    _, s = _scores(q, k, causal, scale)
+    _, s = _scores(q, k, causal, scale, mask)
     lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.unsqueeze(-1))
+    # a row the mask leaves without keys: lse -inf, and exp(s - 0) = 0 gives out 0 (not nan)
+    shift = lse if mask is None else lse.masked_fill(torch.isneginf(lse), 0.0)
+    p = torch.exp(s - shift.unsqueeze(-1))
     out = torch.matmul(p, v.to(s.dtype).unsqueeze(2))
     return out.reshape(b, h, sq, v.shape[-1]).to(q.dtype), lse.reshape(b, h, sq)
 
 
-def _math_backward(dout, q, k, v, out, lse, causal, scale):
+def _math_backward(dout, q, k, v, out, lse, causal, scale, mask=None):
     b, h, sq, e = q.shape
     hk = k.shape[1]
-    qg, s = _scores(q, k, causal, scale)
+    qg, s = _scores(q, k, causal, scale, mask)
     acc = s.dtype
     p = torch.exp(s - lse.to(acc).reshape(b, hk, h // hk, sq, 1))
     do = dout.to(acc).reshape(b, hk, h // hk, sq, -1)
@@ -194,6 +205,42 @@ def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
     return dq, _sum_kv_grad(dk, rep), _sum_kv_grad(dv, rep)
 
 
+def _bias(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None = None):
+    """An additive bias [b, h, sq, sk] (a broadcast view) of q's dtype: 0 where `mask` (or
+    `keep`, rows) is True, -inf elsewhere."""
+    seen = mask if keep is None else mask | keep
+    bias = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill(~seen, float("-inf"))
+    return bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def _cudnn_masked_forward(q, k, v, mask, scale):
+    """cuDNN with the mask as a -inf bias. A row without keys would come out nan: it attends
+    every key instead, and its out and lse are set to 0 and -inf after."""
+    rep = _rep(q, k)
+    empty = ~mask.any(-1, keepdim=True)  # [b|1, 1, sq, 1]
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.contiguous(), _expand_kv(k, rep).contiguous(), _expand_kv(v, rep).contiguous(),
+        _bias(mask, q, k, empty), True, 0.0, False, False, scale=scale)
+    lse = _lse_bhs(lse, q.shape[2])
+    return out.masked_fill(empty, 0.0), lse.masked_fill(empty.squeeze(-1), float("-inf"))
+
+
+def _cudnn_masked_backward(dout, q, k, v, out, lse, mask, scale):
+    """The backward of `_cudnn_masked_forward` given out and lse: every masked key at -inf (a row
+    without keys then has P = 0), and the lse of rows that saw nothing anywhere (+inf here)
+    made finite, which cuDNN needs."""
+    rep = _rep(q, k)
+    q, out, dout = q.contiguous(), out.contiguous(), dout.contiguous()
+    ke, ve = _expand_kv(k, rep).contiguous(), _expand_kv(v, rep).contiguous()
+    lse = lse.masked_fill(torch.isinf(lse), 0.0)
+    seed = torch.zeros((), dtype=torch.long, device=q.device)
+    offset = torch.zeros((), dtype=torch.long, device=q.device)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, ke, ve, out, lse.unsqueeze(-1).contiguous(), seed, offset, _bias(mask, q, k),
+        None, None, q.shape[2], k.shape[2], 0.0, False, scale=scale)
+    return dq, _sum_kv_grad(dk, rep), _sum_kv_grad(dv, rep)
+
+
 def _efficient_forward(q, k, v, causal, scale):
     rep = _rep(q, k)
     out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(
@@ -262,7 +309,7 @@ assert tuple(_KERNELS) == BACKENDS
 # The interface
 # ---------------------------------------------------------------------------------------------
 
-def _check(q, k, v, causal, kv_len, backend):
+def _check(q, k, v, causal, kv_len, backend, mask=None):
     if backend not in _KERNELS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
@@ -276,6 +323,11 @@ def _check(q, k, v, causal, kv_len, backend):
                          "keys (split an offset causal mask into full and square causal blocks)")
     if kv_len is not None and not 0 <= kv_len <= k.shape[2]:
         raise ValueError(f"kv_len={kv_len} outside [0, {k.shape[2]}]")
+    if mask is not None and (causal or mask.dtype != torch.bool or mask.dim() != 4
+                             or mask.shape[0] not in (1, q.shape[0]) or mask.shape[1] != 1
+                             or mask.shape[2:] != (q.shape[2], k.shape[2])):
+        raise ValueError(f"mask must be bool [{q.shape[0]} or 1, 1, {q.shape[2]}, {k.shape[2]}] "
+                         f"without causal, got {mask.dtype} {tuple(mask.shape)}, causal={causal}")
 
 
 def _pad_rows(x: torch.Tensor, rows: int, value: float) -> torch.Tensor:
@@ -285,34 +337,67 @@ def _pad_rows(x: torch.Tensor, rows: int, value: float) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, pad) if x.dim() == 4 else (0, pad), value=value)
 
 
-def _extents(q, k, v, causal, scale, kv_len, backend):
+def _extents(q, k, v, causal, scale, kv_len, backend, mask=None):
     """Checked inputs: (scale, query rows, key rows) the kernel sees; causal blocks are square."""
-    _check(q, k, v, causal, kv_len, backend)
+    _check(q, k, v, causal, kv_len, backend, mask)
     n_k = k.shape[2] if kv_len is None else kv_len
     return (q.shape[-1] ** -0.5 if scale is None else scale), (n_k if causal else q.shape[2]), n_k
 
 
+def _math_masked_forward(q, k, v, mask, scale):
+    return _math_forward(q, k, v, False, scale, mask)
+
+
+def _math_masked_backward(dout, q, k, v, out, lse, mask, scale):
+    return _math_backward(dout, q, k, v, out, lse, False, scale, mask)
+
+
+def _masked_kernels(backend: str, n_q: int, n_k: int):
+    """(forward, backward) for a block under a bool mask: cuDNN's (with a bias) or math's."""
+    if _kernel(backend, n_q, n_k) == "cudnn":
+        return _cudnn_masked_forward, _cudnn_masked_backward
+    return _math_masked_forward, _math_masked_backward
+
+
+def _kernel(backend: str, n_q: int, n_k: int) -> str:
+    """The kernel that runs a block: `backend`, except that cuDNN refuses one query against one
+    key ("s_q = s_kv = 1 is not supported", torch 2.11, H200), which a one-token document or
+    padded tail makes: math does that block."""
+    return "math" if backend == "cudnn" and n_q == n_k == 1 else backend
+
+
 def attention_forward(q, k, v, *, causal: bool = False, scale: float | None = None,
-                      kv_len: int | None = None, backend: str = "math"):
+                      kv_len: int | None = None, backend: str = "math",
+                      mask: torch.Tensor | None = None):
     """Local attention: `(out, lse)` for q [b, h, sq, e] against k, v [b, hk, sk, e]."""
-    scale, n_q, n_k = _extents(q, k, v, causal, scale, kv_len, backend)
+    scale, n_q, n_k = _extents(q, k, v, causal, scale, kv_len, backend, mask)
     if n_k == 0:
         lse_dtype = torch.promote_types(q.dtype, torch.float32)
         return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), dtype=lse_dtype, device=q.device)
-    forward, _ = _KERNELS[backend]
+    if mask is not None:
+        forward, _ = _masked_kernels(backend, n_q, n_k)
+        return forward(q, k[:, :, :n_k], v[:, :, :n_k], mask[..., :n_k], scale)
+    forward, _ = _KERNELS[_kernel(backend, n_q, n_k)]
     out, lse = forward(q[:, :, :n_q], k[:, :, :n_k], v[:, :, :n_k], causal, scale)
     return _pad_rows(out, q.shape[2], 0.0), _pad_rows(lse, q.shape[2], float("-inf"))
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False, scale: float | None = None,
-                       kv_len: int | None = None, backend: str = "math"):
+                       kv_len: int | None = None, backend: str = "math",
+                       mask: torch.Tensor | None = None):
     """Gradients of local attention given the (possibly globally merged) `out` and `lse`."""
-    scale, n_q, n_k = _extents(q, k, v, causal, scale, kv_len, backend)
+    scale, n_q, n_k = _extents(q, k, v, causal, scale, kv_len, backend, mask)
     if n_k == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     # A row that saw no key (lse = -inf, out = 0) must contribute nothing: P = exp(s - inf) = 0.
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
-    _, backward = _KERNELS[backend]
+    if mask is not None:
+        _, backward = _masked_kernels(backend, n_q, n_k)
+        dq, dk, dv = backward(dout.to(q.dtype), q, k[:, :, :n_k], v[:, :, :n_k], out, lse,
+                              mask[..., :n_k], scale)
+        return (dq.to(q.dtype), _pad_rows(dk, k.shape[2], 0.0).to(k.dtype),
+                _pad_rows(dv, v.shape[2], 0.0).to(v.dtype))
+    _, backward = _KERNELS[_kernel(backend, n_q, n_k)]
     dq, dk, dv = backward(dout[:, :, :n_q].to(q.dtype), q[:, :, :n_q], k[:, :, :n_k], v[:, :, :n_k],
                           out[:, :, :n_q], lse[:, :, :n_q], causal, scale)
     return (_pad_rows(dq, q.shape[2], 0.0).to(q.dtype), _pad_rows(dk, k.shape[2], 0.0).to(k.dtype),

@@ -7,6 +7,10 @@ code and torch.compile see one opaque node per attention call:
     seqshard::<name>_backward(dout, *saved', *options)  -> (dq, dk, dv)
 
 `register_attention_op` writes both ops and their autograd once. Only `out` is differentiable.
+
+Structured masks (masks.py) enter every op as its last options, `positions`, `segments`,
+`key_valid` (Tensor?) and `window` (int?): all None is plain causal or full attention, as before.
+They are options, so they reach the backward op as they are and get no gradient.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ import torch
 from seqshard.runtime.backends import select_backend
 from seqshard.runtime.layout import check_local_len
 
-__all__ = ["check_attention_inputs", "resolve_options", "fresh_like", "lse_like",
-           "register_attention_op", "unpack_pair"]
+__all__ = ["check_attention_inputs", "check_mask_inputs", "resolve_options", "fresh_like",
+           "lse_like", "register_attention_op", "unpack_pair"]
 
 
 def check_attention_inputs(q, k, v, *, world: int, order: str, seq_len: int | None,
@@ -37,6 +41,38 @@ def check_attention_inputs(q, k, v, *, world: int, order: str, seq_len: int | No
     if seq_len is not None and not 1 <= seq_len <= padded:
         raise ValueError(f"{algorithm}: seq_len={seq_len} must be in [1, {padded}] (the padded global "
                          f"length: {world} ranks × {q.shape[2]} local tokens)")
+
+
+def check_mask_inputs(q, *, world: int, seq_len: int | None, positions, segments, window,
+                      key_valid, algorithm: str):
+    """(positions, segments, window, key_valid) of MASKS.md checked, on q's device as int64 /
+    bool [B or 1, S] with S the valid global length; ValueError naming the fix."""
+    length = world * q.shape[2] if seq_len is None else seq_len
+    batch = q.shape[0]
+
+    def per_token(name, x, dtype):
+        if x is None:
+            return None
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] not in (1, batch) \
+                or x.shape[1] != length:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{algorithm}: {name} must be [{batch} or 1, {length}]: one entry per "
+                             f"token of the whole global sequence, padding excluded (seq_len), in "
+                             f"natural order, on every rank; got {got}")
+        # key_valid may come as an integer 0/1 attention_mask; ids and positions are integers
+        if x.dtype.is_floating_point or x.dtype.is_complex or (x.dtype == torch.bool
+                                                                and dtype != torch.bool):
+            kind = "a bool (or integer 0/1)" if dtype == torch.bool else "an integer"
+            raise ValueError(f"{algorithm}: {name} must be {kind} tensor, got {x.dtype}")
+        return x.to(device=q.device, dtype=dtype)
+
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 1):
+        raise ValueError(f"{algorithm}: window must be a positive int (keys with position within "
+                         f"window - 1 before the query's are visible), got {window!r}")
+    return (per_token("positions", positions, torch.int64),
+            per_token("segments", segments, torch.int64), window,
+            per_token("key_valid", key_valid, torch.bool))
 
 
 def resolve_options(q, scale: float | None, backend: str | None) -> tuple[float, str]:

@@ -18,6 +18,10 @@ before), adds its own and sends it on; one more hop after the last step brings e
 back to its owner.
 
 The 2-D hybrid (ulysses.py) runs this over its ring axis on head-sharded super-shards.
+
+Structured masks (documents, positions, window, key padding: masks.py): every step's blocks are
+refined by the mask (blocks.refine), so blocks nothing sees are skipped and the rest run full,
+causal or masked; the rotation itself does not change.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ import torch
 
 from seqshard.runtime.blocks import add_rows, block_grads, pair_blocks, run_forward
 from seqshard.runtime.collectives import resolve_group, start_shift
+from seqshard.runtime.masks import TokenMask, token_mask
 from seqshard.runtime.merge import accumulator
-from seqshard.runtime.opsupport import (check_attention_inputs, register_attention_op,
-                                        resolve_options, unpack_pair)
+from seqshard.runtime.opsupport import (check_attention_inputs, check_mask_inputs,
+                                        register_attention_op, resolve_options, unpack_pair)
 
 __all__ = ["ring_attention", "ring_forward", "ring_backward"]
 
@@ -36,14 +41,15 @@ _TAG_KV, _TAG_DKV = 1, 2  # gloo matches sends to receives by tag; two streams a
 
 
 def ring_forward(q, k, v, group, *, causal: bool, order: str, seq_len: int | None, scale: float,
-                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                 backend: str, mask: TokenMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of this rank's queries against the whole sequence; no checks, no autograd."""
     world, rank = group.size(), group.rank()
     out, lse = accumulator(q)
     kv = torch.stack([k, v])  # [2, b, hk, s/N, e]: one buffer travels
     for step in range(world):
         pending = start_shift([kv], 1, group, _TAG_KV) if step + 1 < world else None
-        blocks = pair_blocks(order, causal, rank, (rank - step) % world, world, q.shape[2], seq_len)
+        blocks = pair_blocks(order, causal, rank, (rank - step) % world, world, q.shape[2], seq_len,
+                             mask)
         run_forward(q, kv[0], kv[1], blocks, out, lse, scale=scale, backend=backend)
         if pending is not None:
             (kv,) = pending.wait()
@@ -51,7 +57,8 @@ def ring_forward(q, k, v, group, *, causal: bool, order: str, seq_len: int | Non
 
 
 def ring_backward(dout, q, k, v, out, lse, group, *, causal: bool, order: str, seq_len: int | None,
-                  scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  scale: float, backend: str, mask: TokenMask | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of this rank's shards given the merged out and lse of `ring_forward`."""
     world, rank = group.size(), group.rank()
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -60,7 +67,8 @@ def ring_backward(dout, q, k, v, out, lse, group, *, causal: bool, order: str, s
     dkv_pending = None
     for step in range(world):
         kv_pending = start_shift([kv], 1, group, _TAG_KV) if step + 1 < world else None
-        blocks = pair_blocks(order, causal, rank, (rank - step) % world, world, q.shape[2], seq_len)
+        blocks = pair_blocks(order, causal, rank, (rank - step) % world, world, q.shape[2], seq_len,
+                             mask)
         grads = block_grads(dout, q, kv[0], kv[1], out, lse, blocks, scale=scale, backend=backend)
         add_rows(dq, grads, "q")
         # the accumulator of the shard held now: it arrives from rank - 1 while the kernels above
@@ -83,18 +91,24 @@ def ring_backward(dout, q, k, v, out, lse, group, *, causal: bool, order: str, s
 # ---------------------------------------------------------------------------------------------
 
 def _ring_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str, causal: bool,
-             order: str, seq_len: int | None, scale: float, backend: str
+             order: str, seq_len: int | None, scale: float, backend: str,
+             positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+             key_valid: torch.Tensor | None = None, window: int | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     return ring_forward(q, k, v, resolve_group(group_name), causal=causal, order=order,
-                        seq_len=seq_len, scale=scale, backend=backend)
+                        seq_len=seq_len, scale=scale, backend=backend,
+                        mask=token_mask(causal, positions, segments, window, key_valid, q.device))
 
 
 def _ring_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       out: torch.Tensor, lse: torch.Tensor, group_name: str, causal: bool, order: str,
-                      seq_len: int | None, scale: float, backend: str
+                      seq_len: int | None, scale: float, backend: str,
+                      positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                      key_valid: torch.Tensor | None = None, window: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ring_backward(dout, q, k, v, out, lse, resolve_group(group_name), causal=causal,
-                         order=order, seq_len=seq_len, scale=scale, backend=backend)
+                         order=order, seq_len=seq_len, scale=scale, backend=backend,
+                         mask=token_mask(causal, positions, segments, window, key_valid, q.device))
 
 
 register_attention_op("seqshard::ring_attention", _ring_op, _ring_backward_op)
@@ -102,16 +116,28 @@ register_attention_op("seqshard::ring_attention", _ring_op, _ring_backward_op)
 
 def ring_attention(q, k, v, group=None, *, causal: bool = True, order: str = "contig",
                    seq_len: int | None = None, scale: float | None = None,
-                   backend: str | None = None, return_lse: bool = False):
+                   backend: str | None = None, return_lse: bool = False,
+                   positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                   window: int | None = None, key_valid: torch.Tensor | None = None):
     """Exact attention of sequence-sharded q [b, h, s/N, e], k, v [b, hk, s/N, e] by a K/V ring.
 
     `order` is the layout of the shards ('contig' or 'zigzag'), `seq_len` the valid global length
     (padding is a suffix; padded rows come out 0). Returns out [b, h, s/N, e] (and lse [b, h, s/N]).
+
+    Structured masks (MASKS.md; masks.py): `positions`, `segments` (document ids) and `key_valid`
+    are [b or 1, seq_len] over the whole global sequence in natural order, the same on every rank;
+    `window` an int. Query i sees key j iff same document, positions[j] <= positions[i] (if
+    causal), positions[i] - positions[j] < window (if given) and key_valid[j]. A query that sees
+    no key outputs 0.
     """
     pg = resolve_group(group)
     check_attention_inputs(q, k, v, world=pg.size(), order=order, seq_len=seq_len,
                            algorithm="ring_attention")
+    positions, segments, window, key_valid = check_mask_inputs(
+        q, world=pg.size(), seq_len=seq_len, positions=positions, segments=segments,
+        window=window, key_valid=key_valid, algorithm="ring_attention")
     scale, backend = resolve_options(q, scale, backend)
     out, lse = torch.ops.seqshard.ring_attention(q, k, v, pg.group_name, causal, order, seq_len,
-                                                 scale, backend)
+                                                 scale, backend, positions, segments, key_valid,
+                                                 window)
     return (out, lse) if return_lse else out

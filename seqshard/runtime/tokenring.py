@@ -13,38 +13,61 @@ Backward: the bundle (q, dout, out) and the merged lse travel forward the same w
 computes the block backward against its own K/V (dk, dv stay home: K/V never moved), and the dq of
 the block goes straight back to its owner.
 
-Both sides of every exchange derive it from the same schedule (blocks.pair_blocks), so a block that
+Both sides of every exchange derive it from the same schedule (blocks.pair_span), so a block that
 the mask or the padding empties costs no message on either side.
+
+Structured masks (masks.py): the exchanges keep the rows of the unrefined block (pair_span), which
+both sides know without classifying the mask; the side that computes refines it
+(blocks.pair_blocks) and returns the span's rows (a row no refined block reaches: out 0, lse -inf).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from seqshard.runtime.backends import attention_forward
-from seqshard.runtime.blocks import Block, pair_blocks, run_backward, run_forward
+from seqshard.runtime.blocks import Block, pair_blocks, pair_span, run_backward, run_forward
 from seqshard.runtime.collectives import resolve_group, start_p2p, start_shift
+from seqshard.runtime.masks import TokenMask, token_mask
 from seqshard.runtime.merge import accumulator, merge_
-from seqshard.runtime.opsupport import (check_attention_inputs, lse_like, register_attention_op,
-                                        resolve_options)
+from seqshard.runtime.opsupport import (check_attention_inputs, check_mask_inputs, lse_like,
+                                        register_attention_op, resolve_options)
 
 __all__ = ["tokenring_attention", "tokenring_forward", "tokenring_backward"]
 
 _TAG_Q, _TAG_BACK = 3, 4
 
 
-def _block(order, causal, q_rank, kv_rank, world, local_len, seq_len) -> Block | None:
-    blocks = pair_blocks(order, causal, q_rank, kv_rank, world, local_len, seq_len)
-    assert len(blocks) <= 1, blocks
-    return blocks[0] if blocks else None
-
-
 def _rows(x, b: Block):
     return x[:, :, b.q0:b.q1]
 
 
+def _blocks_in(span: Block, mask: TokenMask | None, *where) -> list[Block]:
+    """The blocks of the pair `where` = (order, causal, q_rank, kv_rank, world, local_len,
+    seq_len) with query rows counted from span.q0."""
+    if mask is None:
+        return [dataclasses.replace(span, q0=0, q1=span.q1 - span.q0)]
+    return [dataclasses.replace(b, q0=b.q0 - span.q0, q1=b.q1 - span.q0)
+            for b in pair_blocks(*where, mask)]
+
+
+def _partial(q_rows, k, v, blocks, *, scale, backend):
+    """(out, lse) of q_rows over `blocks`: straight from the kernel when one block covers every
+    row, else merged in fp32 (rows no block reaches: out 0, lse -inf)."""
+    if len(blocks) == 1 and blocks[0].q0 == 0 and blocks[0].q1 == q_rows.shape[2]:
+        b = blocks[0]
+        return attention_forward(q_rows, k[:, :, b.k0:b.k1], v[:, :, b.k0:b.k1], causal=b.causal,
+                                 scale=scale, backend=backend, mask=b.mask)
+    out, lse = accumulator(q_rows)
+    run_forward(q_rows, k, v, blocks, out, lse, scale=scale, backend=backend)
+    return out.to(q_rows.dtype), lse
+
+
 def tokenring_forward(q, k, v, group, *, causal: bool, order: str, seq_len: int | None, scale: float,
-                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                      backend: str, mask: TokenMask | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     world, rank = group.size(), group.rank()
     n = q.shape[2]
     out, lse = accumulator(q)
@@ -53,18 +76,20 @@ def tokenring_forward(q, k, v, group, *, causal: bool, order: str, seq_len: int 
     for step in range(world):
         owner = (rank - step) % world  # whose queries this rank holds now
         q_next = start_shift([q_held], 1, group, _TAG_Q) if step + 1 < world else None
-        block = _block(order, causal, owner, rank, world, n, seq_len)
+        where = (order, causal, owner, rank, world, n, seq_len)
         if step == 0:
-            run_forward(q_held, k, v, [block] if block else [], out, lse, scale=scale, backend=backend)
+            run_forward(q_held, k, v, pair_blocks(*where, mask), out, lse, scale=scale,
+                        backend=backend)
         else:
             sends = []
-            if block is not None:
-                part_out, part_lse = attention_forward(
-                    _rows(q_held, block), k[:, :, block.k0:block.k1], v[:, :, block.k0:block.k1],
-                    causal=block.causal, scale=scale, backend=backend)
+            span = pair_span(*where, mask)
+            if span is not None:
+                part_out, part_lse = _partial(_rows(q_held, span), k, v,
+                                              _blocks_in(span, mask, *where), scale=scale,
+                                              backend=backend)
                 sends = [(part_out.contiguous(), owner), (part_lse.contiguous(), owner)]
             source = (rank + step) % world  # holds my queries now, against its own K/V
-            mine = _block(order, causal, rank, source, world, n, seq_len)
+            mine = pair_span(order, causal, rank, source, world, n, seq_len, mask)
             recvs = []
             if mine is not None:
                 rows = _rows(q, mine)
@@ -87,7 +112,8 @@ def _merge_arrived(out, lse, pending, block):
 
 
 def tokenring_backward(dout, q, k, v, out, lse, group, *, causal: bool, order: str,
-                       seq_len: int | None, scale: float, backend: str):
+                       seq_len: int | None, scale: float, backend: str,
+                       mask: TokenMask | None = None):
     world, rank = group.size(), group.rank()
     n = q.shape[2]
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -100,21 +126,21 @@ def tokenring_backward(dout, q, k, v, out, lse, group, *, causal: bool, order: s
         owner = (rank - step) % world
         nxt = start_shift(bundle, 1, group, _TAG_Q) if step + 1 < world else None
         (q_h, dout_h, out_h), lse_h = bundle[0], bundle[1]
-        block = _block(order, causal, owner, rank, world, n, seq_len)
+        where = (order, causal, owner, rank, world, n, seq_len)
         if step == 0:
-            run_backward(dout_h, q_h, k, v, out_h, lse_h, [block] if block else [], dq, dk, dv,
+            run_backward(dout_h, q_h, k, v, out_h, lse_h, pair_blocks(*where, mask), dq, dk, dv,
                          scale=scale, backend=backend)
         else:
             sends = []
-            if block is not None:
-                part_dq = torch.zeros(_rows(q, block).shape, dtype=acc, device=q.device)
-                local = Block(0, block.q1 - block.q0, block.k0, block.k1, block.causal)
-                run_backward(_rows(dout_h, block), _rows(q_h, block), k, v, _rows(out_h, block),
-                             _rows(lse_h, block), [local], part_dq, dk, dv, scale=scale,
-                             backend=backend)
+            span = pair_span(*where, mask)
+            if span is not None:
+                part_dq = torch.zeros(_rows(q, span).shape, dtype=acc, device=q.device)
+                run_backward(_rows(dout_h, span), _rows(q_h, span), k, v, _rows(out_h, span),
+                             _rows(lse_h, span), _blocks_in(span, mask, *where), part_dq, dk, dv,
+                             scale=scale, backend=backend)
                 sends = [(part_dq, owner)]
             source = (rank + step) % world
-            mine = _block(order, causal, rank, source, world, n, seq_len)
+            mine = pair_span(order, causal, rank, source, world, n, seq_len, mask)
             recvs = []
             if mine is not None:
                 recvs = [(torch.empty(_rows(q, mine).shape, dtype=acc, device=q.device), source)]
@@ -139,18 +165,27 @@ def _add_arrived(dq, pending, block):
 # ---------------------------------------------------------------------------------------------
 
 def _tokenring_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str, causal: bool,
-                  order: str, seq_len: int | None, scale: float, backend: str
+                  order: str, seq_len: int | None, scale: float, backend: str,
+                  positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                  key_valid: torch.Tensor | None = None, window: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     return tokenring_forward(q, k, v, resolve_group(group_name), causal=causal, order=order,
-                             seq_len=seq_len, scale=scale, backend=backend)
+                             seq_len=seq_len, scale=scale, backend=backend,
+                             mask=token_mask(causal, positions, segments, window, key_valid,
+                                             q.device))
 
 
 def _tokenring_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            out: torch.Tensor, lse: torch.Tensor, group_name: str, causal: bool,
-                           order: str, seq_len: int | None, scale: float, backend: str
+                           order: str, seq_len: int | None, scale: float, backend: str,
+                           positions: torch.Tensor | None = None,
+                           segments: torch.Tensor | None = None,
+                           key_valid: torch.Tensor | None = None, window: int | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tokenring_backward(dout, q, k, v, out, lse, resolve_group(group_name), causal=causal,
-                              order=order, seq_len=seq_len, scale=scale, backend=backend)
+                              order=order, seq_len=seq_len, scale=scale, backend=backend,
+                              mask=token_mask(causal, positions, segments, window, key_valid,
+                                              q.device))
 
 
 register_attention_op("seqshard::tokenring_attention", _tokenring_op, _tokenring_backward_op)
@@ -158,15 +193,22 @@ register_attention_op("seqshard::tokenring_attention", _tokenring_op, _tokenring
 
 def tokenring_attention(q, k, v, group=None, *, causal: bool = True, order: str = "contig",
                         seq_len: int | None = None, scale: float | None = None,
-                        backend: str | None = None, return_lse: bool = False):
+                        backend: str | None = None, return_lse: bool = False,
+                        positions: torch.Tensor | None = None,
+                        segments: torch.Tensor | None = None, window: int | None = None,
+                        key_valid: torch.Tensor | None = None):
     """Exact attention of sequence-sharded q, k, v by passing queries (TokenRing); K/V stay put.
 
-    Same arguments and result as `ring_attention`.
+    Same arguments (structured masks included) and result as `ring_attention`.
     """
     pg = resolve_group(group)
     check_attention_inputs(q, k, v, world=pg.size(), order=order, seq_len=seq_len,
                            algorithm="tokenring_attention")
+    positions, segments, window, key_valid = check_mask_inputs(
+        q, world=pg.size(), seq_len=seq_len, positions=positions, segments=segments,
+        window=window, key_valid=key_valid, algorithm="tokenring_attention")
     scale, backend = resolve_options(q, scale, backend)
     out, lse = torch.ops.seqshard.tokenring_attention(q, k, v, pg.group_name, causal, order,
-                                                      seq_len, scale, backend)
+                                                      seq_len, scale, backend, positions,
+                                                      segments, key_valid, window)
     return (out, lse) if return_lse else out

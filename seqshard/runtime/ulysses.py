@@ -53,6 +53,11 @@ and one head per chunk the buffers are used in place and nothing is copied.
 Saved for backward: the head-layout q, packed K/V, out and lse (the same bytes as the local
 shards), so the backward spends one all-to-all on dout and one on dq per chunk, and two on dk, dv
 per K/V piece.
+
+Structured masks (masks.py): the per-token tensors cover the whole sequence and are the same on
+every rank, so nothing about them is exchanged. After the exchange a Ulysses rank holds whole
+sequences of its heads and builds its blocks from the full tensors (local.whole_forward); the
+hybrid's ring refines its super-shard blocks as the ring does.
 """
 
 from __future__ import annotations
@@ -68,9 +73,11 @@ from seqshard.runtime.collectives import (Pending, resolve_group, start_all_gath
                                           start_all_to_all_single, start_reduce_scatter)
 from seqshard.runtime.layout import chunk_permutation, sorting_permutations
 from seqshard.runtime.local import whole_backward, whole_forward
+from seqshard.runtime.masks import TokenMask, token_mask
 from seqshard.runtime.peer import check_transport, start_pull, transport as resolve_transport
-from seqshard.runtime.opsupport import (check_attention_inputs, fresh_like, lse_like,
-                                        register_attention_op, resolve_options, unpack_pair)
+from seqshard.runtime.opsupport import (check_attention_inputs, check_mask_inputs, fresh_like,
+                                        lse_like, register_attention_op, resolve_options,
+                                        unpack_pair)
 from seqshard.runtime.ring import ring_backward, ring_forward
 
 __all__ = ["ulysses_attention", "hybrid_attention", "kv_route", "kv_heads_after_exchange",
@@ -398,7 +405,7 @@ def _plan_exchange(ulysses_group, ring_group, b, h, hk, order, s, device, chunks
 
 def hybrid_forward(q, k, v, ring_group, ulysses_group, *, causal: bool, order: str,
                    seq_len: int | None, scale: float, backend: str, chunks: int = 1,
-                   transport: str = "nccl"):
+                   transport: str = "nccl", mask: TokenMask | None = None):
     """(out, lse, q_h, kv_h, out_h, lse_h): the result and what the backward needs, with the
     exchanges pipelined over `chunks` head chunks (module docstring; 0: the default for the
     transport)."""
@@ -408,7 +415,7 @@ def hybrid_forward(q, k, v, ring_group, ulysses_group, *, causal: bool, order: s
                         transport)
     chunks = ex.chunks
     attend, _ = _attention(ring_group, causal=causal, order=order, seq_len=seq_len, scale=scale,
-                           backend=backend)
+                           backend=backend, mask=mask)
     g, per_piece = h // n // chunks, chunks // ex.pieces
     m = kv_heads_after_exchange(h, k.shape[1], n)
     q_h = q.new_empty((b, h // n, n * s, e))
@@ -443,14 +450,14 @@ def hybrid_forward(q, k, v, ring_group, ulysses_group, *, causal: bool, order: s
 
 def hybrid_backward(dout, q_h, kv_h, out_h, lse_h, kv_heads: int, ring_group, ulysses_group, *,
                     causal: bool, order: str, seq_len: int | None, scale: float, backend: str,
-                    chunks: int = 1, transport: str = "nccl"):
+                    chunks: int = 1, transport: str = "nccl", mask: TokenMask | None = None):
     b, h, s, e = dout.shape
     n = ulysses_group.size()
     ex = _plan_exchange(ulysses_group, ring_group, b, h, kv_heads, order, s, dout.device, chunks,
                         transport)
     chunks = ex.chunks
     _, attend_backward = _attention(ring_group, causal=causal, order=order, seq_len=seq_len,
-                                    scale=scale, backend=backend)
+                                    scale=scale, backend=backend, mask=mask)
     g, per_piece, m = h // n // chunks, chunks // ex.pieces, kv_h.shape[2]
     scatter = ex.route == "scatter"
     dq = q_h.new_empty(dout.shape)
@@ -510,19 +517,28 @@ _Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def _ulysses_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str, causal: bool,
                 order: str, seq_len: int | None, scale: float, backend: str, chunks: int = 1,
-                transport: str = "nccl") -> _SavedOutputs:
+                transport: str = "nccl", positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
+                window: int | None = None) -> _SavedOutputs:
     return hybrid_forward(q, k, v, None, resolve_group(group_name), causal=causal, order=order,
                           seq_len=seq_len, scale=scale, backend=backend, chunks=chunks,
-                          transport=transport)
+                          transport=transport,
+                          mask=token_mask(causal, positions, segments, window, key_valid, q.device))
 
 
 def _ulysses_backward_op(dout: torch.Tensor, q_h: torch.Tensor, kv_h: torch.Tensor,
                          out_h: torch.Tensor, lse_h: torch.Tensor, kv_heads: int, group_name: str,
                          causal: bool, order: str, seq_len: int | None, scale: float, backend: str,
-                         chunks: int = 1, transport: str = "nccl") -> _Grads:
+                         chunks: int = 1, transport: str = "nccl",
+                         positions: torch.Tensor | None = None,
+                         segments: torch.Tensor | None = None,
+                         key_valid: torch.Tensor | None = None, window: int | None = None
+                         ) -> _Grads:
     return hybrid_backward(dout, q_h, kv_h, out_h, lse_h, kv_heads, None, resolve_group(group_name),
                            causal=causal, order=order, seq_len=seq_len, scale=scale, backend=backend,
-                           chunks=chunks, transport=transport)
+                           chunks=chunks, transport=transport,
+                           mask=token_mask(causal, positions, segments, window, key_valid,
+                                           dout.device))
 
 
 def _ulysses_fake(q, k, v, group_name, *options):
@@ -554,17 +570,23 @@ def _check_chunks(q, n_u: int, chunks: int, algorithm: str) -> int:
 def ulysses_attention(q, k, v, group=None, *, causal: bool = True, order: str = "contig",
                       seq_len: int | None = None, scale: float | None = None,
                       backend: str | None = None, chunks: int | None = None,
-                      transport: str = "nccl", return_lse: bool = False):
+                      transport: str = "nccl", return_lse: bool = False,
+                      positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                      window: int | None = None, key_valid: torch.Tensor | None = None):
     """Exact attention of sequence-sharded q, k, v by the Ulysses all-to-all (heads must divide).
 
     `chunks`: pipeline the exchanges with the attention over this many head chunks per rank (it
     must divide the heads per rank); None picks `default_chunks` (1 unless the transport is
     'peer'). `transport`: 'nccl' (all-to-all), or 'peer' (copy engines over symmetric memory,
-    one host; see peer.py). Otherwise the same arguments and result as `ring_attention`.
+    one host; see peer.py). Otherwise the same arguments (structured masks included) and result
+    as `ring_attention`.
     """
     pg = resolve_group(group)
     check_attention_inputs(q, k, v, world=pg.size(), order=order, seq_len=seq_len,
                            algorithm="ulysses_attention")
+    positions, segments, window, key_valid = check_mask_inputs(
+        q, world=pg.size(), seq_len=seq_len, positions=positions, segments=segments,
+        window=window, key_valid=key_valid, algorithm="ulysses_attention")
     _check_heads(q, k, pg.size(), "ulysses_attention")
     check_transport(transport)
     if chunks is None:
@@ -573,7 +595,8 @@ def ulysses_attention(q, k, v, group=None, *, causal: bool = True, order: str = 
         _check_chunks(q, pg.size(), chunks, "ulysses_attention")
     scale, backend = resolve_options(q, scale, backend)
     out, lse, *_ = torch.ops.seqshard.ulysses_attention(q, k, v, pg.group_name, causal, order,
-                                                        seq_len, scale, backend, chunks, transport)
+                                                        seq_len, scale, backend, chunks, transport,
+                                                        positions, segments, key_valid, window)
     return (out, lse) if return_lse else out
 
 
@@ -583,21 +606,28 @@ def ulysses_attention(q, k, v, group=None, *, causal: bool = True, order: str = 
 
 def _hybrid_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_group_name: str,
                ulysses_group_name: str, causal: bool, order: str, seq_len: int | None, scale: float,
-               backend: str, chunks: int = 1, transport: str = "nccl") -> _SavedOutputs:
+               backend: str, chunks: int = 1, transport: str = "nccl",
+               positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+               key_valid: torch.Tensor | None = None, window: int | None = None) -> _SavedOutputs:
     return hybrid_forward(q, k, v, resolve_group(ring_group_name), resolve_group(ulysses_group_name),
                           causal=causal, order=order, seq_len=seq_len, scale=scale, backend=backend,
-                          chunks=chunks, transport=transport)
+                          chunks=chunks, transport=transport,
+                          mask=token_mask(causal, positions, segments, window, key_valid, q.device))
 
 
 def _hybrid_backward_op(dout: torch.Tensor, q_h: torch.Tensor, kv_h: torch.Tensor,
                         out_h: torch.Tensor, lse_h: torch.Tensor, kv_heads: int, ring_group_name: str,
                         ulysses_group_name: str, causal: bool, order: str, seq_len: int | None,
-                        scale: float, backend: str, chunks: int = 1, transport: str = "nccl"
+                        scale: float, backend: str, chunks: int = 1, transport: str = "nccl",
+                        positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                        key_valid: torch.Tensor | None = None, window: int | None = None
                         ) -> _Grads:
     return hybrid_backward(dout, q_h, kv_h, out_h, lse_h, kv_heads, resolve_group(ring_group_name),
                            resolve_group(ulysses_group_name), causal=causal, order=order,
                            seq_len=seq_len, scale=scale, backend=backend, chunks=chunks,
-                           transport=transport)
+                           transport=transport,
+                           mask=token_mask(causal, positions, segments, window, key_valid,
+                                           dout.device))
 
 
 def _hybrid_fake(q, k, v, ring_group_name, ulysses_group_name, *options):
@@ -611,7 +641,9 @@ register_attention_op("seqshard::hybrid_attention", _hybrid_op, _hybrid_backward
 def hybrid_attention(q, k, v, ring_group, ulysses_group, *, causal: bool = True,
                      order: str = "contig", seq_len: int | None = None, scale: float | None = None,
                      backend: str | None = None, chunks: int = 1, transport: str = "nccl",
-                     return_lse: bool = False):
+                     return_lse: bool = False, positions: torch.Tensor | None = None,
+                     segments: torch.Tensor | None = None, window: int | None = None,
+                     key_valid: torch.Tensor | None = None):
     """Exact attention on a 2-D mesh: Ulysses over `ulysses_group` × ring over `ring_group`.
 
     The shards follow `order` over the flattened index ring_rank·N_u + ulysses_rank, e.g. the
@@ -619,17 +651,21 @@ def hybrid_attention(q, k, v, ring_group, ulysses_group, *, causal: bool = True,
     DeviceMesh. `chunks` pipelines the Ulysses exchanges with a whole ring pass per head chunk (it
     must divide the heads per Ulysses rank; default 1: the ring already overlaps its own traffic,
     and more chunks mean more, smaller ring steps). `transport` as for `ulysses_attention`.
-    Otherwise the same arguments and result as `ring_attention`.
+    Otherwise the same arguments (structured masks included) and result as `ring_attention`.
     """
     ring_pg, ulysses_pg = resolve_group(ring_group), resolve_group(ulysses_group)
     world = ring_pg.size() * ulysses_pg.size()
     check_attention_inputs(q, k, v, world=world, order=order, seq_len=seq_len,
                            algorithm="hybrid_attention")
+    positions, segments, window, key_valid = check_mask_inputs(
+        q, world=world, seq_len=seq_len, positions=positions, segments=segments, window=window,
+        key_valid=key_valid, algorithm="hybrid_attention")
     _check_heads(q, k, ulysses_pg.size(), "hybrid_attention")
     _check_chunks(q, ulysses_pg.size(), chunks, "hybrid_attention")
     check_transport(transport)
     scale, backend = resolve_options(q, scale, backend)
     out, lse, *_ = torch.ops.seqshard.hybrid_attention(q, k, v, ring_pg.group_name,
                                                        ulysses_pg.group_name, causal, order,
-                                                       seq_len, scale, backend, chunks, transport)
+                                                       seq_len, scale, backend, chunks, transport,
+                                                       positions, segments, key_valid, window)
     return (out, lse) if return_lse else out
