@@ -383,3 +383,27 @@ def test_plan_json_errors_name_the_field():
                        ("[1]", "plan JSON: (top): expected an object")]:
         with pytest.raises(ValueError, match=want.replace("(", r"\(").replace(")", r"\)")):
             Plan.from_json(text)
+
+
+# ------------------------------------------------------------------ gather is differentiable once
+def loss_on_gathered_output():
+    import torch.nn.functional as F
+
+    from seqshard.planner import parallelize
+
+    model, (x, t) = build("video_dit", "tiny", batch=1, frames=3, patches=5, loss=False)
+    target = torch.randn_like(x)
+    ref = copy.deepcopy(model)
+    overrides, _ = named_plans("video_dit", "tiny")["dsp"]
+    pm = parallelize(model, (x, t), mesh=_mesh(), overrides=overrides,
+                     axes={"x": AXES["video_dit"]["x"], "t": AXES["video_dit"]["t"]})
+    out = pm(x, t)
+    F.mse_loss(pm.gather(out), target).backward()
+    F.mse_loss(ref(x, t), target).backward()
+    return max(_rel(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters()))
+
+
+def test_a_loss_on_gathered_outputs_counts_once(pool2):
+    """Old: every rank's loss on `pm.gather(out)` added its gradient, 2x at 2 ranks."""
+    for err in pool2.run(loss_on_gathered_output):
+        assert err <= TOL, f"a parameter gradient off by {err:.2e}"

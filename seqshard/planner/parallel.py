@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import weakref
+from math import prod
 
 import torch
 import torch.distributed as dist
@@ -47,7 +48,7 @@ from typing import TYPE_CHECKING
 
 from seqshard.capture import capture
 from seqshard.dims import analyze
-from seqshard.strategies import Plan, R
+from seqshard.strategies import Plan, R, Shard
 
 from . import api
 
@@ -290,10 +291,18 @@ class ParallelModule(nn.Module):
         raise ValueError("gather() takes a tensor this module returned (from its last call)")
 
     def gather(self, out: torch.Tensor) -> torch.Tensor:
-        """The global tensor of an output: gathered over the ranks, padding cut, original order."""
+        """The global tensor of an output: gathered over the ranks, padding cut, original order.
+
+        Differentiable: a loss computed from it on every rank and backpropagated counts once
+        (the gradient is scaled by 1/copies, as a replicated output's is), so `loss_fn(
+        pm.gather(out)).backward()` gives the single-device gradients."""
+        from seqshard.runtime.sharding import scale_grad  # loaded by parallelize already
+
         i = self._output_index(out)
-        fn = self._redistributor("out", i)
-        return fn(out)
+        full = self._redistributor("out", i)(out)
+        copies = prod(n for n, p in zip(self.mesh.sizes, self.program.output_layouts[i])
+                      if isinstance(p, Shard))
+        return scale_grad(full, 1.0 / copies) if copies > 1 else full
 
     def shard(self, t: torch.Tensor, like: str) -> torch.Tensor:
         """Split a global tensor the way input `like` is split (e.g. labels like input_ids)."""
