@@ -12,9 +12,12 @@ The graph comes from `torch.export` (non-strict, pre-dispatch ATen, so `linear`,
 1. metadata-only nodes (`_assert_tensor_metadata`) are dropped;
 2. attention is one node however the model spells it: `softmax(q @ kᵀ · scale [+ mask]) @ v` is
    rewritten into `scaled_dot_product_attention` (`recognize_attention`);
-3. grouped-query attention keeps K/V at kv-heads: `repeat_interleave` of K and V along heads in
-   front of attention is folded into `enable_gqa=True` (`fold_gqa_repeat`), so the runtime can
-   move K/V at their own head count.
+3. an `attn_mask` that is causal, sliding-window, per-document or key padding (transformers'
+   masks) becomes `is_causal=True`, or `masked_attention` with small per-token tensors
+   (`recognize_masks`, `masks.py`), so the sequence can be split without an S×S mask;
+4. grouped-query attention keeps K/V at kv-heads: `repeat_interleave` (or `expand` + `reshape`)
+   of K and V along heads in front of attention is folded into `enable_gqa=True`
+   (`fold_gqa_repeat`), so the runtime can move K/V at their own head count.
 
 Works on `meta`-device models: nothing is computed, shapes come from fake tensors.
 """
@@ -28,9 +31,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .canonicalize import SDPA, canonicalize, sdpa_options
+from .canonicalize import ATTENTION, SDPA, canonicalize, mask_inputs, sdpa_options
+from .masks import MASK_KWARGS, masked_attention
 
-__all__ = ["capture", "Captured", "SDPA", "sdpa_options", "source_line"]
+__all__ = ["capture", "Captured", "SDPA", "ATTENTION", "sdpa_options", "mask_inputs",
+           "masked_attention", "MASK_KWARGS", "source_line"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 

@@ -5,7 +5,14 @@ These are seqshard's graph-to-graph passes (the per-rank program itself is emitt
 
     drop_metadata_nodes   `_assert_tensor_metadata` and friends carry no computation
     recognize_attention   `softmax(q @ kᵀ · scale [+ mask]) @ v` → one SDPA node
-    fold_gqa_repeat       `repeat_interleave` of K/V along heads → `enable_gqa=True`
+    recognize_masks       an `attn_mask` that is causal / documents / sliding window / key
+                          padding → `is_causal`, or `masked_attention` with per-token tensors
+                          (`masks.py`)
+    fold_gqa_repeat       `repeat_interleave`, or transformers' `expand` + `reshape`, of K/V
+                          along heads → `enable_gqa=True`
+
+Attention is then one of two targets (`ATTENTION`): ATen's SDPA, or `masks.masked_attention`
+(SDPA under the mask family, its per-token tensors as keyword arguments).
 """
 
 from __future__ import annotations
@@ -13,23 +20,34 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .masks import MASK_KWARGS, masked_attention, recognize_masks
+
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
+ATTENTION = (SDPA, masked_attention)
+"""The targets of attention nodes after canonicalization."""
 
 SDPA_OPTIONS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 def sdpa_options(node: fx.Node) -> dict:
-    """The options of an SDPA node by name, whether passed by position or keyword."""
+    """The options of an attention node by name, whether passed by position or keyword (for
+    `masked_attention`, its per-token tensors too)."""
     kw = dict(zip(SDPA_OPTIONS, node.args[3:]))
     kw.update(node.kwargs)
     return kw
 
 
+def mask_inputs(node: fx.Node) -> dict:
+    """The per-token mask arguments of an attention node that has them (`MASK_KWARGS`)."""
+    return {k: node.kwargs[k] for k in MASK_KWARGS if node.kwargs.get(k) is not None}
+
+
 def canonicalize(graph: fx.Graph) -> list[str]:
     """Run every rewrite; returns what each did, for people."""
     drop_metadata_nodes(graph)
-    return recognize_attention(graph) + fold_gqa_repeat(graph)
+    return (recognize_attention(graph) + recognize_masks(graph, SDPA, _constant_value)
+            + fold_gqa_repeat(graph))
 
 
 def drop_metadata_nodes(graph: fx.Graph) -> None:
@@ -47,35 +65,57 @@ def _is(n, *targets) -> bool:
 
 
 def fold_gqa_repeat(graph: fx.Graph) -> list[str]:
-    """`sdpa(q, repeat_interleave(k, r, 1), repeat_interleave(v, r, 1))` → `sdpa(q, k, v,
-    enable_gqa=True)`: the same function (SDPA's GQA repeats K/V heads the same way)."""
+    """`attention(q, repeat(k), repeat(v))` → `attention(q, k, v, enable_gqa=True)`, where
+    repeat is `repeat_interleave(x, r, dim=heads)` or transformers' `repeat_kv`,
+    `x[:, :, None].expand(b, g, r, s, e).reshape(b, g·r, s, e)`: the same function (query head
+    i reads kv head i // r, as SDPA's GQA does), whatever the mask."""
     done = []
-    rep = aten.repeat_interleave.self_int
     for n in list(graph.nodes):
-        if not _is(n, SDPA):
+        if not _is(n, *ATTENTION):
             continue
         q, k, v = n.args[:3]
-        if not (_is(k, rep) and _is(v, rep)):
-            continue
         kw = sdpa_options(n)
-        if kw.get("attn_mask") is not None or kw.get("enable_gqa"):
+        if kw.get("enable_gqa"):
             continue
-
-        def parts(r):
-            reps = r.args[1]
-            dim = r.args[2] if len(r.args) > 2 else r.kwargs.get("dim")
-            ndim = _val(r).dim()
-            return reps, (dim % ndim) if dim is not None else None
-
-        (rk, dk), (rv, dv) = parts(k), parts(v)
-        ndim = _val(q).dim()
-        if not (rk == rv and dk == dv == ndim - 3 and isinstance(rk, int)):
+        (xk, rk, how), (xv, rv, _) = _repeated_heads(k), _repeated_heads(v)
+        if xk is None or xv is None or rk != rv:
             continue
-        n.args = (q, k.args[0], v.args[0])
-        kw["enable_gqa"] = True
-        n.kwargs = kw
-        done.append(f"{n.name}: folded repeat_interleave x{rk} of K/V into enable_gqa")
+        n.args, n.kwargs = (q, xk, xv), {**kw, "enable_gqa": True}
+        done.append(f"{n.name}: folded {how} x{rk} of K/V into enable_gqa")
     return done
+
+
+def _repeated_heads(x) -> tuple:
+    """(the tensor whose heads `x` repeats, repeats, how) for x [*b, g·r, s, e] made by repeating
+    each head r times in place; (None, None, None) otherwise."""
+    none = (None, None, None)
+    if not isinstance(x, fx.Node) or _val(x) is None or _val(x).dim() < 3:
+        return none
+    ndim = _val(x).dim()
+    heads = ndim - 3
+    if _is(x, aten.repeat_interleave.self_int):
+        reps = x.args[1]
+        dim = x.args[2] if len(x.args) > 2 else x.kwargs.get("dim")
+        if isinstance(reps, int) and dim is not None and dim % ndim == heads:
+            return x.args[0], reps, "repeat_interleave"
+        return none
+    if not _is(x, aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+        return none
+    e = x.args[0]
+    if not _is(e, aten.expand.default):
+        return none
+    u = e.args[0]
+    while _is(u, aten.slice.Tensor) and _val(u).shape == _val(u.args[0]).shape:
+        u = u.args[0]  # x[:, :, None] may export as full slices around the unsqueeze
+    if not (_is(u, aten.unsqueeze.default) and u.args[1] % (ndim + 1) == heads + 1):
+        return none
+    src = u.args[0]
+    shape, big = tuple(_val(src).shape), tuple(_val(e).shape)
+    g, r = shape[heads], big[heads + 1]
+    if big != shape[:heads + 1] + (r,) + shape[heads + 1:] or \
+            tuple(_val(x).shape) != shape[:heads] + (g * r,) + shape[heads + 1:]:
+        return none
+    return src, r, "expand+reshape"
 
 
 def recognize_attention(graph: fx.Graph) -> list[str]:
@@ -84,7 +124,8 @@ def recognize_attention(graph: fx.Graph) -> list[str]:
     Recognised: `matmul(q, transpose(k, -2, -1))`, then optionally a multiplication or division
     by a Python number, then optionally a causal mask (`masked_fill(triu(ones(S, S), 1).bool(),
     -inf)`, or adding a tensor mask of zeros and -inf: its values are read to see if it is the
-    causal mask; another mask is passed on as `attn_mask`), `softmax(dim=-1)`, `matmul(p, v)`."""
+    causal mask; another mask is passed on as `attn_mask`), `softmax(dim=-1)`, casts or a
+    dropout of nothing, `matmul(p, v)`."""
     done = []
     mm = (aten.matmul.default,)
     for sm in list(graph.nodes):
@@ -93,8 +134,13 @@ def recognize_attention(graph: fx.Graph) -> list[str]:
         dim = sm.args[1]
         if dim not in (-1, _val(sm).dim() - 1) or len(sm.users) != 1:
             continue
-        (pv,) = sm.users
-        if not (_is(pv, *mm) and pv.args[0] is sm):
+        p = sm
+        while len(p.users) == 1 and _keeps_probabilities(next(iter(p.users))):
+            p = next(iter(p.users))
+        if len(p.users) != 1:
+            continue
+        (pv,) = p.users
+        if not (_is(pv, *mm) and pv.args[0] is p):
             continue
         x, scale, causal, mask = sm.args[0], 1.0, False, None
         if _is(x, aten.masked_fill.Scalar) and x.args[2] == float("-inf"):
@@ -127,9 +173,25 @@ def recognize_attention(graph: fx.Graph) -> list[str]:
                                                          "scale": scale})
         new.meta = dict(pv.meta)
         pv.replace_all_uses_with(new)
+        dead = pv
+        while dead is not sm:  # a dropout between them would look impure to dead-code removal
+            before = dead.args[0]
+            graph.erase_node(dead)
+            dead = before
+        graph.erase_node(sm)
         done.append(f"{new.name}: recognised matmul-softmax-matmul attention"
                     f" (causal={causal}, scale={scale:.4g})")
     return done
+
+
+def _keeps_probabilities(n: fx.Node) -> bool:
+    """Ops between softmax and the PV matmul that SDPA also does: a cast (eager attention
+    casts fp32 probabilities back to the query's dtype), dropout that drops nothing."""
+    if _is(n, aten.to.dtype, aten._to_copy.default, aten.contiguous.default, aten.alias.default):
+        return True
+    if _is(n, aten.dropout.default):
+        return n.args[1] == 0 or (len(n.args) > 2 and n.args[2] is False)
+    return False
 
 
 def _constant_value(node) -> torch.Tensor | None:

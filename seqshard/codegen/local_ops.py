@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 
 import seqshard.runtime
-from seqshard.capture import SDPA, sdpa_options
+from seqshard.capture import ATTENTION, mask_inputs, sdpa_options
 from seqshard.dims import Role
 from seqshard.runtime import sharding as rt
 from seqshard.strategies import ALGORITHMS, P, R, PlanError, Strategy
@@ -183,21 +183,28 @@ def _partial(st: Strategy) -> bool:
 
 
 # ------------------------------------------------------------------ attention
-@localizer(SDPA)
+@localizer(*ATTENTION)
 def attention(sh, n, st):
     """The plan's distributed algorithm: a call to its runtime function (`ALGORITHMS[...]`),
-    with the sequence's process group(s), outer mesh axis first."""
+    with the sequence's process group(s), outer mesh axis first, and the mask's per-token
+    tensors (whole on every rank). Local attention is the captured op (SDPA: the plain kernel),
+    or, under a per-token mask, the runtime's local attention."""
     algo = ALGORITHMS[st.algorithm]
-    if algo.runtime is None:
+    opts, masks = sdpa_options(n), mask_inputs(n)
+    if algo.runtime is None and (not masks or opts.get("dropout_p")):
         return copy(sh, n, st)
     args, kwargs = _inputs(sh, n, st)
     q, k, v = args[:3]
-    opts = sdpa_options(n)
+    per_token = {key: kwargs[key] for key in masks}
+    causal = bool(opts.get("is_causal", False))
     if opts.get("dropout_p"):
         raise PlanError(f"{n.name}: distributed attention does not take dropout")
+    if algo.runtime is None:
+        return sh.call(seqshard.runtime.local_attention, q, k, v, name=n.name, causal=causal,
+                       scale=opts.get("scale"), **per_token)
     (s,) = {a for a in sh.dims.seq_atoms(n) if a in st.splits}
     groups = [sh.mesh.groups[i] for i, a in enumerate(st.splits) if a == s]
     seq_len = sh.F.size(s) if s in sh.pads else None
     return sh.call(getattr(seqshard.runtime, algo.runtime), q, k, v, *groups, name=n.name,
-                   causal=bool(opts.get("is_causal", False)), order=sh.orders.get(s, "contig"),
-                   seq_len=seq_len, scale=opts.get("scale"))
+                   causal=causal, order=sh.orders.get(s, "contig"), seq_len=seq_len,
+                   scale=opts.get("scale"), **per_token)

@@ -82,7 +82,7 @@ def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
 
 def activation_bytes(dims: DimAnalysis) -> int:
     for n in dims.cap.nodes():
-        if n.op == "call_function" and n.target == torch.ops.aten.scaled_dot_product_attention.default:
+        if dims.attention(n) is not None:
             return n.meta["val"].element_size()
     return 2
 

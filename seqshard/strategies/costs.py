@@ -15,7 +15,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from seqshard.capture import sdpa_options
+from seqshard.capture import masked_attention, sdpa_options
 from seqshard.costmodel import attention as att_cost
 from seqshard.costmodel import collectives as coll
 from seqshard.costmodel import compute as comp
@@ -36,7 +36,7 @@ VIEWS = {aten.view, aten.reshape, aten._unsafe_view, aten.transpose, aten.permut
 
 # which inputs autograd keeps for backward, per op family (index into the tensor inputs)
 SAVES_ALL = {aten.mul, aten.div, aten.matmul, aten.mm, aten.bmm, aten.einsum, aten.mse_loss,
-             aten.scaled_dot_product_attention, aten.outer}
+             aten.scaled_dot_product_attention, masked_attention, aten.outer}
 SAVES_FIRST = {aten.linear, aten.rms_norm, aten.layer_norm, aten.silu, aten.gelu, aten.exp,
                aten.sin, aten.cos, aten.rsqrt, aten.tanh, aten.sigmoid, aten.pow, aten.softmax,
                aten._softmax, aten.log_softmax, aten.cross_entropy_loss, aten.relu, aten.sqrt}

@@ -20,14 +20,17 @@ from dataclasses import dataclass
 from itertools import product
 from math import prod
 
+import torch
 import torch.fx as fx
 
-from seqshard.capture import SDPA
+from seqshard.capture import ATTENTION, mask_inputs, sdpa_options
 from seqshard.dims import DimAnalysis, Role
 
 from .algorithms import ALGORITHMS, SEQ_ALGORITHMS, for_seq_axes
 from .layout import P, R, Layout, PlanError, Shard
 from .overrides import Spec, forced
+
+aten = torch.ops.aten
 
 __all__ = ["Strategy", "resolve", "candidates", "whole_somewhere", "plan_nodes", "tensor_inputs",
            "atoms_of", "is_attention", "where"]
@@ -58,7 +61,7 @@ def atoms_of(dims: DimAnalysis, sig) -> set[int]:
 
 
 def is_attention(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target == SDPA
+    return node.op == "call_function" and node.target in ATTENTION
 
 
 def where(dims: DimAnalysis, node: fx.Node) -> str:
@@ -86,6 +89,15 @@ def resolve(node: fx.Node, dims: DimAnalysis, splits: tuple, algorithm: str | No
     roles = dims.roles.get(node, {})
     space = set(dims.iteration_atoms(node))
     at = where(dims, node)
+    mask = sdpa_options(node).get("attn_mask") if is_attention(node) else None
+    if mask is not None and any(a in dims.seq_atoms(node) for a in splits):
+        raise PlanError(
+            f"{at}: its attn_mask {mask.name} (built at {dims.cap.source(mask) or 'top'}) is "
+            "not a mask seqshard reads as per-token tensors ("
+            + node.meta.get("seqshard_mask", "not analysed") + "); distributed attention "
+            "cannot take an S×S mask, so the sequence stays whole here: build the mask from "
+            "causal / position_ids / document ids / a sliding window / key padding, or "
+            "split another factor here (heads)")
     for axis, a in zip(axis_names, splits):
         if a is None:
             continue
@@ -115,6 +127,10 @@ def resolve(node: fx.Node, dims: DimAnalysis, splits: tuple, algorithm: str | No
         if seq_axes and atoms_of(dims, (dims.attention(node).seq_q,)) != seq:
             raise PlanError(f"{at}: distributed attention needs self-attention (queries and "
                             "keys from the same sequence)")
+        queries = atoms_of(dims, (dims.attention(node).seq_q,))
+        if mask_inputs(node) and queries != seq and any(a in queries for a in splits):
+            raise PlanError(f"{at}: a per-token mask is for self-attention; the queries of this "
+                            "cross-attention cannot be split under it")
         if sizes is not None and seq_axes:
             h, hk = local_heads(dims, node, splits, sizes)
             why = algo.check_heads(h, hk, tuple(sizes[i] for i in seq_axes))
@@ -124,8 +140,10 @@ def resolve(node: fx.Node, dims: DimAnalysis, splits: tuple, algorithm: str | No
         raise PlanError(f"{at} is not attention; it takes no algorithm ({algorithm!r})")
 
     inputs = []
+    per_token = set(mask_inputs(node).values()) if is_attention(node) else set()
+    whole = dims.seq_atoms(node) if per_token else set()
     for x in tensor_inputs(node, dims):
-        have = atoms_of(dims, dims.sigs[x])
+        have = atoms_of(dims, dims.sigs[x]) - (whole if x in per_token else set())
         inputs.append((x, tuple(Shard(a) if a is not None and a in have else R for a in splits)))
 
     def out_layout(sig):
@@ -149,10 +167,10 @@ def candidates(dims: DimAnalysis, node: fx.Node, mesh: tuple[tuple[str, int], ..
     atoms = [a for a in dims.iteration_atoms(node)
              if dims.F.size(a) > 1 and roles.get(a, Role.LOCAL) != Role.WHOLE
              and a not in whole]
-    if spec is not None and spec.splits is not None:
+    if spec is not None and spec.splits is not None and not node.meta.get("seqshard_per_token"):
         forced_splits, _ = forced(dims, node, spec, names)
-        choices = [[a] for a in forced_splits]
-    else:
+        choices = [[a] for a in _queries_not_keys(dims, node, forced_splits, sizes)]
+    else:  # (a mask's per-token tensors, capture/masks.py, are small: the solver places them)
         # an axis of size 1 splits nothing (a split there would only add copies)
         choices = [[None] + [a for a in atoms if dims.F.size(a) >= n > 1] for n in sizes]
     out, why = [], []
@@ -176,10 +194,41 @@ def candidates(dims: DimAnalysis, node: fx.Node, mesh: tuple[tuple[str, int], ..
     return out
 
 
+def _queries_not_keys(dims: DimAnalysis, node: fx.Node, splits: tuple, sizes) -> tuple:
+    """Cross-attention (keys from another sequence) whose key sequence an override splits: the
+    keys stay whole and the axis splits the query sequence instead (local attention; the
+    distributed algorithms are for self-attention)."""
+    att = dims.attention(node) if is_attention(node) else None
+    if att is None:
+        return splits
+    seq_k, F = dims.seq_atoms(node), dims.F
+    queries = [F.find(a) for a in F.atoms_of(att.seq_q)]
+    if set(queries) == seq_k:
+        return splits
+    roles = dims.roles.get(node, {})
+    out = list(splits)
+    for i, a in enumerate(splits):
+        if a in seq_k:
+            out[i] = next((b for b in queries if b not in out and F.size(b) >= sizes[i]
+                           and roles.get(b, Role.LOCAL) != Role.WHOLE), None)
+    return tuple(out)
+
+
 def whole_somewhere(dims: DimAnalysis) -> frozenset:
     """Factors some op needs whole (a norm's hidden dim, attention's head dim, a vocabulary).
     They are not offered as splits anywhere: splitting one elsewhere only adds a gather in
     front of that op, and leaving them out keeps 2-D meshes fast to solve. (Ops without a rule
-    mark everything whole; they say nothing about how a factor is used, so they don't count.)"""
-    return frozenset(a for n, roles in dims.roles.items() if n not in dims.unsupported
+    mark everything whole; they say nothing about how a factor is used, so they don't count;
+    nor do the small ops that make a mask's per-token tensors, such as the scan that numbers
+    packed documents: they run replicated. Nor do concatenations and splits into unequal
+    pieces: a joint text+video attention concatenates the two sequences and splits them again,
+    and the video's sequence is still worth splitting everywhere else, gathered at the joint.)"""
+    return frozenset(a for n, roles in dims.roles.items()
+                     if n not in dims.unsupported and not n.meta.get("seqshard_per_token")
+                     and getattr(n.target, "overloadpacket", n.target) not in PIECES
                      for a, r in roles.items() if r == Role.WHOLE)
+
+
+PIECES = {aten.cat, aten.split_with_sizes, aten.split, aten.tensor_split, operator.getitem}
+"""Ops that join or cut a dim into pieces, and the pick of one piece (the dim is whole there,
+which is no reason to keep it whole elsewhere)."""
