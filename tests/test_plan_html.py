@@ -53,9 +53,10 @@ def test_page_shows_every_layer_algorithm_and_alternative(plan):
             assert f">{layout}</span>" in page, f"layout chip {layout!r} missing"
     for n in plan.attention():
         assert f">{n.algorithm}</span>" in page, f"algorithm chip {n.algorithm!r} missing"
-    # both layers share one explanation: it is shown once, its chosen line highlighted
-    texts = set(plan.explanations.values())
-    assert len(texts) == 1 and len(plan.explanations) == 2
+    # both layers share one attention explanation: it is shown once, its chosen line highlighted
+    attention = {k: t for k, t in plan.explanations.items() if plan.node(k).algorithm}
+    texts = set(attention.values())
+    assert len(texts) == 1 and len(attention) == 2
     first_line = next(iter(texts)).splitlines()[0]
     assert page.count(first_line) == 1, "each distinct explanation should appear exactly once"
     assert "and 1 more alike" in page and "class=\"chosen\"" in page

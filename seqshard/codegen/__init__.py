@@ -8,6 +8,7 @@ Python source (`pm.code`).
         insert redistributions       (all-to-all / all-gather / reduce-scatter / all-reduce)
         replace attention            (the plan's distributed algorithm, from its registry entry)
         seed replicated outputs once (scale_grad) and sum parameter gradients (sum_grad)
+    recompute_layers(program.gm, plan.recompute)      # each recomputed layer: a checkpointed submodule
 
 This is emission, not a sequence of graph passes: one walk over the captured graph writes a new
 graph, op by op, into calls of `seqshard.runtime` and local ATen ops (see docs/design.md). The
@@ -20,6 +21,7 @@ from seqshard.dims import DimAnalysis
 from seqshard.strategies import Plan, PlanError, orders_of, resolve_plan
 
 from .mesh import MeshInfo
+from .recompute import recompute_layers
 from .sharder import Program, Sharder
 
 __all__ = ["apply_plan", "MeshInfo", "Program", "PlanError"]
@@ -31,4 +33,7 @@ def apply_plan(dims: DimAnalysis, plan: Plan, mesh: MeshInfo) -> Program:
                         f"{mesh.names}: pass mesh=init_device_mesh(device, sizes, "
                         f"mesh_dim_names={plan.axis_names})")
     strategies = resolve_plan(dims, plan, mesh.sizes)
-    return Sharder(dims, strategies, mesh, orders_of(dims, plan)).run()
+    program = Sharder(dims, strategies, mesh, orders_of(dims, plan)).run()
+    if plan.recompute:
+        recompute_layers(program.gm, plan.recompute)
+    return program

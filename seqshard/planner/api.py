@@ -27,7 +27,8 @@ def plan(model, example_inputs, *, cluster=None, mesh: tuple[tuple[str, int], ..
     mesh: axis names and sizes (default: one axis "sp" over every GPU of the cluster);
     overrides: forced choices per module pattern (see `planner.overrides`);
     memory_budget: bytes per GPU (default 90% of its memory);
-    options: model_state ("replicated" | "sharded"), time_limit, verbose."""
+    options: model_state ("replicated" | "sharded"), recompute (may the solver recompute
+        layers; default True), time_limit, verbose."""
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     dims = analyze(capture(model, example_inputs), axes)
@@ -38,7 +39,7 @@ def plan(model, example_inputs, *, cluster=None, mesh: tuple[tuple[str, int], ..
 
 def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
                   memory_budget=None, training=True, model_state: str = "replicated",
-                  time_limit: float = 60.0, verbose: bool = False) -> Plan:
+                  recompute: bool = True, time_limit: float = 60.0, verbose: bool = False) -> Plan:
     """Plan a captured model: enumerate strategies, price them, solve (see `solver`)."""
     t0 = time.perf_counter()
     if cluster is None:
@@ -60,7 +61,8 @@ def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
                   orders=atom_orders(dims, orders))
     say = (lambda msg: print(f"[plan {time.perf_counter() - t0:5.1f}s] {msg}", flush=True)) \
         if verbose else None
-    pb = solver.build_problem(dims, costs, mesh, overrides, model_state, progress=say)
+    pb = solver.build_problem(dims, costs, mesh, overrides, model_state, progress=say,
+                              recompute=recompute)
     if say:
         say(f"{len(pb.strategies)} template nodes (of {sum(pb.mult.values())}), "
             f"{sum(len(s) for s in pb.strategies.values())} strategies, {len(pb.tensors)} "

@@ -13,9 +13,16 @@ import torch.fx as fx
 
 from seqshard.dims import DimAnalysis
 
-__all__ = ["cluster_layers"]
+__all__ = ["cluster_layers", "layer_of", "layer_classes"]
 
 _LAYER = re.compile(r"^(.*?\.\d+)(\.|$)")
+
+
+def layer_of(module: str) -> str | None:
+    """The layer a module path belongs to: its prefix up to the first index (`layers.3.attn.q`
+    → `layers.3`, `blocks.0.mlp.0` → `blocks.0`), or None for code outside any layer."""
+    m = _LAYER.match(module)
+    return m.group(1) if m else None
 
 
 def cluster_layers(dims: DimAnalysis, nodes: list[fx.Node],
@@ -24,17 +31,18 @@ def cluster_layers(dims: DimAnalysis, nodes: list[fx.Node],
 
     A layer is a module path ending in an index (`layers.7`, `blocks.3`); two layers are
     identical when their nodes have the same ops, factor signatures, wiring and forced choices
-    (`spec_of(module path)`: an override on `layers.1.attn` alone makes layer 1 its own class)."""
+    (`spec_of(module path)` of every node and of the layer itself: an override on
+    `layers.1.attn` alone, or `recompute` on `layers.1`, makes layer 1 its own class)."""
     layers: dict[str, list[fx.Node]] = {}
     for n in nodes:
-        m = _LAYER.match(dims.cap.module_path(n))
-        if m:
-            layers.setdefault(m.group(1), []).append(n)
+        layer = layer_of(dims.cap.module_path(n))
+        if layer:
+            layers.setdefault(layer, []).append(n)
     templates: dict[tuple, list[fx.Node]] = {}
     mapping = {n: n for n in nodes}
-    for members in layers.values():
+    for layer, members in layers.items():
         pos = {n: i for i, n in enumerate(members)}
-        key = tuple((str(n.target), _shape_key(dims, n), spec_of(dims.cap.module_path(n)),
+        key = (spec_of(layer),) + tuple((str(n.target), _shape_key(dims, n), spec_of(dims.cap.module_path(n)),
                      tuple(("in", pos[x]) if x in pos else ("out", _shape_key(dims, x))
                            for x in n.all_input_nodes)) for n in members)
         if key in templates:
@@ -43,6 +51,19 @@ def cluster_layers(dims: DimAnalysis, nodes: list[fx.Node],
         else:
             templates[key] = members
     return mapping
+
+
+def layer_classes(dims: DimAnalysis, template: dict[fx.Node, fx.Node]) -> dict[str, list[str]]:
+    """Layer classes: template layer path → the layers it stands for (itself first), in graph
+    order. A class is what the solver decides once (its strategies, whether it recomputes)."""
+    classes: dict[str, list[str]] = {}
+    seen = set()
+    for n, t in template.items():
+        layer = layer_of(dims.cap.module_path(n))
+        if layer and layer not in seen:
+            seen.add(layer)
+            classes.setdefault(layer_of(dims.cap.module_path(t)), []).append(layer)
+    return classes
 
 
 _AUTO = re.compile(r"\bx\d+\b")

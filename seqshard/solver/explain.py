@@ -1,12 +1,16 @@
 """From a solution to a `Plan`: each node's chosen strategy with its cost terms (a redistribution
-charged to the first consumer that needs it), the predicted step, and for every attention node
-the alternatives with their costs (`Plan.explain`)."""
+charged to the first consumer that needs it; a recomputed layer's forward again on its nodes,
+its kept inputs on its first node), the layers recomputed, the predicted step and peak (with
+where it is reached, as notes), and for every attention node and layer class the alternatives
+with their costs (`Plan.explain`)."""
 
 from __future__ import annotations
 
-from seqshard.strategies import Cost, NodePlan, Plan, Predicted, Split, Strategy, is_attention, plan_nodes
+from seqshard.strategies import (Cost, NodePlan, Plan, Predicted, Split, Strategy, is_attention,
+                                 plan_nodes)
 
-from .model import Solution
+from .clusters import layer_of
+from .model import Solution, chosen_moves, class_figures
 from .problem import Problem
 
 __all__ = ["to_plan", "explain_all"]
@@ -14,29 +18,43 @@ __all__ = ["to_plan", "explain_all"]
 def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Plan:
     dims, names = pb.dims, tuple(a for a, _ in pb.mesh)
     strategies = {t: pb.strategies[t][i] for t, i in sol.choice.items()}
-    # each redistribution is charged to the first consumer (in graph order) that needs it
+    recomputed = {layer for c in sol.recompute for layer in pb.classes[c].layers}
+    # each redistribution is charged to the first consumer (in graph order) that needs it; in a
+    # recomputed layer its forward runs again and its copy is not kept
     redistribute: dict = {}
-    for (key, i, l), (secs, sent, kept) in _chosen_moves(pb, sol):
+    for (key, i, l), (secs, sent, kept) in chosen_moves(pb, sol.choice):
         t = pb.tensors[key]
         v = next(v for v, k in t.consumers
                  if pb.need[(key, v, sol.choice[v])] == l)
         r = redistribute.setdefault(v, [0.0, 0.0, 0.0])
         share = t.mult / pb.mult[v]
-        r[0] += secs * share
+        again = t.cls in sol.recompute
+        r[0] += (secs + (pb.move_forward.get((key, i, l), 0.0) if again else 0.0)) * share
         r[1] += sent * share
-        r[2] += kept * share
+        r[2] += 0.0 if again else kept * share
+    inputs = {}  # the first node of a recomputed layer is charged the tensors the layer keeps
+    for layer in recomputed:
+        inputs[layer] = sum(pb.costs.bytes(x, _out(strategies[u], idx))
+                            for u, idx, x in pb.layer_inputs.get(layer, ()))
     nodes, total_comm, compute_s, comm_s = [], 0.0, 0.0, 0.0
     for n in plan_nodes(dims):
         t = pb.template[n]
         st = strategies[t]
         c = pb.node_cost[(t, sol.choice[t])]
         r = redistribute.get(t, [0.0, 0.0, 0.0])
-        cost = Cost(c.compute_s, c.comm_s, c.redistribute_s + r[0], c.memory_bytes + r[2],
-                    c.comm_bytes + r[1], c.transient_bytes)
+        module = dims.cap.module_path(n)
+        mem = 0.0 if pb.saving_class.get(n) in sol.recompute else c.memory_bytes
+        layer = layer_of(module)
+        if layer in inputs:
+            mem += inputs.pop(layer)
+        f = pb.forward[(t, sol.choice[t])] if pb.node_class.get(t) in sol.recompute else Cost()
+        cost = Cost(c.compute_s + f.compute_s, c.comm_s + f.comm_s,
+                    c.redistribute_s + f.redistribute_s + r[0], mem + r[2], c.comm_bytes + r[1],
+                    c.transient_bytes)
         total_comm += cost.comm_bytes
         compute_s += cost.compute_s
         comm_s += cost.comm_s + cost.redistribute_s
-        nodes.append(NodePlan(node=n.name, module=dims.cap.module_path(n), op=_op(n),
+        nodes.append(NodePlan(node=n.name, module=module, op=_op(n),
                               splits=tuple(Split(a, dims.F.label(x)) for a, x in zip(names, st.splits)
                                            if x is not None),
                               algorithm=st.algorithm, cost=cost))
@@ -44,19 +62,122 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
     predicted = Predicted(step_s=step, peak_memory_bytes=sol.memory_bytes, comm_bytes=total_comm,
                           compute_s=compute_s, comm_s=comm_s + pb.static_s)
     used = {s.factor for n in nodes for s in n.splits}
+    layers = tuple(layer for layer in dict.fromkeys(layer_of(n.module) for n in nodes)
+                   if layer in recomputed)
+    notes = list(notes) + _memory_notes(pb, sol)
     plan = Plan(mesh=pb.mesh, nodes=tuple(nodes),
                 orders=tuple(sorted((f, o) for f, o in orders.items() if f in used)),
-                predicted=predicted, notes=tuple(notes))
+                predicted=predicted, notes=tuple(notes), recompute=layers)
     plan.explanations.update(explain_all(pb, sol))
+    plan.explanations.update(explain_recompute(pb, sol))
     return plan
 
 
-def _chosen_moves(pb: Problem, sol: Solution):
-    """The redistributions the solution runs: ((tensor, producer strategy, layout), costs)."""
-    needed = {(key, l) for (key, v, j), l in pb.need.items() if sol.choice[v] == j}
-    for (key, i, l), c in pb.move.items():
-        if sol.choice[pb.tensors[key].producer] == i and (key, l) in needed:
-            yield (key, i, l), c
+def _out(st: Strategy, idx):
+    return st.output if idx is None else st.output[idx]
+
+
+def _memory_notes(pb: Problem, sol: Solution) -> list[str]:
+    """Where the predicted peak is reached and what it is made of; what recompute saves."""
+    m = sol.memory
+    if m is None:
+        return []
+    parts = [f"{_gib(m.state)} parameters, gradients and optimizer state",
+             f"{_gib(m.kept)} activations kept for backward"]
+    if m.recompute_class:
+        parts.append(f"{_gib(m.recompute)} of one recomputed layer's activations made again")
+    if m.transient_node is not None:
+        n = m.transient_node
+        parts.append(f"{_gib(m.transient)} working set of {pb.dims.cap.module_path(n) or n.name} "
+                     f"({n.name}{' and its twins in other layers' if pb.mult[n] > 1 else ''}) "
+                     "while it runs")
+    where = ("at the end of the forward (every kept activation alive)" if not m.recompute_class
+             else f"in the backward of {pb.classes[m.recompute_class].layers[-1]} (recomputing it)")
+    notes = [f"peak memory {_gib(m.peak)} per GPU {where}: " + " + ".join(parts)
+             + "; estimate: all kept activations alive at once plus the largest working set, "
+               "without activation gradients, allocator slack or temporaries inside ops"]
+    if sol.recompute:
+        figures = class_figures(pb, sol.choice)
+        for c in sorted(sol.recompute, key=list(pb.classes).index):
+            f, k = figures[c], len(pb.classes[c].layers)
+            notes.append(f"recompute {_span(pb, c)}: each keeps its inputs ({_gib(f.inputs)}) "
+                         f"instead of {_gib(f.kept)} of activations, saving "
+                         f"{_gib((f.kept - f.inputs) * k)} in all, for {f.forward_s * k * 1e3:.1f} ms "
+                         "more per step (the forward again in backward)")
+    return notes
+
+
+def explain_recompute(pb: Problem, sol: Solution) -> dict[str, str]:
+    """For every layer class: kept or recomputed, what each costs in bytes and seconds, why.
+    Keyed by each layer's first node at the layer's own path (`layers.3` itself), else its
+    first node, so `plan.explain("layers.3")` shows it beside the attention's alternatives."""
+    if not pb.classes:
+        return {}
+    figures = class_figures(pb, sol.choice)
+    budget = sol.budget
+    firsts = _layer_keys(pb)
+    out = {}
+    for c, lc in pb.classes.items():
+        f, k = figures[c], len(lc.layers)
+        chosen = c in sol.recompute
+        lines = [f"{_span(pb, c)} ({k} layer(s) alike): "
+                 + ("recomputed" if chosen else "activations kept"),
+                 f"  keep activations: {_gib(f.kept)} per layer ({_gib(f.kept * k)} in all)"
+                 + ("" if chosen else "  ← chosen"),
+                 f"  recompute:        {_gib(f.inputs)} per layer kept (its inputs), "
+                 f"+{f.forward_s * 1e3:.3f} ms per layer ({f.forward_s * k * 1e3:.1f} ms per step) "
+                 f"for the forward again, {_gib(f.working)} live while one layer is recomputed"
+                 + ("  ← chosen" if chosen else "")]
+        if lc.forced:
+            why = "an override asks for it."
+        elif chosen:
+            why = (f"the memory budget ({_gib(budget)}) needs it: the predicted peak is "
+                   f"{_gib(sol.memory_bytes)} with it." if budget else "it is in the plan.")
+        elif not pb.recompute_allowed:
+            why = "the planner was told not to recompute."
+        else:
+            why = (f"the plan fits the budget ({_gib(budget)}; peak {_gib(sol.memory_bytes)}) "
+                   "without it, and keeping is faster." if budget else "keeping is faster.")
+        lines.append(f"  chosen: {'recompute' if chosen else 'keep'} - {why}")
+        text = "\n".join(lines)
+        for layer in lc.layers:
+            if layer in firsts:
+                out[firsts[layer]] = text
+    return out
+
+
+def _layer_keys(pb: Problem) -> dict[str, str]:
+    """layer → the node its explanation is filed under: the first node at the layer's own path
+    (`layers.3`: the residual add), else its first node."""
+    out, exact = {}, set()
+    for n in plan_nodes(pb.dims):
+        m = pb.dims.cap.module_path(n)
+        layer = layer_of(m)
+        if layer is None or layer in exact:
+            continue
+        if m == layer:
+            out[layer] = n.name
+            exact.add(layer)
+        else:
+            out.setdefault(layer, n.name)
+    return out
+
+
+def _span(pb: Problem, c: str) -> str:
+    """`layers.0-15` for a class of consecutive layers, else its layers listed."""
+    layers = pb.classes[c].layers
+    if len(layers) == 1:
+        return layers[0]
+    prefix = layers[0].rsplit(".", 1)[0]
+    idx = [int(layer.rsplit(".", 1)[1]) for layer in layers]
+    if all(layer.rsplit(".", 1)[0] == prefix for layer in layers) and \
+            idx == list(range(idx[0], idx[0] + len(idx))):
+        return f"{prefix}.{idx[0]}-{idx[-1]}"
+    return ", ".join(layers)
+
+
+def _gib(b) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.1f} MiB"
 
 
 def explain_all(pb: Problem, sol: Solution) -> dict[str, str]:

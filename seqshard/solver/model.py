@@ -1,4 +1,5 @@
-"""The CP-SAT planner: one strategy per node, minimizing predicted step time under a memory budget.
+"""The CP-SAT planner: one strategy per node, and per layer class whether to recompute it,
+minimizing predicted step time under a memory budget.
 
 Sets
     n ∈ N      plan nodes; identical layers are clustered and solved once: N holds one template
@@ -7,32 +8,67 @@ Sets
     i ∈ S_n    the legal strategies of n (`strategies.candidates`): per mesh axis the factor it splits,
                and for attention the algorithm
     e ∈ E      tensor edges u → v between plan nodes, also clustered (m_e copies)
+    c ∈ C      layer classes (training only): a layer is a module path ending in an index
+               (`layers.3`); identical layers form a class (`clusters.layer_classes`) whose
+               template nodes are N_c ⊂ N
+    κ          for each node, the class whose consumers keep its output for backward when they
+               all lie in one class, else none; k(n,c) = how many of n's members have κ = c
+               (Σ_c k(n,c) + k(n,none) = m_n). For a tensor t: κ(t) = its consumers' class.
+    I_c        the distinct tensors made outside a layer of c and read inside it (the residual
+               stream, rotary tables; not parameters or user inputs, which live anyway),
+               grouped by template producer u: k_in(u,c) of them
 
 Variables
     x[n,i] ∈ {0,1}         n uses strategy i
     z[t,l] ∈ {0,1}         tensor t is made in layout l (some consumer's strategy needs it)
     w[t,i,l] ∈ {0,1}       t's producer uses strategy i and t is made in layout l: the
                            redistribution from i's output layout to l runs (and costs)
+    r[c] ∈ {0,1}           the layers of class c are recomputed: each keeps only its inputs I_c
+                           and runs its forward again in backward (activation checkpointing)
+    ρ[n,i,c] ∈ {0,1}       x[n,i] ∧ r[c], made only where a term needs it
+    ρw[t,i,l] ∈ {0,1}      w[t,i,l] ∧ r[κ(t)]
+    W ∈ ℕ                  bytes: the working set of recomputing one layer
 
     Tensors t are clustered like nodes: the same output of the same template node with the
     same consumers, m_t copies. A redistribution is shared by every consumer that needs the same
-    layout (the passes emit it once), so it is priced on (t, l), not per consumer.
+    layout (the passes emit it once), so it is priced on (t, l), not per consumer. The variables
+    of recompute are per class, not per layer: a 70B model's 80 layers add one r.
 
 Objective (integer nanoseconds; every cost from `strategies.Costs` is in seconds)
     min  Σ_n m_n Σ_i t(n,i)·x[n,i]  +  Σ_t m_t Σ_il r(t,i,l)·w[t,i,l]
+       + Σ_c Σ_{n∈N_c} m_n Σ_i f(n,i)·ρ[n,i,c]  +  Σ_{t: κ(t)≠none} m_t Σ_il f(t,i,l)·ρw[t,i,l]
     t: compute (+ backward when training) and the node's own communication (attention
     algorithms, with their overlap); r: the redistribution (and its adjoint in backward).
+    f: the forward alone, run again in backward: compute, the node's own communication (a
+    ring's passes, Ulysses' all-to-alls) and the forward collective of a redistribution emitted
+    inside the layer (`Costs` with training=False).
     Inputs and parameters are replicated and enter as a cost on their consumer's strategies.
 
 Constraints
     choice   Σ_i x[n,i] = 1                                       → `_add_choice`
     need     x[v,j] → z[t, layout v's strategy j needs for t]     → `_add_tensors`
     moves    x[u,i] ∧ z[t,l] → w[t,i,l]                           → `_add_tensors`
-    memory   state + Σ_n m_n Σ_i a(n,i)·x[n,i] + Σ_t m_t Σ_il a(t,i,l)·w[t,i,l]
-             + max transient ≤ budget                             → `_add_memory`
+    and      ρ ≤ x,  ρ ≤ r[c],  ρ ≥ x + r[c] − 1  (exact: memory subtracts ρ)
+                                                                  → `_and` ("and[...]")
+    forced   r[c] = 1 where an override says `recompute`; r[c] = 0 for the others when the
+             planner may not recompute                            → `_add_recompute`
+    working  r[c] → W ≥ Σ_{n: k(n,c)>0} Σ_i a(n,i)·x[n,i] + Σ_{t: κ(t)=c} Σ_il a(t,i,l)·w[t,i,l]
+             (one layer's activations, live again while it is recomputed)
+                                                                  → `_add_recompute` ("working[c]")
+    memory   state + A + W + transient(n,i)·x[n,i] ≤ budget  for every n, i
+             A = Σ_n Σ_i a(n,i)·(m_n·x[n,i] − Σ_c k(n,c)·ρ[n,i,c])
+               + Σ_t m_t Σ_il a(t,i,l)·(w[t,i,l] − ρw[t,i,l])
+               + Σ_c Σ_{u∈I_c} k_in(u,c) Σ_i b(u,i)·ρ[u,i,c]      → `_add_memory` ("memory")
              a: activation bytes kept for backward (training), by the node's output or by the
-             redistributed copy a consumer keeps; state: parameters, gradients, optimizer state.
+             redistributed copy a consumer keeps; b: the bytes of a tensor entering a layer in
+             its producer's layout, what a recomputed layer keeps instead; state: parameters,
+             gradients, optimizer state.
     forced   overrides remove strategies before the model is built (`strategies.candidates`).
+
+The memory estimate is one point in the step: everything kept for backward is alive at once
+(the end of the forward), plus the largest working set: what one node needs while it runs
+(gathered K/V, buffers) and, when some class recomputes, one layer's activations made again.
+It does not count activation gradients, the allocator's slack, or temporaries inside ops.
 
 An infeasible model can only come from the memory family (every node has a strategy and
 edges only link); the planner then minimizes memory instead and reports the least it needs.
@@ -49,7 +85,8 @@ from seqshard.strategies import PlanError
 
 from .problem import Problem
 
-__all__ = ["Model", "Solution", "solve", "Infeasible", "NS"]
+__all__ = ["Model", "Solution", "Memory", "ClassFigures", "solve", "Infeasible", "NS",
+           "memory_of", "class_figures", "chosen_moves"]
 
 NS = 1e9
 
@@ -59,22 +96,46 @@ class Infeasible(ValueError):
 
 
 @dataclass
+class Memory:
+    """The predicted peak per GPU and what it is made of (bytes; see the module docstring)."""
+
+    state: float                # parameters, gradients, optimizer state
+    kept: float                 # activations kept for backward (inputs only, in recomputed layers)
+    recompute: float = 0.0      # one recomputed layer's activations, live again in its backward
+    transient: float = 0.0      # the largest working set of one node
+    recompute_class: str | None = None   # the class whose layer that is
+    transient_node: object = None        # the template node with that working set
+
+    @property
+    def peak(self) -> float:
+        return self.state + self.kept + self.recompute + self.transient
+
+
+@dataclass
 class Solution:
     choice: dict          # template node → strategy index
     objective_s: float
     memory_bytes: float
     status: str
     seconds: float
+    recompute: frozenset = frozenset()   # names of the layer classes recomputed
+    memory: Memory | None = None
+    budget: float | None = None
 
 
 class Model:
     def __init__(self, pb: Problem, budget: float | None):
         self.pb = pb
+        self.budget = budget
         self.m = cp_model.CpModel()
         self.x: dict = {}
         self.w: dict = {}
+        self.r: dict = {}
+        self.rho: dict = {}
+        self.W = None
         self._add_choice()
         self._add_tensors()
+        self._add_recompute()
         self.memory_terms = self._memory_terms()
         if budget is not None:
             self._add_memory(budget)
@@ -82,7 +143,7 @@ class Model:
     def _add_choice(self):
         for n, sts in self.pb.strategies.items():
             vs = [self.m.NewBoolVar(f"x[{n.name},{i}]") for i in range(len(sts))]
-            self.m.AddExactlyOne(vs)
+            self.m.AddExactlyOne(vs).with_name(f"choice[{n.name}]")
             for i, v in enumerate(vs):
                 self.x[(n, i)] = v
 
@@ -91,18 +152,77 @@ class Model:
         for (key, v, j), l in pb.need.items():
             if (key, l) not in z:
                 z[(key, l)] = self.m.NewBoolVar(f"z[{key[0].name}:{key[1]},{l}]")
-            self.m.AddImplication(self.x[(v, j)], z[(key, l)])
+            self.m.AddImplication(self.x[(v, j)], z[(key, l)]).with_name("need")
         for (key, i, l) in pb.move:
             w = self.m.NewBoolVar(f"w[{key[0].name}:{key[1]},{i},{l}]")
-            self.m.AddBoolOr([self.x[(key[0], i)].Not(), z[(key, l)].Not(), w])
+            self.m.AddBoolOr([self.x[(key[0], i)].Not(), z[(key, l)].Not(), w]).with_name("moves")
             self.w[(key, i, l)] = w
 
+    def _and(self, a, c: str, name: str):
+        """a ∧ r[c], exact (three clauses), made once per (a, c)."""
+        if (name, c) not in self.rho:
+            r = self.r[c]
+            v = self.m.NewBoolVar(f"and[{name},{c}]")
+            self.m.AddImplication(v, a).with_name(f"and[{name},{c}]")
+            self.m.AddImplication(v, r).with_name(f"and[{name},{c}]")
+            self.m.AddBoolOr([a.Not(), r.Not(), v]).with_name(f"and[{name},{c}]")
+            self.rho[(name, c)] = v
+        return self.rho[(name, c)]
+
+    def _add_recompute(self):
+        """r[c] per layer class (forced by overrides, or off when not allowed), and the working
+        set W of recomputing one layer: its activations, live again during its backward."""
+        pb = self.pb
+        if not pb.classes:
+            return
+        for c, lc in pb.classes.items():
+            self.r[c] = self.m.NewBoolVar(f"r[{c}]")
+            if lc.forced:
+                self.m.Add(self.r[c] == 1).with_name(f"forced[{c}]")
+            elif not pb.recompute_allowed:
+                self.m.Add(self.r[c] == 0).with_name(f"forced[{c}]")
+        one_layer = {c: [] for c in pb.classes}
+        for (n, i), cost in pb.node_cost.items():
+            for c, k in pb.kept_by.get(n, {}).items():
+                if c is not None and cost.memory_bytes:
+                    one_layer[c].append((self.x[(n, i)], int(cost.memory_bytes)))
+        for (key, i, l), w in self.w.items():
+            c, kept = pb.tensors[key].cls, pb.move[(key, i, l)][2]
+            if c is not None and kept:
+                one_layer[c].append((w, int(kept)))
+        top = max((sum(k for _, k in terms) for terms in one_layer.values()), default=0)
+        self.W = self.m.NewIntVar(0, max(top, 0), "W")
+        for c, terms in one_layer.items():
+            if terms:
+                self.m.Add(self.W >= sum(k * v for v, k in terms)).only_enforce_if(self.r[c]) \
+                    .with_name(f"working[{c}]")
+
     def _memory_terms(self):
+        """(literal or variable, bytes) whose sum is the kept activations A plus W."""
         pb, terms = self.pb, []
         for (n, i), c in pb.node_cost.items():
+            if not c.memory_bytes:
+                continue
             terms.append((self.x[(n, i)], int(pb.mult[n] * c.memory_bytes)))
+            for cls, k in pb.kept_by.get(n, {}).items():
+                if cls is not None:
+                    terms.append((self._and(self.x[(n, i)], cls, f"{n.name},{i}"), -int(k * c.memory_bytes)))
         for (key, i, l), w in self.w.items():
-            terms.append((w, int(pb.tensors[key].mult * pb.move[(key, i, l)][2])))
+            t, kept = pb.tensors[key], pb.move[(key, i, l)][2]
+            if not kept:
+                continue
+            terms.append((w, int(t.mult * kept)))
+            if t.cls is not None:
+                terms.append((self._and(w, t.cls, w.Name()), -int(t.mult * kept)))
+        for c, lc in pb.classes.items():
+            for (u, idx), (count, x) in lc.inputs.items():
+                for i, st in enumerate(pb.strategies[u]):
+                    out = st.output if idx is None else st.output[idx]
+                    b = int(count * pb.costs.bytes(x, out))
+                    if b:
+                        terms.append((self._and(self.x[(u, i)], c, f"{u.name},{i}"), b))
+        if self.W is not None:
+            terms.append((self.W, 1))
         return [(v, c) for v, c in terms if c]
 
     def _add_memory(self, budget: float):
@@ -120,6 +240,15 @@ class Model:
         terms = [int(round(pb.mult[n] * c.time_s * NS)) * self.x[(n, i)]
                  for (n, i), c in pb.node_cost.items()]
         terms += [int(round(pb.tensors[k[0]].mult * pb.move[k][0] * NS)) * w for k, w in self.w.items()]
+        for (n, i), f in pb.forward.items():  # a recomputed layer's forward, again
+            t = int(round(pb.mult[n] * f.time_s * NS))
+            if t:
+                terms.append(t * self._and(self.x[(n, i)], pb.node_class[n], f"{n.name},{i}"))
+        for k, f in pb.move_forward.items():
+            t = int(round(pb.tensors[k[0]].mult * f * NS))
+            if t:
+                w = self.w[k]
+                terms.append(t * self._and(w, pb.tensors[k[0]].cls, w.Name()))
         return sum(terms)
 
     def solve(self, objective, seconds: float, workers: int, gap: float = 1e-4) -> Solution:
@@ -133,13 +262,82 @@ class Model:
         elapsed = time.perf_counter() - t0
         name = solver.StatusName(status)
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            return Solution({}, float("inf"), float("inf"), name, elapsed)
+            return Solution({}, float("inf"), float("inf"), name, elapsed, budget=self.budget)
         choice = {n: next(i for i in range(len(sts)) if solver.Value(self.x[(n, i)]))
                   for n, sts in self.pb.strategies.items()}
-        kept = sum(c * solver.Value(v) for v, c in self.memory_terms)
-        working = max((self.pb.node_cost[(n, i)].transient_bytes for n, i in choice.items()), default=0)
-        return Solution(choice, solver.ObjectiveValue() / NS, self.pb.static_bytes + kept + working,
-                        name, elapsed)
+        recompute = frozenset(c for c, r in self.r.items() if solver.Value(r))
+        memory = memory_of(self.pb, choice, recompute)
+        # the linearization bounds the direct count: equal, but for W (a bound) and moves
+        # whose w is 1 where no consumer needs them (free when their time rounds to 0 ns)
+        kept = sum(c * solver.Value(v) for v, c in self.memory_terms if v is not self.W)
+        assert memory.kept <= kept + len(self.memory_terms) + 1e-9 * kept, (kept, memory)
+        return Solution(choice, solver.ObjectiveValue() / NS, memory.peak, name, elapsed,
+                        recompute, memory, self.budget)
+
+
+def chosen_moves(pb: Problem, choice: dict):
+    """The redistributions a choice runs: ((tensor, producer strategy, layout), costs)."""
+    needed = {(key, l) for (key, v, j), l in pb.need.items() if choice[v] == j}
+    for (key, i, l), c in pb.move.items():
+        if choice[pb.tensors[key].producer] == i and (key, l) in needed:
+            yield (key, i, l), c
+
+
+@dataclass
+class ClassFigures:
+    """A layer class under a choice of strategies, per layer (bytes, seconds)."""
+
+    kept: float         # activations it keeps when not recomputed
+    inputs: float       # what it keeps when recomputed: the tensors entering it
+    working: float      # one layer's activations, live again while it is recomputed
+    forward_s: float    # the forward run again in backward (compute, communication)
+
+
+def class_figures(pb: Problem, choice: dict) -> dict[str, ClassFigures]:
+    """For every layer class: kept bytes without and with recompute, the working set, and the
+    forward time that recomputing adds, all per layer (class totals / its layer count)."""
+    out = {}
+    moves = list(chosen_moves(pb, choice))
+    for c, lc in pb.classes.items():
+        kept = working = fwd = 0.0
+        for n, counts in pb.kept_by.items():
+            if counts.get(c):
+                a = pb.node_cost[(n, choice[n])].memory_bytes
+                kept += counts[c] * a
+                working += a
+        for (key, i, l), (_, _, b) in moves:
+            t = pb.tensors[key]
+            if t.cls == c:
+                kept += t.mult * b
+                working += b
+                fwd += t.mult * pb.move_forward.get((key, i, l), 0.0)
+        for n in lc.nodes:
+            fwd += pb.mult[n] * pb.forward[(n, choice[n])].time_s
+        inputs = 0.0
+        for (u, idx), (count, x) in lc.inputs.items():
+            st = pb.strategies[u][choice[u]]
+            inputs += count * pb.costs.bytes(x, st.output if idx is None else st.output[idx])
+        k = len(lc.layers)
+        out[c] = ClassFigures(kept / k, inputs / k, working, fwd / k)
+    return out
+
+
+def memory_of(pb: Problem, choice: dict, recompute=frozenset()) -> Memory:
+    """The peak the memory constraint sees, counted directly from a choice (the CP-SAT model
+    must agree; `Model.solve` asserts it), and where it is reached."""
+    kept = sum(pb.mult[n] * pb.node_cost[(n, i)].memory_bytes for n, i in choice.items())
+    kept += sum(pb.tensors[key].mult * b for (key, _, _), (_, _, b) in chosen_moves(pb, choice))
+    figures = class_figures(pb, choice) if recompute else {}
+    working, where = 0.0, None
+    for c in recompute:
+        f, k = figures[c], len(pb.classes[c].layers)
+        kept += (f.inputs - f.kept) * k
+        if f.working > working or where is None:
+            working, where = f.working, c
+    transient = max(((pb.node_cost[(n, i)].transient_bytes, n) for n, i in choice.items()),
+                    default=(0.0, None), key=lambda p: p[0])
+    return Memory(pb.static_bytes, kept, working, transient[0], where,
+                  transient[1] if transient[0] else None)
 
 
 def solve(pb: Problem, budget: float | None, *, seconds: float = 60.0, workers: int = 8,
@@ -153,10 +351,12 @@ def solve(pb: Problem, budget: float | None, *, seconds: float = 60.0, workers: 
     if sol.status == "INFEASIBLE" and budget is not None:
         least = Model(pb, None)
         floor = least.solve(sum(c * v for v, c in least.memory_terms), seconds, workers)
+        how = ("" if not pb.classes else ", recomputing the layers where that saves memory"
+               if pb.recompute_allowed else ", without recompute")
         raise Infeasible(
             f"no plan fits {budget / 2**30:.1f} GiB per GPU: the least memory any plan needs is "
             f"{floor.memory_bytes / 2**30:.1f} GiB ({pb.static_bytes / 2**30:.1f} GiB of it "
-            "parameters, gradients and optimizer state). Try: more GPUs or a longer mesh axis, "
-            "a shorter sequence, model_state='sharded' (FSDP/ZeRO-3 outside seqshard), or a "
-            "larger memory_budget")
+            f"parameters, gradients and optimizer state{how}). Try: more GPUs or a longer mesh "
+            "axis, a shorter sequence, model_state='sharded' (FSDP/ZeRO-3 outside seqshard), "
+            "or a larger memory_budget")
     raise PlanError(f"the solver stopped with status {sol.status} after {sol.seconds:.1f} s")

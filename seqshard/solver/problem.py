@@ -1,9 +1,12 @@
 """The problem the CP-SAT model is built from: template nodes with their candidate strategies and
-costs, clustered tensors with the layouts their consumers need, and the redistribution prices.
+costs, clustered tensors with the layouts their consumers need, the redistribution prices, and
+the layer classes with what recomputing one costs (forward seconds) and keeps (its inputs).
 `model.py` states the formulation over these sets."""
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import operator
 from dataclasses import dataclass, field
 from math import prod
@@ -13,12 +16,13 @@ import torch.fx as fx
 from seqshard.costmodel import collectives as coll
 from seqshard.costmodel import compute as comp
 from seqshard.dims import DimAnalysis
-from seqshard.strategies import Cost, Costs, R, candidates, plan_nodes, spec_for, whole_somewhere
+from seqshard.strategies import (Cost, Costs, R, candidates, parse_spec, plan_nodes, spec_for,
+                                 whole_somewhere)
 from seqshard.strategies.costs import SAVES_ALL, SAVES_FIRST, op_packet
 
-from .clusters import cluster_layers
+from .clusters import cluster_layers, layer_classes, layer_of
 
-__all__ = ["Problem", "Tensor", "build_problem"]
+__all__ = ["Problem", "Tensor", "LayerClass", "build_problem"]
 
 @dataclass
 class Tensor:
@@ -31,6 +35,22 @@ class Tensor:
     mult: int = 0
     layouts: list = field(default_factory=list)   # distinct layouts consumers need
     keeps: bool = False            # some consumer keeps it for backward
+    cls: str | None = None         # the layer class of its consumers (all in one), else None
+
+
+@dataclass
+class LayerClass:
+    """Identical layers, solved once (`clusters.layer_classes`), and what recomputing them means:
+    each keeps only its inputs, and runs its forward again in backward."""
+
+    name: str                      # the template layer's module path ("layers.0")
+    layers: tuple[str, ...]        # every layer it stands for, in graph order (itself first)
+    nodes: list                    # its template nodes
+    forced: bool = False           # an override says `recompute`
+    inputs: dict = field(default_factory=dict)
+    """(template producer, output index) → (count, representative tensor): the distinct tensors
+    made outside a layer and read inside it, over every layer of the class (a tensor read by
+    several layers counts once). Parameters and user inputs are held anyway and not counted."""
 
 
 @dataclass
@@ -47,6 +67,16 @@ class Problem:
     template: dict = field(default_factory=dict)     # node → template
     static_bytes: float = 0.0
     static_s: float = 0.0
+    # recompute (training only; empty otherwise)
+    classes: dict = field(default_factory=dict)      # class name → LayerClass
+    node_class: dict = field(default_factory=dict)   # template → the class it lies in
+    kept_by: dict = field(default_factory=dict)      # template → {class | None: members}: the
+    #                class whose consumers keep a member's output (None: kept whatever recomputes)
+    saving_class: dict = field(default_factory=dict)  # node → class keeping its output, or None
+    forward: dict = field(default_factory=dict)      # (template, i) → Cost of its forward alone
+    move_forward: dict = field(default_factory=dict)  # (key, i, l) → forward seconds of the move
+    layer_inputs: dict = field(default_factory=dict)  # layer → [(template, index, tensor)]
+    recompute_allowed: bool = True                   # False: only forced classes recompute
 
 
 def _saved(dims: DimAnalysis) -> set[fx.Node]:
@@ -65,8 +95,10 @@ def _saved(dims: DimAnalysis) -> set[fx.Node]:
 
 
 def build_problem(dims: DimAnalysis, costs: Costs, mesh, overrides: dict | None,
-                  model_state: str, progress=None) -> Problem:
-    pb = Problem(dims, costs, tuple(mesh))
+                  model_state: str, progress=None, *, recompute: bool = True) -> Problem:
+    """The sets and prices of the CP-SAT model. recompute: whether the solver may recompute
+    layers (False: only those an override forces, as before memory plans existed)."""
+    pb = Problem(dims, costs, tuple(mesh), recompute_allowed=recompute)
     nodes = plan_nodes(dims)
     pb.template = cluster_layers(dims, nodes, lambda m: spec_for(overrides, m) if overrides else None)
     saved = _saved(dims)
@@ -118,6 +150,8 @@ def build_problem(dims: DimAnalysis, costs: Costs, mesh, overrides: dict | None,
                 kept = costs.bytes(t.node, dst) if (secs and t.keeps) else 0
                 if secs or sent or kept:
                     pb.move[(key, i, l)] = (secs, sent, kept)
+    if costs.training:
+        _add_layer_classes(pb, nodes, templates, saved, overrides)
     n_params = sum(p.numel() for p in dims.cap.model.parameters())
     world = prod(n for _, n in mesh)
     if model_state == "replicated":
@@ -132,6 +166,84 @@ def build_problem(dims: DimAnalysis, costs: Costs, mesh, overrides: dict | None,
     else:
         raise ValueError(f"model_state must be 'replicated' or 'sharded', got {model_state!r}")
     return pb
+
+
+def _add_layer_classes(pb: Problem, nodes, templates, saved, overrides) -> None:
+    """Layer classes, and for recompute: each template's forward cost, which class keeps each
+    node's output and each tensor's redistributed copy, and the tensors entering each layer."""
+    dims, costs = pb.dims, pb.costs
+    module = dims.cap.module_path
+    for name, layers in layer_classes(dims, pb.template).items():
+        spec = spec_for(overrides, name) if overrides else None
+        pb.classes[name] = LayerClass(name, tuple(layers), [],
+                                      forced=bool(spec and spec.recompute))
+    for pattern, text in (overrides or {}).items():
+        if parse_spec(text).recompute and not any(
+                fnmatch.fnmatchcase(layer, pattern) for c in pb.classes.values() for layer in c.layers):
+            raise ValueError(f"override {pattern!r}: {text!r} asks to recompute, but the pattern "
+                             "matches no layer (a module path ending in an index, like 'layers.3'"
+                             f"); the layers are {_some_layers(pb)}")
+    if not pb.classes:
+        return
+    forward = dataclasses.replace(costs, training=False)
+    for n in templates:
+        c = layer_of(module(n))
+        if c not in pb.classes:
+            continue
+        pb.node_class[n] = c
+        pb.classes[c].nodes.append(n)
+        naxes = len(pb.mesh)
+        for i, st in enumerate(pb.strategies[n]):
+            f = forward.node(n, st, saved=False)
+            for x, lay in st.inputs:  # a parameter sliced to its shard is sliced again
+                if x.op in ("placeholder", "get_attr"):
+                    f = Cost(f.compute_s, f.comm_s, f.redistribute_s + forward.edge(x, (R,) * naxes, lay)[0])
+            pb.forward[(n, i)] = f
+    cls_of = lambda v: pb.node_class.get(pb.template[v])  # noqa: E731 - the class a node lies in
+    for key, t in pb.tensors.items():
+        owners = {pb.node_class.get(v) for v, _ in t.consumers}
+        t.cls = owners.pop() if len(owners) == 1 else None
+    for key, i, l in pb.move:  # a redistribution is emitted in its consumers' layer
+        t = pb.tensors[key]
+        if t.cls is not None:
+            su = pb.strategies[key[0]][i]
+            src = su.output if t.index is None else su.output[t.index]
+            pb.move_forward[(key, i, l)] = forward.edge(t.node, src, t.layouts[l])[0]
+    # which class's consumers keep each node's output
+    keepers: dict = {}
+    for v in nodes:
+        for k, x in enumerate(x for x in v.all_input_nodes if isinstance(dims.sigs.get(x), tuple)):
+            if _keeps(v, k):
+                keepers.setdefault(x, set()).add(cls_of(v))
+    for x in nodes:
+        owners = keepers.get(x, {None})
+        c = next(iter(owners)) if len(owners) == 1 and x in saved else None
+        pb.saving_class[x] = c
+        counts = pb.kept_by.setdefault(pb.template[x], {})
+        counts[c] = counts.get(c, 0) + 1
+    # the tensors entering each layer from outside it (made by an op, not a parameter or input)
+    seen: dict = {}
+    for v in nodes:
+        layer = layer_of(module(v))
+        c = cls_of(v)
+        if c is None:
+            continue
+        for x in v.all_input_nodes:
+            if x.op != "call_function" or not isinstance(dims.sigs.get(x), tuple) or \
+                    layer_of(module(x)) == layer:
+                continue
+            if (c, x) in seen:
+                continue
+            seen[(c, x)] = True
+            u, idx = (x.args[0], x.args[1]) if x.target is operator.getitem else (x, None)
+            pb.layer_inputs.setdefault(layer, []).append((pb.template[u], idx, x))
+            count, rep = pb.classes[c].inputs.get((pb.template[u], idx), (0, x))
+            pb.classes[c].inputs[(pb.template[u], idx)] = (count + 1, rep)
+
+
+def _some_layers(pb: Problem) -> str:
+    layers = [layer for c in pb.classes.values() for layer in c.layers]
+    return ", ".join(layers[:4]) + (", ..." if len(layers) > 4 else "") if layers else "none"
 
 
 def _keeps(v: fx.Node, k: int) -> bool:

@@ -14,6 +14,8 @@ it sets. A spec is a list of terms:
     ring | allgather | ulysses | hybrid | tokenring | local
                     the attention algorithm (attention nodes whose sequence is split)
     zigzag | contig the order of the split factors of this spec (zigzag balances causal work)
+    recompute       on a layer (a module path ending in an index, `layers.3`): keep only its
+                    inputs for backward and run its forward again there (activation checkpointing)
 
 A node that lacks the factor stays replicated on that axis. A node that has it but cannot split
 it (a softmax over it, an op without a rule) is an error that names the node and its source line:
@@ -42,10 +44,12 @@ class Spec:
     splits: tuple[tuple[str | None, str], ...] | None = None   # (axis or None for "the rest", factor)
     algorithm: str | None = None
     order: str | None = None
+    recompute: bool | None = None
 
     def merged(self, later: "Spec") -> "Spec":
         return Spec(later.splits if later.splits is not None else self.splits,
-                    later.algorithm or self.algorithm, later.order or self.order)
+                    later.algorithm or self.algorithm, later.order or self.order,
+                    later.recompute if later.recompute is not None else self.recompute)
 
     def assign(self, axis_names: tuple[str, ...]) -> dict[str, str]:
         """axis → factor name."""
@@ -63,7 +67,7 @@ class Spec:
 
 
 def parse_spec(text: str) -> Spec:
-    splits, algorithm, order = None, None, None
+    splits, algorithm, order, recompute = None, None, None, None
     for term in text.replace(",", " ").split():
         if term.startswith("split:"):
             body = term[len("split:"):]
@@ -77,10 +81,13 @@ def parse_spec(text: str) -> Spec:
             algorithm = term
         elif term in ORDERS:
             order = term
+        elif term == "recompute":
+            recompute = True
         else:
             raise ValueError(f"unknown override term {term!r} in {text!r}; terms are split:F, "
-                             f"split:F@AXIS, replicate, {', '.join(NAMES)}, {', '.join(ORDERS)}")
-    return Spec(splits, algorithm, order)
+                             f"split:F@AXIS, replicate, {', '.join(NAMES)}, {', '.join(ORDERS)}, "
+                             "recompute")
+    return Spec(splits, algorithm, order, recompute)
 
 
 def spec_for(overrides: dict[str, str], module: str) -> Spec | None:

@@ -87,6 +87,7 @@ class Plan:
     notes: tuple[str, ...] = ()                   # what the planner wants people to know
     explanations: dict = field(default_factory=dict, compare=False, hash=False)
     axes: tuple[tuple[str, str], ...] = ()        # (input name, its factor names "b t p c")
+    recompute: tuple[str, ...] = ()               # layers (`layers.3`) run again in backward
 
     def __post_init__(self):
         for f, o in self.orders:
@@ -139,7 +140,8 @@ class Plan:
                     orders=tuple(tuple(o) for o in d.get("orders", ())),
                     predicted=Predicted(**d["predicted"]) if d.get("predicted") else None,
                     notes=tuple(d.get("notes", ())), explanations=d.get("explanations", {}),
-                    axes=tuple(tuple(a) for a in d.get("axes", ())))
+                    axes=tuple(tuple(a) for a in d.get("axes", ())),
+                    recompute=tuple(d.get("recompute", ())))
 
     def hash(self) -> str:
         """A stable hash of what the plan decides (not of its predictions). The input axes count
@@ -148,6 +150,8 @@ class Plan:
                "nodes": [(n.node, [str(s) for s in n.splits], n.algorithm) for n in self.nodes]}
         if self.axes:
             key["axes"] = [list(a) for a in self.axes]
+        if self.recompute:
+            key["recompute"] = list(self.recompute)
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
     def with_mesh(self, mesh: tuple[tuple[str, int], ...]) -> "Plan":
@@ -198,6 +202,9 @@ class Plan:
             text += (f"predicted step {_fmt_s(p.step_s)} (compute {_fmt_s(p.compute_s)}, "
                      f"exposed comm {_fmt_s(p.comm_s)}), peak memory {_fmt_b(p.peak_memory_bytes)}"
                      f" per GPU, {_fmt_b(p.comm_bytes)} sent per GPU\n")
+        if self.recompute:
+            text += ("recompute (inputs kept, forward run again in backward): "
+                     + ", ".join(r[0] for r in _fold([(m,) for m in self.recompute])) + "\n")
         for note in self.notes:
             text += f"note: {note}\n"
         return text
@@ -256,7 +263,8 @@ _PREDICTED = {"step_s": ("number", True), "peak_memory_bytes": ("number", True),
 _PLAN = {"version": (_OneOf((1,)), True), "mesh": ([_Pair("str", "size")], True),
          "nodes": ([_NODE], True), "orders": ([_Pair("str", _OneOf(ORDERS))], False),
          "predicted": (_PREDICTED, False, "|None"), "notes": (["str"], False),
-         "explanations": ({str: "str"}, False), "axes": ([_Pair("str", "str")], False)}
+         "explanations": ({str: "str"}, False), "axes": ([_Pair("str", "str")], False),
+         "recompute": (["str"], False)}
 
 
 def _check_json(d) -> None:

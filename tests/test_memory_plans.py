@@ -1,0 +1,266 @@
+"""Memory plans: recompute per layer class, chosen by the solver in the same CP-SAT model as the
+splits, and emitted as checkpointed submodules.
+
+Failures point at: the formulation (seqshard/solver/model.py, its docstring; the brute-force
+test compares it with a direct count), the sets it is built from (solver/problem.py
+`_add_layer_classes`), codegen (seqshard/codegen/recompute.py: a layer's region, its inputs and
+outputs), or collectives that do not rerun alike on every rank in backward (a hang or a
+mismatch in the distributed tests)."""
+
+import copy
+import json
+from itertools import product
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from seqshard.capture import capture
+from seqshard.costmodel import Cluster
+from seqshard.dims import analyze
+from seqshard.models import AXES, build, named_plans
+from seqshard.planner import Plan, plan
+from seqshard.planner.api import plan_captured
+from seqshard.solver import NS, Infeasible, Model, build_problem
+from seqshard.solver.model import chosen_moves, memory_of
+from seqshard.strategies import Costs
+from seqshard.testing import mesh as make_mesh
+
+GIB = 2**30
+TOL = 1e-5
+RECOMPUTE = {"llama": {"layers.*": "recompute"}, "video_dit": {"blocks.*": "recompute"}}
+
+
+# ------------------------------------------------------------------ exact on every rank
+class Backward(TorchDispatchMode):
+    """Counts the attention ops that run during backward: without recompute only their
+    backward runs there; a recomputed layer runs its forward again (seqshard's distributed
+    attention, or ATen's local kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if "attention" in name:
+            self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run_recomputed(family, config, sizes, named, steps=0, plan_=None, compile_backend=None):
+    """On every rank: the single-device model against the parallel one with every layer
+    recomputed (forced by an override, or as `plan_` says). Returns the worst relative error of
+    loss, gradients and parameters after `steps` SGD steps, the seqshard ops that ran in the
+    last backward, and whether the code shows the checkpoint."""
+    from seqshard.planner import parallelize
+
+    model, inputs = build(family, config, **sizes)
+    ref = copy.deepcopy(model)
+    if plan_ is None:
+        overrides, names = named_plans(family, config)[named]
+        overrides = {**overrides, **RECOMPUTE[family]}
+        pm = parallelize(model, inputs, mesh=make_mesh((dist.get_world_size(),), names),
+                         overrides=overrides, axes=AXES[family])
+    else:
+        pm = parallelize(model, inputs, mesh=make_mesh((dist.get_world_size(),), ("sp",)),
+                         plan=plan_, axes=AXES[family])
+    run = torch.compile(pm, backend=compile_backend) if compile_backend else pm
+    opt, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, ref))
+    worst = {}
+    for step in range(steps + 1):
+        loss_ref, loss = ref(*inputs), run(*inputs)
+        loss_ref.backward()
+        with Backward() as backward:
+            loss.backward()
+        worst[f"loss@{step}"] = _rel(loss, loss_ref)
+        for (n, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters()):
+            worst[f"grad {n}@{step}"] = _rel(p.grad, pr.grad)
+        opt.step(); opt_ref.step(); opt.zero_grad(); opt_ref.zero_grad()
+        for (n, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters()):
+            worst[f"param {n}@{step}"] = _rel(p.detach(), pr.detach())
+    key = max(worst, key=worst.get)
+    return dict(err=worst[key], where=key, backward=backward.ops, recompute=pm.plan.recompute,
+                checkpoints=pm.code.count("torch.utils.checkpoint.checkpoint("))
+
+
+def _check(results, layers):
+    r = results[0]
+    assert all(x["err"] == r["err"] for x in results), "ranks disagree on the loss or gradients"
+    assert r["err"] <= TOL, f"relative error {r['err']:.2e} at {r['where']}"
+    assert len(r["recompute"]) == layers and r["checkpoints"] == layers, r
+    # the forward ran again in backward: once per layer, attention's forward op ran there
+    again = sum(v for k, v in r["backward"].items() if not k.endswith("_backward"))
+    assert again == layers, f"attention ran {again} times in backward: {r['backward']}"
+
+
+LLAMA = dict(batch=2, seq=37)
+VIDEO = dict(batch=2, frames=5, patches=7)
+
+
+@pytest.mark.parametrize("family,config,sizes,named", [
+    ("llama", "tiny", LLAMA, "ring"),
+    ("llama", "tiny-mqa", LLAMA, "ulysses"),
+    ("video_dit", "tiny", VIDEO, "dsp"),
+])
+def test_recompute_exact_4_ranks_3_steps(pool4, family, config, sizes, named):
+    layers = 2 if family == "llama" else 4
+    _check(pool4.run(run_recomputed, family, config, sizes, named, steps=3), layers)
+
+
+@pytest.mark.parametrize("family,config,sizes,named", [
+    ("llama", "tiny", dict(batch=1, seq=29), "ulysses"),
+    ("video_dit", "tiny", dict(batch=1, frames=3, patches=5), "ring"),
+    ("video_dit", "tiny", dict(batch=1, frames=3, patches=5), "ulysses"),
+])
+def test_recompute_exact_2_ranks(pool2, family, config, sizes, named):
+    _check(pool2.run(run_recomputed, family, config, sizes, named), 2 if family == "llama" else 4)
+
+
+def solver_chosen_plan():
+    """A plan made at 1M tokens under a tight budget recomputes (the solver's choice), and runs
+    a 37-token copy of the model exactly."""
+    big, big_inputs = build("llama", "tiny", device="meta", batch=1, seq=1 << 20)
+    roomy = plan(big, big_inputs, mesh=(("sp", 4),), overrides={"*": "split:s ring zigzag"})
+    tight = plan(big, big_inputs, mesh=(("sp", 4),), overrides={"*": "split:s ring zigzag"},
+                 memory_budget=0.8 * roomy.predicted.peak_memory_bytes)
+    return roomy.recompute, Plan.from_json(tight.to_json())
+
+
+def test_solver_chosen_recompute_runs_exactly(pool4):
+    roomy, tight = solver_chosen_plan()
+    assert roomy == () and tight.recompute == ("layers.0", "layers.1"), (roomy, tight.recompute)
+    _check(pool4.run(run_recomputed, "llama", "tiny", LLAMA, None, steps=1, plan_=tight), 2)
+
+
+# ------------------------------------------------------------------ the formulation
+class Block(nn.Module):
+    def __init__(self, d=256, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        B, S, D = x.shape
+        qkv = self.qkv(self.norm(x)).view(B, S, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, S, D)
+        return self.proj(o) + x
+
+
+class Layers(nn.Module):
+    """Four identical attention blocks `layers.0-3`: one layer class whose template is small
+    enough to enumerate."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Block() for _ in range(4)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x.pow(2).mean()
+
+
+def _brute_force(pb):
+    """Every (strategies, recompute) with the terms counted directly: (objective ns, bytes)."""
+    nodes = list(pb.strategies)
+    (c,) = pb.classes
+    for choice in product(*(range(len(pb.strategies[n])) for n in nodes)):
+        pick = dict(zip(nodes, choice))
+        base = sum(int(round(pb.mult[n] * pb.node_cost[(n, i)].time_s * NS)) for n, i in pick.items())
+        base += sum(int(round(pb.tensors[k].mult * s * NS)) for (k, _, _), (s, _, _) in chosen_moves(pb, pick))
+        again = sum(int(round(pb.mult[n] * pb.forward[(n, pick[n])].time_s * NS)) for n in pb.classes[c].nodes)
+        again += sum(int(round(pb.tensors[k].mult * pb.move_forward.get((k, i, l), 0) * NS))
+                     for (k, i, l), _ in chosen_moves(pb, pick) if pb.tensors[k].cls == c)
+        for r in (False, True):
+            mem = memory_of(pb, pick, frozenset({c}) if r else frozenset())
+            yield base + (again if r else 0), mem.peak, r
+
+
+@pytest.mark.parametrize("binding", [False, True])
+def test_recompute_optimum_equals_brute_force(binding):
+    """The CP-SAT model (products linearized) finds what enumerating every choice finds."""
+    with torch.device("meta"):
+        model = Layers().to(torch.bfloat16)
+        x = torch.empty(1, 1 << 18, 256, dtype=torch.bfloat16)
+    dims = analyze(capture(model, (x,)), axes={"x": "b s d"})
+    mesh = (("sp", 8),)
+    costs = Costs(dims, Cluster.preset("h200", gpus=8), mesh, training=True, dtype_bytes=2)
+    pb = build_problem(dims, costs, mesh, None, "replicated")
+    assert list(pb.classes) == ["layers.0"] and pb.classes["layers.0"].inputs
+    plans = list(_brute_force(pb))
+    assert len(plans) >= 64, len(plans)
+    budget = None
+    if binding:  # below the least any plan needs without recompute: only recompute fits
+        least_kept = min(m for _, m, r in plans if not r)
+        least = min(m for _, m, r in plans if r)
+        assert least < least_kept, "recompute saves nothing here"
+        budget = (least + least_kept) / 2
+    feasible = [(t, m, r) for t, m, r in plans if budget is None or m <= budget]
+    best = min(t for t, _, _ in feasible)
+    m = Model(pb, budget)
+    got = m.solve(m.time_objective(), 30, 2, 0.0)
+    assert got.status == "OPTIMAL" and round(got.objective_s * NS) == best
+    assert bool(got.recompute) == binding
+    assert budget is None or got.memory_bytes <= budget
+
+
+# ------------------------------------------------------------------ production plans
+@pytest.fixture(scope="module")
+def llama8b_32k():
+    model, inputs = build("llama", "llama3-8b", device="meta", dtype=torch.bfloat16, seq=1 << 15)
+    return analyze(capture(model, inputs))
+
+
+def test_recompute_appears_as_the_budget_shrinks(llama8b_32k):
+    """8 H200s, FSDP-style state, 32K tokens: plenty of memory keeps every activation; a tight
+    budget recomputes the layers, fits it, and pays in step time."""
+    kw = dict(cluster="h200x8", mesh=(("sp", 8),), model_state="sharded")
+    roomy = plan_captured(llama8b_32k, **kw)
+    assert roomy.recompute == (), roomy.recompute
+    tight_budget = 0.6 * roomy.predicted.peak_memory_bytes
+    tight = plan_captured(llama8b_32k, memory_budget=tight_budget, **kw)
+    assert len(tight.recompute) == 32, tight.recompute
+    assert tight.predicted.peak_memory_bytes <= tight_budget
+    assert tight.predicted.step_s > roomy.predicted.step_s
+    text = tight.explain("layers.5")
+    assert "recomputed" in text and "← chosen" in text and "budget" in text, text
+    assert "recompute (inputs kept" in str(tight) and "layers.0-31" in str(tight)
+    assert any(n.startswith("peak memory") and "in the backward of layers.31" in n for n in tight.notes)
+    with pytest.raises(Infeasible, match="without recompute"):
+        plan_captured(llama8b_32k, memory_budget=tight_budget, recompute=False, **kw)
+
+
+def test_llama_1b_at_64k_fits_one_h200_with_recompute():
+    """It did not (seqshard refused it: "needs 140 GiB"); PyTorch with checkpointing trains it."""
+    model, inputs = build("llama", "llama3-1b", device="meta", dtype=torch.bfloat16, seq=1 << 16)
+    dims = analyze(capture(model, inputs))
+    with pytest.raises(Infeasible, match="the least memory any plan needs is 1[34]"):
+        plan_captured(dims, cluster="h200x1", recompute=False)
+    p = plan_captured(dims, cluster="h200x1")
+    assert p.recompute == tuple(f"layers.{i}" for i in range(16))
+    assert p.predicted.peak_memory_bytes <= 0.9 * Cluster.parse("h200x1").gpu.hbm_capacity
+
+
+def test_forced_recompute_and_json():
+    model, inputs = build("llama", "tiny", device="meta", seq=64)
+    p = plan(model, inputs, cluster="h200x4", overrides={"layers.1": "recompute"})
+    assert p.recompute == ("layers.1",)
+    assert "an override asks for it" in p.explain("layers.1")
+    q = Plan.from_json(p.to_json())
+    assert q.recompute == p.recompute and q.hash() == p.hash()
+    d = json.loads(p.to_json())
+    del d["recompute"]  # a plan written before recompute existed still loads
+    old = Plan.from_json(json.dumps(d))
+    assert old.recompute == () and old.hash() != p.hash()
+    with pytest.raises(ValueError, match="matches no layer"):
+        plan(model, inputs, cluster="h200x4", overrides={"layers.*.attn": "recompute"})
