@@ -33,7 +33,7 @@ one document becomes no segments, so a mask that is exactly causal is plain `is_
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
