@@ -7,7 +7,9 @@
     cap.source(n)       # "llama.py:81  q = self.q_proj(x).view(...)"
 
 The graph comes from `torch.export` (non-strict, pre-dispatch ATen, so `linear`, `rms_norm` and
-`scaled_dot_product_attention` stay single nodes) and is then canonicalized:
+`scaled_dot_product_attention` stay single nodes). In-place writes become new values
+(`functionalize.py`: `out[..., 0::2] = v` is a `slice_scatter`), so no op writes into a tensor that
+the per-rank program may hold in another layout. The graph is then canonicalized:
 
 1. metadata-only nodes (`_assert_tensor_metadata`) are dropped;
 2. attention is one node however the model spells it: `softmax(q @ kᵀ · scale [+ mask]) @ v` is
@@ -32,6 +34,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .canonicalize import ATTENTION, SDPA, canonicalize, mask_inputs, sdpa_options
+from .functionalize import functionalize
 from .masks import MASK_KWARGS, masked_attention
 
 __all__ = ["capture", "Captured", "SDPA", "ATTENTION", "sdpa_options", "mask_inputs",
@@ -49,6 +52,7 @@ class Captured:
     inputs: list[str]                 # placeholders of the user inputs, in call order
     input_names: list[str]            # the forward() argument names of those inputs
     rewrites: list[str] = field(default_factory=list)  # what canonicalization did, for people
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)  # placeholder → tensor
 
     @property
     def graph(self) -> fx.Graph:
@@ -71,6 +75,8 @@ class Captured:
             return self.model.get_parameter(self.params[name])
         if name in self.buffers:
             return self.model.get_buffer(self.buffers[name])
+        if name in self.constants:  # a tensor made in forward() (`x[..., 3] = 1.0`'s 1.0)
+            return self.constants[name]
         return inputs[self.inputs.index(name)]
 
     def run(self, *inputs):
@@ -104,6 +110,7 @@ def capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     ep = _export_from_a_shallow_stack(model, example_inputs, example_kwargs or {})
+    ep, functionalized = functionalize(ep)
     sig = ep.graph_signature
     params = dict(sig.inputs_to_parameters)
     buffers = dict(sig.inputs_to_buffers)
@@ -112,7 +119,8 @@ def capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None
     import inspect
 
     names = list(inspect.signature(model.forward).parameters)[: len(user_inputs)]
-    cap = Captured(model, gm, params, buffers, user_inputs, names)
+    constants = {p: ep.constants[c] for p, c in sig.inputs_to_lifted_tensor_constants.items()}
+    cap = Captured(model, gm, params, buffers, user_inputs, names, functionalized, constants)
     cap.rewrites += canonicalize(gm.graph)
     gm.graph.eliminate_dead_code()
     gm.recompile()

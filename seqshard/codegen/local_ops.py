@@ -11,6 +11,7 @@ import torch.fx as fx
 import seqshard.runtime
 from seqshard.capture import ATTENTION, mask_inputs, sdpa_options
 from seqshard.dims import Role
+from seqshard.runtime import rng
 from seqshard.runtime import sharding as rt
 from seqshard.strategies import ALGORITHMS, P, R, PlanError, Strategy
 
@@ -74,8 +75,12 @@ def _out_shape(sh, n, st):
 # ------------------------------------------------------------------ views: local sizes
 @localizer(aten.view, aten.reshape, aten._unsafe_view, aten.expand, aten.broadcast_to)
 def view(sh, n, st):
+    """A `view` becomes a `reshape`: a local shard (a slice of a dim) need not be contiguous
+    where the whole tensor was. The graph writes nothing in place, so a copy reads the same."""
     args, kwargs = _inputs(sh, n, st)
-    return sh.call(n.target, args[0], _out_shape(sh, n, st), *args[2:], name=n.name, **kwargs)
+    target = aten.reshape.default if n.target in (aten.view.default, aten._unsafe_view.default) \
+        else n.target
+    return sh.call(target, args[0], _out_shape(sh, n, st), *args[2:], name=n.name, **kwargs)
 
 
 @localizer(aten.unflatten)
@@ -93,6 +98,8 @@ def repeat_interleave(sh, n, st):
     x_node, dim = n.args[0], n.args[2] % len(sh.dims.sigs[n])
     (_, in_lay), = [(x, lay) for x, lay in st.inputs if x is x_node]
     reps = _out_shape(sh, n, st)[dim] // sh.local_shape(sh.sig_atoms(x_node), in_lay)[dim]
+    if kwargs.get("output_size") is not None:  # the global size in the captured call
+        kwargs["output_size"] = _out_shape(sh, n, st)[dim]
     return sh.call(n.target, args[0], reps, *args[2:], name=n.name, **kwargs)
 
 
@@ -105,6 +112,53 @@ def repeat(sh, n, st):
     lead = len(out) - len(inp)
     reps = out[:lead] + [o // i for o, i in zip(out[lead:], inp)]
     return sh.call(n.target, args[0], reps, name=n.name)
+
+
+# ------------------------------------------------------------------ contractions: the bias once per sum
+BIAS_ARG = {aten.linear: 2, aten.addmm: 0, aten.baddbmm: 0, aten.addbmm: 0, aten.addmv: 0}
+"""Where each contraction takes the term it adds (`linear`'s bias, `addmm`'s `self`)."""
+
+
+@localizer(*BIAS_ARG)
+def contraction(sh, n, st):
+    """With its contracted factor split, a contraction's output is a partial sum (P): every rank
+    holds an addend, and the next redistribution adds them. The bias belongs to exactly one
+    addend: ranks at coordinate 0 of every partial axis add it, the others add it times 0.
+    Both are exact in floating point, and the bias' gradient is rank 0's share plus zeros once
+    `sum_grad` adds the ranks' gradients; every rank keeps the bias in its graph, so that
+    all-reduce runs on all of them."""
+    args, kwargs = _inputs(sh, n, st)
+    partial = [i for i, p in enumerate(st.output) if p == P]
+    pos = BIAS_ARG[n.target.overloadpacket]
+    name = "bias" if pos else "self"
+    args, in_args = list(args), len(args) > pos
+    bias = args[pos] if in_args else kwargs.get(name)
+    if partial and bias is not None:
+        keep = 1.0 if all(sh.mesh.coords[i] == 0 for i in partial) else 0.0
+        bias = sh.call(aten.mul.Tensor, bias, keep, name=f"{n.name}_bias_once")
+        if in_args:
+            args[pos] = bias
+        else:
+            kwargs[name] = bias
+    return sh.call(n.target, *args, name=n.name, **kwargs)
+
+
+# ------------------------------------------------------------------ dropout: a mask per shard
+@localizer(aten.dropout, aten.native_dropout)
+def dropout(sh, n, st):
+    """Split, each shard draws its mask from a stream of its own (`runtime.rng`): ranks seeded
+    alike would otherwise drop the same positions of every shard. Ranks that hold the same shard
+    (replicated on an axis) share the stream. Unsplit, outside training or with p = 0: as is."""
+    args, kwargs = _inputs(sh, n, st)
+    p, train = n.args[1], n.args[2] if len(n.args) > 2 else n.kwargs.get("train", True)
+    axes = [i for i, a in enumerate(st.splits) if a is not None]
+    if not axes or not p or train is False:
+        return sh.call(n.target, *args, name=n.name, **kwargs)
+    shard = 0
+    for i in axes:
+        shard = shard * sh.mesh.sizes[i] + sh.mesh.coords[i]
+    fn = rng.native_dropout if n.target.overloadpacket is aten.native_dropout else rng.dropout
+    return sh.call(fn, args[0], p, train, shard, name=n.name)
 
 
 # ------------------------------------------------------------------ made from sizes: whole, then sliced

@@ -8,6 +8,7 @@ symbol to show how a cost grows with a factor (`Costs(..., symbolic={"s"})`).
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 from math import prod
 
@@ -21,6 +22,7 @@ from seqshard.costmodel import collectives as coll
 from seqshard.costmodel import compute as comp
 from seqshard.costmodel.cluster import Cluster
 from seqshard.dims import DimAnalysis
+from seqshard.dims.ops.matrix_ops import spell_out
 
 from .algorithms import ALGORITHMS
 from .layout import redistribution, split_axes
@@ -34,8 +36,12 @@ VIEWS = {aten.view, aten.reshape, aten._unsafe_view, aten.transpose, aten.permut
          aten.alias, aten.detach, aten.slice, aten.select, aten.unbind, aten.chunk, aten.split,
          aten.split_with_sizes, aten.mT, aten.broadcast_to, aten.view_as, aten.expand_as}
 
+ADD_CONTRACTIONS = {aten.addmm, aten.baddbmm, aten.addbmm, aten.addmv}
+"""`self + mat1 @ mat2` and its batched forms: the contraction's first operand is argument 1."""
+
 # which inputs autograd keeps for backward, per op family (index into the tensor inputs)
 SAVES_ALL = {aten.mul, aten.div, aten.matmul, aten.mm, aten.bmm, aten.einsum, aten.mse_loss,
+             aten.addmm, aten.baddbmm, aten.addbmm, aten.addmv,
              aten.scaled_dot_product_attention, masked_attention, aten.outer}
 SAVES_FIRST = {aten.linear, aten.rms_norm, aten.layer_norm, aten.silu, aten.gelu, aten.exp,
                aten.sin, aten.cos, aten.rsqrt, aten.tanh, aten.sigmoid, aten.pow, aten.softmax,
@@ -115,8 +121,10 @@ class Costs:
         out_layout = st.output if not isinstance(st.output, list) else st.output[0]
         out_numel = self.numel(n, out_layout) if not isinstance(st.output, list) else \
             self.numel(n, out_layout, 0)
-        if packet in (aten.linear, aten.matmul, aten.mm, aten.bmm, aten.einsum, aten.addmm):
-            x = n.args[0] if packet is not aten.addmm else n.args[1]
+        if packet is aten.einsum:
+            return self._einsum(n, st)
+        if packet in (aten.linear, aten.matmul, aten.mm, aten.bmm) or packet in ADD_CONTRACTIONS:
+            x = n.args[1] if packet in ADD_CONTRACTIONS else n.args[0]
             k_dims = self.dims.sigs[x][-1]
             k = prod((self.local(self.F.find(a), ins[x]) for a in self.F.atoms_of(k_dims)), start=1)
             return comp.Work(2 * out_numel * k, self.dtype_bytes * (out_numel + self.numel(x, ins[x])),
@@ -130,6 +138,34 @@ class Costs:
             return comp.pointwise(out_numel, inputs=1, dtype_bytes=self.dtype_bytes)
         tensors = sum(1 for _ in st.inputs)
         return comp.pointwise(out_numel, inputs=max(tensors, 1), dtype_bytes=self.dtype_bytes)
+
+    def _einsum(self, n: fx.Node, st: Strategy) -> comp.Work:
+        """`compute.einsum` on the local shards: the equation spelled out ('...' and an implicit
+        output made explicit), each letter the local size of its dim. A dim of size 1 that
+        broadcasts against a larger one gets a letter of its own."""
+        F = self.F
+        equation, operands = n.args[0], n.args[1]
+        sigs = [self.dims.sigs[x] for x in operands]
+        lhs, out = spell_out(equation, [len(s) for s in sigs]).split("->")
+        free = iter(c for c in string.ascii_letters if c not in equation)
+        digits = {c: next(free) for c in set(lhs + out) if c.isdigit()}
+        lhs, out = ("".join(digits.get(c, c) for c in t) for t in (lhs, out))
+        ins = dict(st.inputs)
+
+        def local_dims(sig, layout):
+            return [prod((self.local(F.find(a), layout) for a in F.atoms_of(d)), start=1) for d in sig]
+
+        shapes = [local_dims(sig, ins[x]) for x, sig in zip(operands, sigs)]
+        size: dict[str, object] = {}
+        for shape, letters in zip(shapes, lhs.split(",")):
+            for c, k in zip(letters, shape):
+                if k != 1:
+                    size[c] = k
+        terms = []
+        for shape, letters in zip(shapes, lhs.split(",")):
+            terms.append("".join(next(free) if k == 1 and size.get(c, 1) != 1 else c
+                                 for c, k in zip(letters, shape)))
+        return comp.einsum(",".join(terms) + "->" + out, *shapes, dtype_bytes=self.dtype_bytes)
 
     def _attention(self, n: fx.Node, st: Strategy, mem) -> Cost:
         att = self.dims.attention(n)

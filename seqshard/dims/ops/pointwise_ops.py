@@ -4,7 +4,7 @@ entry here; these are the ones the tag misses and the identities."""
 
 import torch
 
-from ..registry import Role, RuleCtx, rule
+from ..registry import RuleCtx, rule
 
 aten = torch.ops.aten
 
@@ -14,17 +14,25 @@ aten = torch.ops.aten
       aten.relu, aten.sigmoid, aten.tanh, aten.exp, aten.log, aten.sin, aten.cos, aten.rsqrt,
       aten.sqrt, aten.neg, aten.reciprocal, aten.abs, aten.square, aten.to, aten._to_copy,
       aten.type_as, aten.clone, aten.contiguous, aten.detach, aten.alias, aten.lift_fresh_copy,
-      aten.dropout, aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge,
+      aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge,
       aten.logical_and, aten.logical_or, aten.logical_not, aten.bitwise_and, aten.bitwise_or,
-      aten.bitwise_not, aten.floor, aten.ceil, aten.round, aten.erf, aten.tanh_backward)
+      aten.bitwise_not, aten.floor, aten.ceil, aten.round, aten.erf, aten.tanh_backward,
+      aten.copy, aten.fill, aten.zero)
 def pointwise(ctx: RuleCtx):
     tensors = [a for a in ctx.node.all_input_nodes if a in ctx.sigs and a.meta.get("val") is not None
                and isinstance(a.meta["val"], torch.Tensor)]
-    out = ctx.broadcast([ctx.sig(a) for a in tensors], ctx.out_shape())
-    if ctx.node.target in (aten.dropout.default,) and ctx.arg("p", 0.0) and ctx.arg("train", True):
-        # random: ranks would draw different masks than one device; keep it whole
-        ctx.mark(out, Role.WHOLE)
-    return out
+    return ctx.broadcast([ctx.sig(a) for a in tensors], ctx.out_shape())
+
+
+@rule(aten.dropout, aten.native_dropout)
+def dropout(ctx: RuleCtx):
+    """Dropout draws its mask element by element, so it splits like any pointwise op: each rank
+    draws the mask of its own elements. That is another draw than one device's (the same
+    distribution, not the same values; codegen gives each shard its own random stream,
+    `local_ops.dropout`), and the same values when not training or p = 0. `native_dropout`
+    also returns the mask."""
+    x = ctx.sig(ctx.arg(0))
+    return [x, x] if ctx.node.target.overloadpacket is aten.native_dropout else x
 
 
 @rule(aten.broadcast_tensors)
