@@ -157,7 +157,12 @@ def cmd_plan(args) -> int:
     if state == "auto":
         n = sum(p.numel() for p in model.parameters())
         need = n * (2 + 2 + 12) if not args.inference else n * 2
-        state = "replicated" if need < 0.5 * (budget or 0.9 * cluster.gpu.hbm_capacity) else "sharded"
+        state = "replicated" if need < 0.5 * (budget or 0.9 * cluster.gpu.hbm_capacity) else \
+            "sharded" if cluster.gpus > 1 else "offload"
+        if state == "offload":
+            print(f"note: {n / 1e9:.1f}B parameters with their optimizer state do not fit one "
+                  f"{cluster.gpu.name}; planning with the optimizer state in host memory "
+                  "(ZeRO-Offload, outside seqshard). Pass --state replicated to insist.\n")
         if state == "sharded":
             print(f"note: {n / 1e9:.1f}B parameters do not fit replicated on one "
                   f"{cluster.gpu.name}; planning with model state sharded over all GPUs "
@@ -238,10 +243,10 @@ def main(argv=None) -> int:
     p.add_argument("--cluster", default="h200x8", help="h200x8, h100x1024, a100x64, or a JSON file")
     p.add_argument("--mesh", help="axis sizes, e.g. node=128,gpu=8 (default: one axis per level)")
     p.add_argument("--budget", type=float, help="memory per GPU in GiB (default 90%% of the GPU)")
-    p.add_argument("--state", choices=["auto", "replicated", "sharded"], default="auto",
-                   help="parameters/gradients/optimizer state: replicated (seqshard's runtime) or "
-                        "sharded over all GPUs (FSDP/ZeRO-3); auto picks sharded when replicated "
-                        "cannot fit")
+    p.add_argument("--state", choices=["auto", "replicated", "sharded", "offload"], default="auto",
+                   help="parameters/gradients/optimizer state: replicated (seqshard's runtime), "
+                        "sharded over all GPUs (FSDP/ZeRO-3) or offload (optimizer state in host "
+                        "memory); auto picks sharded (offload on one GPU) when replicated cannot fit")
     p.add_argument("--inference", action="store_true", help="forward only")
     p.add_argument("--explain", action="append", help="a layer to explain (repeatable)")
     p.add_argument("--json", help="write the plan as JSON")

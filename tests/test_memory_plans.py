@@ -1,5 +1,6 @@
 """Memory plans: recompute per layer class, chosen by the solver in the same CP-SAT model as the
-splits, and emitted as checkpointed submodules.
+splits, and emitted as checkpointed submodules; optimizer state on the host (model_state
+"offload"), priced in the plan.
 
 Failures point at: the formulation (seqshard/solver/model.py, its docstring; the brute-force
 test compares it with a direct count), the sets it is built from (solver/problem.py
@@ -9,6 +10,7 @@ mismatch in the distributed tests)."""
 
 import copy
 import json
+from dataclasses import replace
 from itertools import product
 
 import pytest
@@ -264,3 +266,21 @@ def test_forced_recompute_and_json():
     assert old.recompute == () and old.hash() != p.hash()
     with pytest.raises(ValueError, match="matches no layer"):
         plan(model, inputs, cluster="h200x4", overrides={"layers.*.attn": "recompute"})
+
+
+# ------------------------------------------------------------------ optimizer state on the host
+def test_optimizer_state_offloaded_to_the_host(llama8b_32k):
+    """Llama-3-8B at 32K on one H200: replicated, parameters + gradients + AdamW state + fp32
+    master weights alone are 120 GiB, so nothing fits; with the optimizer state on the host
+    (ZeRO-Offload) the GPU holds 30 GiB of state and the plan fits, paying the host traffic and
+    the CPU's AdamW step in the predicted step."""
+    with pytest.raises(Infeasible, match=r"119\.7 GiB of it parameters"):
+        plan_captured(llama8b_32k, cluster="h200x1")
+    p = plan_captured(llama8b_32k, cluster="h200x1", model_state="offload")
+    assert p.predicted.peak_memory_bytes <= 0.9 * Cluster.parse("h200x1").gpu.hbm_capacity
+    assert any("host memory (104.7 GiB per GPU" in n for n in p.notes), p.notes
+    assert any("29.92 GiB parameters, gradients and optimizer state" in n for n in p.notes), p.notes
+    small = Cluster.parse("h200x1")
+    small = replace(small, gpu=replace(small.gpu, host_capacity=64 * GIB))
+    with pytest.raises(Infeasible, match="104.7 GiB of host memory per GPU, the cluster has 64.0"):
+        plan_captured(llama8b_32k, cluster=small, model_state="offload")

@@ -154,6 +154,14 @@ class GPU:
     """Fraction of compute throughput lost while a collective runs beside it: NCCL's kernels take
     SMs and memory bandwidth (about 16 of 132 SMs). An overlapped step that computes for c and
     communicates for t takes max(t, c + overlap_slowdown·t)."""
+    host_bandwidth: float = 50e9
+    """Bytes/s between this GPU and pinned host memory, one direction (PCIe Gen5 x16: 64 GB/s
+    line rate). Estimate, not measured here; prices optimizer state offloaded to the host."""
+    host_memory_bandwidth: float = 25e9
+    """Bytes/s of host memory this GPU's share of the CPUs reaches in an optimizer step (a
+    2-socket node of 8 GPUs, ~200 GB/s that a vectorized CPU AdamW reaches). Estimate."""
+    host_capacity: float = 256 * 2**30
+    """Host memory per GPU in bytes (an 8-GPU node with 2 TiB). Estimate."""
 
     def __post_init__(self):
         if not self.name:

@@ -27,7 +27,7 @@ from seqshard.costmodel.symbolic import Num, fmt, smax
 
 __all__ = ["KINDS", "BACKWARD_FACTOR", "ATTENTION_BACKWARD", "Work", "op_time", "matmul", "linear",
            "einsum", "pointwise", "reduction", "norm", "softmax", "embedding", "attention_flops",
-           "attention_time", "StateMemory", "model_state"]
+           "attention_time", "StateMemory", "model_state", "offload_step"]
 
 KINDS = ("matmul", "pointwise", "reduction")
 """Op kinds of the roofline: each has its own efficiency on the GPU."""
@@ -214,3 +214,21 @@ def model_state(n_params, *, training: bool = True, param_bytes: int = 2, grad_b
     master_bytes = (4 if param_bytes < 4 else 0) if master_bytes is None else master_bytes
     return StateMemory(n_params * param_bytes, n_params * grad_bytes,
                        n_params * (master_bytes + 2 * state_bytes))
+
+
+def offload_step(n_params, gpu: GPU, *, param_bytes: int = 2, grad_bytes: int | None = None,
+                 master_bytes: int | None = None, state_bytes: int = 4):
+    """Seconds a step spends on optimizer state kept in host memory (ZeRO-Offload): gradients
+    to the host, AdamW on the CPU, updated parameters back.
+
+        copies  n · (grad_bytes + param_bytes) / gpu.host_bandwidth
+        AdamW   n · (grad + 2·master + 4·state + param bytes) / gpu.host_memory_bandwidth
+                (read the gradient; read and write the master weights, exp_avg, exp_avg_sq;
+                write the parameter)
+
+    Not overlapped: an upper bound (ZeRO-Offload overlaps the gradient copies with backward)."""
+    grad_bytes = param_bytes if grad_bytes is None else grad_bytes
+    master_bytes = (4 if param_bytes < 4 else 0) if master_bytes is None else master_bytes
+    copies = n_params * (grad_bytes + param_bytes) / gpu.host_bandwidth
+    adam = n_params * (grad_bytes + 2 * master_bytes + 4 * state_bytes + param_bytes)
+    return copies + adam / gpu.host_memory_bandwidth

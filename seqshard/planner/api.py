@@ -27,8 +27,9 @@ def plan(model, example_inputs, *, cluster=None, mesh: tuple[tuple[str, int], ..
     mesh: axis names and sizes (default: one axis "sp" over every GPU of the cluster);
     overrides: forced choices per module pattern (see `planner.overrides`);
     memory_budget: bytes per GPU (default 90% of its memory);
-    options: model_state ("replicated" | "sharded"), recompute (may the solver recompute
-        layers; default True), time_limit, verbose."""
+    options: model_state ("replicated" | "sharded" | "offload": replicated with the optimizer
+        state on the host), recompute (may the solver recompute layers; default True),
+        time_limit, verbose."""
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     dims = analyze(capture(model, example_inputs), axes)
@@ -76,6 +77,11 @@ def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
     if model_state == "sharded":
         notes.append("model state is assumed sharded over all ranks (FSDP/ZeRO-3); seqshard "
                      "itself keeps parameters replicated")
+    if model_state == "offload":
+        notes.append(f"optimizer state and fp32 master weights are assumed in host memory "
+                     f"({pb.host_bytes / 2**30:.1f} GiB per GPU; ZeRO-Offload or a CPU AdamW, "
+                     f"outside seqshard), {pb.static_s:.2f} s per step for the copies and the "
+                     "CPU's step, not overlapped")
     if dims.unsupported:
         notes.append(f"{len(dims.unsupported)} op(s) without a rule run replicated: "
                      + ", ".join(n.name for n in dims.unsupported))

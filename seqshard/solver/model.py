@@ -62,7 +62,9 @@ Constraints
              a: activation bytes kept for backward (training), by the node's output or by the
              redistributed copy a consumer keeps; b: the bytes of a tensor entering a layer in
              its producer's layout, what a recomputed layer keeps instead; state: parameters,
-             gradients, optimizer state.
+             gradients, optimizer state (model_state "offload": parameters and gradients; the
+             optimizer state and fp32 master weights live in host memory, and the copies and
+             the CPU's AdamW step are a constant in the step time, `compute.offload_step`).
     forced   overrides remove strategies before the model is built (`strategies.candidates`).
 
 The memory estimate is one point in the step: everything kept for backward is alive at once
@@ -357,6 +359,12 @@ def solve(pb: Problem, budget: float | None, *, seconds: float = 60.0, workers: 
           gap: float = 1e-4) -> Solution:
     """Minimize predicted time; stop within `gap` (relative) of the proven optimum: the costs
     are predictions, and proving the last 0.01% on near-ties can take minutes."""
+    host = pb.costs.gpu.host_capacity
+    if pb.host_bytes > host:
+        raise Infeasible(f"the optimizer state offloaded to the host needs "
+                         f"{pb.host_bytes / 2**30:.1f} GiB of host memory per GPU, the cluster has "
+                         f"{host / 2**30:.1f} GiB (GPU.host_capacity); try model_state='sharded' "
+                         "or more GPUs")
     # the fastest plan, memory aside, recomputing only what overrides force: when it fits, it is
     # optimal (recompute only adds time), and this model is as small as the one without recompute
     fast = Model(pb, None, recompute=False)
@@ -377,6 +385,6 @@ def solve(pb: Problem, budget: float | None, *, seconds: float = 60.0, workers: 
             f"no plan fits {budget / 2**30:.1f} GiB per GPU: the least memory any plan needs is "
             f"{floor.memory_bytes / 2**30:.1f} GiB ({pb.static_bytes / 2**30:.1f} GiB of it "
             f"parameters, gradients and optimizer state{how}). Try: more GPUs or a longer mesh "
-            "axis, a shorter sequence, model_state='sharded' (FSDP/ZeRO-3 outside seqshard), "
-            "or a larger memory_budget")
+            "axis, a shorter sequence, model_state='sharded' (FSDP/ZeRO-3 outside seqshard) or "
+            "'offload' (optimizer state in host memory), or a larger memory_budget")
     raise PlanError(f"the solver stopped with status {sol.status} after {sol.seconds:.1f} s")

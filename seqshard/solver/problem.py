@@ -67,6 +67,7 @@ class Problem:
     template: dict = field(default_factory=dict)     # node → template
     static_bytes: float = 0.0
     static_s: float = 0.0
+    host_bytes: float = 0.0                          # per GPU, in host memory (model_state offload)
     # recompute (training only; empty otherwise)
     classes: dict = field(default_factory=dict)      # class name → LayerClass
     node_class: dict = field(default_factory=dict)   # template → the class it lies in
@@ -163,8 +164,18 @@ def build_problem(dims: DimAnalysis, costs: Costs, mesh, overrides: dict | None,
     elif model_state == "sharded":
         state = comp.model_state(n_params, training=costs.training, param_bytes=costs.dtype_bytes)
         pb.static_bytes = state.total / world
+    elif model_state == "offload":  # replicated, but AdamW's state and master weights on the host
+        state = comp.model_state(n_params, training=costs.training, param_bytes=costs.dtype_bytes)
+        pb.static_bytes = state.params + state.grads
+        pb.host_bytes = state.optimizer + state.grads  # the gradients land in host memory too
+        if costs.training:
+            pb.static_s = comp.offload_step(n_params, costs.gpu, param_bytes=costs.dtype_bytes)
+            if world > 1:
+                flat_link = costs.cluster.axis_link((world,), 0)
+                pb.static_s += coll.all_reduce(n_params * costs.dtype_bytes, world, flat_link)
     else:
-        raise ValueError(f"model_state must be 'replicated' or 'sharded', got {model_state!r}")
+        raise ValueError(f"model_state must be 'replicated', 'sharded' or 'offload', got "
+                         f"{model_state!r}")
     return pb
 
 
