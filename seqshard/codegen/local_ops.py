@@ -256,9 +256,20 @@ def attention(sh, n, st):
     if algo.runtime is None:
         return sh.call(seqshard.runtime.local_attention, q, k, v, name=n.name, causal=causal,
                        scale=opts.get("scale"), **per_token)
-    (s,) = {a for a in sh.dims.seq_atoms(n) if a in st.splits}
+    atoms = [sh.F.find(a) for a in sh.F.atoms_of(sh.dims.attention(n).seq_k)]  # outermost first
+    (s,) = {a for a in atoms if a in st.splits}
     groups = [sh.mesh.groups[i] for i, a in enumerate(st.splits) if a == s]
-    seq_len = sh.F.size(s) if s in sh.pads else None
+    seq_len = None
+    if s in sh.pads:  # the runtime masks a padded suffix of the (flattened) sequence
+        outer = [a for a in atoms[:atoms.index(s)] if sh.F.size(a) > 1]
+        if outer:
+            raise PlanError(
+                f"{n.name} ({sh.cap.module_path(n)}): the sequence is "
+                f"{' x '.join(sh.F.label(a) for a in atoms)} and the split factor "
+                f"{sh.F.label(s)!r} ({sh.F.size(s)}) is padded to {sh.pads[s]} inside it, after "
+                f"{sh.F.label(outer[0])!r}: padding there is not a suffix of the sequence. Split "
+                f"{sh.F.label(outer[0])!r}, or a size of {sh.F.label(s)!r} the ranks divide")
+        seq_len = prod(sh.F.size(a) for a in atoms)
     return sh.call(getattr(seqshard.runtime, algo.runtime), q, k, v, *groups, name=n.name,
                    causal=causal, order=sh.orders.get(s, "contig"), seq_len=seq_len,
                    scale=opts.get("scale"), **per_token)
