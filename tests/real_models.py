@@ -42,9 +42,9 @@ def _decoder(name: str, size: str, seq: int):
 
     classes = {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM),
                "mistral": (T.MistralConfig, T.MistralForCausalLM), "phi3": (T.Phi3Config, T.Phi3ForCausalLM)}
-    if size == "tiny":
+    if size == "tiny":  # the production shape's head structure (GQA or not), at 4 heads
         cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                   num_key_value_heads=2)
+                   num_key_value_heads=4 if name == "phi3" else 2)
     else:  # the published shapes (2 layers: a plan is per layer template)
         cfg = {"llama": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                              num_attention_heads=32, num_key_value_heads=8),       # Llama-3.2-1B

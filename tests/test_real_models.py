@@ -64,12 +64,16 @@ def run(name, plan_json, overrides):
     want = ref(*inputs)
     want.backward()
     worst = [("loss", _rel(loss.detach(), want.detach()))]
+    # A gradient that is zero in exact arithmetic (CogVideoX's norm_k.bias: a bias added to every
+    # key leaves softmax unchanged) is float32 noise on both sides; it is measured against the
+    # largest gradient's scale (1e-4 of it) instead of its own norm.
+    scale = 1e-4 * max(q.grad.norm().item() for q in ref.parameters() if q.grad is not None)
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         if q.grad is None:
             assert p.grad is None, n
             continue
         assert p.grad is not None, f"{n} got no gradient"
-        worst.append((n, _rel(p.grad, q.grad)))
+        worst.append((n, ((p.grad - q.grad).norm() / max(q.grad.norm().item(), scale)).item()))
     return max(worst, key=lambda w: w[1]), dict(seen.ops), attention_of(pm.plan)
 
 

@@ -9,7 +9,11 @@ from seqshard.dims import DimAnalysis
 
 from .layout import PlanError
 from .plan import Plan
-from .strategy import Strategy, plan_nodes, resolve
+from .strategy import Strategy, plan_nodes, resolve, tensor_inputs
+
+IDENTITY_LIKE = {"contiguous", "clone", "alias", "detach", "to", "_to_copy", "type_as",
+                 "lift_fresh_copy"}
+"""Ops that only cast or copy: a plan made where they don't appear still applies."""
 
 __all__ = ["resolve_plan", "orders_of"]
 
@@ -21,6 +25,12 @@ def resolve_plan(dims: DimAnalysis, plan: Plan, sizes: tuple[int, ...]) -> dict[
     out = {}
     for n in plan_nodes(dims):
         np_ = by_name.get(n.name)
+        if np_ is None and _follows_its_input(dims, n, out):
+            # a cast or copy that exists at one dtype or size and not another (`logits.float()`
+            # is no node in float32): it keeps its input's splits
+            (x,) = tensor_inputs(n, dims)
+            out[n] = resolve(n, dims, out[x].splits, None, axis_names, tuple(sizes))
+            continue
         if np_ is None:
             raise PlanError(f"the plan has no entry for node {n.name} ({dims.cap.module_path(n)}): "
                             "it was made for a different model (plans are per model, not per size)")
@@ -51,6 +61,15 @@ def _drop_unit_axes(dims, n, splits, algorithm, sizes):
             outer = [i for i, a in enumerate(splits) if a in seq][0]
             algorithm = "ring" if axes[0] == outer else "ulysses"
     return kept, algorithm
+
+
+def _follows_its_input(dims: DimAnalysis, n: fx.Node, known: dict) -> bool:
+    packet = getattr(n.target, "overloadpacket", n.target)
+    xs = tensor_inputs(n, dims)
+    return (getattr(packet, "__name__", "") in IDENTITY_LIKE and len(xs) == 1 and xs[0] in known
+            and isinstance(dims.sigs.get(n), tuple)
+            and [dims.F.find(a) for d in dims.sigs[n] for a in dims.F.atoms_of(d)]
+            == [dims.F.find(a) for d in dims.sigs[xs[0]] for a in dims.F.atoms_of(d)])
 
 
 def orders_of(dims: DimAnalysis, plan: Plan) -> dict[int, str]:
