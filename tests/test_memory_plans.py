@@ -33,7 +33,9 @@ from seqshard.testing import mesh as make_mesh
 
 GIB = 2**30
 TOL = 1e-5
-RECOMPUTE = {"llama": {"layers.*": "recompute"}, "video_dit": {"blocks.*": "recompute"}}
+# every layer recomputed; the Llama's LM head and loss in 3 chunks of tokens
+RECOMPUTE = {"llama": {"layers.*": "recompute", "lm_head": "chunk:3"},
+             "video_dit": {"blocks.*": "recompute"}}
 
 
 # ------------------------------------------------------------------ exact on every rank
@@ -90,14 +92,16 @@ def run_recomputed(family, config, sizes, named, steps=0, plan_=None, compile_ba
             worst[f"param {n}@{step}"] = _rel(p.detach(), pr.detach())
     key = max(worst, key=worst.get)
     return dict(err=worst[key], where=key, backward=backward.ops, recompute=pm.plan.recompute,
-                checkpoints=pm.code.count("torch.utils.checkpoint.checkpoint("))
+                checkpoints=pm.code.count("torch.utils.checkpoint.checkpoint("),
+                chunks=pm.plan.chunks, chunked=pm.code.count("recompute_chunked("))
 
 
-def _check(results, layers):
+def _check(results, layers, chunks=0):
     r = results[0]
     assert all(x["err"] == r["err"] for x in results), "ranks disagree on the loss or gradients"
     assert r["err"] <= TOL, f"relative error {r['err']:.2e} at {r['where']}"
     assert len(r["recompute"]) == layers and r["checkpoints"] == layers, r
+    assert r["chunked"] == bool(chunks) and [k for _, k in r["chunks"]] == ([chunks] if chunks else []), r
     # the forward ran again in backward: once per layer, attention's forward op ran there
     again = sum(v for k, v in r["backward"].items() if not k.endswith("_backward"))
     assert again == layers, f"attention ran {again} times in backward: {r['backward']}"
@@ -113,8 +117,10 @@ VIDEO = dict(batch=2, frames=5, patches=7)
     ("video_dit", "tiny", VIDEO, "dsp"),
 ])
 def test_recompute_exact_4_ranks_3_steps(pool4, family, config, sizes, named):
-    layers = 2 if family == "llama" else 4
-    _check(pool4.run(run_recomputed, family, config, sizes, named, steps=3), layers)
+    """Every layer recomputed (and the Llama's loss in 3 chunks over 37 tokens split 4 ways and
+    padded to 40: chunks of 4, 3 and 3 tokens, padding ignored)."""
+    layers, chunks = (2, 3) if family == "llama" else (4, 0)
+    _check(pool4.run(run_recomputed, family, config, sizes, named, steps=3), layers, chunks)
 
 
 @pytest.mark.parametrize("family,config,sizes,named", [
@@ -123,7 +129,8 @@ def test_recompute_exact_4_ranks_3_steps(pool4, family, config, sizes, named):
     ("video_dit", "tiny", dict(batch=1, frames=3, patches=5), "ulysses"),
 ])
 def test_recompute_exact_2_ranks(pool2, family, config, sizes, named):
-    _check(pool2.run(run_recomputed, family, config, sizes, named), 2 if family == "llama" else 4)
+    layers, chunks = (2, 3) if family == "llama" else (4, 0)
+    _check(pool2.run(run_recomputed, family, config, sizes, named), layers, chunks)
 
 
 def solver_chosen_plan():
@@ -139,7 +146,8 @@ def solver_chosen_plan():
 def test_solver_chosen_recompute_runs_exactly(pool4):
     roomy, tight = solver_chosen_plan()
     assert roomy == () and tight.recompute == ("layers.0", "layers.1"), (roomy, tight.recompute)
-    _check(pool4.run(run_recomputed, "llama", "tiny", LLAMA, None, steps=1, plan_=tight), 2)
+    _check(pool4.run(run_recomputed, "llama", "tiny", LLAMA, None, steps=1, plan_=tight), 2,
+           dict(tight.chunks).get("cross_entropy_loss", 0))
 
 
 # ------------------------------------------------------------------ the formulation
@@ -242,15 +250,20 @@ def test_recompute_appears_as_the_budget_shrinks(llama8b_32k):
         plan_captured(llama8b_32k, memory_budget=tight_budget, recompute=False, **kw)
 
 
-def test_llama_1b_at_64k_fits_one_h200_with_recompute():
-    """It did not (seqshard refused it: "needs 140 GiB"); PyTorch with checkpointing trains it."""
+def test_llama_1b_at_64k_fits_one_h200():
+    """It did not (seqshard refused it: "needs 140 GiB"); PyTorch with checkpointing trains it.
+    The cheapest way in: the LM head and loss in chunks (its fp32 logits are 31 GiB); with every
+    layer recomputed as well it needs 60 GiB."""
     model, inputs = build("llama", "llama3-1b", device="meta", dtype=torch.bfloat16, seq=1 << 16)
     dims = analyze(capture(model, inputs))
     with pytest.raises(Infeasible, match="the least memory any plan needs is 1[34]"):
         plan_captured(dims, cluster="h200x1", recompute=False)
+    budget = 0.9 * Cluster.parse("h200x1").gpu.hbm_capacity
     p = plan_captured(dims, cluster="h200x1")
-    assert p.recompute == tuple(f"layers.{i}" for i in range(16))
-    assert p.predicted.peak_memory_bytes <= 0.9 * Cluster.parse("h200x1").gpu.hbm_capacity
+    assert p.recompute == () and p.chunks == (("cross_entropy_loss", 32),), (p.recompute, p.chunks)
+    assert p.predicted.peak_memory_bytes <= budget
+    q = plan_captured(dims, cluster="h200x1", memory_budget=64 * GIB)
+    assert q.recompute == tuple(f"layers.{i}" for i in range(16)) and q.predicted.step_s > p.predicted.step_s
 
 
 def test_forced_recompute_and_json():
@@ -284,3 +297,22 @@ def test_optimizer_state_offloaded_to_the_host(llama8b_32k):
     small = replace(small, gpu=replace(small.gpu, host_capacity=64 * GIB))
     with pytest.raises(Infeasible, match="104.7 GiB of host memory per GPU, the cluster has 64.0"):
         plan_captured(llama8b_32k, cluster=small, model_state="offload")
+
+
+# ------------------------------------------------------------------ the LM head and loss in chunks
+def test_loss_chunked_as_the_budget_shrinks(llama8b_32k):
+    """Llama-3-8B at 32K on one H200 (optimizer state on the host): the fp32 logits of the loss
+    are 15.7 GiB; under a budget that every layer's recompute alone does not meet, the LM head
+    and loss run in chunks of at most 1 GiB of logits."""
+    kw = dict(cluster="h200x1", model_state="offload")
+    roomy = plan_captured(llama8b_32k, **kw)
+    assert roomy.chunks == () and len(roomy.recompute) == 32
+    tight = plan_captured(llama8b_32k, memory_budget=roomy.predicted.peak_memory_bytes - 8 * GIB, **kw)
+    assert tight.chunks == (("cross_entropy_loss", 16),), tight.chunks
+    assert tight.predicted.peak_memory_bytes <= roomy.predicted.peak_memory_bytes - 8 * GIB
+    assert "chunked: the LM head and cross_entropy_loss run in 16 chunks" in str(tight)
+    assert "in 16 chunks of tokens" in tight.explain("lm_head")
+    q = Plan.from_json(tight.to_json())
+    assert q.chunks == tight.chunks and q.hash() == tight.hash() != roomy.hash()
+    with pytest.raises(ValueError, match="matches no LM head"):
+        plan_captured(llama8b_32k, overrides={"norm": "chunk"}, **kw)

@@ -9,6 +9,7 @@ Python source (`pm.code`).
         replace attention            (the plan's distributed algorithm, from its registry entry)
         seed replicated outputs once (scale_grad) and sum parameter gradients (sum_grad)
     recompute_layers(program.gm, plan.recompute)      # each recomputed layer: a checkpointed submodule
+    chunk_losses(program.gm, plan.chunks)             # LM head + loss in checkpointed token chunks
 
 This is emission, not a sequence of graph passes: one walk over the captured graph writes a new
 graph, op by op, into calls of `seqshard.runtime` and local ATen ops (see docs/design.md). The
@@ -21,7 +22,7 @@ from seqshard.dims import DimAnalysis
 from seqshard.strategies import Plan, PlanError, orders_of, resolve_plan
 
 from .mesh import MeshInfo
-from .recompute import recompute_layers
+from .recompute import chunk_losses, recompute_layers
 from .sharder import Program, Sharder
 
 __all__ = ["apply_plan", "MeshInfo", "Program", "PlanError"]
@@ -36,4 +37,6 @@ def apply_plan(dims: DimAnalysis, plan: Plan, mesh: MeshInfo) -> Program:
     program = Sharder(dims, strategies, mesh, orders_of(dims, plan)).run()
     if plan.recompute:
         recompute_layers(program.gm, plan.recompute)
+    if plan.chunks:
+        chunk_losses(program.gm, plan.chunks)
     return program

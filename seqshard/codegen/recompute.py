@@ -1,4 +1,5 @@
-"""Recompute: each layer the plan names runs under activation checkpointing.
+"""Recompute: each layer the plan names runs under activation checkpointing, and each chunked
+LM head + loss runs in chunks of tokens, each chunk checkpointed.
 
     program.gm                                   after `recompute_layers(gm, ("layers.0", ...))`
         add_1 = ...                                  add_1 = ...
@@ -30,12 +31,17 @@ from __future__ import annotations
 import operator
 import re
 
+import torch
 import torch.fx as fx
 from torch.utils.checkpoint import checkpoint
 
+from seqshard.runtime import sharding as rt
 from seqshard.strategies import PlanError
 
-__all__ = ["recompute_layers", "in_layer"]
+__all__ = ["recompute_layers", "in_layer", "chunk_losses", "chunked", "masked_labels",
+           "token_count"]
+
+aten = torch.ops.aten
 
 
 def in_layer(module: str | None, layer: str) -> bool:
@@ -130,3 +136,109 @@ def _checkpoint(gm: fx.GraphModule, layer: str, region: list[fx.Node]) -> None:
         n.replace_all_uses_with(r, delete_user_cb=lambda u: u not in inside)
     for n in reversed(region):
         g.erase_node(n)
+
+
+# ------------------------------------------------------------------ chunked LM head + loss
+_CHAIN = {aten.to.dtype, aten._to_copy.default, aten.flatten.using_ints, aten.reshape.default,
+          aten.view.default, aten._unsafe_view.default}
+_CASTS = {aten.to.dtype, aten._to_copy.default}
+
+
+def chunk_losses(gm: fx.GraphModule, chunks: tuple[tuple[str, int], ...]) -> fx.GraphModule:
+    """`gm` with each (loss, k) of `chunks` rewritten so its LM head and cross-entropy run in k
+    chunks of tokens (in place; returned):
+
+        loss = cross_entropy(linear(h, W).flatten(0, 1).float(), labels)
+    becomes
+        chunk_loss = self.chunk_loss                   # linear → casts → cross-entropy, summed
+        loss = chunked(chunk_loss, h.flatten(0, -2), W, None, labels, k) / token_count(...)
+
+    Each chunk runs under `checkpoint`: its logits exist one chunk at a time, in the forward
+    and again in backward. A loss over split tokens (`cross_entropy_partial`) keeps its
+    semantics: padded tokens' labels are ignored first, and a mean divides by the tokens
+    counted on every rank of its groups."""
+    g = gm.graph
+    for loss, k in chunks:
+        ce = next((n for n in g.nodes if n.op == "call_function" and n.name in (loss, f"{loss}_share")
+                   and n.target in (aten.cross_entropy_loss.default, rt.cross_entropy_partial)), None)
+        if ce is None:
+            raise PlanError(f"the plan chunks the loss {loss!r}, but this program has no "
+                            "cross-entropy of that name (the plan was made for a different model)")
+        chain, x = [], ce.args[0]
+        while x.op == "call_function" and x.target in _CHAIN and len(x.users) == 1:
+            chain.append(x)
+            x = x.args[0]
+        if x.op != "call_function" or x.target is not aten.linear.default or len(x.users) != 1:
+            raise PlanError(f"the plan chunks {loss!r}, but its logits are not a linear's output "
+                            f"through casts and reshapes alone here (found {x.name}): a "
+                            "redistribution between the LM head and the loss? Plan without "
+                            "chunking it")
+        linear = x
+        hidden, weight = linear.args[0], linear.args[1]
+        bias = linear.args[2] if len(linear.args) > 2 else None
+        labels = ce.args[1]
+        if ce.target is rt.cross_entropy_partial:
+            ignore, reduction, groups, padding = ce.args[2:6]
+        else:
+            args = list(ce.args) + [None, 1, -100][len(ce.args) - 2:]
+            reduction = ce.kwargs.get("reduction", args[3])
+            ignore = ce.kwargs.get("ignore_index", args[4])
+            groups, padding = (), None
+        sub = fx.Graph()
+        h, w = sub.placeholder("hidden"), sub.placeholder("weight")
+        b, lab = sub.placeholder("bias"), sub.placeholder("labels")
+        y = sub.call_function(aten.linear.default, (h, w, b))
+        for c in reversed(chain):
+            if c.target in _CASTS:
+                y = sub.call_function(c.target, (y,) + tuple(c.args[1:]), dict(c.kwargs))
+        sub.output(sub.call_function(aten.cross_entropy_loss.default, (y, lab, None, 2, ignore)))
+        name = "chunk_" + re.sub(r"\W", "_", loss)
+        gm.add_submodule(name, fx.GraphModule(torch.nn.Module(), sub, class_name=name))
+        with g.inserting_before(ce):
+            flat = g.call_function(aten.flatten.using_ints, (hidden, 0, -2))
+            if padding is not None:
+                labels = g.call_function(masked_labels, (labels, ignore, padding))
+            fn = g.get_attr(name)
+            total = g.call_function(chunked, (fn, flat, weight, bias, labels, k))
+            out = total
+            if reduction == 1:  # mean over the tokens counted
+                count = g.call_function(token_count, (labels, ignore, groups, total))
+                out = g.call_function(operator.truediv, (total, count))
+            for n, label in ((flat, "lm_tokens"), (total, f"{name}_sum"), (out, f"{loss}_chunked")):
+                n.name = g._graph_namespace.create_name(label, None)
+            for n in (flat, fn, total, out) + ((labels,) if padding is not None else ()) + \
+                    ((count,) if reduction == 1 else ()):
+                n.meta.update({k_: v for k_, v in ce.meta.items() if k_ in ("module", "stack_trace")})
+        ce.replace_all_uses_with(out)
+        for n in [ce] + chain + [linear]:
+            g.erase_node(n)
+    g.lint()
+    gm.recompile()
+    return gm
+
+
+def chunked(fn, hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor,
+            chunks: int) -> torch.Tensor:
+    """Σ_j fn(hidden_j, weight, bias, labels_j) over `chunks` pieces of the token dim (the first
+    ones one token larger where it does not divide; empty ones where there are fewer tokens),
+    each under `checkpoint`: one chunk's logits live at a time."""
+    total = None
+    for h, lab in zip(hidden.tensor_split(chunks), labels.tensor_split(chunks)):
+        part = checkpoint(fn, h, weight, bias, lab, use_reentrant=False)
+        total = part if total is None else total + part
+    return total
+
+
+def masked_labels(labels: torch.Tensor, ignore: int, padding) -> torch.Tensor:
+    """Labels with padded tokens set to `ignore` (as `cross_entropy_partial` does)."""
+    valid = rt.padding_mask(padding, labels.device)
+    return torch.where(valid, labels, torch.full_like(labels, ignore))
+
+
+def token_count(labels: torch.Tensor, ignore: int, groups: tuple, like: torch.Tensor) -> torch.Tensor:
+    """The tokens a mean divides by: those not ignored, summed over `groups` (split tokens), in
+    `like`'s dtype."""
+    count = (labels != ignore).sum().to(like.dtype).detach()
+    for group in groups:
+        count = torch.ops.seqshard.all_reduce(count, group).detach()
+    return count

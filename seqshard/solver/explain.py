@@ -11,14 +11,14 @@ from seqshard.strategies import (Cost, NodePlan, Plan, Predicted, Split, Strateg
 
 from .clusters import layer_of
 from .model import Solution, chosen_moves, class_figures
-from .problem import Problem
+from .problem import CHUNK_BYTES, Problem
 
 __all__ = ["to_plan", "explain_all"]
 
 def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Plan:
     dims, names = pb.dims, tuple(a for a, _ in pb.mesh)
     strategies = {t: pb.strategies[t][i] for t, i in sol.choice.items()}
-    recomputed = {layer for c in sol.recompute for layer in pb.classes[c].layers}
+    recomputed = {unit for c in sol.recompute for unit in pb.classes[c].layers}
     # each redistribution is charged to the first consumer (in graph order) that needs it; in a
     # recomputed layer its forward runs again and its copy is not kept
     redistribute: dict = {}
@@ -44,9 +44,9 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
         r = redistribute.get(t, [0.0, 0.0, 0.0])
         module = dims.cap.module_path(n)
         mem = 0.0 if pb.saving_class.get(n) in sol.recompute else c.memory_bytes
-        layer = layer_of(module)
-        if layer in inputs:
-            mem += inputs.pop(layer)
+        unit = pb.unit.get(n)
+        if unit in inputs:
+            mem += inputs.pop(unit)
         f = pb.forward[(t, sol.choice[t])] if pb.node_class.get(t) in sol.recompute else Cost()
         cost = Cost(c.compute_s + f.compute_s, c.comm_s + f.comm_s,
                     c.redistribute_s + f.redistribute_s + r[0], mem + r[2], c.comm_bytes + r[1],
@@ -64,13 +64,25 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
     used = {s.factor for n in nodes for s in n.splits}
     layers = tuple(layer for layer in dict.fromkeys(layer_of(n.module) for n in nodes)
                    if layer in recomputed)
+    chunks = tuple((c, chunk_count(pb, sol, c)) for c in pb.classes
+                   if c in sol.recompute and pb.classes[c].kind == "chunk")
     notes = list(notes) + _memory_notes(pb, sol)
     plan = Plan(mesh=pb.mesh, nodes=tuple(nodes),
                 orders=tuple(sorted((f, o) for f, o in orders.items() if f in used)),
-                predicted=predicted, notes=tuple(notes), recompute=layers)
+                predicted=predicted, notes=tuple(notes), recompute=layers, chunks=chunks)
     plan.explanations.update(explain_all(pb, sol))
     plan.explanations.update(explain_recompute(pb, sol))
     return plan
+
+
+def chunk_count(pb: Problem, sol: Solution, c: str) -> int:
+    """How many chunks a chunked region runs in: what an override says, else enough that its
+    largest kept tensor (the fp32 logits) is at most CHUNK_BYTES a chunk."""
+    lc = pb.classes[c]
+    if lc.chunks:
+        return lc.chunks
+    largest = max((pb.node_cost[(n, sol.choice[n])].memory_bytes for n in lc.nodes), default=0)
+    return max(1, -(-int(largest) // CHUNK_BYTES))
 
 
 def _out(st: Strategy, idx):
@@ -84,15 +96,19 @@ def _memory_notes(pb: Problem, sol: Solution) -> list[str]:
         return []
     parts = [f"{_gib(m.state)} parameters, gradients and optimizer state",
              f"{_gib(m.kept)} activations kept for backward"]
+    chunked = m.recompute_class and pb.classes[m.recompute_class].kind == "chunk"
     if m.recompute_class:
-        parts.append(f"{_gib(m.recompute)} of one recomputed layer's activations made again")
+        parts.append(f"{_gib(m.recompute)} of one " + ("chunk's" if chunked else "recomputed "
+                     "layer's") + " activations made again")
     if m.transient_node is not None:
         n = m.transient_node
         parts.append(f"{_gib(m.transient)} working set of {pb.dims.cap.module_path(n) or n.name} "
                      f"({n.name}{' and its twins in other layers' if pb.mult[n] > 1 else ''}) "
                      "while it runs")
     where = ("at the end of the forward (every kept activation alive)" if not m.recompute_class
-             else f"in the backward of {pb.classes[m.recompute_class].layers[-1]} (recomputing it)")
+             else f"in the backward of {_span(pb, m.recompute_class)} (a chunk made again)"
+             if chunked else
+             f"in the backward of {pb.classes[m.recompute_class].layers[-1]} (recomputing it)")
     notes = [f"peak memory {_gib(m.peak)} per GPU {where}: " + " + ".join(parts)
              + "; estimate: all kept activations alive at once plus the largest working set, "
                "without activation gradients, allocator slack or temporaries inside ops"]
@@ -100,6 +116,12 @@ def _memory_notes(pb: Problem, sol: Solution) -> list[str]:
         figures = class_figures(pb, sol.choice)
         for c in sorted(sol.recompute, key=list(pb.classes).index):
             f, k = figures[c], len(pb.classes[c].layers)
+            if pb.classes[c].kind == "chunk":
+                notes.append(f"chunk {_span(pb, c)} into {chunk_count(pb, sol, c)} chunks of tokens: "
+                             f"keeps its input ({_gib(f.inputs)}) instead of {_gib(f.kept)}, for "
+                             f"{f.forward_s * 1e3:.1f} ms more per step (each chunk's forward "
+                             "again in backward)")
+                continue
             notes.append(f"recompute {_span(pb, c)}: each keeps its inputs ({_gib(f.inputs)}) "
                          f"instead of {_gib(f.kept)} of activations, saving "
                          f"{_gib((f.kept - f.inputs) * k)} in all, for {f.forward_s * k * 1e3:.1f} ms "
@@ -120,6 +142,9 @@ def explain_recompute(pb: Problem, sol: Solution) -> dict[str, str]:
     for c, lc in pb.classes.items():
         f, k = figures[c], len(lc.layers)
         chosen = c in sol.recompute
+        if lc.kind == "chunk":
+            out[lc.nodes[0].name] = _explain_chunk(pb, sol, c, f)
+            continue
         lines = [f"{_span(pb, c)} ({k} layer(s) alike): "
                  + ("recomputed" if chosen else "activations kept"),
                  f"  keep activations: {_gib(f.kept)} per layer ({_gib(f.kept * k)} in all)"
@@ -146,6 +171,27 @@ def explain_recompute(pb: Problem, sol: Solution) -> dict[str, str]:
     return out
 
 
+def _explain_chunk(pb: Problem, sol: Solution, c: str, f) -> str:
+    lc, chosen = pb.classes[c], c in sol.recompute
+    lines = [f"{lc.label}: " + (f"in {chunk_count(pb, sol, c)} chunks of tokens" if chosen
+                                else "whole"),
+             f"  whole:     {_gib(f.kept)} kept for backward (the logits, in float32)"
+             + ("" if chosen else "  ← chosen"),
+             f"  chunked:   {_gib(f.inputs)} kept (its input), +{f.forward_s * 1e3:.3f} ms for each "
+             f"chunk's forward again in backward, {_gib(f.working)} live in one chunk"
+             + ("  ← chosen" if chosen else "")]
+    if lc.forced:
+        why = "an override asks for it."
+    elif chosen:
+        why = f"the memory budget ({_gib(sol.budget)}) needs it." if sol.budget else "it is in the plan."
+    elif not pb.recompute_allowed:
+        why = "the planner was told not to recompute."
+    else:
+        why = "the plan fits without it, and one pass is faster."
+    lines.append(f"  chosen: {'chunked' if chosen else 'whole'} - {why}")
+    return "\n".join(lines)
+
+
 def _layer_keys(pb: Problem) -> dict[str, str]:
     """layer → the node its explanation is filed under: the first node at the layer's own path
     (`layers.3`: the residual add), else its first node."""
@@ -164,7 +210,9 @@ def _layer_keys(pb: Problem) -> dict[str, str]:
 
 
 def _span(pb: Problem, c: str) -> str:
-    """`layers.0-15` for a class of consecutive layers, else its layers listed."""
+    """`layers.0-15` for a class of consecutive layers, else its layers listed; a region's label."""
+    if pb.classes[c].kind == "chunk":
+        return pb.classes[c].label
     layers = pb.classes[c].layers
     if len(layers) == 1:
         return layers[0]

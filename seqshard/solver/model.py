@@ -10,7 +10,9 @@ Sets
     e ∈ E      tensor edges u → v between plan nodes, also clustered (m_e copies)
     c ∈ C      layer classes (training only): a layer is a module path ending in an index
                (`layers.3`); identical layers form a class (`clusters.layer_classes`) whose
-               template nodes are N_c ⊂ N
+               template nodes are N_c ⊂ N. Chunk regions are classes too: an LM head and its
+               cross-entropy (`problem.loss_regions`), one unit; for them r[c] means "run in
+               chunks of tokens, each chunk recomputed in backward"
     κ          for each node, the class whose consumers keep its output for backward when they
                all lie in one class, else none; k(n,c) = how many of n's members have κ = c
                (Σ_c k(n,c) + k(n,none) = m_n). For a tensor t: κ(t) = its consumers' class.
@@ -25,8 +27,9 @@ Variables
                            redistribution from i's output layout to l runs (and costs)
     r[c] ∈ {0,1}           the layers of class c are recomputed: each keeps only its inputs I_c
                            and runs its forward again in backward (activation checkpointing)
-    ρ[n,i,c] ∈ {0,1}       x[n,i] ∧ r[c], made only where a term needs it
-    ρw[t,i,l] ∈ {0,1}      w[t,i,l] ∧ r[κ(t)]
+    ρ[n,i,c] ∈ {0,1}       x[n,i] ∧ r[c], made only where a term needs it (time, kept inputs)
+    ν[n,i,c] ∈ {0,1}       x[n,i] ∧ ¬r[c]: n's output still kept by c's consumers (memory)
+    ρw, νw [t,i,l]         the same for w[t,i,l] and r[κ(t)]
     W ∈ ℕ                  bytes: the working set of recomputing one layer
 
     Tensors t are clustered like nodes: the same output of the same template node with the
@@ -48,16 +51,21 @@ Constraints
     choice   Σ_i x[n,i] = 1                                       → `_add_choice`
     need     x[v,j] → z[t, layout v's strategy j needs for t]     → `_add_tensors`
     moves    x[u,i] ∧ z[t,l] → w[t,i,l]                           → `_add_tensors`
-    and      ρ ≤ x,  ρ ≤ r[c],  ρ ≥ x + r[c] − 1  (exact: memory subtracts ρ)
-                                                                  → `_and` ("and[...]")
+    and      ρ ≤ x,  ρ ≤ r[c],  ρ ≥ x + r[c] − 1;  ν ≤ x,  ν ≤ 1 − r[c],  ν ≥ x − r[c]
+             (exact both ways; memory has only positive coefficients)
+                                                                  → `_and`, `_and_not`
     forced   r[c] = 1 where an override says `recompute`; r[c] = 0 for the others when the
              planner may not recompute                            → `_add_recompute`
+    chunks   r[c] → no redistribution between two nodes of a chunk region c (one program runs
+             per chunk): ¬(x[u,i] ∧ z[t,l] ∧ r[c]) for every move of such a tensor
+                                                                  → `_add_recompute` ("whole_chunks[c]")
     working  r[c] → W ≥ Σ_{n: k(n,c)>0} Σ_i a(n,i)·x[n,i] + Σ_{t: κ(t)=c} Σ_il a(t,i,l)·w[t,i,l]
-             (one layer's activations, live again while it is recomputed)
+             (one layer's activations, live again while it is recomputed; for a chunk region
+             each term is at most CHUNK_BYTES: one chunk's, `_live`)
                                                                   → `_add_recompute` ("working[c]")
     memory   state + A + W + transient(n,i)·x[n,i] ≤ budget  for every n, i
-             A = Σ_n Σ_i a(n,i)·(m_n·x[n,i] − Σ_c k(n,c)·ρ[n,i,c])
-               + Σ_t m_t Σ_il a(t,i,l)·(w[t,i,l] − ρw[t,i,l])
+             A = Σ_n Σ_i a(n,i)·(k(n,none)·x[n,i] + Σ_c k(n,c)·ν[n,i,c])
+               + Σ_t m_t Σ_il a(t,i,l)·(w[t,i,l] if κ(t) = none else νw[t,i,l])
                + Σ_c Σ_{u∈I_c} k_in(u,c) Σ_i b(u,i)·ρ[u,i,c]      → `_add_memory` ("memory")
              a: activation bytes kept for backward (training), by the node's output or by the
              redistributed copy a consumer keeps; b: the bytes of a tensor entering a layer in
@@ -90,7 +98,7 @@ from ortools.sat.python import cp_model
 
 from seqshard.strategies import PlanError
 
-from .problem import Problem
+from .problem import CHUNK_BYTES, Problem
 
 __all__ = ["Model", "Solution", "Memory", "ClassFigures", "solve", "Infeasible", "NS",
            "memory_of", "class_figures", "chosen_moves"]
@@ -142,6 +150,8 @@ class Model:
         self.w: dict = {}
         self.r: dict = {}
         self.rho: dict = {}
+        self.keep: dict = {}
+        self.z: dict = {}
         self.W = None
         self._add_choice()
         self._add_tensors()
@@ -158,7 +168,7 @@ class Model:
                 self.x[(n, i)] = v
 
     def _add_tensors(self):
-        pb, z = self.pb, {}
+        pb, z = self.pb, self.z
         for (key, v, j), l in pb.need.items():
             if (key, l) not in z:
                 z[(key, l)] = self.m.NewBoolVar(f"z[{key[0].name}:{key[1]},{l}]")
@@ -182,6 +192,21 @@ class Model:
             self.rho[(name, c)] = v
         return self.rho[(name, c)]
 
+    def _and_not(self, a, c: str, name: str):
+        """a ∧ ¬r[c], exact (three clauses): what stays kept unless c recomputes. Memory counts
+        these, all with positive coefficients (a − a∧r with negative ones tripped CP-SAT 9.15's
+        presolve into a wrong INFEASIBLE)."""
+        if isinstance(self.r[c], int):
+            return 0 if self.r[c] else a
+        if (name, c) not in self.keep:
+            r = self.r[c]
+            v = self.m.NewBoolVar(f"keep[{name},{c}]")
+            self.m.AddImplication(v, a).with_name(f"keep[{name},{c}]")
+            self.m.AddImplication(v, r.Not()).with_name(f"keep[{name},{c}]")
+            self.m.AddBoolOr([a.Not(), r, v]).with_name(f"keep[{name},{c}]")
+            self.keep[(name, c)] = v
+        return self.keep[(name, c)]
+
     def _add_recompute(self):
         """r[c] per layer class (forced by overrides, or off when not allowed), and the working
         set W of recomputing one layer: its activations, live again during its backward."""
@@ -194,11 +219,23 @@ class Model:
         for (n, i), cost in pb.node_cost.items():
             for c, k in pb.kept_by.get(n, {}).items():
                 if c is not None and cost.memory_bytes:
-                    one_layer[c].append((self.x[(n, i)], int(cost.memory_bytes)))
+                    one_layer[c].append((self.x[(n, i)], int(_live(pb, c, cost.memory_bytes))))
         for (key, i, l), w in self.w.items():
             c, kept = pb.tensors[key].cls, pb.move[(key, i, l)][2]
             if c is not None and kept:
-                one_layer[c].append((w, int(kept)))
+                one_layer[c].append((w, int(_live(pb, c, kept))))
+        # a chunked region runs one program per chunk: no redistribution inside it
+        for (key, i, l) in pb.move:
+            c = pb.tensors[key].cls
+            if c is not None and pb.classes[c].kind == "chunk" and pb.node_class.get(key[0]) == c \
+                    and not _off(self.r[c]):
+                r = self.r[c]
+                if isinstance(r, int):
+                    self.m.AddBoolOr([self.x[(key[0], i)].Not(), self.z[(key, l)].Not()]) \
+                        .with_name(f"whole_chunks[{c}]")
+                else:
+                    self.m.AddBoolOr([self.x[(key[0], i)].Not(), self.z[(key, l)].Not(), r.Not()]) \
+                        .with_name(f"whole_chunks[{c}]")
         top = max((sum(k for _, k in terms) for terms in one_layer.values()), default=0)
         self.W = self.m.NewIntVar(0, max(top, 0), "W")
         for c, terms in one_layer.items():
@@ -213,17 +250,15 @@ class Model:
         for (n, i), c in pb.node_cost.items():
             if not c.memory_bytes:
                 continue
-            terms.append((self.x[(n, i)], int(pb.mult[n] * c.memory_bytes)))
-            for cls, k in pb.kept_by.get(n, {}).items():
-                if cls is not None:
-                    terms.append((self._and(self.x[(n, i)], cls, f"{n.name},{i}"), -int(k * c.memory_bytes)))
+            for cls, k in pb.kept_by.get(n, {None: pb.mult[n]}).items():
+                v = self.x[(n, i)] if cls is None else self._and_not(self.x[(n, i)], cls, f"{n.name},{i}")
+                terms.append((v, int(k * c.memory_bytes)))
         for (key, i, l), w in self.w.items():
             t, kept = pb.tensors[key], pb.move[(key, i, l)][2]
             if not kept:
                 continue
-            terms.append((w, int(t.mult * kept)))
-            if t.cls is not None:
-                terms.append((self._and(w, t.cls, w.Name()), -int(t.mult * kept)))
+            v = w if t.cls is None else self._and_not(w, t.cls, w.Name())
+            terms.append((v, int(t.mult * kept)))
         for c, lc in pb.classes.items():
             for (u, idx), (count, x) in lc.inputs.items():
                 for i, st in enumerate(pb.strategies[u]):
@@ -285,6 +320,12 @@ class Model:
                         recompute, memory, self.budget)
 
 
+def _live(pb: Problem, c: str, kept: float) -> float:
+    """What of a tensor is live again while a class is recomputed: all of it for a layer, one
+    chunk (at most CHUNK_BYTES) for a chunked region."""
+    return min(kept, CHUNK_BYTES) if pb.classes[c].kind == "chunk" else kept
+
+
 def _off(v) -> bool:
     """The constant 0 (a term that vanishes), not a CP-SAT variable."""
     return isinstance(v, int) and v == 0
@@ -319,12 +360,12 @@ def class_figures(pb: Problem, choice: dict) -> dict[str, ClassFigures]:
             if counts.get(c):
                 a = pb.node_cost[(n, choice[n])].memory_bytes
                 kept += counts[c] * a
-                working += a
+                working += _live(pb, c, a)
         for (key, i, l), (_, _, b) in moves:
             t = pb.tensors[key]
             if t.cls == c:
                 kept += t.mult * b
-                working += b
+                working += _live(pb, c, b)
                 fwd += t.mult * pb.move_forward.get((key, i, l), 0.0)
         for n in lc.nodes:
             fwd += pb.mult[n] * pb.forward[(n, choice[n])].time_s

@@ -11,6 +11,7 @@ import operator
 from dataclasses import dataclass, field
 from math import prod
 
+import torch
 import torch.fx as fx
 
 from seqshard.costmodel import collectives as coll
@@ -22,7 +23,9 @@ from seqshard.strategies.costs import SAVES_ALL, SAVES_FIRST, op_packet
 
 from .clusters import cluster_layers, layer_classes, layer_of
 
-__all__ = ["Problem", "Tensor", "LayerClass", "build_problem"]
+__all__ = ["Problem", "Tensor", "LayerClass", "build_problem", "loss_regions", "CHUNK_BYTES"]
+
+aten = torch.ops.aten
 
 @dataclass
 class Tensor:
@@ -46,7 +49,11 @@ class LayerClass:
     name: str                      # the template layer's module path ("layers.0")
     layers: tuple[str, ...]        # every layer it stands for, in graph order (itself first)
     nodes: list                    # its template nodes
-    forced: bool = False           # an override says `recompute`
+    forced: bool = False           # an override says `recompute` (`chunk` for a region)
+    kind: str = "layer"            # "layer": recomputed whole; "chunk": a region (the LM head
+    #                                and its loss) run in chunks of tokens, each recomputed
+    label: str = ""                # for people: "lm_head + cross_entropy_loss"
+    chunks: int | None = None      # a chunk count an override forces (else from CHUNK_BYTES)
     inputs: dict = field(default_factory=dict)
     """(template producer, output index) → (count, representative tensor): the distinct tensors
     made outside a layer and read inside it, over every layer of the class (a tensor read by
@@ -76,7 +83,8 @@ class Problem:
     saving_class: dict = field(default_factory=dict)  # node → class keeping its output, or None
     forward: dict = field(default_factory=dict)      # (template, i) → Cost of its forward alone
     move_forward: dict = field(default_factory=dict)  # (key, i, l) → forward seconds of the move
-    layer_inputs: dict = field(default_factory=dict)  # layer → [(template, index, tensor)]
+    layer_inputs: dict = field(default_factory=dict)  # unit → [(template, index, tensor)]
+    unit: dict = field(default_factory=dict)         # node → its layer path or region name
     recompute_allowed: bool = True                   # False: only forced classes recompute
 
 
@@ -179,9 +187,44 @@ def build_problem(dims: DimAnalysis, costs: Costs, mesh, overrides: dict | None,
     return pb
 
 
+CHUNK_BYTES = 2**30
+"""A chunked region runs in chunks whose largest kept tensor is at most this many bytes (1 GiB of
+fp32 logits: 2K tokens of a 128K vocabulary); its working set is a few such tensors."""
+
+_CHAIN = {aten.to.dtype, aten._to_copy.default, aten.flatten.using_ints, aten.reshape.default,
+          aten.view.default, aten._unsafe_view.default}
+
+
+def loss_regions(dims: DimAnalysis) -> list[tuple[fx.Node, list[fx.Node]]]:
+    """LM head + loss regions that can run in chunks of tokens: a `linear` outside any layer
+    whose output reaches a `cross_entropy_loss` (mean or sum; no class weights, no label
+    smoothing) through casts and reshapes alone, each read once, with logits [tokens, classes]
+    and labels [tokens]. Returns (loss node, the region's nodes in order)."""
+    out = []
+    for ce in dims.cap.nodes():
+        if ce.op != "call_function" or ce.target is not aten.cross_entropy_loss.default:
+            continue
+        args = list(ce.args) + [None, 1, -100, 0.0][len(ce.args) - 2:]
+        weight, reduction, _, smoothing = (ce.kwargs.get(k, a) for k, a in zip(
+            ("weight", "reduction", "ignore_index", "label_smoothing"), args[2:6]))
+        logits, labels = ce.args[0], ce.args[1]
+        if weight is not None or smoothing or reduction not in (1, 2) or \
+                logits.meta["val"].dim() != 2 or labels.meta["val"].dim() != 1:
+            continue
+        chain, x = [], logits
+        while x.op == "call_function" and x.target in _CHAIN and len(x.users) == 1:
+            chain.append(x)
+            x = x.args[0]
+        if x.op == "call_function" and x.target is aten.linear.default and len(x.users) == 1 \
+                and layer_of(dims.cap.module_path(x)) is None:
+            out.append((ce, [x] + chain[::-1] + [ce]))
+    return out
+
+
 def _add_layer_classes(pb: Problem, nodes, templates, saved, overrides) -> None:
-    """Layer classes, and for recompute: each template's forward cost, which class keeps each
-    node's output and each tensor's redistributed copy, and the tensors entering each layer."""
+    """Layer classes and chunked regions, and for both: each template's forward cost (run again
+    in backward), which class keeps each node's output and each tensor's redistributed copy,
+    and the tensors entering each unit (a layer, or a region)."""
     dims, costs = pb.dims, pb.costs
     module = dims.cap.module_path
     for name, layers in layer_classes(dims, pb.template).items():
@@ -194,16 +237,38 @@ def _add_layer_classes(pb: Problem, nodes, templates, saved, overrides) -> None:
             raise ValueError(f"override {pattern!r}: {text!r} asks to recompute, but the pattern "
                              "matches no layer (a module path ending in an index, like 'layers.3'"
                              f"); the layers are {_some_layers(pb)}")
+    unit = {}  # node (tuple indexing too) → the layer or region it lies in
+    for n in dims.cap.nodes():
+        layer = layer_of(module(n))
+        if layer is not None:
+            unit[n] = layer
+    for ce, region in loss_regions(dims):
+        spec = spec_for(overrides, module(region[0])) if overrides else None
+        label = f"{module(region[0]) or region[0].name} + {ce.name}"
+        pb.classes[ce.name] = LayerClass(ce.name, (ce.name,), [], forced=bool(spec and spec.chunk is not None),
+                                         kind="chunk", label=label,
+                                         chunks=spec.chunk if spec and spec.chunk else None)
+        for n in region:
+            unit[n] = ce.name
+    heads = [dims.cap.module_path(region[0]) for _, region in loss_regions(dims)]
+    for pattern, text in (overrides or {}).items():
+        if parse_spec(text).chunk is not None and not any(fnmatch.fnmatchcase(m, pattern)
+                                                          for m in heads):
+            raise ValueError(f"override {pattern!r}: {text!r} asks to chunk, but the pattern "
+                             "matches no LM head whose logits feed a cross-entropy through "
+                             f"casts and reshapes alone; such heads here: {heads or 'none'}")
     if not pb.classes:
         return
+    class_of_unit = {layer: c for c, lc in pb.classes.items() for layer in lc.layers}
+    pb.unit = unit
     forward = dataclasses.replace(costs, training=False)
+    naxes = len(pb.mesh)
     for n in templates:
-        c = layer_of(module(n))
-        if c not in pb.classes:
+        c = class_of_unit.get(unit.get(n))
+        if c is None:
             continue
         pb.node_class[n] = c
         pb.classes[c].nodes.append(n)
-        naxes = len(pb.mesh)
         for i, st in enumerate(pb.strategies[n]):
             f = forward.node(n, st, saved=False)
             for x, lay in st.inputs:  # a parameter sliced to its shard is sliced again
@@ -214,7 +279,7 @@ def _add_layer_classes(pb: Problem, nodes, templates, saved, overrides) -> None:
     for key, t in pb.tensors.items():
         owners = {pb.node_class.get(v) for v, _ in t.consumers}
         t.cls = owners.pop() if len(owners) == 1 else None
-    for key, i, l in pb.move:  # a redistribution is emitted in its consumers' layer
+    for key, i, l in pb.move:  # a redistribution is emitted in its consumers' unit
         t = pb.tensors[key]
         if t.cls is not None:
             su = pb.strategies[key[0]][i]
@@ -232,22 +297,22 @@ def _add_layer_classes(pb: Problem, nodes, templates, saved, overrides) -> None:
         pb.saving_class[x] = c
         counts = pb.kept_by.setdefault(pb.template[x], {})
         counts[c] = counts.get(c, 0) + 1
-    # the tensors entering each layer from outside it (made by an op, not a parameter or input)
+    # the tensors entering each unit from outside it (made by an op, not a parameter or input)
     seen: dict = {}
     for v in nodes:
-        layer = layer_of(module(v))
+        here = unit.get(v)
         c = cls_of(v)
         if c is None:
             continue
         for x in v.all_input_nodes:
             if x.op != "call_function" or not isinstance(dims.sigs.get(x), tuple) or \
-                    layer_of(module(x)) == layer:
+                    unit.get(x) == here:
                 continue
             if (c, x) in seen:
                 continue
             seen[(c, x)] = True
             u, idx = (x.args[0], x.args[1]) if x.target is operator.getitem else (x, None)
-            pb.layer_inputs.setdefault(layer, []).append((pb.template[u], idx, x))
+            pb.layer_inputs.setdefault(here, []).append((pb.template[u], idx, x))
             count, rep = pb.classes[c].inputs.get((pb.template[u], idx), (0, x))
             pb.classes[c].inputs[(pb.template[u], idx)] = (count + 1, rep)
 

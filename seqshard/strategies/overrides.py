@@ -16,6 +16,8 @@ it sets. A spec is a list of terms:
     zigzag | contig the order of the split factors of this spec (zigzag balances causal work)
     recompute       on a layer (a module path ending in an index, `layers.3`): keep only its
                     inputs for backward and run its forward again there (activation checkpointing)
+    chunk | chunk:K on an LM head whose logits feed a cross-entropy (`lm_head`): run the head and
+                    the loss in chunks of tokens (K of them; default: the planner sizes them)
 
 A node that lacks the factor stays replicated on that axis. A node that has it but cannot split
 it (a softmax over it, an op without a rule) is an error that names the node and its source line:
@@ -45,11 +47,13 @@ class Spec:
     algorithm: str | None = None
     order: str | None = None
     recompute: bool | None = None
+    chunk: int | None = None       # chunk count; 0: the planner's
 
     def merged(self, later: "Spec") -> "Spec":
         return Spec(later.splits if later.splits is not None else self.splits,
                     later.algorithm or self.algorithm, later.order or self.order,
-                    later.recompute if later.recompute is not None else self.recompute)
+                    later.recompute if later.recompute is not None else self.recompute,
+                    later.chunk if later.chunk is not None else self.chunk)
 
     def assign(self, axis_names: tuple[str, ...]) -> dict[str, str]:
         """axis → factor name."""
@@ -67,7 +71,7 @@ class Spec:
 
 
 def parse_spec(text: str) -> Spec:
-    splits, algorithm, order, recompute = None, None, None, None
+    splits, algorithm, order, recompute, chunk = None, None, None, None, None
     for term in text.replace(",", " ").split():
         if term.startswith("split:"):
             body = term[len("split:"):]
@@ -83,11 +87,16 @@ def parse_spec(text: str) -> Spec:
             order = term
         elif term == "recompute":
             recompute = True
+        elif term == "chunk" or term.startswith("chunk:"):
+            count = term[len("chunk:"):] if term != "chunk" else "0"
+            if not count.isdigit() or (term != "chunk" and int(count) < 1):
+                raise ValueError(f"override term {term!r}: write chunk or chunk:K with K >= 1")
+            chunk = int(count)
         else:
             raise ValueError(f"unknown override term {term!r} in {text!r}; terms are split:F, "
                              f"split:F@AXIS, replicate, {', '.join(NAMES)}, {', '.join(ORDERS)}, "
-                             "recompute")
-    return Spec(splits, algorithm, order, recompute)
+                             "recompute, chunk, chunk:K")
+    return Spec(splits, algorithm, order, recompute, chunk)
 
 
 def spec_for(overrides: dict[str, str], module: str) -> Spec | None:

@@ -88,6 +88,7 @@ class Plan:
     explanations: dict = field(default_factory=dict, compare=False, hash=False)
     axes: tuple[tuple[str, str], ...] = ()        # (input name, its factor names "b t p c")
     recompute: tuple[str, ...] = ()               # layers (`layers.3`) run again in backward
+    chunks: tuple[tuple[str, int], ...] = ()      # (loss node, k): LM head + loss in k chunks
 
     def __post_init__(self):
         for f, o in self.orders:
@@ -141,7 +142,8 @@ class Plan:
                     predicted=Predicted(**d["predicted"]) if d.get("predicted") else None,
                     notes=tuple(d.get("notes", ())), explanations=d.get("explanations", {}),
                     axes=tuple(tuple(a) for a in d.get("axes", ())),
-                    recompute=tuple(d.get("recompute", ())))
+                    recompute=tuple(d.get("recompute", ())),
+                    chunks=tuple(tuple(c) for c in d.get("chunks", ())))
 
     def hash(self) -> str:
         """A stable hash of what the plan decides (not of its predictions). The input axes count
@@ -152,6 +154,8 @@ class Plan:
             key["axes"] = [list(a) for a in self.axes]
         if self.recompute:
             key["recompute"] = list(self.recompute)
+        if self.chunks:
+            key["chunks"] = [list(c) for c in self.chunks]
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
     def with_mesh(self, mesh: tuple[tuple[str, int], ...]) -> "Plan":
@@ -205,6 +209,8 @@ class Plan:
         if self.recompute:
             text += ("recompute (inputs kept, forward run again in backward): "
                      + ", ".join(r[0] for r in _fold([(m,) for m in self.recompute])) + "\n")
+        for loss, k in self.chunks:
+            text += f"chunked: the LM head and {loss} run in {k} chunks of tokens\n"
         for note in self.notes:
             text += f"note: {note}\n"
         return text
@@ -264,7 +270,7 @@ _PLAN = {"version": (_OneOf((1,)), True), "mesh": ([_Pair("str", "size")], True)
          "nodes": ([_NODE], True), "orders": ([_Pair("str", _OneOf(ORDERS))], False),
          "predicted": (_PREDICTED, False, "|None"), "notes": (["str"], False),
          "explanations": ({str: "str"}, False), "axes": ([_Pair("str", "str")], False),
-         "recompute": (["str"], False)}
+         "recompute": (["str"], False), "chunks": ([_Pair("str", "size")], False)}
 
 
 def _check_json(d) -> None:
