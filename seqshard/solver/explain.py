@@ -175,10 +175,10 @@ def _explain_chunk(pb: Problem, sol: Solution, c: str, f) -> str:
     lc, chosen = pb.classes[c], c in sol.recompute
     lines = [f"{lc.label}: " + (f"in {chunk_count(pb, sol, c)} chunks of tokens" if chosen
                                 else "whole"),
-             f"  whole:     {_gib(f.kept)} kept for backward (the logits, in float32)"
+             f"  whole:     {_gib(f.kept)} kept for backward (mostly the logits, in float32)"
              + ("" if chosen else "  ← chosen"),
-             f"  chunked:   {_gib(f.inputs)} kept (its input), +{f.forward_s * 1e3:.3f} ms for each "
-             f"chunk's forward again in backward, {_gib(f.working)} live in one chunk"
+             f"  chunked:   {_gib(f.inputs)} kept (its input), +{f.forward_s * 1e3:.3f} ms for the "
+             f"chunks' forward again in backward, {_gib(f.working)} live in one chunk"
              + ("  ← chosen" if chosen else "")]
     if lc.forced:
         why = "an override asks for it."
