@@ -139,7 +139,7 @@ class ParallelModule(nn.Module):
         self.check_inputs = check_inputs
         self._axes = axes
         self._submodules = list(model.modules())
-        self._parameters = list(model.parameters())
+        self._model_params = list(model.parameters())  # not _parameters: nn.Module owns that
         cap = program.cap
         self._names = list(cap.input_names)
         vals = {n.name: n.meta["val"] for n in cap.nodes() if n.op == "placeholder"}
@@ -159,7 +159,7 @@ class ParallelModule(nn.Module):
         """What a captured program depends on besides shapes: each submodule's train/eval flag,
         and which parameters and inputs require grad (their gradients are summed over ranks)."""
         return (tuple(m.training for m in self._submodules),
-                tuple(p.requires_grad for p in self._parameters), inputs_requires_grad)
+                tuple(p.requires_grad for p in self._model_params), inputs_requires_grad)
 
     def forward(self, *inputs):
         """Run this rank's program on the global inputs.
