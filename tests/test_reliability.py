@@ -407,3 +407,17 @@ def test_a_loss_on_gathered_outputs_counts_once(pool2):
     """Old: every rank's loss on `pm.gather(out)` added its gradient, 2x at 2 ranks."""
     for err in pool2.run(loss_on_gathered_output):
         assert err <= TOL, f"a parameter gradient off by {err:.2e}"
+
+
+def parameters_of_the_module():
+    from seqshard.planner import parallelize
+
+    model, inputs = build("llama", "tiny", seq=16)
+    pm = parallelize(model, inputs, mesh=_mesh())
+    return [n for n, _ in pm.named_parameters()] == [f"model.{n}" for n, _ in model.named_parameters()]
+
+
+def test_the_parallel_module_lists_the_models_parameters(pool2):
+    """Old: ParallelModule stored a list in `self._parameters` (nn.Module's own registry), so
+    pm.parameters() raised and torch.compile of the module broke."""
+    assert all(pool2.run(parameters_of_the_module))
