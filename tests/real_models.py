@@ -68,7 +68,7 @@ def _video(name: str, size: str):
 
     tiny = size == "tiny"
     if name == "cogvideox":
-        heads, dim, frames, h, w = (2, 16, 3, 4, 4) if tiny else (30, 64, 13, 60, 90)
+        heads, dim, frames, h, w = (4, 8, 3, 4, 4) if tiny else (30, 64, 13, 60, 90)
         net = D.CogVideoXTransformer3DModel(
             num_attention_heads=heads, attention_head_dim=dim, in_channels=4 if tiny else 16,
             out_channels=4 if tiny else 16, time_embed_dim=32 if tiny else 512,
@@ -77,7 +77,7 @@ def _video(name: str, size: str):
         x = (1, frames, net.config.in_channels, h, w)
         text = (1, net.config.max_text_seq_length, net.config.text_embed_dim)
     elif name == "latte":
-        heads, dim, frames, s = (2, 16, 4, 8) if tiny else (16, 72, 16, 32)
+        heads, dim, frames, s = (4, 8, 4, 8) if tiny else (16, 72, 16, 32)
         net = D.LatteTransformer3DModel(
             num_attention_heads=heads, attention_head_dim=dim, in_channels=4, out_channels=4,
             num_layers=2, sample_size=s, patch_size=2, cross_attention_dim=heads * dim,
@@ -85,7 +85,7 @@ def _video(name: str, size: str):
         x = (1, 4, frames, s, s)
         text = (1, 8 if tiny else 120, 32 if tiny else 4096)
     else:  # wan
-        heads, dim, frames, s = (2, 16, 3, 8) if tiny else (12, 128, 21, 60)
+        heads, dim, frames, s = (4, 8, 3, 8) if tiny else (12, 128, 21, 60)
         net = D.WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=dim,
             in_channels=4 if tiny else 16, out_channels=4 if tiny else 16,
@@ -97,9 +97,11 @@ def _video(name: str, size: str):
 
 
 def build(name: str, size: str = "tiny", *, seq: int | None = None, seed: int = 0):
-    """(model, example inputs). size: "tiny" (CPU, float32) or "production" (meta, bf16)."""
+    """(model, example inputs). size: "tiny" (CPU) or "production" (meta device: nothing is
+    allocated). Both float32: a plan is written in node names, and a bf16 model's graph has casts
+    (`.float()`) that float32's lacks, which renumbers later nodes of the same op."""
     device = "cpu" if size == "tiny" else "meta"
-    dtype = torch.float32 if size == "tiny" else torch.bfloat16
+    dtype = torch.float32
     gen = torch.Generator().manual_seed(seed + 1)
 
     def rand(*shape):
