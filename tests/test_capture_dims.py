@@ -178,3 +178,71 @@ def test_axes_errors_name_the_fix():
         analyze(cap, axes={"x": "b t p"})
     with pytest.raises(ValueError, match="does not take"):
         analyze(cap, axes={"video": "b t p c"})
+
+
+# ------------------------------------------------------------------ slices: which factors a cut keeps
+class Cuts(nn.Module):
+    """Every kind of cut `index_ops` tells apart (tests/test_fuzz_plans.py runs them split)."""
+
+    def __init__(self, d=24, heads=4):
+        super().__init__()
+        self.h, self.e = heads, d // heads
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.lin = nn.Linear(d, d, bias=False)
+        self.register_buffer("table", torch.randn(16, d))
+        self.register_buffer("pairs", torch.randn(5, d))
+
+    def forward(self, x, video):                   # x: [b, s, d], video: [b, t, y, d]
+        B, S, D = x.shape
+        qkv = self.qkv(x)
+        q, k, v = qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:]   # a partition: pieces
+        q = q.view(B, S, self.h, self.e)
+        rot, rest = q[..., :4], q[..., 4:]                            # 4 + 2 of 6: new factors
+        full, empty = q[..., :self.e], q[..., self.e:]                # the rest is empty
+        q = torch.cat((rot, rest), -1) + torch.cat((full, empty), -1)
+        T, H = video.shape[1:3]
+        frames = self.table[:T][None, :, None]                        # prefixes: new factors
+        heights = self.table[:H][None, None, :]
+        pairs = self.pairs.view(5, D // 2, 2).flatten(-2)[..., 1::2]  # one of each pair
+        y = (q.flatten(2) + k + v).sum() + (x + self.lin(x)).sum()    # x + lin(x): [d, d]
+        return y + (video * frames * heights).sum() + pairs.sum()
+
+
+def test_cuts_keep_factors_only_where_they_say_what_a_factor_is():
+    model = Cuts()
+    x, video = torch.randn(2, 5, 24), torch.randn(2, 4, 4, 24)
+    cap = capture(model, (x, video))
+    da = analyze(cap, axes={"x": "b s d", "video": "b t y d"})
+    assert not da.unsupported, da.unsupported
+    torch.testing.assert_close(cap.run(x, video), model(x, video))
+    sl = {n.name: n for n in _calls(cap, aten.slice.Tensor)}
+    q, k, v = (sl[f"slice_{i}"] for i in (1, 2, 3))
+    # q, k, v cut a Linear(d, 3d) into equal pieces: one factor, the weight's rows (3, ·)
+    assert da.sig(q)[-1] == da.sig(k)[-1] == da.sig(v)[-1]
+    (qkv,) = [n for n in cap.nodes() if cap.module_path(n) == "qkv"]
+    assert len(da.atoms(qkv)[-1]) == 3, da.sig_str(qkv)  # (3, h, e) once q is viewed as heads
+    # 4 + 2 of a head dim of 6: 2 divides 6 but the cut is no partition into pieces of 2
+    rot, rest = sl["slice_4"], sl["slice_5"]
+    heads = rot.args[0]                                                 # q.view(B, S, h, e)
+    e = da.atoms(heads)[-1]
+    assert len(e) == 1, f"the head dim must not be refined into (3, 2): {da.sig_str(heads)}"
+    for n in (rot, rest):
+        assert da.atoms(n)[-1][0] != e[0] and da.roles[n][e[0]] == Role.WHOLE
+    # q[..., e:] is empty: a factor of size 0, and the concatenation ignores it
+    empty = sl["slice_6"]                                   # q[..., :e] is no node: the whole dim
+    assert da.F.dim_size(da.sig(empty)[-1]) == 0
+    (cat_empty,) = [n for n in _calls(cap, aten.cat.default) if empty in n.args[0]]
+    assert da.atoms(cat_empty)[-1] == e
+    # table[:T] and table[:H] with T = H: frames and heights stay two factors
+    assert da.factor(sl["slice_7"], "t") is not None and da.factor(sl["slice_8"], "y") is not None
+    assert da.factor(sl["slice_7"], "t") != da.factor(sl["slice_8"], "y")
+    # [..., 1::2] of a dim cut into pairs keeps the pairs' index, the pair member is whole
+    pairs = sl["slice_9"]
+    assert [da.F.size(a) for a in da.atoms(pairs)[-1]] == [12], da.sig_str(pairs)
+    # x + lin(x): lin's weight has d twice, and no strategy splits d at the linear
+    (lin,) = [n for n in cap.nodes() if cap.module_path(n) == "lin"]
+    w = lin.args[1]
+    assert da.sig_str(w) == "((d,), (d,))"
+    from seqshard.strategies import PlanError, resolve
+    with pytest.raises(PlanError, match="indexes two dims of one tensor"):
+        resolve(lin, da, (da.factor(lin, "d"),), None, ("sp",), (2,))

@@ -99,7 +99,7 @@ def repeat_interleave(sh, n, st):
     (_, in_lay), = [(x, lay) for x, lay in st.inputs if x is x_node]
     reps = _out_shape(sh, n, st)[dim] // sh.local_shape(sh.sig_atoms(x_node), in_lay)[dim]
     if kwargs.get("output_size") is not None:  # the global size in the captured call
-        kwargs["output_size"] = _out_shape(sh, n, st)[dim]
+        kwargs = {**kwargs, "output_size": _out_shape(sh, n, st)[dim]}
     return sh.call(n.target, args[0], reps, *args[2:], name=n.name, **kwargs)
 
 
@@ -141,6 +141,74 @@ def contraction(sh, n, st):
         else:
             kwargs[name] = bias
     return sh.call(n.target, *args, name=n.name, **kwargs)
+
+
+# ------------------------------------------------------------------ slices, splits, concatenation
+def _settle(sh, n, st, value):
+    """`value` is the op run on its local inputs. A factor that only the output has (the new
+    factor of a slice, a concatenation or an uneven split: `dims.ops.index_ops`) comes out whole
+    there; it reaches the strategy's output layout by a local slice, as in `create`. For an op
+    with several outputs the layouts are recorded and each consumer slices what it needs."""
+    def made(lay):  # the layout the op's local result has: what its inputs were split on
+        if lay is None:
+            return None
+        assert P not in lay, f"{n.name}: a slice, split or concatenation makes no partial sums"
+        return tuple(p if any(x_lay[i] == p for _, x_lay in st.inputs) else R
+                     for i, p in enumerate(lay))
+
+    if isinstance(st.output, list):
+        sh.env[n], sh.layout[n] = value, [made(lay) for lay in st.output]
+        return None
+    if made(st.output) == st.output:
+        return value
+    sh.env[n], sh.layout[n] = value, made(st.output)
+    return sh.value(n, st.output)
+
+
+@localizer(aten.slice, aten.narrow)
+def slice_(sh, n, st):
+    """Global bounds → local ones. The dims rule (`index_ops.slice_`) leaves split only the inner
+    factors of the rows a slice takes (`qkv[..., d:2d]` of `(3, h, e)` with `h` split): row r of
+    I elements is row r of I_local elements here. A strided slice picks positions of whole inner
+    factors; any other slice has its dim whole, and global bounds are local ones."""
+    args, _ = _inputs(sh, n, st)
+    x = args[0]
+    info = sh.dims.attrs[n]["slice"]
+    dim, start, end, step = info["dim"], info["start"], info["end"], info["step"]
+    if (start, end, step) == (0, sh.F.dim_size(sh.dims.sigs[n.args[0]][dim]), 1):
+        return x
+    if info["inner"] is not None:
+        (lay,) = [lay for y, lay in st.inputs if y is n.args[0]]
+        inner = [sh.F.find(a) for a in sh.F.atoms_of(info["inner"])]
+        size = prod(sh.F.size(a) for a in inner)
+        local = prod(sh.local_size(a, lay) for a in inner)
+        if step == 1:
+            start, end = start // size * local, end // size * local
+        else:  # every row: to the end of the local dim, which padding can make longer
+            assert local == size, f"{n.name}: a strided slice's inner factors must be whole"
+            end = sh.local_shape(sh.sig_atoms(n.args[0]), lay)[dim]
+    return _settle(sh, n, st, sh.call(aten.slice.Tensor, x, dim, start, end, step, name=n.name))
+
+
+@localizer(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split)
+def split(sh, n, st):
+    """Equal pieces of a split dim are equal pieces of the local dim (`index_ops.split` keeps
+    the pieces' factor); uneven pieces have their dim whole and new factors."""
+    args, kwargs = _inputs(sh, n, st)
+    (lay,) = [lay for y, lay in st.inputs if y is n.args[0]]
+    sig = sh.sig_atoms(n.args[0])
+    dim, k = sh.dims.attrs[n]["split_dim"], len(sh.dims.sigs[n])
+    if not any(sh.split_axes(a, lay) for a in sig[dim]):
+        value = sh.call(n.target, *args, name=n.name, **kwargs)
+    else:  # pieces of (k, rest) with rest split
+        local = sh.local_shape(sig, lay)[dim]
+        value = sh.call(aten.split.Tensor, args[0], local // k, dim, name=n.name)
+    return _settle(sh, n, st, value)
+
+
+@localizer(aten.cat)
+def cat(sh, n, st):
+    return _settle(sh, n, st, copy(sh, n, st))
 
 
 # ------------------------------------------------------------------ dropout: a mask per shard

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from seqshard.dims import DimAnalysis
 from seqshard.runtime import sharding as rt
-from seqshard.strategies import P, R, PlanError, Shard, Step, Strategy, redistribution, split_axes
+from seqshard.strategies import P, R, Shard, Step, Strategy, redistribution, split_axes
 
 from .mesh import MeshInfo
 
@@ -154,10 +154,52 @@ class Sharder:
         key = (x, req)
         if key not in self.cache:
             v, lay = self.env[x], cur
-            for step in redistribution(cur, req):
+            for step in self.route(cur, req):
                 v, lay = self.emit_step(x, v, lay, step)
             self.cache[key] = v
         return self.cache[key]
+
+    def route(self, cur, req) -> list[Step]:
+        """`redistribution(cur, req)`; where one of its steps would move a factor on an axis
+        while an inner axis splits it too (`_nested`: a factor over several axes is split outer
+        axis first, `(S(a), S(b)) → (S(b), S(a))` swaps two), the route through the whole
+        factors: partial sums reduced, the axes involved gathered innermost first, then every
+        axis sliced outermost first."""
+        steps, lay = redistribution(cur, req), cur
+        for step in steps:
+            if self._nested(step, lay):
+                break
+            lay = step.after(lay)
+        else:
+            return steps
+        route, lay = [], cur
+        for i, p in enumerate(cur):
+            if p == P:
+                route.append(Step("all_reduce", i, None, None))
+                lay = route[-1].after(lay)
+        moved = {i for i, (c, r) in enumerate(zip(lay, req)) if c != r}
+        gather = {i for i in moved if isinstance(lay[i], Shard)}
+        grown = True
+        while grown:  # an axis inside a gathered or sliced one that splits its factor: gathered
+            atoms = {(i, p.atom) for i in gather | moved for p in (lay[i], req[i]) if isinstance(p, Shard)}
+            more = {j for j, p in enumerate(lay) if isinstance(p, Shard)
+                    and any(i < j and a == p.atom for i, a in atoms)} - gather
+            gather |= more
+            grown = bool(more)
+        for i in sorted(gather, reverse=True):
+            route.append(Step("all_gather", i, lay[i].atom, None))
+            lay = route[-1].after(lay)
+        for i, r in enumerate(req):
+            if lay[i] != r:
+                route.append(Step("slice", i, None, r.atom))
+                lay = route[-1].after(lay)
+        return route
+
+    def _nested(self, step: Step, layout) -> bool:
+        """Would `step` move a factor that an axis inside its own splits (before or after)?"""
+        new = step.after(layout)
+        return any(a is not None and any(j > step.axis for j in split_axes(layout, a) + split_axes(new, a))
+                   for a in (step.src, step.dst))
 
     def emit_step(self, x: fx.Node, v: fx.Node, layout, step: Step):
         sig = self.sig_atoms(x)
@@ -167,12 +209,7 @@ class Sharder:
         label = self.F.label
         if step.kind == "all_reduce":
             return self.call(rt.all_reduce_sum, v, group, name=f"all_reduce_{self.mesh.names[i]}"), new
-        for a in (step.src, step.dst):  # nested splits go outer axis first (see sharding.py)
-            if a is not None and any(j > i for j in self.split_axes(a, layout) + self.split_axes(a, new)
-                                     if j != i):
-                raise PlanError(f"{x.name}: factor {label(a)!r} is split over several mesh axes and "
-                                f"axis {self.mesh.names[i]!r} is not its innermost; split it outer "
-                                "axis first")
+        assert not self._nested(step, layout), f"{x.name}: {step} moves a nested split (`route`)"
         u, dims_of, regroup = self._open(v, sig, layout, [a for a in (step.src, step.dst) if a is not None])
         if step.kind == "slice":
             a = step.dst
@@ -201,6 +238,8 @@ class Sharder:
     def _open(self, v: fx.Node, sig: tuple, layout, atoms: list[int]):
         """Unflatten the dims holding `atoms` into their factors so each atom has its own dim.
         Returns (value, atom → dim, function that flattens a result back)."""
+        for a in atoms:  # one dim per moved atom (`strategies.repeated_atoms` refuses others)
+            assert sum(d.count(a) for d in sig) == 1, f"factor {self.F.label(a)} moves in {sig}"
         opened, dims_of, spans, k = [], {}, [], 0
         for pos, d in enumerate(sig):
             wanted = any(a in d for a in atoms)

@@ -49,8 +49,8 @@ class Factors:
 
     # ----------------------------------------------------------------------------- building
     def new(self, size: int, name: str | None = None, rank: int = 99) -> int:
-        if size < 1:
-            raise FactorError(f"a factor must have size >= 1, got {size}")
+        if size < 0:  # size 0: an empty dim (`q[..., rotary_dim:]` with rotary_dim = head_dim)
+            raise FactorError(f"a factor must have size >= 0, got {size}")
         fid = len(self._e)
         self._e.append(_Entry(int(size), fid, None, name, rank if name else 99))
         return fid

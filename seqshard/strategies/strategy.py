@@ -82,6 +82,20 @@ def local_heads(dims: DimAnalysis, node: fx.Node, splits: tuple, sizes) -> tuple
     return h, hk
 
 
+def repeated_atoms(dims: DimAnalysis, node: fx.Node) -> set[int]:
+    """Atoms that index two dims of one of the node's tensors: `Linear(d, d)`'s weight when a
+    residual makes its output features the input's, a self-attention mask [s, s]."""
+    out = set()
+    for x in list(node.all_input_nodes) + [node]:
+        s = dims.sigs.get(x)
+        for sig in (s if isinstance(s, list) else [s]):
+            if not isinstance(sig, tuple):
+                continue
+            atoms = [dims.F.find(a) for d in sig for a in dims.F.atoms_of(d)]
+            out |= {a for a in atoms if atoms.count(a) > 1 and dims.F.size(a) > 1}
+    return out
+
+
 def resolve(node: fx.Node, dims: DimAnalysis, splits: tuple, algorithm: str | None,
             axis_names: tuple[str, ...], sizes: tuple[int, ...] | None = None) -> Strategy:
     """The strategy of `node` when mesh axis i splits atom `splits[i]` (None: nothing). With
@@ -89,6 +103,7 @@ def resolve(node: fx.Node, dims: DimAnalysis, splits: tuple, algorithm: str | No
     roles = dims.roles.get(node, {})
     space = set(dims.iteration_atoms(node))
     at = where(dims, node)
+    repeated = repeated_atoms(dims, node) if any(a is not None for a in splits) else set()
     mask = sdpa_options(node).get("attn_mask") if is_attention(node) else None
     if mask is not None and any(a in dims.seq_atoms(node) for a in splits):
         raise PlanError(
@@ -111,6 +126,11 @@ def resolve(node: fx.Node, dims: DimAnalysis, splits: tuple, algorithm: str | No
                             + (f" ({why}; it runs replicated)" if why else "")
                             + f"; it cannot be split on axis {axis!r} here - split another "
                             "factor or let this node be replicated")
+        if a in repeated:
+            raise PlanError(f"{at}: factor {label!r} indexes two dims of one tensor here (a "
+                            "square weight tied by a residual, an S×S mask); split, each rank "
+                            "would hold only diagonal blocks - split it elsewhere or let this "
+                            f"node be replicated on axis {axis!r}")
         if role == Role.SEQ and algorithm not in SEQ_ALGORITHMS:
             raise PlanError(f"{at} splits the attention sequence {label!r}: choose an "
                             f"algorithm from {SEQ_ALGORITHMS}, not {algorithm!r}")
