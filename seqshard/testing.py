@@ -25,7 +25,7 @@ import socket
 import traceback
 from typing import Any, Callable
 
-__all__ = ["WorkerPool", "WorkerError", "mesh"]
+__all__ = ["WorkerPool", "WorkerError", "mesh", "assert_sharded_exact"]
 
 
 class WorkerError(RuntimeError):
@@ -131,3 +131,21 @@ def mesh(shape: tuple[int, ...], names: tuple[str, ...]):
         device = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
         _MESHES[key] = init_device_mesh(device, tuple(shape), mesh_dim_names=tuple(names))
     return _MESHES[key]
+
+
+def assert_sharded_exact(cases: list, per_rank: list[list[dict]], tol: float = 1e-5) -> None:
+    """Every case's every output exact across ranks: each rank reports, per case and output name,
+    (sum of squared errors of its shard, sum of squared reference values); the relative error is
+    over the whole tensor, sqrt(Σ err) / sqrt(Σ ref). NaN fails. Raises one AssertionError that
+    lists every mismatch."""
+    import math
+
+    failures = []
+    for i, case in enumerate(cases):
+        for name in per_rank[0][i]:
+            err = sum(rank_results[i][name][0] for rank_results in per_rank)
+            ref = sum(rank_results[i][name][1] for rank_results in per_rank)
+            rel = math.sqrt(err) / max(math.sqrt(ref), 1e-30)
+            if not rel <= tol:  # also catches nan
+                failures.append(f"{case}: {name} relative error {rel:.2e}")
+    assert not failures, f"{len(failures)} mismatches:\n" + "\n".join(failures)

@@ -26,6 +26,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from seqshard.testing import assert_sharded_exact
+
 from seqshard import testing
 from seqshard.runtime import (allgather_attention, hybrid_attention, layout, local_attention,
                               ring_attention, tokenring_attention, ulysses_attention)
@@ -151,16 +153,6 @@ def check_cases(cases: list[Case]) -> list[dict[str, tuple[float, float]]]:
     return [check_case(case, dist.get_rank(), dist.get_world_size()) for case in cases]
 
 
-def assert_exact(cases: list[Case], per_rank: list[list[dict]]) -> None:
-    failures = []
-    for i, case in enumerate(cases):
-        for name in ("out", "dq", "dk", "dv"):
-            err = sum(rank_results[i][name][0] for rank_results in per_rank)
-            ref = sum(rank_results[i][name][1] for rank_results in per_rank)
-            rel = math.sqrt(err) / max(math.sqrt(ref), 1e-30)
-            if not rel <= TOL:  # also catches nan
-                failures.append(f"{case}: {name} relative error {rel:.2e}")
-    assert not failures, f"{len(failures)} mismatches:\n" + "\n".join(failures)
 
 
 ALGORITHMS = ("ring", "allgather", "ulysses", "tokenring")
@@ -169,26 +161,26 @@ ALGORITHMS = ("ring", "allgather", "ulysses", "tokenring")
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_matches_single_device_on_2_ranks(pool2, algorithm):
     cases = make_cases(algorithm, world=2, ulysses_degree=2, seed=zlib.crc32(algorithm.encode()) + 2)
-    assert_exact(cases, pool2.run(check_cases, cases))
+    assert_sharded_exact(cases, pool2.run(check_cases, cases))
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_matches_single_device_on_4_ranks(pool4, algorithm):
     cases = make_cases(algorithm, world=4, ulysses_degree=4, seed=zlib.crc32(algorithm.encode()) + 4)
-    assert_exact(cases, pool4.run(check_cases, cases))
+    assert_sharded_exact(cases, pool4.run(check_cases, cases))
 
 
 def test_hybrid_matches_single_device_on_2x2_mesh(pool4):
     """Ulysses over the inner mesh axis × ring over the outer one; shards laid out over the
     flattened (ring-major) index."""
     cases = make_cases("hybrid", world=4, ulysses_degree=2, seed=22)
-    assert_exact(cases, pool4.run(check_cases, cases))
+    assert_sharded_exact(cases, pool4.run(check_cases, cases))
 
 
 def test_local_attention_matches_single_device():
     """Heads split, whole sequence local: no group at all."""
     cases = [c for c in make_cases("local", world=1, ulysses_degree=2, seed=11) if c.order == "contig"]
-    assert_exact(cases, [[check_case(case, 0, 1) for case in cases]])
+    assert_sharded_exact(cases, [[check_case(case, 0, 1) for case in cases]])
 
 
 def rejected_inputs() -> list[str]:

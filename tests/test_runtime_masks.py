@@ -40,6 +40,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from seqshard.testing import assert_sharded_exact
+
 from seqshard import testing
 from seqshard.runtime import (allgather_attention, backends, blocks, hybrid_attention, layout,
                               local_attention, ring_attention, tokenring_attention,
@@ -242,16 +244,6 @@ def check_cases(cases: list[Case]) -> list[dict[str, tuple[float, float]]]:
     return [check_case(case, dist.get_rank(), dist.get_world_size()) for case in cases]
 
 
-def assert_exact(cases: list[Case], per_rank: list[list[dict]]) -> None:
-    failures = []
-    for i, case in enumerate(cases):
-        for name in ("out", "dq", "dk", "dv"):
-            err = sum(rank_results[i][name][0] for rank_results in per_rank)
-            ref = sum(rank_results[i][name][1] for rank_results in per_rank)
-            rel = math.sqrt(err) / max(math.sqrt(ref), 1e-30)
-            if not rel <= TOL:  # also catches nan
-                failures.append(f"{case}: {name} relative error {rel:.2e}")
-    assert not failures, f"{len(failures)} mismatches:\n" + "\n".join(failures)
 
 
 ALGORITHMS = ("ring", "allgather", "tokenring", "ulysses")
@@ -259,25 +251,25 @@ ALGORITHMS = ("ring", "allgather", "tokenring", "ulysses")
 
 def test_masks_exact_on_2_ranks(pool2):
     cases = [c for a in ALGORITHMS for c in make_cases(a, 2, 2, zlib.crc32(a.encode()) + 2)]
-    assert_exact(cases, pool2.run(check_cases, cases))
+    assert_sharded_exact(cases, pool2.run(check_cases, cases))
 
 
 def test_masks_exact_on_4_ranks_and_2x2_hybrid(pool4):
     cases = [c for a in ALGORITHMS for c in make_cases(a, 4, 4, zlib.crc32(a.encode()) + 4,
                                                         subset=True)]
     cases += make_cases("hybrid", 4, 2, seed=22)
-    assert_exact(cases, pool4.run(check_cases, cases))
+    assert_sharded_exact(cases, pool4.run(check_cases, cases))
 
 
 def test_local_attention_masks_exact(monkeypatch):
     """Also with tiles of 4 rows (blocks._TILE), so that windows and key padding cut masked
     blocks into tiles that merge in fp32."""
     cases = make_cases("local", 1, 2, seed=11)
-    assert_exact(cases, [[check_case(case, 0, 1) for case in cases]])
+    assert_sharded_exact(cases, [[check_case(case, 0, 1) for case in cases]])
     monkeypatch.setattr(blocks, "_TILE", 4)
     monkeypatch.setattr(blocks, "_EMPTY_TILES", 0)
     cases = [c for c in make_cases("local", 1, 2, seed=13) if c.kind in ("window", "combined")]
-    assert_exact(cases, [[check_case(case, 0, 1) for case in cases]])
+    assert_sharded_exact(cases, [[check_case(case, 0, 1) for case in cases]])
 
 
 # ---------------------------------------------------------------------------------------------
