@@ -33,6 +33,22 @@ from seqshard.strategies import P, R, Shard, Step, Strategy, redistribution, spl
 from .mesh import MeshInfo
 
 
+def _code_of(gm: fx.GraphModule, prefix: str, indent: str) -> str:
+    under = lambda m: m == prefix or m.startswith(prefix + ".")  # noqa: E731
+    mine = {n.name for n in gm.graph.nodes if under(n.meta.get("module") or "")}
+    lines = []
+    for line in gm.code.splitlines():
+        name = line.strip().split(" = ")[0]
+        if name in mine:
+            lines.append(indent + line.strip().split(";  ")[0])
+    for name, sub in gm.named_children():
+        if isinstance(sub, fx.GraphModule):
+            inner = _code_of(sub, prefix, indent + "    ")
+            if inner:
+                lines += [f"{indent}# self.{name}:", inner]
+    return "\n".join(lines)
+
+
 @dataclass
 class Program:
     """This rank's program and what is needed to feed it and read it."""
@@ -50,15 +66,10 @@ class Program:
         return self._sharder.redistributor(node, src, dst)
 
     def code_of(self, module_prefix: str) -> str:
-        """The lines of the generated code that come from modules under `module_prefix`."""
-        mine = {n.name for n in self.gm.graph.nodes
-                if n.meta.get("module", "").startswith(module_prefix)}
-        lines = []
-        for line in self.gm.code.splitlines():
-            name = line.strip().split(" = ")[0]
-            if name in mine:
-                lines.append(line.strip().split(";  ")[0])
-        return "\n".join(lines)
+        """The lines of the generated code that come from modules under `module_prefix`
+        (`layers.1` holds `layers.1.attn`, not `layers.10`), also inside the submodules that
+        recomputed and chunked regions move into."""
+        return _code_of(self.gm, module_prefix, "")
 
 
 class Sharder:

@@ -224,7 +224,7 @@ class Plan:
         """The alternatives for a layer's attention (or any node, by node or module name) with
         their predicted costs, and why the chosen one won."""
         keys = [k for k in self.explanations if k == name] or \
-            [k for k in self.explanations if self.node(k).module.startswith(name)]
+            [k for k in self.explanations if _under(self.node(k).module, name)]
         if not keys:
             n = self._find(name)
             return (f"{n.node} ({n.module}, {n.op}): {n.split_str()}"
@@ -237,9 +237,14 @@ class Plan:
             if n.node == name or n.module == name:
                 return n
         for n in self.nodes:
-            if n.module.startswith(name):
+            if _under(n.module, name):
                 return n
         raise KeyError(f"no node or module {name!r} in the plan")
+
+
+def _under(module: str, name: str) -> bool:
+    """`module` is `name` or inside it: `layers.1` holds `layers.1.attn`, not `layers.10`."""
+    return module == name or module.startswith(name + ".")
 
 
 # ------------------------------------------------------------------ the JSON schema
