@@ -137,6 +137,7 @@ def _count(text) -> int:
 def cmd_plan(args) -> int:
     import torch
 
+    from seqshard.costmodel import compute as comp
     from seqshard.models import AXES, build
     from seqshard.planner import plan
     from seqshard.solver import Infeasible
@@ -156,7 +157,8 @@ def cmd_plan(args) -> int:
     state = args.state
     if state == "auto":
         n = sum(p.numel() for p in model.parameters())
-        need = n * (2 + 2 + 12) if not args.inference else n * 2
+        need = comp.model_state(n, training=not args.inference, param_bytes=2,
+                                **comp.optimizer_bytes(args.optimizer, 2)).total
         state = "replicated" if need < 0.5 * (budget or 0.9 * cluster.gpu.hbm_capacity) else \
             "sharded" if cluster.gpus > 1 else "offload"
         if state == "offload":
@@ -171,6 +173,7 @@ def cmd_plan(args) -> int:
     try:
         p = plan(model, inputs, cluster=cluster, mesh=mesh, axes=AXES[args.model],
                  memory_budget=budget, training=not args.inference, model_state=state,
+                 optimizer=args.optimizer,
                  verbose=args.verbose)
     except Infeasible as e:
         print(f"infeasible: {e}")
@@ -247,6 +250,10 @@ def main(argv=None) -> int:
                    help="parameters/gradients/optimizer state: replicated (seqshard's runtime), "
                         "sharded over all GPUs (FSDP/ZeRO-3) or offload (optimizer state in host "
                         "memory); auto picks sharded (offload on one GPU) when replicated cannot fit")
+    p.add_argument("--optimizer", choices=["adamw", "adamw-pure"], default="adamw",
+                   help="adamw: mixed precision (fp32 master weights and moments, 16 bytes a bf16 "
+                        "parameter); adamw-pure: moments in bf16, no master copy (8 bytes), what "
+                        "torch.optim.AdamW keeps for bf16 parameters")
     p.add_argument("--inference", action="store_true", help="forward only")
     p.add_argument("--explain", action="append", help="a layer to explain (repeatable)")
     p.add_argument("--json", help="write the plan as JSON")

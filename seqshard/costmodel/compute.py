@@ -27,7 +27,8 @@ from seqshard.costmodel.symbolic import Num, fmt, smax
 
 __all__ = ["KINDS", "BACKWARD_FACTOR", "ATTENTION_BACKWARD", "Work", "op_time", "matmul", "linear",
            "einsum", "pointwise", "reduction", "norm", "softmax", "embedding", "attention_flops",
-           "attention_time", "StateMemory", "model_state", "offload_step"]
+           "attention_time", "StateMemory", "model_state", "offload_step", "OPTIMIZERS",
+           "optimizer_bytes", "optimizer_step"]
 
 KINDS = ("matmul", "pointwise", "reduction")
 """Op kinds of the roofline: each has its own efficiency on the GPU."""
@@ -214,6 +215,40 @@ def model_state(n_params, *, training: bool = True, param_bytes: int = 2, grad_b
     master_bytes = (4 if param_bytes < 4 else 0) if master_bytes is None else master_bytes
     return StateMemory(n_params * param_bytes, n_params * grad_bytes,
                        n_params * (master_bytes + 2 * state_bytes))
+
+
+OPTIMIZERS = {
+    "adamw": "AdamW in mixed precision: an fp32 master copy of lower-precision parameters and "
+             "fp32 exp_avg and exp_avg_sq (16 bytes a parameter with bf16 parameters)",
+    "adamw-pure": "AdamW with its state in the parameter dtype and no master copy, what "
+                  "torch.optim.AdamW does on bf16 parameters (8 bytes a parameter in bf16)",
+}
+"""The optimizers a plan can price (`planner.plan(optimizer=...)`), with what each keeps."""
+
+
+def optimizer_bytes(optimizer: str, param_bytes: int) -> dict:
+    """`model_state` / `offload_step` keywords (master_bytes, state_bytes) of an optimizer of
+    `OPTIMIZERS`: "adamw" {} (their defaults: fp32 master when parameters are narrower, fp32
+    states); "adamw-pure" no master, states of `param_bytes`."""
+    if optimizer == "adamw":
+        return {}
+    if optimizer == "adamw-pure":
+        return dict(master_bytes=0, state_bytes=param_bytes)
+    raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+
+
+def optimizer_step(n_params, gpu: GPU, *, param_bytes: int = 2, grad_bytes: int | None = None,
+                   master_bytes: int | None = None, state_bytes: int = 4):
+    """Seconds of AdamW's step on the GPU (fused, bandwidth-bound): read the gradient, read and
+    write exp_avg, exp_avg_sq and the master weights (the parameters themselves when there is no
+    master copy), write the parameters.
+
+        n · (grad + 4·state + 2·master + param bytes) / gpu.hbm_bandwidth   (master > 0)
+        n · (grad + 4·state + 2·param bytes) / gpu.hbm_bandwidth            (no master)"""
+    grad_bytes = param_bytes if grad_bytes is None else grad_bytes
+    master_bytes = (4 if param_bytes < 4 else 0) if master_bytes is None else master_bytes
+    weights = 2 * master_bytes + param_bytes if master_bytes else 2 * param_bytes
+    return n_params * (grad_bytes + 4 * state_bytes + weights) / gpu.hbm_bandwidth
 
 
 def offload_step(n_params, gpu: GPU, *, param_bytes: int = 2, grad_bytes: int | None = None,

@@ -28,8 +28,11 @@ def plan(model, example_inputs, *, cluster=None, mesh: tuple[tuple[str, int], ..
     overrides: forced choices per module pattern (see `planner.overrides`);
     memory_budget: bytes per GPU (default 90% of its memory);
     options: model_state ("replicated" | "sharded" | "offload": replicated with the optimizer
-        state on the host), recompute (may the solver recompute layers; default True),
-        time_limit, verbose."""
+        state on the host), optimizer ("adamw": mixed precision, an fp32 master copy and fp32
+        moments, 16 bytes a bf16 parameter, the default; "adamw-pure": moments in the parameter
+        dtype and no master copy, what torch.optim.AdamW keeps for bf16 parameters, 8 bytes;
+        see `costmodel.compute.OPTIMIZERS`), recompute (may the solver recompute layers;
+        default True), time_limit, verbose."""
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     dims = analyze(capture(model, example_inputs), axes)
@@ -40,7 +43,8 @@ def plan(model, example_inputs, *, cluster=None, mesh: tuple[tuple[str, int], ..
 
 def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
                   memory_budget=None, training=True, model_state: str = "replicated",
-                  recompute: bool = True, time_limit: float = 60.0, verbose: bool = False) -> Plan:
+                  recompute: bool = True, time_limit: float = 60.0, verbose: bool = False,
+                  optimizer: str = "adamw") -> Plan:
     """Plan a captured model: enumerate strategies, price them, solve (see `solver`)."""
     t0 = time.perf_counter()
     if cluster is None:
@@ -63,7 +67,7 @@ def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
     say = (lambda msg: print(f"[plan {time.perf_counter() - t0:5.1f}s] {msg}", flush=True)) \
         if verbose else None
     pb = solver.build_problem(dims, costs, mesh, overrides, model_state, progress=say,
-                              recompute=recompute)
+                              recompute=recompute, optimizer=optimizer)
     if say:
         say(f"{len(pb.strategies)} template nodes (of {sum(pb.mult.values())}), "
             f"{sum(len(s) for s in pb.strategies.values())} strategies, {len(pb.tensors)} "
@@ -71,14 +75,16 @@ def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
     sol = solver.solve(pb, memory_budget, seconds=time_limit)
     if say:
         say(f"CP-SAT {sol.status} in {sol.seconds:.2f} s")
+    opt = f", optimizer {optimizer}" if training else ""
     notes = [f"cluster {cluster}; {'training' if training else 'inference'}; model state "
-             f"{model_state}; budget {memory_budget / 2**30:.1f} GiB per GPU; planned in "
+             f"{model_state}{opt}; budget {memory_budget / 2**30:.1f} GiB per GPU; planned in "
              f"{time.perf_counter() - t0:.1f} s"]
     if model_state == "sharded":
         notes.append("model state is assumed sharded over all ranks (FSDP/ZeRO-3); seqshard "
                      "itself keeps parameters replicated")
     if model_state == "offload":
-        notes.append(f"optimizer state and fp32 master weights are assumed in host memory "
+        notes.append(f"optimizer state{' and fp32 master weights' if optimizer == 'adamw' else ''} "
+                     f"are assumed in host memory "
                      f"({pb.host_bytes / 2**30:.1f} GiB per GPU; ZeRO-Offload or a CPU AdamW, "
                      f"outside seqshard), {pb.static_s:.2f} s per step for the copies and the "
                      "CPU's step, not overlapped")

@@ -68,7 +68,8 @@ def default_mesh():
 def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Plan | None = None,
                 overrides: dict[str, str] | None = None, axes: dict[str, str] | None = None,
                 cluster=None, memory_budget: float | None = None, training: bool = True,
-                check_inputs: bool = True) -> "ParallelModule":
+                check_inputs: bool = True, optimizer: str = "adamw",
+                model_state: str = "replicated", mixed_precision=None) -> "ParallelModule":
     """Capture `model`, plan it (or take `plan`), and build this rank's program.
 
     mesh: a DeviceMesh over all ranks (default: 1-D over the world, axis "sp").
@@ -77,12 +78,22 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
     axes: names for the factors of inputs, e.g. {"x": "b t p c"}; default: the axes the plan
         was made with (`plan.axes`).
     check_inputs: exchange a digest of the inputs on every call (see `ParallelModule.forward`).
+    optimizer: the optimizer the plan prices the model state of ("adamw" | "adamw-pure", see
+        `planner.plan`); seqshard runs no optimizer itself.
+    model_state: "replicated" (every rank holds every parameter; gradients summed in buckets)
+        or "sharded" (FSDP2 over all ranks: parameters become DTensors, each rank holds 1/N;
+        see `planner.state`). The planner prices the one chosen.
+    mixed_precision: with "sharded", a `torch.distributed.fsdp.MixedPrecisionPolicy`, e.g.
+        `MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)`: bf16
+        compute, fp32 parameters in the optimizer and fp32 gradient reduction.
 
     Every rank must call it with the same arguments; a difference, or an error on any rank,
     raises on every rank (see the module docstring)."""
     # codegen brings the runtime (custom ops, torch.distributed): loaded here, so that
     # `planner.plan` stays free of it (tests/test_layering.py)
     from seqshard.codegen import MeshInfo, apply_plan
+
+    from . import state
 
     if not dist.is_initialized():
         raise RuntimeError("parallelize needs a process group: run under torchrun (or call "
@@ -92,7 +103,18 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
         example_inputs = (example_inputs,)
     if axes is None and plan is not None and plan.axes:
         axes = dict(plan.axes)
-    _check_same_call(model, example_inputs, mesh, plan, overrides, axes, check_inputs)
+    _check_same_call(model, example_inputs, mesh, plan, overrides, axes, check_inputs,
+                     model_state)
+    if model_state not in state.MODEL_STATES:
+        raise ValueError(f"model_state must be one of {state.MODEL_STATES}, got {model_state!r}"
+                         " (the planner's 'offload' is priced, but left to the user to run)")
+    if mixed_precision is not None and model_state != "sharded":
+        raise ValueError("mixed_precision= is FSDP2's MixedPrecisionPolicy: it needs "
+                         "model_state='sharded'")
+    if not state.unsharded(model):
+        raise ValueError("the model is sharded already (fully_shard, or an earlier "
+                         "parallelize(model_state='sharded')): build a new model, or load its "
+                         "state into one with torch.distributed.checkpoint")
     if plan is not None and overrides:
         raise ValueError("pass either plan= or overrides=, not both (overrides shape a new plan)")
     mesh = mesh if mesh is not None else default_mesh()
@@ -108,7 +130,8 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
                 message[0] = api.plan_captured(dims, mesh=tuple(zip(info.names, info.sizes)),
                                                overrides=overrides, cluster=cluster,
                                                memory_budget=memory_budget,
-                                               training=training).to_json()
+                                               training=training, optimizer=optimizer,
+                                               model_state=model_state).to_json()
             except Exception as e:  # noqa: BLE001 - sent to every rank, raised there
                 message[1], error = _describe(e), e
         if dist.get_world_size() > 1:
@@ -119,7 +142,11 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
             raise _rebuild(message[1], 0, "planning")
         plan = Plan.from_json(message[0]).with_axes(axes)
     program = _together("building the program", lambda: apply_plan(dims, plan, info))
-    return ParallelModule(model, plan, program, info, axes, check_inputs)
+    layers = None
+    if model_state == "sharded":
+        layers = _together("sharding the model state",
+                           lambda: state.shard_model(model, mesh, mixed_precision))
+    return ParallelModule(model, plan, program, info, axes, check_inputs, layers)
 
 
 class ParallelModule(nn.Module):
@@ -127,16 +154,19 @@ class ParallelModule(nn.Module):
 
     `pm.program` is the program of the current mode; programs of other modes (train/eval, inputs
     or parameters with or without requires_grad) are built from the same plan when first
-    needed, and kept."""
+    needed, and kept. `pm.sharded_layers`: with sharded state, the layers FSDP2 shards one by
+    one (the model itself holds the rest); None with replicated state."""
 
     def __init__(self, model: nn.Module, plan: Plan, program: Program, mesh: MeshInfo,
-                 axes: dict[str, str] | None, check_inputs: bool):
+                 axes: dict[str, str] | None, check_inputs: bool,
+                 sharded_layers: list[str] | None = None):
         super().__init__()
         self.model = model
         self.plan = plan
-        self.program = program
         self.mesh = mesh
         self.check_inputs = check_inputs
+        self.sharded_layers = sharded_layers
+        self.program = self._model_state(program)
         self._axes = axes
         self._submodules = list(model.modules())
         self._model_params = list(model.parameters())  # not _parameters: nn.Module owns that
@@ -154,6 +184,18 @@ class ParallelModule(nn.Module):
     def code(self) -> str:
         """This rank's program (of the current mode) as Python source."""
         return self.program.gm.code
+
+    def _model_state(self, program: Program) -> Program:
+        """The program with the model state's gradient handling: FSDP units (sharded) or
+        bucketed gradient sums (replicated); see `planner.state`."""
+        from . import state
+
+        if self.sharded_layers is None:
+            state.bucket_grad_sums(program.gm, program.cap)
+        else:
+            program.placeholders = state.wrap_units(program.gm, program.cap, self.model,
+                                                    self.sharded_layers)
+        return program
 
     def _mode_key(self, inputs_requires_grad: tuple) -> tuple:
         """What a captured program depends on besides shapes: each submodule's train/eval flag,
@@ -183,10 +225,15 @@ class ParallelModule(nn.Module):
             raise ValueError(problem)
         self._check_indices(inputs)
         if key not in self._programs:
-            self._programs[key] = self._build(key, inputs)
-        self.program = self._programs[key]
-        args = [self.program.cap.placeholder_value(name, inputs) for name in self.program.placeholders]
-        outs = self.program.gm(*args)
+            self._programs[key] = self._model_state(self._build(key, inputs))
+        self.program = program = self._programs[key]
+
+        def run(*inputs):
+            args = [program.cap.placeholder_value(name, inputs) for name in program.placeholders]
+            return program.gm(*args)
+
+        # sharded: inside the FSDP root's forward, which unshards the root's parameters
+        outs = run(*inputs) if self.sharded_layers is None else self.model.seqshard_run(run, *inputs)
         self._outputs = [weakref.ref(o) if isinstance(o, torch.Tensor) else None for o in outs]
         return outs[0] if len(outs) == 1 else outs
 
@@ -268,6 +315,11 @@ class ParallelModule(nn.Module):
 
         grads = key[2]
         mode = "training" if self.model.training else "eval"
+        if self.sharded_layers is not None:
+            raise ValueError(f"with model_state='sharded', the module runs the mode it was built "
+                             f"in (capture needs whole parameters): this call is in {mode} mode "
+                             "or freezes other parameters or inputs; keep the mode of "
+                             "parallelize's call (torch.no_grad() is fine)")
         examples = tuple(t.detach().requires_grad_(g) for t, g in zip(inputs, grads))
 
         def build():
@@ -416,7 +468,8 @@ def _index_limits(cap) -> list[tuple[int, int, int | None, str]]:
 
 
 # ------------------------------------------------------------------ failing together
-def _check_same_call(model, inputs, mesh, plan, overrides, axes, check_inputs) -> None:
+def _check_same_call(model, inputs, mesh, plan, overrides, axes, check_inputs,
+                     model_state) -> None:
     """One all-gather of what each rank was called with; a difference raises on every rank."""
     if dist.get_world_size() == 1:
         return
@@ -436,6 +489,7 @@ def _check_same_call(model, inputs, mesh, plan, overrides, axes, check_inputs) -
             "model": f"{type(model).__name__} {params.hexdigest()[:16]}",
             "mode": tuple(m.training for m in model.modules()),
             "check_inputs": bool(check_inputs),
+            "model_state": str(model_state),
         }
         error = None
     except Exception as e:  # noqa: BLE001 - reported to every rank, then raised
@@ -457,6 +511,7 @@ def _check_same_call(model, inputs, mesh, plan, overrides, axes, check_inputs) -
         "model": "build the same model on every rank",
         "mode": "call model.train() or model.eval() alike on every rank",
         "check_inputs": "pass the same check_inputs= on every rank",
+        "model_state": "pass the same model_state= on every rank",
     }
     problems = []
     for field, fix in fixes.items():

@@ -23,7 +23,8 @@ from seqshard.strategies.costs import SAVES_ALL, SAVES_FIRST, op_packet
 
 from .clusters import cluster_layers, layer_classes, layer_of
 
-__all__ = ["Problem", "Tensor", "LayerClass", "build_problem", "loss_regions", "CHUNK_BYTES"]
+__all__ = ["Problem", "Tensor", "LayerClass", "Region", "TokenRegion", "build_problem",
+           "loss_regions", "token_regions", "CHUNK_BYTES"]
 
 aten = torch.ops.aten
 
@@ -54,6 +55,7 @@ class LayerClass:
     #                                and its loss) run in chunks of tokens, each recomputed
     label: str = ""                # for people: "lm_head + cross_entropy_loss"
     chunks: int | None = None      # a chunk count an override forces (else from CHUNK_BYTES)
+    offload: bool = False          # an override says `offload`: recomputed, inputs on the host
     inputs: dict = field(default_factory=dict)
     """(template producer, output index) → (count, representative tensor): the distinct tensors
     made outside a layer and read inside it, over every layer of the class (a tensor read by
@@ -86,6 +88,13 @@ class Problem:
     layer_inputs: dict = field(default_factory=dict)  # unit → [(template, index, tensor)]
     unit: dict = field(default_factory=dict)         # node → its layer path or region name
     recompute_allowed: bool = True                   # False: only forced classes recompute
+    offload_allowed: bool = True                     # False: only forced classes offload
+    # token-wise regions inside layers, run in chunks (training only; `_add_regions`)
+    regions: dict = field(default_factory=dict)      # region name → Region
+    node_region: dict = field(default_factory=dict)  # template → the region it lies in
+    region_kept: dict = field(default_factory=dict)  # template → {region: members kept by its
+    #                consumers alone}: dropped when the region runs in chunks
+    saving_region: dict = field(default_factory=dict)  # node → the region keeping its output
 
 
 def _saved(dims: DimAnalysis) -> set[fx.Node]:
@@ -104,10 +113,14 @@ def _saved(dims: DimAnalysis) -> set[fx.Node]:
 
 
 def build_problem(dims: DimAnalysis, costs: Costs, mesh, overrides: dict | None,
-                  model_state: str, progress=None, *, recompute: bool = True) -> Problem:
+                  model_state: str, progress=None, *, recompute: bool = True, offload: bool = True,
+                  optimizer: str = "adamw") -> Problem:
     """The sets and prices of the CP-SAT model. recompute: whether the solver may recompute
-    layers (False: only those an override forces, as before memory plans existed)."""
-    pb = Problem(dims, costs, tuple(mesh), recompute_allowed=recompute)
+    layers (False: only those an override forces, as before memory plans existed); offload:
+    whether it may keep a recomputed layer's inputs in host memory. optimizer:
+    one of `costmodel.compute.OPTIMIZERS`, what the model state's bytes and the optimizer's step
+    on the GPU (or the host, "offload") are priced as."""
+    pb = Problem(dims, costs, tuple(mesh), recompute_allowed=recompute, offload_allowed=offload)
     nodes = plan_nodes(dims)
     pb.template = cluster_layers(dims, nodes, lambda m: spec_for(overrides, m) if overrides else None)
     saved = _saved(dims)
@@ -161,23 +174,28 @@ def build_problem(dims: DimAnalysis, costs: Costs, mesh, overrides: dict | None,
                     pb.move[(key, i, l)] = (secs, sent, kept)
     if costs.training:
         _add_layer_classes(pb, nodes, templates, saved, overrides)
+        _add_regions(pb, nodes, overrides)
     n_params = sum(p.numel() for p in dims.cap.model.parameters())
     world = prod(n for _, n in mesh)
+    opt = comp.optimizer_bytes(optimizer, costs.dtype_bytes)  # master and state bytes
+    state = comp.model_state(n_params, training=costs.training, param_bytes=costs.dtype_bytes, **opt)
     if model_state == "replicated":
-        state = comp.model_state(n_params, training=costs.training, param_bytes=costs.dtype_bytes)
         pb.static_bytes = state.total
+        if costs.training:  # AdamW's step on the GPU
+            pb.static_s = comp.optimizer_step(n_params, costs.gpu, param_bytes=costs.dtype_bytes, **opt)
         if costs.training and world > 1:  # gradients summed over every rank
             flat_link = costs.cluster.axis_link((world,), 0)
-            pb.static_s = coll.all_reduce(n_params * costs.dtype_bytes, world, flat_link)
+            pb.static_s += coll.all_reduce(n_params * costs.dtype_bytes, world, flat_link)
     elif model_state == "sharded":
-        state = comp.model_state(n_params, training=costs.training, param_bytes=costs.dtype_bytes)
         pb.static_bytes = state.total / world
+        if costs.training:  # each rank steps its shard (the gathers are FSDP's, not priced)
+            pb.static_s = comp.optimizer_step(n_params / world, costs.gpu,
+                                              param_bytes=costs.dtype_bytes, **opt)
     elif model_state == "offload":  # replicated, but AdamW's state and master weights on the host
-        state = comp.model_state(n_params, training=costs.training, param_bytes=costs.dtype_bytes)
         pb.static_bytes = state.params + state.grads
         pb.host_bytes = state.optimizer + state.grads  # the gradients land in host memory too
         if costs.training:
-            pb.static_s = comp.offload_step(n_params, costs.gpu, param_bytes=costs.dtype_bytes)
+            pb.static_s = comp.offload_step(n_params, costs.gpu, param_bytes=costs.dtype_bytes, **opt)
             if world > 1:
                 flat_link = costs.cluster.axis_link((world,), 0)
                 pb.static_s += coll.all_reduce(n_params * costs.dtype_bytes, world, flat_link)
@@ -230,7 +248,8 @@ def _add_layer_classes(pb: Problem, nodes, templates, saved, overrides) -> None:
     for name, layers in layer_classes(dims, pb.template).items():
         spec = spec_for(overrides, name) if overrides else None
         pb.classes[name] = LayerClass(name, tuple(layers), [],
-                                      forced=bool(spec and spec.recompute))
+                                      forced=bool(spec and spec.recompute),
+                                      offload=bool(spec and spec.offload))
     for pattern, text in (overrides or {}).items():
         if parse_spec(text).recompute and not any(
                 fnmatch.fnmatchcase(layer, pattern) for c in pb.classes.values() for layer in c.layers):
@@ -251,12 +270,15 @@ def _add_layer_classes(pb: Problem, nodes, templates, saved, overrides) -> None:
         for n in region:
             unit[n] = ce.name
     heads = [dims.cap.module_path(region[0]) for _, region in loss_regions(dims)]
+    tiles = [r.path for r in token_regions(dims)] if overrides else []
     for pattern, text in (overrides or {}).items():
         if parse_spec(text).chunk is not None and not any(fnmatch.fnmatchcase(m, pattern)
-                                                          for m in heads):
+                                                          for m in heads + tiles):
             raise ValueError(f"override {pattern!r}: {text!r} asks to chunk, but the pattern "
                              "matches no LM head whose logits feed a cross-entropy through "
-                             f"casts and reshapes alone; such heads here: {heads or 'none'}")
+                             f"casts and reshapes alone (here: {heads or 'none'}) and no "
+                             "token-wise module inside a layer (here: "
+                             f"{', '.join(tiles[:4]) + (', ...' if len(tiles) > 4 else '') or 'none'})")
     if not pb.classes:
         return
     class_of_unit = {layer: c for c, lc in pb.classes.items() for layer in lc.layers}
@@ -326,3 +348,175 @@ def _keeps(v: fx.Node, k: int) -> bool:
     """Does consumer `v` keep its k-th tensor input for backward?"""
     packet = op_packet(v)
     return packet in SAVES_ALL or (packet in SAVES_FIRST and k == 0)
+
+
+# ------------------------------------------------------------------ token-wise regions in layers
+@dataclass(frozen=True)
+class TokenRegion:
+    """A module inside a layer that treats the sequence token by token (`token_regions`): run on
+    any piece of the tokens of its input, it makes that piece of its output."""
+
+    path: str                      # "layers.3.mlp"
+    nodes: tuple                   # its ops (tuple indexing too), in graph order
+    input: fx.Node                 # the one tensor with the sequence it reads from outside
+    output: fx.Node                # the one tensor read after it
+    dim: int                       # the dim of `input` it runs in chunks along
+    out_dim: int                   # that dim in `output`
+
+
+def token_regions(dims: DimAnalysis) -> list[TokenRegion]:
+    """The largest modules inside layers (below `layers.3`, like `layers.3.mlp`) that treat the
+    tokens one by one, so running them in chunks of tokens is exact:
+
+    - the chunk dim is the dim of the module's one sequence-carrying input (one that holds an
+      attention sequence factor, `s`, a video's `t` or `p`; the largest when several) whose
+      every factor each op treats locally (`dims.roles`: splitting it needs no communication
+      and no reduction over it: linear, pointwise ops, norms over the hidden dim; not
+      attention, cumsum, diff or a sum over tokens);
+    - every tensor inside that holds those factors holds them as that same dim at the same
+      place (broadcast operands without them, like a bias, are fine), and no op takes a shape
+      (a view's sizes would be the whole region's);
+    - one tensor leaves it (holding the chunk dim), other inputs are parameters, constants or
+      tensors without the chunk dim, and it makes at least one intermediate tensor (a module
+      of one op, like a projection, saves nothing when chunked)."""
+    F = dims.F
+    seq = set()
+    for n in dims.cap.nodes():
+        if dims.attention(n) is not None:
+            seq |= dims.seq_atoms(n)
+    if not seq:
+        return []
+    module = dims.cap.module_path
+    under: dict[str, list[fx.Node]] = {}
+    for n in dims.cap.nodes():
+        m = module(n) if n.op == "call_function" else ""
+        layer = layer_of(m)
+        if layer is None or m == layer:
+            continue
+        parts = m[len(layer) + 1:].split(".")
+        for j in range(1, len(parts) + 1):
+            under.setdefault(".".join([layer] + parts[:j]), []).append(n)
+    out, taken = [], []
+    for path in sorted(under, key=lambda p: p.count(".")):  # outermost first: the largest
+        if any(path.startswith(t + ".") for t in taken):
+            continue
+        region = _token_region(dims, path, under[path], seq)
+        if region is not None:
+            out.append(region)
+            taken.append(path)
+    order = {n: i for i, n in enumerate(dims.cap.nodes())}
+    return sorted(out, key=lambda r: order[r.nodes[0]])
+
+
+def _token_region(dims: DimAnalysis, path: str, nodes: list, seq: set) -> TokenRegion | None:
+    F = dims.F
+    members = set(nodes)
+    tensor = lambda x: isinstance(dims.sigs.get(x), tuple)  # noqa: E731 - one tensor output
+    atoms = lambda sig: {F.find(a) for d in sig for a in F.atoms_of(d)}  # noqa: E731
+    outside = list(dict.fromkeys(x for n in nodes for x in n.all_input_nodes if x not in members))
+    carrying = [x for x in outside if tensor(x) and atoms(dims.sigs[x]) & seq]
+    leaving = [n for n in nodes if any(u not in members for u in n.users)]
+    if len(carrying) != 1 or len(leaving) != 1 or not tensor(leaving[0]):
+        return None
+    x, y = carrying[0], leaving[0]
+    sig = dims.atoms(x)
+    dims_with_seq = [i for i, d in enumerate(sig) if {F.find(a) for a in d} & seq]
+    dim = max(dims_with_seq, key=lambda i: F.dim_size(dims.sigs[x][i]))
+    chunk = tuple(F.find(a) for a in sig[dim])
+    if len(nodes) < 2 or any(dims.sigs.get(v) is None for v in nodes if v is not y):
+        return None
+
+    def placed(s) -> bool:  # holds the chunk factors only as the chunk dim, at its place
+        s = [tuple(F.find(a) for a in d) for d in s]
+        have = {a for d in s for a in d} & set(chunk)
+        return not have or (len(s) > dim and s[dim] == chunk and
+                            sum(a in chunk for d in s for a in d) == len(chunk))
+
+    for v in nodes:
+        if v.target is operator.getitem:
+            continue
+        if v in dims.unsupported or dims.attention(v) is not None or \
+                any(a in dims.roles.get(v, {}) for a in chunk):
+            return None
+        sigs = dims.sigs[v] if isinstance(dims.sigs[v], list) else [dims.sigs[v]]
+        ins = [dims.sigs[u] for u in v.all_input_nodes if tensor(u)]
+        if not all(placed(s) for s in sigs + ins if s is not None):
+            return None
+        val = v.meta.get("val")
+        ndim = val.dim() if isinstance(val, torch.Tensor) else None
+        if any(isinstance(a, (list, tuple)) and len(a) == ndim and
+               all(isinstance(i, (int, torch.SymInt)) for i in a) for a in v.args):
+            return None  # a shape: view, reshape, expand, new_*
+    for u in outside:  # parameters, constants and tensors without the chunk dim
+        if u is not x and tensor(u) and atoms(dims.sigs[u]) & set(chunk):
+            return None
+    out_sig = [tuple(F.find(a) for a in d) for d in dims.atoms(y)]
+    if chunk not in out_sig:
+        return None
+    return TokenRegion(path, tuple(nodes), x, y, dim, out_sig.index(chunk))
+
+
+@dataclass
+class Region:
+    """A token-wise region (`token_regions`) in every layer of a layer class, decided once:
+    whole, or in chunks of tokens, each chunk recomputed in backward."""
+
+    name: str                      # its path in the class's template layer ("layers.0.mlp")
+    cls: str                       # the layer class
+    paths: tuple[str, ...]         # the same module in every layer of the class
+    nodes: list = field(default_factory=list)   # its template nodes
+    forced: bool = False           # an override says `chunk`
+    chunks: int | None = None      # a chunk count an override forces (else from CHUNK_BYTES)
+    inputs: dict = field(default_factory=dict)
+    """(template producer, output index) → (count, representative tensor): the tensors entering
+    it that only its ops keep; chunked, the checkpoints keep them instead."""
+
+
+def _add_regions(pb: Problem, nodes, overrides) -> None:
+    """The token-wise regions of every layer class, which template nodes lie in each, and which
+    outputs only a region's ops keep (what chunking it drops, unless it is its input)."""
+    dims = pb.dims
+    module = dims.cap.module_path
+    layer_cls = {layer: c for c, lc in pb.classes.items() if lc.kind == "layer" for layer in lc.layers}
+    for r in token_regions(dims):
+        layer = layer_of(r.path)
+        c = layer_cls.get(layer)
+        if c is None:
+            continue
+        spec = spec_for(overrides, r.path) if overrides else None
+        forced, k = bool(spec and spec.chunk is not None), (spec.chunk or None) if spec else None
+        name = c + r.path[len(layer):]
+        reg = pb.regions.setdefault(name, Region(name, c, (), forced=forced, chunks=k))
+        if (reg.forced, reg.chunks) != (forced, k):
+            raise ValueError(f"overrides chunk {r.path!r} unlike {reg.paths[0]!r}, but their "
+                             f"layers are planned alike (class {c}): override the module in "
+                             "every layer alike, or an op inside it too")
+        reg.paths += (r.path,)
+    if not pb.regions:
+        return
+    for t in (t for lc in pb.classes.values() for t in lc.nodes):
+        m = module(t)
+        for name in pb.regions:
+            if m == name or m.startswith(name + "."):
+                pb.node_region[t] = name
+                pb.regions[name].nodes.append(t)
+    region_of = lambda v: pb.node_region.get(pb.template[v])  # noqa: E731
+    keepers: dict = {}
+    for v in nodes:
+        for k, x in enumerate(x for x in v.all_input_nodes if isinstance(dims.sigs.get(x), tuple)):
+            if _keeps(v, k):
+                keepers.setdefault(x, set()).add(region_of(v))
+    for x in nodes:
+        owners = keepers.get(x, {None})
+        if len(owners) != 1 or None in owners:
+            continue
+        name = next(iter(owners))
+        if pb.saving_class.get(x) != pb.regions[name].cls:
+            continue
+        pb.saving_region[x] = name
+        counts = pb.region_kept.setdefault(pb.template[x], {})
+        counts[name] = counts.get(name, 0) + 1
+        if region_of(x) != name:  # it enters the region: the checkpoints keep it
+            reg = pb.regions[name]
+            count, rep = reg.inputs.get((pb.template[x], None), (0, x))
+            reg.inputs[(pb.template[x], None)] = (count + 1, rep)
