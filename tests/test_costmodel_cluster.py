@@ -27,6 +27,23 @@ def test_h200_preset_carries_the_anchor_measurements():
     assert nvlink.bus_bandwidth("all_reduce", 256 * MiB) == 318e9
 
 
+def test_attention_priced_per_kernel_cudnn_by_default_fa4_on_request():
+    """H200 carries FlashAttention-4's rates beside cuDNN's (docs/anchors.md "One H200"); a plan
+    prices the GPU's `attention_backend`; the choice survives JSON."""
+    c = Cluster.preset("h200", gpus=4)
+    assert c.gpu.attention_backend == "cudnn" and [k[0] for k in c.gpu.attention_kernels] == ["fa4"]
+    fa4 = c.with_attention_backend("fa4")
+    assert fa4.gpu.attention_backend == "fa4" and fa4.gpu.attention_rate(32768, causal=True) == 614e12
+    assert fa4.gpu.attention_rate(131072, causal=True) == 612e12
+    assert [k[0] for k in fa4.gpu.attention_kernels] == ["cudnn"]
+    assert fa4.with_attention_backend("cudnn") == c and Cluster.from_json(fa4.to_json()) == fa4
+    with pytest.raises(ValueError, match=r"no attention rates for 'flash'; it has \['cudnn', 'fa4'\]"):
+        c.with_attention_backend("flash")
+    with pytest.raises(ValueError, match="distinct"):
+        GPU(**{**_fields(c.gpu), "attention_backend": "fa4"})
+    assert Cluster.preset("a100").gpu.attention_kernels == ()  # FA4's backward needs sm90+
+
+
 def test_rate_tables_interpolate_in_log_length_and_stay_flat_outside():
     gpu = PRESETS["h200"][0]
     # 16K is halfway between 8K and 32K in log length

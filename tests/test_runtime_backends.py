@@ -143,6 +143,7 @@ def test_select_backend_on_cpu(monkeypatch):
         select_backend("cpu", torch.float32, 64, override="xformers")
     report = backends.backend_report("cpu", torch.float32, 64)
     assert report["math"] == report["flash_cpu"] == "ok" and report["flash"] == "needs a CUDA device"
+    assert report["fa4"] == "needs a CUDA device"
 
 
 def test_interface_errors_name_the_fix():
@@ -159,7 +160,7 @@ def test_interface_errors_name_the_fix():
 # GPU: run on the device machine (pytest -m gpu)
 # ---------------------------------------------------------------------------------------------
 
-CUDA_BACKENDS = ("cudnn", "flash", "efficient", "flash_attn")
+CUDA_BACKENDS = ("cudnn", "flash", "efficient", "flash_attn", "fa4")
 
 
 def _sdpa_bf16_error(q, k, v, dout, causal):

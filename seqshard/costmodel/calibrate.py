@@ -8,8 +8,12 @@ What it measures (medians of `repeats` timed runs after `warmup`):
 
 - bf16 and fp32 matmul rate: 2n³ / t for an n×n×n matmul;
 - device copy bandwidth: 2·bytes / t (read + write), as `GPU.hbm_bandwidth` counts it;
-- attention forward+backward rate per local sequence length, causal and not, via
-  `torch.nn.functional.scaled_dot_product_attention` (FlashAttention's FLOP count);
+- attention forward+backward rate per local sequence length, causal and not, and relative to
+  a few head dims, per local attention kernel (FlashAttention's FLOP count): cuDNN through
+  `torch.nn.functional.scaled_dot_product_attention` (on a CPU: SDPA's CPU kernel, "flash_cpu"),
+  and FlashAttention-4 (`flash_attn.cute.flash_attn_func`) where the runtime would choose it
+  (sm90/sm100 with flash-attn-4 importable). The GPU's `attention_backend` is the kernel the
+  runtime picks (fa4 there, else cuDNN), the other's rates go to `attention_kernels`;
 - with ≥ 2 ranks: per-step latency α (a tiny all-gather: t / (n-1)) and, per collective and
   message size, the bus bandwidth that makes the alpha-beta model of `collectives` reproduce
   the measured time: busbw = bytes_per_gpu / (t - steps·α). Times are the slowest rank's.
@@ -136,44 +140,16 @@ def _measure_gpu(sizes: Sizes, device: torch.device) -> GPU:
     copy_bw = 2 * sizes.copy_bytes / t
     _log(f"copy {sizes.copy_bytes} B: {copy_bw / 1e9:.3g} GB/s (read + write)")
 
-    tables = {}
-    for causal in (True, False):
-        points = []
-        for length in sizes.attention:
-            shape = (1, sizes.heads, length, sizes.head_dim)
-            q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True)
-                       for _ in range(3))
-            grad = torch.randn(shape, device=device, dtype=torch.bfloat16)
-
-            def step():
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-                out.backward(grad)
-
-            t = _median_time(step, sizes, device, group)
-            flops = attention_flops(1, sizes.heads, length, length, sizes.head_dim, causal=causal,
-                                    training=True)
-            points.append((length, flops / t))
-            _log(f"attention {'causal' if causal else 'full'} S={length}: "
-                 f"{flops / t / 1e12:.3g} TFLOP/s fwd+bwd")
-        tables[causal] = tuple(points)
-
-    # smaller heads reach less of the rate: measure a few head dims at one middle length
-    length = sizes.attention[len(sizes.attention) // 2]
-    head_rates = {}
-    for head_dim in sorted({*sizes.head_dims, sizes.head_dim}):
-        shape = (1, sizes.heads, length, head_dim)
-        q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))
-        grad = torch.randn(shape, device=device, dtype=torch.bfloat16)
-
-        def step():
-            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
-
-        t = _median_time(step, sizes, device, group)
-        head_rates[head_dim] = attention_flops(1, sizes.heads, length, length, head_dim, causal=True,
-                                               training=True) / t
-        _log(f"attention causal S={length} head dim {head_dim}: {head_rates[head_dim] / 1e12:.3g} TFLOP/s")
-    head_table = tuple((float(d), r / head_rates[sizes.head_dim]) for d, r in sorted(head_rates.items()))
+    kernels = []  # (name, causal table, full table, head dim table), the runtime's pick first
+    fa4 = _fa4_func(device)
+    if fa4 is not None:
+        try:
+            kernels.append(("fa4", *_attention_tables(_fa4_step(fa4), "fa4", sizes, device, group)))
+        except Exception as e:  # noqa: BLE001 - a kernel that fails here is reported, not priced
+            _log(f"attention fa4: failed ({type(e).__name__}: {e}); not priced")
+    sdpa = "cudnn" if device.type == "cuda" else "flash_cpu"
+    kernels.append((sdpa, *_attention_tables(_sdpa_step, sdpa, sizes, device, group)))
+    (backend, causal_table, full_table, head_table), *others = kernels
 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -183,8 +159,82 @@ def _measure_gpu(sizes: Sizes, device: torch.device) -> GPU:
         capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return GPU(name=name, matmul_bf16=rates[torch.bfloat16], matmul_fp32=rates[torch.float32],
                hbm_bandwidth=copy_bw, hbm_capacity=float(capacity),
-               attention_causal=tables[True], attention_full=tables[False],
-               attention_head_dim=head_table)
+               attention_causal=causal_table, attention_full=full_table,
+               attention_head_dim=head_table, attention_backend=backend,
+               attention_kernels=tuple(others))
+
+
+# --- attention kernels ---------------------------------------------------------------------------
+#
+# A kernel is step_for(q, k, v, grad, causal) -> step(), tensors [1, h, s, e] bf16 requiring grad.
+
+def _sdpa_step(q, k, v, grad, causal):
+    """PyTorch SDPA; on a GPU restricted to cuDNN (the runtime's "cudnn" backend)."""
+    if q.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def step():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(grad)
+        return step
+    return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(grad)
+
+
+def _fa4_func(device: torch.device):
+    """FlashAttention-4's `flash_attn_func` where the runtime would pick it (sm90/sm100 GPU,
+    flash-attn-4 importable), else None."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        return None
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception as e:  # noqa: BLE001 - not installed, or its libraries fail to load
+        _log(f"attention fa4: not measured (flash-attn-4 is not importable: {type(e).__name__}: {e})")
+        return None
+    return flash_attn_func
+
+
+def _fa4_step(func):
+    def step_for(q, k, v, grad, causal):
+        qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+        gt = grad.transpose(1, 2).contiguous()
+
+        def step():
+            out = func(qt, kt, vt, causal=causal)
+            (out[0] if isinstance(out, tuple) else out).backward(gt)
+        return step
+    return step_for
+
+
+def _attention_tables(step_for, name: str, sizes: Sizes, device: torch.device, group):
+    """(causal table, full table, head dim table) of one kernel, forward+backward."""
+    def rate(length, head_dim, causal):
+        shape = (1, sizes.heads, length, head_dim)
+        q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        grad = torch.randn(shape, device=device, dtype=torch.bfloat16)
+        t = _median_time(step_for(q, k, v, grad, causal), sizes, device, group)
+        return attention_flops(1, sizes.heads, length, length, head_dim, causal=causal,
+                               training=True) / t
+
+    tables = {}
+    for causal in (True, False):
+        points = []
+        for length in sizes.attention:
+            points.append((length, rate(length, sizes.head_dim, causal)))
+            _log(f"attention {name} {'causal' if causal else 'full'} S={length}: "
+                 f"{points[-1][1] / 1e12:.3g} TFLOP/s fwd+bwd")
+        tables[causal] = tuple(points)
+
+    # smaller heads reach less of the rate: measure a few head dims at one middle length
+    length = sizes.attention[len(sizes.attention) // 2]
+    head_rates = {}
+    for head_dim in sorted({*sizes.head_dims, sizes.head_dim}):
+        head_rates[head_dim] = (dict(tables[True])[length] if head_dim == sizes.head_dim
+                                else rate(length, head_dim, True))
+        _log(f"attention {name} causal S={length} head dim {head_dim}: "
+             f"{head_rates[head_dim] / 1e12:.3g} TFLOP/s")
+    head_table = tuple((float(d), r / head_rates[sizes.head_dim]) for d, r in sorted(head_rates.items()))
+    return tables[True], tables[False], head_table
 
 
 # --- one link ------------------------------------------------------------------------------------

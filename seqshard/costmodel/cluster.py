@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from seqshard.costmodel.symbolic import Table, log_interp
@@ -138,6 +138,14 @@ class GPU:
     """Attention rate relative to the tables above vs the head dim (1 at the head dim the tables
     were measured at, 128): kernels with smaller heads do less work per byte and reach less.
     Measured by `seqshard calibrate`; flat beyond its end points."""
+    attention_backend: str = "cudnn"
+    """The local attention kernel the three tables above describe, and so the one plans are
+    priced at: "cudnn" (PyTorch's cuDNN SDPA), "fa4" (FlashAttention-4), ... as the runtime's
+    backends are named. The runtime picks fa4 on sm90+ when flash-attn-4 is installed, cuDNN
+    otherwise; `seqshard calibrate` measures the one it picks and keeps the other here."""
+    attention_kernels: tuple = ()
+    """Rates of other kernels: ((name, attention_causal, attention_full, attention_head_dim), ...).
+    `with_attention_backend(name)` prices one of them instead."""
     matmul_efficiency: float = 1.0
     """Fraction of `matmul_*` that the planner's matmuls reach (1: the rates are measured GEMMs)."""
     pointwise_efficiency: float = 0.068
@@ -173,6 +181,21 @@ class GPU:
                   "attention_block_efficiency", "overlap_slowdown")
         for name in ("attention_causal", "attention_full", "attention_head_dim"):
             object.__setattr__(self, name, _table(getattr(self, name), f"GPU({self.name}).{name}"))
+        kernels = []
+        for entry in self.attention_kernels:
+            try:
+                kernel, causal, full, head_dim = entry
+            except (TypeError, ValueError):
+                raise ValueError(f"GPU({self.name}).attention_kernels entries are (name, causal "
+                                 f"table, full table, head dim table), got {entry!r}") from None
+            what = f"GPU({self.name}).attention_kernels[{kernel!r}]"
+            kernels.append((str(kernel), _table(causal, f"{what} causal"), _table(full, f"{what} full"),
+                            _table(head_dim, f"{what} head dim")))
+        names = [self.attention_backend] + [k[0] for k in kernels]
+        if not self.attention_backend or len(set(names)) != len(names):
+            raise ValueError(f"GPU({self.name}): attention kernel names must be non-empty and "
+                             f"distinct, got {names}")
+        object.__setattr__(self, "attention_kernels", tuple(kernels))
 
     def matmul_rate(self, dtype_bytes: int = 2) -> float:
         """Dense matmul FLOP/s for elements of `dtype_bytes` (2: bf16/fp16, 4: fp32)."""
@@ -191,6 +214,23 @@ class GPU:
         if len(self.attention_head_dim) > 1:
             rate = rate * log_interp(self.attention_head_dim, head_dim, f"attn_head_dim_{self.name}")
         return rate
+
+    def with_attention_backend(self, name: str) -> GPU:
+        """This GPU with its attention priced at kernel `name`'s rates (one of
+        `attention_backend` and the names in `attention_kernels`)."""
+        if name == self.attention_backend:
+            return self
+        known = {k[0]: k for k in self.attention_kernels}
+        if name not in known:
+            raise ValueError(f"GPU {self.name} has no attention rates for {name!r}; it has "
+                             f"{[self.attention_backend, *known]} (`seqshard calibrate` measures "
+                             "the kernels installed on the machine)")
+        current = (self.attention_backend, self.attention_causal, self.attention_full,
+                   self.attention_head_dim)
+        _, causal, full, head_dim = known[name]
+        return replace(self, attention_backend=name, attention_causal=causal, attention_full=full,
+                       attention_head_dim=head_dim,
+                       attention_kernels=(current, *(k for k in self.attention_kernels if k[0] != name)))
 
     def __str__(self):
         return (f"{self.name} ({_si(self.matmul_bf16, 'FLOP/s')} bf16, "
@@ -266,6 +306,11 @@ class Cluster:
             raise ValueError(f"{gpus} GPUs do not fill nodes of {gpus_per_node}; use a multiple "
                              f"of {gpus_per_node} or at most {gpus_per_node}")
         return cls(gpu=gpu, gpus=gpus, levels=((nvlink, gpus_per_node), (network, gpus // gpus_per_node)))
+
+    def with_attention_backend(self, name: str) -> Cluster:
+        """This cluster with its GPUs' attention priced at kernel `name` (`GPU.with_attention_backend`),
+        e.g. `Cluster.preset("h200", gpus=4).with_attention_backend("fa4")`."""
+        return replace(self, gpu=self.gpu.with_attention_backend(name))
 
     @classmethod
     def parse(cls, text: str) -> Cluster:
@@ -409,6 +454,13 @@ _H200_GPU = GPU(
     hbm_capacity=143771 * _MiB,                  # total memory as nvidia-smi reports it
     attention_causal=((8192, 517e12), (32768, 544e12), (131072, 535e12)),  # cuDNN SDPA fwd+bwd
     attention_full=((32768, 559e12), (131072, 559e12)),                    # cuDNN SDPA fwd+bwd
+    attention_kernels=((
+        "fa4",  # FlashAttention-4 4.0.0b36, fwd+bwd, d128 (docs/anchors.md "One H200", 2026-12-01)
+        ((32768, 614e12), (131072, 612e12)),
+        # full: not measured then; estimate: cuDNN's full rate × FA4/cuDNN causal of that run
+        ((32768, 559e12 * 614 / 541), (131072, 559e12 * 612 / 528)),
+        ((128.0, 1.0),),
+    ),),
 )
 # NVLink 4 (NV18, 450 GB/s per direction), 4 GPUs, NCCL bus bandwidth. Source: docs/anchors.md.
 # Reduce-scatter was not measured: a ring reduce-scatter moves the bytes of a ring all-gather.
@@ -442,6 +494,7 @@ _H100_GPU = GPU(
     hbm_capacity=81559 * _MiB,
     attention_causal=_H200_GPU.attention_causal,
     attention_full=_H200_GPU.attention_full,
+    attention_kernels=_H200_GPU.attention_kernels,
 )
 
 # A100 SXM 80 GB. Source: datasheet (312 TFLOP/s bf16, 19.5 fp32, 2.04 TB/s, NVLink 3 at

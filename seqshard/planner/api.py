@@ -79,6 +79,9 @@ def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
     notes = [f"cluster {cluster}; {'training' if training else 'inference'}; model state "
              f"{model_state}{opt}; budget {memory_budget / 2**30:.1f} GiB per GPU; planned in "
              f"{time.perf_counter() - t0:.1f} s"]
+    others = [k[0] for k in cluster.gpu.attention_kernels]
+    notes.append(f"local attention priced at the {cluster.gpu.attention_backend} kernel's rates"
+                 + (f" ({', '.join(others)} also known: Cluster.with_attention_backend)" if others else ""))
     if model_state == "sharded":
         notes.append("model state is assumed sharded over all ranks (FSDP/ZeRO-3); seqshard "
                      "itself keeps parameters replicated")

@@ -19,11 +19,12 @@ backward treats it as contributing nothing.
 `mask` (bool [b or 1, 1, sq, sk], True = visible) is any other mask: the blocks of documents,
 windows and key padding that are neither full nor causal (blocks.refine). `cudnn` takes it as an
 additive -inf bias, and its backward accepts a merged lse with the bias too (checked on an H200 by
-the gpu tests of tests/test_runtime_masks.py); every other backend runs such a block on `math`.
+the gpu tests of tests/test_runtime_masks.py); `fa4` hands such a block to cuDNN when cuDNN can
+run it; every other backend runs such a block on `math`.
 A row the mask leaves without keys gets out 0, lse -inf and no gradient on both.
 
-GQA/MQA: q head i uses kv head i // (H // Hk). `math` and `flash_attn` handle it natively; the
-aten SDPA kernels get the kv heads expanded and dk/dv summed over each group.
+GQA/MQA: q head i uses kv head i // (H // Hk). `math`, `flash_attn` and `fa4` handle it natively;
+the aten SDPA kernels get the kv heads expanded and dk/dv summed over each group.
 
 Kernels (`BACKENDS`):
     math        reference on any device: fp32 accumulation (fp64 for fp64 inputs), materializes
@@ -37,14 +38,34 @@ Kernels (`BACKENDS`):
                 CUDA, also fp32); lse comes padded to a multiple of 32 rows.
     flash_attn  the flash-attn package (>= 2.7, its registered torch.ops.flashattn ops; CUDA,
                 fp16/bf16), when importable.
+    fa4         FlashAttention-4 (`pip install seqshard[fa4]`: flash-attn-4, CuTe DSL kernels for
+                sm90 and sm100; fp16/bf16, head dims multiples of 8 up to 256 on sm90), when
+                importable: the fastest on Hopper (1.13-1.16x cuDNN, docs/anchors.md), so the
+                automatic choice there. See "FlashAttention-4" below.
 
 `select_backend(device, dtype, head_dim, override=...)` picks one (env SEQSHARD_ATTN_BACKEND
 overrides the automatic choice) and `backend_report(...)` says why each one is or is not usable.
+
+FlashAttention-4. Its public `flash_attn_func` is an autograd function whose backward uses the lse
+it produced; the ring needs a backward from a merged lse, so this backend calls the two functions
+under it, `flash_attn.cute.interface._flash_attn_fwd` and `_flash_attn_bwd` (written against
+flash-attn-4 4.0.0b36; another version that changed them fails with an error naming the function
+and the installed version). Conventions, from its source: tensors [b, s, h, e] (ours are
+[b, h, s, e]: passed as transposed views, no copy; out, dq, dk, dv are allocated [b, h, s, e] and
+handed over transposed, so they come back dense in our layout); lse fp32 [b, h, s] in natural log
+(the kernel computes (max·scale·log2 e + log2 sum) · ln 2; the backward's preprocess multiplies
+it by log2 e again), so no conversion; `softmax_scale` multiplies q·k as ours; causal is aligned
+bottom-right, the same as top-left on the square blocks this interface passes; K/V at their own
+head count (GQA packed in the forward, dK/dV summed in fp32 by its postprocess). Its backward
+wants out and dout in q's dtype: the merged fp32 out is cast. Kernels are compiled on first use
+per (head dim, causal, q heads per kv head, dtype); FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1
+keeps them on disk between processes.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import logging
 import os
 
@@ -62,7 +83,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("math", "flash_cpu", "cudnn", "flash", "efficient", "flash_attn")
+BACKENDS = ("math", "flash_cpu", "cudnn", "flash", "efficient", "flash_attn", "fa4")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -294,6 +315,90 @@ def _flash_attn_backward(dout, q, k, v, out, lse, causal, scale):
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
+# ---------------------------------------------------------------------------------------------
+# FlashAttention-4 (flash-attn-4, CuTe DSL): [b, s, h, e] layout, GQA native, lse natural log
+# ---------------------------------------------------------------------------------------------
+
+FA4_TESTED = "4.0.0b36"
+"""The flash-attn-4 release whose private entry points `_fa4_forward` / `_fa4_backward` call."""
+
+
+@functools.cache
+def _fa4_module():
+    """(flash_attn.cute.interface, version) when importable with both entry points, else
+    (None, why not)."""
+    try:
+        from flash_attn.cute import interface
+    except Exception as e:  # ImportError, or the CuTe DSL failing to load its libraries
+        return None, f"flash-attn-4 is not importable ({type(e).__name__}: {e}; pip install seqshard[fa4])"
+    version = _fa4_version()
+    missing = [n for n in ("_flash_attn_fwd", "_flash_attn_bwd") if not callable(getattr(interface, n, None))]
+    if missing:
+        return None, (f"flash-attn-4 {version} has no flash_attn.cute.interface.{' or .'.join(missing)} "
+                      f"(seqshard's fa4 backend is written against {FA4_TESTED})")
+    return interface, version
+
+
+def _fa4_version() -> str:
+    for dist in ("flash-attn-4", "flash_attn_4"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return "(version unknown)"
+
+
+def _fa4_call(name: str, *args, **kwargs):
+    """flash_attn.cute.interface.`name`(*args, **kwargs); a failure that is not running out of
+    memory is re-raised naming the function, the installed version and the one this was written
+    against (an API change shows as a TypeError or AssertionError inside)."""
+    module, version = _fa4_module()
+    if module is None:
+        raise RuntimeError(f"attention backend 'fa4': {version}")
+    fn = getattr(module, name, None)
+    what = f"flash_attn.cute.interface.{name} (flash-attn-4 {version}; seqshard's fa4 backend is written against {FA4_TESTED})"
+    if not callable(fn):
+        raise RuntimeError(f"{what} does not exist")
+    try:
+        return fn(*args, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in args if isinstance(t, torch.Tensor))
+        raise RuntimeError(f"{what} failed on [{shapes}] with {sorted(kwargs)}: "
+                           f"{type(e).__name__}: {e}") from e
+
+
+def _bshe(shape, like: torch.Tensor) -> torch.Tensor:
+    """A dense [b, h, s, e] tensor, seen as FA4's [b, s, h, e] (a transposed view)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def _fa4_forward(q, k, v, causal, scale):
+    out = _bshe(q.shape, q)
+    res = _fa4_call("_flash_attn_fwd", q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                    softmax_scale=scale, causal=causal, return_lse=True, out=out)
+    lse = res[1] if isinstance(res, (tuple, list)) and len(res) >= 2 else None
+    b, h, s = q.shape[:3]
+    if lse is None or tuple(lse.shape) != (b, h, s) or lse.dtype != torch.float32:
+        got = "nothing" if lse is None else f"{tuple(lse.shape)} {lse.dtype}"
+        raise RuntimeError(f"flash_attn.cute.interface._flash_attn_fwd (flash-attn-4 {_fa4_version()}) "
+                           f"returned lse {got}, expected ({b}, {h}, {s}) torch.float32 as in "
+                           f"{FA4_TESTED}")
+    if res[0].data_ptr() != out.data_ptr():  # it allocated its own out: [b, s, h, e]
+        return res[0].transpose(1, 2), lse
+    return out.transpose(1, 2), lse
+
+
+def _fa4_backward(dout, q, k, v, out, lse, causal, scale):
+    dq, dk, dv = _bshe(q.shape, q), _bshe(k.shape, k), _bshe(v.shape, v)
+    res = _fa4_call("_flash_attn_bwd", q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                    out.to(q.dtype).transpose(1, 2), dout.to(q.dtype).transpose(1, 2),
+                    lse.float().contiguous(), softmax_scale=scale, causal=causal, dq=dq, dk=dk, dv=dv)
+    grads = tuple(res[:3]) if isinstance(res, (tuple, list)) and len(res) >= 3 else (dq, dk, dv)
+    return tuple(g.transpose(1, 2) for g in grads)
+
+
 _KERNELS = {
     "math": (_math_forward, _math_backward),
     "flash_cpu": (_flash_cpu_forward, _flash_cpu_backward),
@@ -301,6 +406,7 @@ _KERNELS = {
     "flash": (_flash_forward, _flash_backward),
     "efficient": (_efficient_forward, _efficient_backward),
     "flash_attn": (_flash_attn_forward, _flash_attn_backward),
+    "fa4": (_fa4_forward, _fa4_backward),
 }
 assert tuple(_KERNELS) == BACKENDS
 
@@ -352,8 +458,16 @@ def _math_masked_backward(dout, q, k, v, out, lse, mask, scale):
     return _math_backward(dout, q, k, v, out, lse, False, scale, mask)
 
 
-def _masked_kernels(backend: str, n_q: int, n_k: int):
-    """(forward, backward) for a block under a bool mask: cuDNN's (with a bias) or math's."""
+@functools.cache
+def _cudnn_usable(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    return unsupported_reason("cudnn", device, dtype, head_dim) is None
+
+
+def _masked_kernels(backend: str, n_q: int, n_k: int, q: torch.Tensor):
+    """(forward, backward) for a block under a bool mask: cuDNN's (with a bias) or math's. FA4
+    takes no bool mask here: its blocks go to cuDNN where cuDNN runs."""
+    if backend == "fa4" and _cudnn_usable(q.device, q.dtype, q.shape[-1]):
+        backend = "cudnn"
     if _kernel(backend, n_q, n_k) == "cudnn":
         return _cudnn_masked_forward, _cudnn_masked_backward
     return _math_masked_forward, _math_masked_backward
@@ -375,7 +489,7 @@ def attention_forward(q, k, v, *, causal: bool = False, scale: float | None = No
         lse_dtype = torch.promote_types(q.dtype, torch.float32)
         return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), dtype=lse_dtype, device=q.device)
     if mask is not None:
-        forward, _ = _masked_kernels(backend, n_q, n_k)
+        forward, _ = _masked_kernels(backend, n_q, n_k, q)
         return forward(q, k[:, :, :n_k], v[:, :, :n_k], mask[..., :n_k], scale)
     forward, _ = _KERNELS[_kernel(backend, n_q, n_k)]
     out, lse = forward(q[:, :, :n_q], k[:, :, :n_k], v[:, :, :n_k], causal, scale)
@@ -392,7 +506,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False, scale: 
     # A row that saw no key (lse = -inf, out = 0) must contribute nothing: P = exp(s - inf) = 0.
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
     if mask is not None:
-        _, backward = _masked_kernels(backend, n_q, n_k)
+        _, backward = _masked_kernels(backend, n_q, n_k, q)
         dq, dk, dv = backward(dout.to(q.dtype), q, k[:, :, :n_k], v[:, :, :n_k], out, lse,
                               mask[..., :n_k], scale)
         return (dq.to(q.dtype), _pad_rows(dk, k.shape[2], 0.0).to(k.dtype),
@@ -419,6 +533,7 @@ _CUDA_LIMITS = {
     "flash": (_HALF, 256, 80),
     "efficient": ((torch.float32, *_HALF), 512, 50),
     "flash_attn": (_HALF, 256, 80),
+    "fa4": (_HALF, 256, 90),
 }
 
 
@@ -429,6 +544,9 @@ def _missing(name: str) -> str | None:
         return "cuDNN is not available"
     if name == "flash_attn" and _flash_attn_ops() is None:
         return "flash-attn (>= 2.7) is not importable"
+    if name == "fa4":
+        module, why_not = _fa4_module()
+        return why_not if module is None else None
     return None
 
 
@@ -456,15 +574,31 @@ def unsupported_reason(name: str, device, dtype: torch.dtype, head_dim: int) -> 
         return f"head dim {head_dim} is not a multiple of 8 up to {max_head_dim}"
     if _sm(device) < min_sm:
         return f"needs sm{min_sm}+, this GPU is sm{_sm(device)}"
+    if name == "fa4":
+        reason = _fa4_arch_reason(_sm(device), head_dim)
+        if reason:
+            return reason
     return _missing(name)
+
+
+def _fa4_arch_reason(sm: int, head_dim: int) -> str | None:
+    """FlashAttention-4's own limits (flash_attn.cute.interface._validate_head_dims, 4.0.0b36):
+    its backward runs on sm90, sm100/sm110 and sm120; seqshard uses the sm90 and sm100 kernels
+    (the ones its kernels were tuned for); head dims up to 256 on sm90, up to 128 or 256 on sm100."""
+    if sm // 10 not in (9, 10):
+        return f"seqshard uses FlashAttention-4's sm90 and sm100 kernels, this GPU is sm{sm}"
+    if sm // 10 == 10 and not (head_dim <= 128 or head_dim == 256):
+        return f"FlashAttention-4 on sm{sm} takes head dims up to 128 or 256, not {head_dim}"
+    return None
 
 
 def _preference(device: torch.device) -> tuple[str, ...]:
     if device.type == "cpu":
         return ("flash_cpu", "math")
     if device.type == "cuda":
+        # FlashAttention-4 runs 1.13-1.16x cuDNN on an H200 (docs/anchors.md), when installed;
         # cuDNN is the fastest SDPA kernel on Hopper (docs/runtime-measurements.md).
-        first = ("cudnn", "flash") if _sm(device) >= 90 else ("flash", "cudnn")
+        first = ("fa4", "cudnn", "flash") if _sm(device) >= 90 else ("flash", "cudnn")
         return (*first, "flash_attn", "efficient", "math")
     return ("math",)
 
@@ -479,16 +613,20 @@ def select_backend(device, dtype: torch.dtype, head_dim: int, *, override: str |
             raise ValueError(f"attention backend {name!r} cannot run {dtype} head dim {head_dim} on "
                              f"{device}: {reason}")
         return name
+    passed = []
     for name in _preference(device):
-        if unsupported_reason(name, device, dtype, head_dim) is None:
-            _log_choice(name, device.type, dtype, head_dim)
+        reason = unsupported_reason(name, device, dtype, head_dim)
+        if reason is None:
+            _log_choice(name, device.type, dtype, head_dim, tuple(passed))
             return name
+        passed.append(f"{name}: {reason}")
     raise AssertionError("math always applies")
 
 
 @functools.cache
-def _log_choice(name, device_type, dtype, head_dim):
-    log.info("attention backend %s for %s %s head dim %d", name, device_type, dtype, head_dim)
+def _log_choice(name, device_type, dtype, head_dim, passed: tuple[str, ...] = ()):
+    log.info("attention backend %s for %s %s head dim %d%s", name, device_type, dtype, head_dim,
+             f" (preferred before it: {'; '.join(passed)})" if passed else "")
 
 
 def backend_report(device, dtype: torch.dtype, head_dim: int) -> dict[str, str]:
