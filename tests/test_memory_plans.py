@@ -288,7 +288,8 @@ def test_optimizer_state_offloaded_to_the_host(llama8b_32k):
     (ZeRO-Offload) the GPU holds 30 GiB of state and the plan fits, paying the host traffic and
     the CPU's AdamW step in the predicted step."""
     with pytest.raises(Infeasible, match=r"119\.7 GiB of it parameters"):
-        plan_captured(llama8b_32k, cluster="h200x1")
+        # (with every layer's inputs on the host it squeezes in: 126.1 of 126.4 GiB)
+        plan_captured(llama8b_32k, cluster="h200x1", offload=False)
     p = plan_captured(llama8b_32k, cluster="h200x1", model_state="offload")
     assert p.predicted.peak_memory_bytes <= 0.9 * Cluster.parse("h200x1").gpu.hbm_capacity
     assert any("host memory (104.7 GiB per GPU" in n for n in p.notes), p.notes

@@ -9,6 +9,7 @@ Python source (`pm.code`).
         replace attention            (the plan's distributed algorithm, from its registry entry)
         seed replicated outputs once (scale_grad) and sum parameter gradients (sum_grad)
     recompute_layers(program.gm, plan.recompute)      # each recomputed layer: a checkpointed submodule
+                                                      # (inputs on the host where offloaded)
     chunk_losses(program.gm, plan.chunks)             # LM head + loss in checkpointed token chunks
 
 This is emission, not a sequence of graph passes: one walk over the captured graph writes a new
@@ -36,7 +37,7 @@ def apply_plan(dims: DimAnalysis, plan: Plan, mesh: MeshInfo) -> Program:
     strategies = resolve_plan(dims, plan, mesh.sizes)
     program = Sharder(dims, strategies, mesh, orders_of(dims, plan)).run()
     if plan.recompute:
-        recompute_layers(program.gm, plan.recompute)
+        recompute_layers(program.gm, plan.recompute, plan.offload)
     if plan.chunks:
         chunk_losses(program.gm, plan.chunks)
     return program

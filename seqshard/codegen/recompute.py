@@ -13,7 +13,9 @@ every node it emits, redistributions included, from the captured node being rewr
 into a submodule `recompute_<layer>`, a GraphModule whose inputs are the values the layer reads
 from outside and whose outputs are the values read after it. The call goes through
 `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`: the forward keeps only the
-submodule's inputs, and backward runs the submodule again to rebuild what its ops saved.
+submodule's inputs, and backward runs the submodule again to rebuild what its ops saved. A
+layer the plan offloads calls `seqshard.runtime.offload.offloaded_checkpoint(fn, *inputs)`
+instead: the same checkpoint, its kept inputs in host memory between forward and backward.
 
 Collectives and seqshard's custom ops inside a layer run again in backward. That stays matched
 across ranks because every rank runs the same program, and autograd reaches the same layer at
@@ -36,6 +38,7 @@ import torch.fx as fx
 from torch.utils.checkpoint import checkpoint
 
 from seqshard.runtime import sharding as rt
+from seqshard.runtime.offload import offloaded_checkpoint
 from seqshard.strategies import PlanError
 
 __all__ = ["recompute_layers", "in_layer", "chunk_losses", "chunked", "masked_labels",
@@ -48,8 +51,10 @@ def in_layer(module: str | None, layer: str) -> bool:
     return module is not None and (module == layer or module.startswith(layer + "."))
 
 
-def recompute_layers(gm: fx.GraphModule, layers: tuple[str, ...]) -> fx.GraphModule:
-    """`gm` with each of `layers` wrapped in a checkpointed submodule (in place; returned)."""
+def recompute_layers(gm: fx.GraphModule, layers: tuple[str, ...],
+                     offload: tuple[str, ...] = ()) -> fx.GraphModule:
+    """`gm` with each of `layers` wrapped in a checkpointed submodule (in place; returned); those
+    also in `offload` keep their inputs in host memory (`offloaded_checkpoint`)."""
     g = gm.graph
     for layer in layers:
         members = [n for n in g.nodes if in_layer(n.meta.get("module"), layer)]
@@ -57,7 +62,7 @@ def recompute_layers(gm: fx.GraphModule, layers: tuple[str, ...]) -> fx.GraphMod
             raise PlanError(f"the plan recomputes {layer!r}, but this model has no layer "
                             "there (the plan was made for a different model)")
         region = _gather(g, members)
-        _checkpoint(gm, layer, region)
+        _checkpoint(gm, layer, region, layer in offload)
     g.lint()
     gm.recompile()
     return gm
@@ -107,9 +112,9 @@ def _reaches_to(span: list[fx.Node], region: set) -> set:
     return out - region
 
 
-def _checkpoint(gm: fx.GraphModule, layer: str, region: list[fx.Node]) -> None:
+def _checkpoint(gm: fx.GraphModule, layer: str, region: list[fx.Node], offload: bool = False) -> None:
     """Move `region` (consecutive nodes of gm.graph) into a submodule called through
-    `checkpoint`."""
+    `checkpoint` (`offloaded_checkpoint` where its inputs are offloaded)."""
     g = gm.graph
     inside = set(region)
     inputs = list(dict.fromkeys(x for n in region for x in n.all_input_nodes if x not in inside))
@@ -123,7 +128,8 @@ def _checkpoint(gm: fx.GraphModule, layer: str, region: list[fx.Node]) -> None:
     gm.add_submodule(name, fx.GraphModule(gm, sub, class_name=name))
     with g.inserting_before(region[0]):
         fn = g.get_attr(name)
-        call = g.call_function(checkpoint, (fn, *inputs), {"use_reentrant": False})
+        call = g.call_function(offloaded_checkpoint, (fn, *inputs)) if offload else \
+            g.call_function(checkpoint, (fn, *inputs), {"use_reentrant": False})
         call.name = g._graph_namespace.create_name(f"checkpoint_{name[len('recompute_'):]}", None)
         call.meta["module"] = layer
         fn.meta["module"] = layer

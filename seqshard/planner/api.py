@@ -32,7 +32,8 @@ def plan(model, example_inputs, *, cluster=None, mesh: tuple[tuple[str, int], ..
         moments, 16 bytes a bf16 parameter, the default; "adamw-pure": moments in the parameter
         dtype and no master copy, what torch.optim.AdamW keeps for bf16 parameters, 8 bytes;
         see `costmodel.compute.OPTIMIZERS`), recompute (may the solver recompute layers;
-        default True), time_limit, verbose."""
+        default True), offload (may it keep recomputed layers' inputs in host memory; default
+        True), time_limit, verbose."""
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     dims = analyze(capture(model, example_inputs), axes)
@@ -43,7 +44,8 @@ def plan(model, example_inputs, *, cluster=None, mesh: tuple[tuple[str, int], ..
 
 def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
                   memory_budget=None, training=True, model_state: str = "replicated",
-                  recompute: bool = True, time_limit: float = 60.0, verbose: bool = False,
+                  recompute: bool = True, offload: bool = True, time_limit: float = 60.0,
+                  verbose: bool = False,
                   optimizer: str = "adamw") -> Plan:
     """Plan a captured model: enumerate strategies, price them, solve (see `solver`)."""
     t0 = time.perf_counter()
@@ -67,7 +69,7 @@ def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
     say = (lambda msg: print(f"[plan {time.perf_counter() - t0:5.1f}s] {msg}", flush=True)) \
         if verbose else None
     pb = solver.build_problem(dims, costs, mesh, overrides, model_state, progress=say,
-                              recompute=recompute, optimizer=optimizer)
+                              recompute=recompute, offload=offload, optimizer=optimizer)
     if say:
         say(f"{len(pb.strategies)} template nodes (of {sum(pb.mult.values())}), "
             f"{sum(len(s) for s in pb.strategies.values())} strategies, {len(pb.tensors)} "

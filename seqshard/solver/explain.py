@@ -10,7 +10,7 @@ from seqshard.strategies import (Cost, NodePlan, Plan, Predicted, Split, Strateg
                                  plan_nodes)
 
 from .clusters import layer_of
-from .model import Solution, chosen_moves, class_figures
+from .model import IN_FLIGHT, Solution, chosen_moves, class_figures
 from .problem import CHUNK_BYTES, Problem
 
 __all__ = ["to_plan", "explain_all"]
@@ -33,9 +33,14 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
         r[1] += sent * share
         r[2] += 0.0 if again else kept * share
     inputs = {}  # the first node of a recomputed layer is charged the tensors the layer keeps
+    fetch = {}   # ...or, offloaded, the seconds of copying them back from the host
+    offloaded = {unit for c in sol.offload for unit in pb.classes[c].layers}
     for layer in recomputed:
         inputs[layer] = sum(pb.costs.bytes(x, _out(strategies[u], idx))
                             for u, idx, x in pb.layer_inputs.get(layer, ()))
+        if layer in offloaded:
+            fetch[layer] = inputs[layer] / pb.costs.gpu.host_bandwidth
+            inputs[layer] = 0.0
     nodes, total_comm, compute_s, comm_s = [], 0.0, 0.0, 0.0
     for n in plan_nodes(dims):
         t = pb.template[n]
@@ -48,7 +53,7 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
         if unit in inputs:
             mem += inputs.pop(unit)
         f = pb.forward[(t, sol.choice[t])] if pb.node_class.get(t) in sol.recompute else Cost()
-        cost = Cost(c.compute_s + f.compute_s, c.comm_s + f.comm_s,
+        cost = Cost(c.compute_s + f.compute_s, c.comm_s + f.comm_s + fetch.pop(unit, 0.0),
                     c.redistribute_s + f.redistribute_s + r[0], mem + r[2], c.comm_bytes + r[1],
                     c.transient_bytes)
         total_comm += cost.comm_bytes
@@ -69,7 +74,8 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
     notes = list(notes) + _memory_notes(pb, sol)
     plan = Plan(mesh=pb.mesh, nodes=tuple(nodes),
                 orders=tuple(sorted((f, o) for f, o in orders.items() if f in used)),
-                predicted=predicted, notes=tuple(notes), recompute=layers, chunks=chunks)
+                predicted=predicted, notes=tuple(notes), recompute=layers, chunks=chunks,
+                offload=tuple(layer for layer in layers if layer in offloaded))
     plan.explanations.update(explain_all(pb, sol))
     plan.explanations.update(explain_recompute(pb, sol))
     return plan
@@ -99,7 +105,8 @@ def _memory_notes(pb: Problem, sol: Solution) -> list[str]:
     chunked = m.recompute_class and pb.classes[m.recompute_class].kind == "chunk"
     if m.recompute_class:
         parts.append(f"{_gib(m.recompute)} of one " + ("chunk's" if chunked else "recomputed "
-                     "layer's") + " activations made again")
+                     "layer's") + " activations made again"
+                     + (" (with offloaded inputs on the GPU)" if m.recompute_class in sol.offload else ""))
     if m.transient_node is not None:
         n = m.transient_node
         parts.append(f"{_gib(m.transient)} working set of {pb.dims.cap.module_path(n) or n.name} "
@@ -126,7 +133,19 @@ def _memory_notes(pb: Problem, sol: Solution) -> list[str]:
                          f"instead of {_gib(f.kept)} of activations, saving "
                          f"{_gib((f.kept - f.inputs) * k)} in all, for {f.forward_s * k * 1e3:.1f} ms "
                          "more per step (the forward again in backward)")
+            if c in sol.offload:
+                notes.append(_offload_note(pb, c, f))
     return notes
+
+
+def _offload_note(pb: Problem, c: str, f) -> str:
+    k = len(pb.classes[c].layers)
+    return (f"offload {_span(pb, c)}: their inputs ({_gib(f.inputs)} each) live in host memory "
+            f"until their backward: {_gib(f.inputs * k)} less on the GPU (but for "
+            f"{IN_FLIGHT} layers' worth being copied), {_gib(f.inputs * k)} of host memory, for "
+            f"{f.fetch_s * k * 1e3:.1f} ms more per step (copied back in backward at "
+            f"{pb.costs.gpu.host_bandwidth / 1e9:.0f} GB/s before each layer's rerun; the copy "
+            "out in forward overlaps compute on a side stream)")
 
 
 def explain_recompute(pb: Problem, sol: Solution) -> dict[str, str]:
@@ -152,8 +171,18 @@ def explain_recompute(pb: Problem, sol: Solution) -> dict[str, str]:
                  f"  recompute:        {_gib(f.inputs)} per layer kept (its inputs), "
                  f"+{f.forward_s * 1e3:.3f} ms per layer ({f.forward_s * k * 1e3:.1f} ms per step) "
                  f"for the forward again, {_gib(f.working)} live while one layer is recomputed"
-                 + ("  ← chosen" if chosen else "")]
-        if lc.forced:
+                 + ("  ← chosen" if chosen and c not in sol.offload else ""),
+                 f"  offload:          nothing kept on the GPU (its inputs in host memory), "
+                 f"+{(f.forward_s + f.fetch_s) * 1e3:.3f} ms per layer (the forward again and "
+                 f"{f.fetch_s * 1e3:.3f} ms copying its inputs back), {_gib(f.working + IN_FLIGHT * f.inputs)} live"
+                 + ("  ← chosen" if c in sol.offload else "")]
+        if lc.offload:
+            why = "an override asks for it."
+        elif c in sol.offload:
+            why = (f"the memory budget ({_gib(budget)}) needs it: recomputing with the inputs on "
+                   f"the GPU does not fit; the predicted peak is {_gib(sol.memory_bytes)} with it."
+                   if budget else "it is in the plan.")
+        elif lc.forced:
             why = "an override asks for it."
         elif chosen:
             why = (f"the memory budget ({_gib(budget)}) needs it: the predicted peak is "
@@ -163,7 +192,7 @@ def explain_recompute(pb: Problem, sol: Solution) -> dict[str, str]:
         else:
             why = (f"the plan fits the budget ({_gib(budget)}; peak {_gib(sol.memory_bytes)}) "
                    "without it, and keeping is faster." if budget else "keeping is faster.")
-        lines.append(f"  chosen: {'recompute' if chosen else 'keep'} - {why}")
+        lines.append(f"  chosen: {'offload' if c in sol.offload else 'recompute' if chosen else 'keep'} - {why}")
         text = "\n".join(lines)
         for layer in lc.layers:
             if layer in firsts:

@@ -27,9 +27,14 @@ Variables
                            redistribution from i's output layout to l runs (and costs)
     r[c] ∈ {0,1}           the layers of class c are recomputed: each keeps only its inputs I_c
                            and runs its forward again in backward (activation checkpointing)
+    o[c] ∈ {0,1}           ...and keep those inputs in host memory until their backward (offload;
+                           layer classes only, o[c] ≤ r[c]); g[c] = r[c] − o[c] ∈ {0,1}: recomputed
+                           with its inputs kept on the GPU (a variable of its own, so that every
+                           memory coefficient stays positive)
     ρ[n,i,c] ∈ {0,1}       x[n,i] ∧ r[c], made only where a term needs it (time, kept inputs)
     ν[n,i,c] ∈ {0,1}       x[n,i] ∧ ¬r[c]: n's output still kept by c's consumers (memory)
     ρw, νw [t,i,l]         the same for w[t,i,l] and r[κ(t)]
+    γ[u,i,c], ω[u,i,c]     x[u,i] ∧ g[c], x[u,i] ∧ o[c]: an input of c kept on the GPU, on the host
     W ∈ ℕ                  bytes: the working set of recomputing one layer
 
     Tensors t are clustered like nodes: the same output of the same template node with the
@@ -40,11 +45,15 @@ Variables
 Objective (integer nanoseconds; every cost from `strategies.Costs` is in seconds)
     min  Σ_n m_n Σ_i t(n,i)·x[n,i]  +  Σ_t m_t Σ_il r(t,i,l)·w[t,i,l]
        + Σ_c Σ_{n∈N_c} m_n Σ_i f(n,i)·ρ[n,i,c]  +  Σ_{t: κ(t)≠none} m_t Σ_il f(t,i,l)·ρw[t,i,l]
+       + Σ_c Σ_{u∈I_c} k_in(u,c) Σ_i b(u,i)/host_bandwidth·ω[u,i,c]
     t: compute (+ backward when training) and the node's own communication (attention
     algorithms, with their overlap); r: the redistribution (and its adjoint in backward).
     f: the forward alone, run again in backward: compute, the node's own communication (a
     ring's passes, Ulysses' all-to-alls) and the forward collective of a redistribution emitted
-    inside the layer (`Costs` with training=False).
+    inside the layer (`Costs` with training=False). An offloaded input costs its copy back in
+    backward (b / host_bandwidth, exposed: the rerun of the layer waits for it); its copy out in
+    forward runs on a side stream beside the compute and is not priced (it takes PCIe bandwidth,
+    not compute: a layer's forward at long sequences takes longer than copying its input).
     Inputs and parameters are replicated and enter as a cost on their consumer's strategies.
 
 Constraints
@@ -53,7 +62,11 @@ Constraints
     moves    x[u,i] ∧ z[t,l] → w[t,i,l]                           → `_add_tensors`
     and      ρ ≤ x,  ρ ≤ r[c],  ρ ≥ x + r[c] − 1;  ν ≤ x,  ν ≤ 1 − r[c],  ν ≥ x − r[c]
              (exact both ways; memory has only positive coefficients)
-                                                                  → `_and`, `_and_not`
+                                                                  → `_and`, `_and_not`, `_both`
+    offload  o[c] + g[c] = r[c]; o[c] = 1 where an override says `offload`, 0 for chunk regions
+             and where the planner may not offload               → `_add_offload` ("offload[c]")
+    host     Σ_c Σ_{u∈I_c} k_in(u,c) Σ_i b(u,i)·ω[u,i,c] ≤ host capacity − optimizer state there
+                                                                  → `_add_offload` ("host")
     forced   r[c] = 1 where an override says `recompute`; r[c] = 0 for the others when the
              planner may not recompute                            → `_add_recompute`
     chunks   r[c] → no redistribution between two nodes of a chunk region c (one program runs
@@ -63,10 +76,13 @@ Constraints
              (one layer's activations, live again while it is recomputed; for a chunk region
              each term is at most CHUNK_BYTES: one chunk's, `_live`)
                                                                   → `_add_recompute` ("working[c]")
+             o[c] → W ≥ the same + IN_FLIGHT · Σ_{u∈I_c} k_in(u,c)/|c| Σ_i b(u,i)·x[u,i]
+             (offloaded inputs on the GPU while copied: the layer being recomputed and one more)
+                                                                  → `_add_recompute` ("in_flight[c]")
     memory   state + A + W + transient(n,i)·x[n,i] ≤ budget  for every n, i
              A = Σ_n Σ_i a(n,i)·(k(n,none)·x[n,i] + Σ_c k(n,c)·ν[n,i,c])
                + Σ_t m_t Σ_il a(t,i,l)·(w[t,i,l] if κ(t) = none else νw[t,i,l])
-               + Σ_c Σ_{u∈I_c} k_in(u,c) Σ_i b(u,i)·ρ[u,i,c]      → `_add_memory` ("memory")
+               + Σ_c Σ_{u∈I_c} k_in(u,c) Σ_i b(u,i)·γ[u,i,c]      → `_add_memory` ("memory")
              a: activation bytes kept for backward (training), by the node's output or by the
              redistributed copy a consumer keeps; b: the bytes of a tensor entering a layer in
              its producer's layout, what a recomputed layer keeps instead; state: parameters,
@@ -77,7 +93,8 @@ Constraints
 
 The memory estimate is one point in the step: everything kept for backward is alive at once
 (the end of the forward), plus the largest working set: what one node needs while it runs
-(gathered K/V, buffers) and, when some class recomputes, one layer's activations made again.
+(gathered K/V, buffers) and, when some class recomputes, one layer's activations made again
+(with its inputs, and the next one's, when they come from the host).
 It does not count activation gradients, the allocator's slack, or temporaries inside ops.
 
 Solving (`solve`): first the fastest plan with memory left out and r[c] = 0 where no override
@@ -101,9 +118,13 @@ from seqshard.strategies import PlanError
 from .problem import CHUNK_BYTES, Problem
 
 __all__ = ["Model", "Solution", "Memory", "ClassFigures", "solve", "Infeasible", "NS",
-           "memory_of", "class_figures", "chosen_moves"]
+           "memory_of", "class_figures", "chosen_moves", "IN_FLIGHT"]
 
 NS = 1e9
+
+IN_FLIGHT = 2
+"""Layers' worth of offloaded inputs on the GPU at once: the one fetched back for the layer being
+recomputed, and one more being copied (out in forward, back in backward)."""
 
 
 class Infeasible(ValueError):
@@ -120,6 +141,7 @@ class Memory:
     transient: float = 0.0      # the largest working set of one node
     recompute_class: str | None = None   # the class whose layer that is
     transient_node: object = None        # the template node with that working set
+    host: float = 0.0           # offloaded layer inputs, in host memory (not in the peak)
 
     @property
     def peak(self) -> float:
@@ -136,6 +158,7 @@ class Solution:
     recompute: frozenset = frozenset()   # names of the layer classes recomputed
     memory: Memory | None = None
     budget: float | None = None
+    offload: frozenset = frozenset()     # of those, the classes whose inputs live on the host
 
 
 class Model:
@@ -149,6 +172,8 @@ class Model:
         self.x: dict = {}
         self.w: dict = {}
         self.r: dict = {}
+        self.o: dict = {}
+        self.g: dict = {}
         self.rho: dict = {}
         self.keep: dict = {}
         self.z: dict = {}
@@ -156,6 +181,7 @@ class Model:
         self._add_choice()
         self._add_tensors()
         self._add_recompute()
+        self._add_offload()
         self.memory_terms = self._memory_terms()
         if budget is not None:
             self._add_memory(budget)
@@ -207,6 +233,67 @@ class Model:
             self.keep[(name, c)] = v
         return self.keep[(name, c)]
 
+    def _both(self, a, b, name: str):
+        """a ∧ b for a literal b (a variable, its negation, or the constant 0 or 1), exact, made
+        once per (a, b)."""
+        if isinstance(b, int):
+            return a if b else 0
+        key = (name, b.Name() if hasattr(b, "Name") else str(b))
+        if key not in self.rho:
+            v = self.m.NewBoolVar(f"and[{name},{key[1]}]")
+            self.m.AddImplication(v, a).with_name(f"and[{name},{key[1]}]")
+            self.m.AddImplication(v, b).with_name(f"and[{name},{key[1]}]")
+            self.m.AddBoolOr([a.Not(), b.Not(), v]).with_name(f"and[{name},{key[1]}]")
+            self.rho[key] = v
+        return self.rho[key]
+
+    def _offload_choice(self, c: str, lc):
+        """o[c] (offload, forced by an override or free where allowed) and g[c] = r[c] − o[c]."""
+        r = self.r[c]
+        if lc.kind != "layer" or _off(r):
+            self.o[c], self.g[c] = 0, r
+        elif lc.offload:  # `offload` implies `recompute`: r[c] is the constant 1
+            self.o[c], self.g[c] = 1, 0
+        elif not (self.allow and self.pb.offload_allowed):
+            self.o[c], self.g[c] = 0, r
+        else:
+            o = self.o[c] = self.m.NewBoolVar(f"o[{c}]")
+            if isinstance(r, int):
+                self.g[c] = o.Not()
+            else:
+                g = self.g[c] = self.m.NewBoolVar(f"g[{c}]")
+                self.m.Add(g + o == r).with_name(f"offload[{c}]")
+
+    def _in_flight(self, c: str):
+        """(x[u,i], bytes): IN_FLIGHT layers' worth of c's inputs, on the GPU while copied."""
+        pb, lc, out = self.pb, self.pb.classes[c], []
+        for (u, idx), (count, x) in lc.inputs.items():
+            for i, st in enumerate(pb.strategies[u]):
+                b = int(IN_FLIGHT * count / len(lc.layers) * pb.costs.bytes(x, st.output if idx is None else st.output[idx]))
+                if b:
+                    out.append((self.x[(u, i)], b))
+        return out
+
+    def _offloaded(self):
+        """(ω[u,i,c], bytes): the inputs of every offloadable class held in host memory."""
+        pb, out = self.pb, []
+        for c, lc in pb.classes.items():
+            if _off(self.o[c]):
+                continue
+            for (u, idx), (count, x) in lc.inputs.items():
+                for i, st in enumerate(pb.strategies[u]):
+                    b = int(count * pb.costs.bytes(x, st.output if idx is None else st.output[idx]))
+                    if b:
+                        out.append((self._both(self.x[(u, i)], self.o[c], f"{u.name},{i}"), b))
+        return out
+
+    def _add_offload(self):
+        """The host memory that offloaded inputs take, beside the optimizer state kept there."""
+        terms = self._offloaded()
+        if terms:
+            room = int(self.pb.costs.gpu.host_capacity - self.pb.host_bytes)
+            self.m.Add(sum(b * v for v, b in terms) <= room).with_name("host")
+
     def _add_recompute(self):
         """r[c] per layer class (forced by overrides, or off when not allowed), and the working
         set W of recomputing one layer: its activations, live again during its backward."""
@@ -215,6 +302,7 @@ class Model:
             return
         for c, lc in pb.classes.items():  # forced: the constant 1; not allowed: 0
             self.r[c] = 1 if lc.forced else self.m.NewBoolVar(f"r[{c}]") if self.allow else 0
+            self._offload_choice(c, lc)
         one_layer = {c: [] for c in pb.classes}
         for (n, i), cost in pb.node_cost.items():
             for c, k in pb.kept_by.get(n, {}).items():
@@ -236,13 +324,20 @@ class Model:
                 else:
                     self.m.AddBoolOr([self.x[(key[0], i)].Not(), self.z[(key, l)].Not(), r.Not()]) \
                         .with_name(f"whole_chunks[{c}]")
-        top = max((sum(k for _, k in terms) for terms in one_layer.values()), default=0)
+        flight = {c: self._in_flight(c) for c in pb.classes if not _off(self.o[c])}
+        top = max((sum(k for _, k in terms) + sum(k for _, k in flight.get(c, ()))
+                   for c, terms in one_layer.items()), default=0)
         self.W = self.m.NewIntVar(0, max(top, 0), "W")
         for c, terms in one_layer.items():
             if terms and not _off(self.r[c]):
                 bound = self.m.Add(self.W >= sum(k * v for v, k in terms)).with_name(f"working[{c}]")
                 if not isinstance(self.r[c], int):
                     bound.only_enforce_if(self.r[c])
+            if c in flight:
+                bound = self.m.Add(self.W >= sum(k * v for v, k in terms + flight[c])) \
+                    .with_name(f"in_flight[{c}]")
+                if not isinstance(self.o[c], int):
+                    bound.only_enforce_if(self.o[c])
 
     def _memory_terms(self):
         """(literal or variable, bytes) whose sum is the kept activations A plus W."""
@@ -265,7 +360,9 @@ class Model:
                     out = st.output if idx is None else st.output[idx]
                     b = int(count * pb.costs.bytes(x, out))
                     if b:
-                        terms.append((self._and(self.x[(u, i)], c, f"{u.name},{i}"), b))
+                        kept = self._and(self.x[(u, i)], c, f"{u.name},{i}") if _off(self.o[c]) \
+                            else self._both(self.x[(u, i)], self.g[c], f"{u.name},{i}")
+                        terms.append((kept, b))
         if self.W is not None:
             terms.append((self.W, 1))
         return [(v, c) for v, c in terms if c and not _off(v)]
@@ -294,6 +391,10 @@ class Model:
             if t and not _off(self.r[pb.tensors[k[0]].cls]):
                 w = self.w[k]
                 terms.append(t * self._and(w, pb.tensors[k[0]].cls, w.Name()))
+        for v, b in self._offloaded():  # an offloaded input, copied back in backward
+            t = int(round(b / pb.costs.gpu.host_bandwidth * NS))
+            if t:
+                terms.append(t * v)
         return sum(terms)
 
     def solve(self, objective, seconds: float, workers: int, gap: float = 1e-4) -> Solution:
@@ -311,13 +412,14 @@ class Model:
         choice = {n: next(i for i in range(len(sts)) if solver.Value(self.x[(n, i)]))
                   for n, sts in self.pb.strategies.items()}
         recompute = frozenset(c for c, r in self.r.items() if (r if isinstance(r, int) else solver.Value(r)))
-        memory = memory_of(self.pb, choice, recompute)
+        offload = frozenset(c for c, o in self.o.items() if (o if isinstance(o, int) else solver.Value(o)))
+        memory = memory_of(self.pb, choice, recompute, offload)
         # the linearization bounds the direct count: equal, but for W (a bound) and moves
         # whose w is 1 where no consumer needs them (free when their time rounds to 0 ns)
         kept = sum(c * solver.Value(v) for v, c in self.memory_terms if v is not self.W)
         assert memory.kept <= kept + len(self.memory_terms) + 1e-9 * kept, (kept, memory)
         return Solution(choice, solver.ObjectiveValue() / NS, memory.peak, name, elapsed,
-                        recompute, memory, self.budget)
+                        recompute, memory, self.budget, offload)
 
 
 def _live(pb: Problem, c: str, kept: float) -> float:
@@ -347,6 +449,7 @@ class ClassFigures:
     inputs: float       # what it keeps when recomputed: the tensors entering it
     working: float      # one layer's activations, live again while it is recomputed
     forward_s: float    # the forward run again in backward (compute, communication)
+    fetch_s: float = 0.0  # its inputs copied back from the host in backward, when offloaded
 
 
 def class_figures(pb: Problem, choice: dict) -> dict[str, ClassFigures]:
@@ -374,26 +477,33 @@ def class_figures(pb: Problem, choice: dict) -> dict[str, ClassFigures]:
             st = pb.strategies[u][choice[u]]
             inputs += count * pb.costs.bytes(x, st.output if idx is None else st.output[idx])
         k = len(lc.layers)
-        out[c] = ClassFigures(kept / k, inputs / k, working, fwd / k)
+        out[c] = ClassFigures(kept / k, inputs / k, working, fwd / k,
+                              inputs / k / pb.costs.gpu.host_bandwidth)
     return out
 
 
-def memory_of(pb: Problem, choice: dict, recompute=frozenset()) -> Memory:
+def memory_of(pb: Problem, choice: dict, recompute=frozenset(), offload=frozenset()) -> Memory:
     """The peak the memory constraint sees, counted directly from a choice (the CP-SAT model
-    must agree; `Model.solve` asserts it), and where it is reached."""
+    must agree; `Model.solve` asserts it), and where it is reached. `offload` ⊆ `recompute`:
+    classes whose inputs are in host memory (IN_FLIGHT layers' worth on the GPU)."""
     kept = sum(pb.mult[n] * pb.node_cost[(n, i)].memory_bytes for n, i in choice.items())
     kept += sum(pb.tensors[key].mult * b for (key, _, _), (_, _, b) in chosen_moves(pb, choice))
     figures = class_figures(pb, choice) if recompute else {}
-    working, where = 0.0, None
+    working, where, host = 0.0, None, 0.0
     for c in recompute:
         f, k = figures[c], len(pb.classes[c].layers)
         kept += (f.inputs - f.kept) * k
-        if f.working > working or where is None:
-            working, where = f.working, c
+        live = f.working
+        if c in offload:
+            kept -= f.inputs * k
+            host += f.inputs * k
+            live += IN_FLIGHT * f.inputs
+        if live > working or where is None:
+            working, where = live, c
     transient = max(((pb.node_cost[(n, i)].transient_bytes, n) for n, i in choice.items()),
                     default=(0.0, None), key=lambda p: p[0])
     return Memory(pb.static_bytes, kept, working, transient[0], where,
-                  transient[1] if transient[0] else None)
+                  transient[1] if transient[0] else None, host)
 
 
 def solve(pb: Problem, budget: float | None, *, seconds: float = 60.0, workers: int = 8,
@@ -421,6 +531,7 @@ def solve(pb: Problem, budget: float | None, *, seconds: float = 60.0, workers: 
         least = Model(pb, None)
         floor = least.solve(sum(c * v for v, c in least.memory_terms), seconds, workers)
         how = ("" if not pb.classes else ", recomputing the layers where that saves memory"
+               + (" and keeping their inputs in host memory" if pb.offload_allowed else "")
                if pb.recompute_allowed else ", without recompute")
         raise Infeasible(
             f"no plan fits {budget / 2**30:.1f} GiB per GPU: the least memory any plan needs is "

@@ -16,6 +16,8 @@ it sets. A spec is a list of terms:
     zigzag | contig the order of the split factors of this spec (zigzag balances causal work)
     recompute       on a layer (a module path ending in an index, `layers.3`): keep only its
                     inputs for backward and run its forward again there (activation checkpointing)
+    offload         on a layer: recompute it, and keep its inputs in host memory until its
+                    backward (copied out on a side stream in forward, back in backward)
     chunk | chunk:K on an LM head whose logits feed a cross-entropy (`lm_head`): run the head and
                     the loss in chunks of tokens (K of them; default: the planner sizes them)
 
@@ -48,12 +50,14 @@ class Spec:
     order: str | None = None
     recompute: bool | None = None
     chunk: int | None = None       # chunk count; 0: the planner's
+    offload: bool | None = None    # recompute, its inputs in host memory
 
     def merged(self, later: "Spec") -> "Spec":
         return Spec(later.splits if later.splits is not None else self.splits,
                     later.algorithm or self.algorithm, later.order or self.order,
                     later.recompute if later.recompute is not None else self.recompute,
-                    later.chunk if later.chunk is not None else self.chunk)
+                    later.chunk if later.chunk is not None else self.chunk,
+                    later.offload if later.offload is not None else self.offload)
 
     def assign(self, axis_names: tuple[str, ...]) -> dict[str, str]:
         """axis → factor name."""
@@ -71,7 +75,7 @@ class Spec:
 
 
 def parse_spec(text: str) -> Spec:
-    splits, algorithm, order, recompute, chunk = None, None, None, None, None
+    splits, algorithm, order, recompute, chunk, offload = None, None, None, None, None, None
     for term in text.replace(",", " ").split():
         if term.startswith("split:"):
             body = term[len("split:"):]
@@ -87,6 +91,8 @@ def parse_spec(text: str) -> Spec:
             order = term
         elif term == "recompute":
             recompute = True
+        elif term == "offload":
+            recompute = offload = True
         elif term == "chunk" or term.startswith("chunk:"):
             count = term[len("chunk:"):] if term != "chunk" else "0"
             if not count.isdigit() or (term != "chunk" and int(count) < 1):
@@ -95,8 +101,8 @@ def parse_spec(text: str) -> Spec:
         else:
             raise ValueError(f"unknown override term {term!r} in {text!r}; terms are split:F, "
                              f"split:F@AXIS, replicate, {', '.join(NAMES)}, {', '.join(ORDERS)}, "
-                             "recompute, chunk, chunk:K")
-    return Spec(splits, algorithm, order, recompute, chunk)
+                             "recompute, offload, chunk, chunk:K")
+    return Spec(splits, algorithm, order, recompute, chunk, offload)
 
 
 def spec_for(overrides: dict[str, str], module: str) -> Spec | None:

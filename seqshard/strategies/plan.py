@@ -89,11 +89,19 @@ class Plan:
     axes: tuple[tuple[str, str], ...] = ()        # (input name, its factor names "b t p c")
     recompute: tuple[str, ...] = ()               # layers (`layers.3`) run again in backward
     chunks: tuple[tuple[str, int], ...] = ()      # (loss node, k): LM head + loss in k chunks
+    offload: tuple[str, ...] = ()                 # recomputed layers whose inputs live on the host
+    chunked_modules: tuple[tuple[str, int], ...] = ()  # (module, k): a token-wise module in a
+    #                layer (`layers.3.mlp`) run in k chunks of tokens, each recomputed in backward
 
     def __post_init__(self):
         for f, o in self.orders:
             if o not in ORDERS:
                 raise ValueError(f"order of {f!r} must be one of {ORDERS}, got {o!r}")
+        for layer in self.offload:
+            if layer not in self.recompute:
+                raise ValueError(f"the plan offloads {layer!r} but does not recompute it: "
+                                 "offload moves what a recomputed layer keeps (its inputs) to "
+                                 "host memory; add it to `recompute`")
 
     # ------------------------------------------------------------------ access
     @property
@@ -143,7 +151,9 @@ class Plan:
                     notes=tuple(d.get("notes", ())), explanations=d.get("explanations", {}),
                     axes=tuple(tuple(a) for a in d.get("axes", ())),
                     recompute=tuple(d.get("recompute", ())),
-                    chunks=tuple(tuple(c) for c in d.get("chunks", ())))
+                    chunks=tuple(tuple(c) for c in d.get("chunks", ())),
+                    offload=tuple(d.get("offload", ())),
+                    chunked_modules=tuple(tuple(c) for c in d.get("chunked_modules", ())))
 
     def hash(self) -> str:
         """A stable hash of what the plan decides (not of its predictions). The input axes count
@@ -156,6 +166,10 @@ class Plan:
             key["recompute"] = list(self.recompute)
         if self.chunks:
             key["chunks"] = [list(c) for c in self.chunks]
+        if self.offload:
+            key["offload"] = list(self.offload)
+        if self.chunked_modules:
+            key["chunked_modules"] = [list(c) for c in self.chunked_modules]
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
     def with_mesh(self, mesh: tuple[tuple[str, int], ...]) -> "Plan":
@@ -209,8 +223,13 @@ class Plan:
         if self.recompute:
             text += ("recompute (inputs kept, forward run again in backward): "
                      + ", ".join(r[0] for r in _fold([(m,) for m in self.recompute])) + "\n")
+        if self.offload:
+            text += ("offload (a recomputed layer's inputs in host memory until its backward): "
+                     + ", ".join(r[0] for r in _fold([(m,) for m in self.offload])) + "\n")
         for loss, k in self.chunks:
             text += f"chunked: the LM head and {loss} run in {k} chunks of tokens\n"
+        for module, k in _fold([(m, k) for m, k in self.chunked_modules]):
+            text += f"chunked: {module} in {k} chunks of tokens (each recomputed in backward)\n"
         for note in self.notes:
             text += f"note: {note}\n"
         return text
@@ -275,7 +294,8 @@ _PLAN = {"version": (_OneOf((1,)), True), "mesh": ([_Pair("str", "size")], True)
          "nodes": ([_NODE], True), "orders": ([_Pair("str", _OneOf(ORDERS))], False),
          "predicted": (_PREDICTED, False, "|None"), "notes": (["str"], False),
          "explanations": ({str: "str"}, False), "axes": ([_Pair("str", "str")], False),
-         "recompute": (["str"], False), "chunks": ([_Pair("str", "size")], False)}
+         "recompute": (["str"], False), "chunks": ([_Pair("str", "size")], False),
+         "offload": (["str"], False), "chunked_modules": ([_Pair("str", "size")], False)}
 
 
 def _check_json(d) -> None:
