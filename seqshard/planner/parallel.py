@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import warnings
 import weakref
 from math import prod
 
@@ -232,8 +233,12 @@ class ParallelModule(nn.Module):
             args = [program.cap.placeholder_value(name, inputs) for name in program.placeholders]
             return program.gm(*args)
 
-        # sharded: inside the FSDP root's forward, which unshards the root's parameters
-        outs = run(*inputs) if self.sharded_layers is None else self.model.seqshard_run(run, *inputs)
+        if self.sharded_layers is None:
+            outs = run(*inputs)
+        else:  # inside the FSDP root's forward, which unshards the root's parameters
+            with warnings.catch_warnings():  # our outputs are views (scale_grad): not modified
+                warnings.filterwarnings("ignore", "FSDP2-wrapped module .* returned a view")
+                outs = self.model.seqshard_run(run, *inputs)
         self._outputs = [weakref.ref(o) if isinstance(o, torch.Tensor) else None for o in outs]
         return outs[0] if len(outs) == 1 else outs
 

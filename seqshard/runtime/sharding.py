@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from . import layout
 
 __all__ = ["slice_shard", "gather_shard", "all_to_all_shard", "reduce_scatter_shard",
-           "all_reduce_sum", "sum_grad", "padding_mask", "zero_padding", "scale_grad", "local_positions_of",
+           "all_reduce_sum", "sum_grad", "sum_grads", "padding_mask", "zero_padding", "scale_grad", "local_positions_of",
            "cross_entropy_partial"]
 
 
@@ -155,6 +155,30 @@ def sum_grad(p: torch.Tensor, group_name: str) -> torch.Tensor:
     """Identity forward; the gradient is summed over the group (each rank holds a share of a
     replicated parameter's gradient; the sum is the single-device gradient)."""
     return _SumGrad.apply(p, group_name)
+
+
+class _SumGrads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group_name, *xs):
+        ctx.group_name = group_name
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *gs):
+        present = [g for g in gs if g is not None]
+        if not present:
+            return (None,) * (len(gs) + 1)
+        flat = torch.ops.seqshard.all_reduce(torch.cat([g.reshape(-1) for g in present]),
+                                             ctx.group_name)
+        sums = iter(flat.split([g.numel() for g in present]))
+        return (None, *(None if g is None else next(sums).view_as(g) for g in gs))
+
+
+def sum_grads(xs: tuple[torch.Tensor, ...], group_name: str) -> tuple[torch.Tensor, ...]:
+    """`sum_grad` of several tensors with one all-reduce (a bucket): identity forward; in
+    backward, when every gradient of the bucket is ready, they are flattened into one buffer,
+    summed over the group, and split back."""
+    return _SumGrads.apply(group_name, *xs)
 
 
 def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
