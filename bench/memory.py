@@ -244,6 +244,36 @@ def build_model(cfg, device, dtype, seed: int = 0):
     return model
 
 
+def _liger():
+    """Liger's fused linear cross-entropy as loss(weight, hidden [T, d], labels [T]), and which
+    form: the module (`liger_kernel.transformers`, which may pull in transformers), else the
+    autograd function of `liger_kernel.ops` (its first three arguments: input, weight, target)."""
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import \
+            LigerFusedLinearCrossEntropyLoss
+        module = LigerFusedLinearCrossEntropyLoss()
+        return (lambda w, h, y: _first(module(w, h, y))), "LigerFusedLinearCrossEntropyLoss"
+    except ImportError as e:
+        first_error = e
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+    except ImportError:
+        raise first_error from None
+    return (lambda w, h, y: _first(LigerFusedLinearCrossEntropyFunction.apply(h, w, y))), \
+        "LigerFusedLinearCrossEntropyFunction"
+
+
+def _first(out):
+    """The loss of a Liger call: a tensor, a tuple (loss, z_loss, ...) or an output object."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out.loss
+
+
 def native_loss(model, ids, labels, liger=None):
     """The native step's loss: each block under torch.utils.checkpoint (non-reentrant), then the
     head + cross-entropy on fp32 logits, or Liger's fused linear cross-entropy."""
@@ -353,6 +383,9 @@ def run_child(cfg: Config, row_path: str, args) -> int:
     mcfg = model_config(cfg.model, args.smoke, layers)
     flops, n_mul = flops_per_step(mcfg, cfg.seq)
     row.set(flops=flops, n_multiplying_params=n_mul, layers=mcfg.layers, dtype=str(dtype))
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        row.set(device=props.name, device_memory_gib=props.total_memory / GIB)
     budget = args.budget_gib * GIB if args.budget_gib else SMOKE_BUDGET[cfg.model] if args.smoke else None
 
     def gib(b):
@@ -362,11 +395,8 @@ def run_child(cfg: Config, row_path: str, args) -> int:
     liger = None
     if cfg.system == "liger":
         try:
-            from liger_kernel.transformers.fused_linear_cross_entropy import \
-                LigerFusedLinearCrossEntropyLoss
-            liger = LigerFusedLinearCrossEntropyLoss()
-            import liger_kernel
-            row.set(liger_version=getattr(liger_kernel, "__version__", None))
+            liger, how = _liger()
+            row.set(liger=how)
         except Exception as e:  # noqa: BLE001
             row.set(status="skipped", reason=f"liger_kernel does not import: {type(e).__name__}: {e}")
             return 0
@@ -628,11 +658,9 @@ def run_config(cfg: Config, args, timeout: float) -> dict:
 def versions() -> dict:
     import torch
 
+    # no CUDA call here: a context in this process would take GPU memory from the children
     out = dict(python=platform.python_version(), torch=torch.__version__,
                cuda=torch.version.cuda, host=platform.node())
-    if torch.cuda.is_available():
-        out["device"] = torch.cuda.get_device_name()
-        out["device_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / GIB
     for mod in ("triton", "liger_kernel", "ortools"):
         try:
             m = __import__(mod)
@@ -652,7 +680,8 @@ def _f(x, spec=".2f", unit=""):
 
 def markdown(doc: dict) -> str:
     rows = doc["rows"]
-    md = [f"# Memory plans on one GPU ({doc['versions'].get('device', doc['device'])})", "",
+    device = next((r["device"] for r in rows if r.get("device")), doc["device"])
+    md = [f"# Memory plans on one GPU ({device})", "",
           f"`{doc['command']}`", "",
           f"torch {doc['versions']['torch']}, liger {doc['versions']['liger_kernel']}, ortools "
           f"{doc['versions']['ortools']}; bf16 parameters, one sequence, fused AdamW (bf16 state). "
