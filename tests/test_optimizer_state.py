@@ -35,6 +35,11 @@ def _state(dims, optimizer) -> float:
     return build_problem(dims, costs, (("sp", 1),), None, "replicated", optimizer=optimizer).static_bytes
 
 
+def _saves_memory(p) -> bool:
+    """Does the plan use any memory strategy (recompute, chunks, offload, ...)?"""
+    return any(getattr(p, f, ()) for f in ("recompute", "chunks", "offload", "chunked_modules"))
+
+
 def test_bytes_per_parameter():
     assert comp.model_state(1000, param_bytes=2, **comp.optimizer_bytes("adamw", 2)).total == 16000
     pure = comp.model_state(1000, param_bytes=2, **comp.optimizer_bytes("adamw-pure", 2))
@@ -66,8 +71,7 @@ def test_plan_prices_the_optimizer(small):
     budget = pure.predicted.peak_memory_bytes + 2 * n  # fits pure as it is, not mixed
     tight_mixed = plan_captured(dims, memory_budget=budget, **kw)
     tight_pure = plan_captured(dims, memory_budget=budget, optimizer="adamw-pure", **kw)
-    assert tight_pure.recompute == () and not tight_pure.chunks
-    assert tight_mixed.recompute or tight_mixed.chunks
+    assert not _saves_memory(tight_pure) and _saves_memory(tight_mixed)
     assert tight_mixed.predicted.peak_memory_bytes <= budget
 
     off_mixed = plan_captured(dims, model_state="offload", **kw)
