@@ -85,8 +85,9 @@ def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
     notes.append(f"local attention priced at the {cluster.gpu.attention_backend} kernel's rates"
                  + (f" ({', '.join(others)} also known: Cluster.with_attention_backend)" if others else ""))
     if model_state == "sharded":
-        notes.append("model state is assumed sharded over all ranks (FSDP/ZeRO-3); seqshard "
-                     "itself keeps parameters replicated")
+        notes.append("model state sharded over all ranks (ZeRO-3: parallelize(model_state="
+                     "'sharded') runs FSDP2, seqshard/planner/state.py); its gathers and "
+                     "reduce-scatters are not priced yet")
     if model_state == "offload":
         notes.append(f"optimizer state{' and fp32 master weights' if optimizer == 'adamw' else ''} "
                      f"are assumed in host memory "
