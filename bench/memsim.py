@@ -22,6 +22,7 @@ storage). Each allocation is tagged with what made it:
     params     parameters (and buffers), there before the step
     inputs     token ids and labels
     grads      parameter gradients (storages that end up as `p.grad`)
+    host       saved tensors offloaded to host memory (runtime/offload.py): not counted
     optimizer  AdamW's exp_avg and exp_avg_sq
     forward    made in the forward: what is alive of it later was kept for backward
     recompute  made in the backward inside a module's forward: a checkpointed layer (or chunk)
@@ -87,6 +88,7 @@ class LiveBytes(TorchDispatchMode):
         self.op_index = 0
         self.current: set[int] = set()   # storages made by the op running now
         self.marks: dict[str, int] = {}  # live bytes at named points
+        self.host = 0           # bytes offloaded to host memory (see `to_host`)
         self.groups: dict[str, list] = {}  # what was alive there, by (tag, op, shape)
 
     # -- bookkeeping
@@ -108,6 +110,15 @@ class LiveBytes(TorchDispatchMode):
         e = self.entries.pop(key, None)
         if e is not None:
             self.live -= e.nbytes
+
+    def to_host(self, t: torch.Tensor) -> None:
+        """`t` stands for a copy in host memory (an offloaded saved tensor): its bytes leave the
+        device count and add to `host`."""
+        e = self.entries.get(id(t.untyped_storage()))
+        if e is not None and e.tag != "host":
+            self.live -= e.nbytes
+            self.host += e.nbytes
+            e.tag, e.nbytes = "host", 0
 
     def retag(self, t: torch.Tensor, tag: str) -> None:
         e = self.entries.get(id(t.untyped_storage()))
@@ -306,6 +317,19 @@ def simulate(model_key: str, seq: int, system: str, *, budget=None, cluster="h20
     tracker.register(ids, "inputs")
     tracker.register(labels, "inputs")
     handles = tracker.hooks(names)
+    # offloaded saved tensors: on a CUDA device a pinned host copy; on the meta device the
+    # runtime keeps a clone on the device, which this counts as host memory instead
+    from seqshard.runtime import offload as _offload
+
+    pack = _offload._pack
+
+    def host_pack(moved, t):
+        out = pack(moved, t)
+        if isinstance(out, _offload._OnHost):
+            tracker.to_host(out.host)
+        return out
+
+    _offload._pack = host_pack
     states = []
     t0 = time.perf_counter()
     try:
@@ -333,6 +357,7 @@ def simulate(model_key: str, seq: int, system: str, *, budget=None, cluster="h20
                         states.append((torch.zeros_like(p), torch.zeros_like(p)))
                 tracker.mark(f"after step {step}")
     finally:
+        _offload._pack = pack
         for h in handles:
             h.remove()
     row["sim_s"] = time.perf_counter() - t0
@@ -347,7 +372,7 @@ def simulate(model_key: str, seq: int, system: str, *, budget=None, cluster="h20
     kept = [dict(gib=b / GIB, count=n, tag=k[0], op=k[1], shape=list(k[2]))
             for b, n, k in tracker.groups["end of forward 1"] if b >= 2**20]
     row.update(
-        kept_groups=kept, peak=tracker.peak, peak_op=tracker.peak_op, peak_phase=tracker.peak_phase,
+        kept_groups=kept, peak=tracker.peak, host_offloaded=tracker.host, peak_op=tracker.peak_op, peak_phase=tracker.peak_phase,
         composition=comp, state_at_peak=state_bytes, full_state=n * 2 * 4,  # p, g, m, v in bf16
         kept_end_of_forward=fwd_end, marks=tracker.marks,
         biggest=[dict(gib=e.nbytes / GIB, tag=e.tag, op=e.op, shape=list(e.shape), module=e.where)
