@@ -37,7 +37,7 @@ def apply_plan(dims: DimAnalysis, plan: Plan, mesh: MeshInfo) -> Program:
     strategies = resolve_plan(dims, plan, mesh.sizes)
     program = Sharder(dims, strategies, mesh, orders_of(dims, plan)).run()
     if plan.recompute:
-        recompute_layers(program.gm, plan.recompute, plan.offload)
+        recompute_layers(program.gm, plan.recompute, plan.offload, tuple(dims.cap.inputs))
     if plan.chunks:
         chunk_losses(program.gm, plan.chunks)
     return program

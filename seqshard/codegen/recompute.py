@@ -52,9 +52,10 @@ def in_layer(module: str | None, layer: str) -> bool:
 
 
 def recompute_layers(gm: fx.GraphModule, layers: tuple[str, ...],
-                     offload: tuple[str, ...] = ()) -> fx.GraphModule:
+                     offload: tuple[str, ...] = (), inputs: tuple[str, ...] = ()) -> fx.GraphModule:
     """`gm` with each of `layers` wrapped in a checkpointed submodule (in place; returned); those
-    also in `offload` keep their inputs in host memory (`offloaded_checkpoint`)."""
+    also in `offload` keep their activations (what they read that an op made from the model's
+    `inputs`, placeholder names) in host memory (`offloaded_checkpoint`)."""
     g = gm.graph
     for layer in layers:
         members = [n for n in g.nodes if in_layer(n.meta.get("module"), layer)]
@@ -62,7 +63,7 @@ def recompute_layers(gm: fx.GraphModule, layers: tuple[str, ...],
             raise PlanError(f"the plan recomputes {layer!r}, but this model has no layer "
                             "there (the plan was made for a different model)")
         region = _gather(g, members)
-        _checkpoint(gm, layer, region, layer in offload)
+        _checkpoint(gm, layer, region, _made_from(g, set(inputs)) if layer in offload else None)
     g.lint()
     gm.recompile()
     return gm
@@ -112,9 +113,19 @@ def _reaches_to(span: list[fx.Node], region: set) -> set:
     return out - region
 
 
-def _checkpoint(gm: fx.GraphModule, layer: str, region: list[fx.Node], offload: bool = False) -> None:
+def _made_from(g: fx.Graph, inputs: set[str]) -> set[fx.Node]:
+    """The values ops make from the placeholders named `inputs` (not the placeholders: the
+    caller holds those anyway)."""
+    out = {n for n in g.nodes if n.op == "placeholder" and n.name in inputs}
+    for n in g.nodes:
+        if n.op != "placeholder" and any(x in out for x in n.all_input_nodes):
+            out.add(n)
+    return {n for n in out if n.op != "placeholder"}
+
+
+def _checkpoint(gm: fx.GraphModule, layer: str, region: list[fx.Node], offload: set | None = None) -> None:
     """Move `region` (consecutive nodes of gm.graph) into a submodule called through
-    `checkpoint` (`offloaded_checkpoint` where its inputs are offloaded)."""
+    `checkpoint`, or `offloaded_checkpoint` moving its inputs in `offload` to the host."""
     g = gm.graph
     inside = set(region)
     inputs = list(dict.fromkeys(x for n in region for x in n.all_input_nodes if x not in inside))
@@ -128,8 +139,11 @@ def _checkpoint(gm: fx.GraphModule, layer: str, region: list[fx.Node], offload: 
     gm.add_submodule(name, fx.GraphModule(gm, sub, class_name=name))
     with g.inserting_before(region[0]):
         fn = g.get_attr(name)
-        call = g.call_function(offloaded_checkpoint, (fn, *inputs)) if offload else \
-            g.call_function(checkpoint, (fn, *inputs), {"use_reentrant": False})
+        if offload is None:
+            call = g.call_function(checkpoint, (fn, *inputs), {"use_reentrant": False})
+        else:
+            moved = tuple(k for k, x in enumerate(inputs) if x in offload)
+            call = g.call_function(offloaded_checkpoint, (fn, *inputs), {"offload": moved})
         call.name = g._graph_namespace.create_name(f"checkpoint_{name[len('recompute_'):]}", None)
         call.meta["module"] = layer
         fn.meta["module"] = layer

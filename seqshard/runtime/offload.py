@@ -19,16 +19,20 @@ hooks; pytorch#174327); torch 2.11 and earlier save them with
 `_NoopSaveInputs.apply(dummy, kwargs, *args)`, whose `ctx.save_for_backward` also runs under the
 outer hooks (the 0-element dummy is packed too, and stays: it is small).
 
-What moves: activations, tensors autograd made (`grad_fn` set) of at least `MIN_BYTES`.
-Parameters, buffers, inputs and tables made without grad (rotary cos/sin) live on the GPU
-anyway, so copying them would only cost time and host memory; small tensors are not worth a
-copy. On CPU the "host copy" is a plain copy (the same bookkeeping, for tests); `stats` counts
+What moves: the arguments the caller names (`offload=`: positions in `args`; codegen names the
+layer's activations, the values made from the model's inputs) of at least `MIN_BYTES`, and never
+a parameter. Parameters (in the generated program they arrive through `sum_grads`, with a
+grad_fn), buffers and tables made from them (rotary cos/sin) live on the GPU anyway, so copying
+them would only cost time and host memory; small tensors are not worth a copy. Which tensor is
+which is told by identity: a pack hook receives the Python object the checkpoint was called
+with. On CPU the "host copy" is a plain copy (the same bookkeeping, for tests); `stats` counts
 what was packed and unpacked.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -73,8 +77,8 @@ def _side_stream(device: torch.device):
     return _side[device]
 
 
-def _pack(t: torch.Tensor):
-    if t.grad_fn is None or isinstance(t, torch.nn.Parameter) or \
+def _pack(moved: set, t: torch.Tensor):
+    if id(t) not in moved or isinstance(t, torch.nn.Parameter) or \
             t.numel() * t.element_size() < MIN_BYTES:
         stats.kept += 1
         return t
@@ -106,14 +110,15 @@ def _unpack(p):
     return p.host.to(p.device, non_blocking=True)
 
 
-def offload_saved() -> torch.autograd.graph.saved_tensors_hooks:
-    """The hooks as a context manager: around a non-reentrant `checkpoint` call, they move its
-    saved inputs to the host (see the module docstring)."""
-    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+def offload_saved(tensors) -> torch.autograd.graph.saved_tensors_hooks:
+    """The hooks as a context manager: around a non-reentrant `checkpoint` call, they move those
+    of its saved inputs that are `tensors` to the host (see the module docstring)."""
+    return torch.autograd.graph.saved_tensors_hooks(partial(_pack, {id(t) for t in tensors}),
+                                                    _unpack)
 
 
-def offloaded_checkpoint(fn, *args):
-    """`checkpoint(fn, *args, use_reentrant=False)` whose kept inputs live in host memory
-    between the forward and the backward."""
-    with offload_saved():
+def offloaded_checkpoint(fn, *args, offload: tuple[int, ...] = ()):
+    """`checkpoint(fn, *args, use_reentrant=False)` whose inputs at positions `offload` live in
+    host memory between the forward and the backward."""
+    with offload_saved([args[i] for i in offload]):
         return checkpoint(fn, *args, use_reentrant=False)

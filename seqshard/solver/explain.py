@@ -165,7 +165,8 @@ def explain_recompute(pb: Problem, sol: Solution) -> dict[str, str]:
             out[lc.nodes[0].name] = _explain_chunk(pb, sol, c, f)
             continue
         lines = [f"{_span(pb, c)} ({k} layer(s) alike): "
-                 + ("recomputed" if chosen else "activations kept"),
+                 + ("recomputed" if chosen else "activations kept")
+                 + (", inputs in host memory" if c in sol.offload else ""),
                  f"  keep activations: {_gib(f.kept)} per layer ({_gib(f.kept * k)} in all)"
                  + ("" if chosen else "  ← chosen"),
                  f"  recompute:        {_gib(f.inputs)} per layer kept (its inputs), "

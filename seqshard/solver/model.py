@@ -530,6 +530,12 @@ def solve(pb: Problem, budget: float | None, *, seconds: float = 60.0, workers: 
     if sol.status == "INFEASIBLE" and budget is not None:
         least = Model(pb, None)
         floor = least.solve(sum(c * v for v, c in least.memory_terms), seconds, workers)
+        if not floor.choice:  # only the "host" family binds without a budget
+            raise Infeasible(
+                "the inputs of the layers an override offloads do not fit in host memory beside "
+                f"the optimizer state kept there ({pb.host_bytes / 2**30:.1f} GiB of "
+                f"{pb.costs.gpu.host_capacity / 2**30:.1f} GiB per GPU, GPU.host_capacity): "
+                "offload fewer layers, or use more GPUs")
         how = ("" if not pb.classes else ", recomputing the layers where that saves memory"
                + (" and keeping their inputs in host memory" if pb.offload_allowed else "")
                if pb.recompute_allowed else ", without recompute")

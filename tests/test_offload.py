@@ -1,0 +1,294 @@
+"""Offload: a recomputed layer's inputs in host memory until its backward
+(seqshard/runtime/offload.py), chosen by the solver (o[c] in seqshard/solver/model.py) or forced
+by the override `offload`, emitted as `offloaded_checkpoint(...)` calls.
+
+Failures point at: the hooks (they pack something other than the checkpoint's inputs: the
+counts; or they give back a different tensor: the errors), codegen (seqshard/codegen/recompute.py
+`_checkpoint`), or the formulation (the brute-force test compares it with a direct count)."""
+
+import copy
+import json
+from dataclasses import replace
+from itertools import product
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from seqshard.capture import capture
+from seqshard.costmodel import Cluster
+from seqshard.dims import analyze
+from seqshard.models import AXES, build, named_plans
+from seqshard.planner import Plan
+from seqshard.planner.api import plan_captured
+from seqshard.solver import NS, Infeasible, Model, build_problem
+from seqshard.solver.model import chosen_moves, memory_of
+from seqshard.strategies import Costs
+from seqshard.testing import WorkerPool
+from seqshard.testing import mesh as make_mesh
+
+GIB = 2**30
+TOL = 1e-5
+OFFLOAD = {"llama": {"layers.*": "offload"}, "video_dit": {"blocks.*": "offload"}}
+LAYERS = {"llama": 2, "video_dit": 4}
+
+
+@pytest.fixture(scope="module")
+def pool1():
+    pool = WorkerPool(1)
+    yield pool
+    pool.close()
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run_offloaded(family, config, sizes, named, steps=0, compile_backend=None):
+    """On every rank: the single-device model against the parallel one with every layer
+    offloaded (every tensor the hooks see moved, however small). Returns the worst relative
+    error of loss, gradients and parameters over `steps` SGD steps after the first, what the
+    hooks moved in the last step, and how many offloaded checkpoints the code calls."""
+    from seqshard.planner import parallelize
+    from seqshard.runtime import offload
+
+    offload.MIN_BYTES = 0
+    model, inputs = build(family, config, **sizes)
+    ref = copy.deepcopy(model)
+    overrides, names = named_plans(family, config)[named]
+    pm = parallelize(model, inputs, mesh=make_mesh((dist.get_world_size(),), names),
+                     overrides={**overrides, **OFFLOAD[family]}, axes=AXES[family])
+    run = torch.compile(pm, backend=compile_backend) if compile_backend else pm
+    opt, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, ref))
+    worst = {}
+    for step in range(steps + 1):
+        offload.stats.reset()
+        loss_ref, loss = ref(*inputs), run(*inputs)
+        packed = offload.stats.packed
+        loss_ref.backward()
+        loss.backward()
+        worst[f"loss@{step}"] = _rel(loss, loss_ref)
+        for (n, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters()):
+            worst[f"grad {n}@{step}"] = _rel(p.grad, pr.grad)
+        opt.step(); opt_ref.step(); opt.zero_grad(); opt_ref.zero_grad()
+        for (n, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters()):
+            worst[f"param {n}@{step}"] = _rel(p.detach(), pr.detach())
+    key = max(worst, key=worst.get)
+    s = offload.stats
+    return dict(err=worst[key], where=key, packed_in_forward=packed, packed=s.packed,
+                unpacked=s.unpacked, kept=s.kept, offload=pm.plan.offload,
+                calls=pm.code.count("offloaded_checkpoint("),
+                checkpoints=pm.code.count("torch.utils.checkpoint.checkpoint("))
+
+
+def _check(results, family, packed_per_layer):
+    """Exact and alike on every rank; every layer's code calls the offloaded checkpoint, and the
+    hooks moved exactly the layers' activations (`packed_per_layer` each: the residual stream,
+    and a DiT's conditioning), not the parameters, not the rotary tables, and never what the
+    layer's ops save inside."""
+    r, layers = results[0], LAYERS[family]
+    assert all(x["err"] == r["err"] for x in results), "ranks disagree on the loss or gradients"
+    assert r["err"] <= TOL, f"relative error {r['err']:.2e} at {r['where']}"
+    assert len(r["offload"]) == layers and r["calls"] == layers and r["checkpoints"] == 0, r
+    assert r["packed_in_forward"] == r["packed"] == r["unpacked"] == layers * packed_per_layer, r
+
+
+LLAMA = dict(batch=2, seq=37)
+VIDEO = dict(batch=1, frames=3, patches=5)
+
+
+def test_offload_exact_4_ranks_3_steps(pool4):
+    """Ring attention over 4 ranks, 37 tokens padded to 40; 3 optimizer steps."""
+    _check(pool4.run(run_offloaded, "llama", "tiny", LLAMA, "ring", steps=3), "llama", 1)
+
+
+@pytest.mark.parametrize("family,config,sizes,named,per_layer", [
+    ("llama", "tiny-mqa", LLAMA, "ulysses", 1),
+    ("video_dit", "tiny", VIDEO, "dsp", 2),
+])
+def test_offload_exact_2_ranks(pool2, family, config, sizes, named, per_layer):
+    _check(pool2.run(run_offloaded, family, config, sizes, named, steps=1), family, per_layer)
+
+
+def test_offload_exact_1_rank_compiled(pool1):
+    """Under torch.compile: dynamo does not trace `saved_tensors_hooks` (torch 2.13 skips its
+    __init__), so each offloaded layer's call is a graph break and runs as it does in eager,
+    hooks and all; the code around it is compiled."""
+    _check(pool1.run(run_offloaded, "llama", "tiny", LLAMA, "ring", steps=1,
+                     compile_backend="aot_eager"), "llama", 1)
+
+
+# ------------------------------------------------------------------ the hooks alone
+def test_hooks_move_only_the_named_checkpoint_inputs():
+    """Around a non-reentrant checkpoint the hooks see its inputs and nothing the function's ops
+    save; of those they move the ones named (`offload=`), but never a parameter or a small
+    tensor; backward gets the same values back."""
+    from torch.utils.checkpoint import checkpoint
+
+    from seqshard.runtime import offload
+
+    w = torch.nn.Parameter(torch.randn(512, 512))  # 1 MiB, a parameter: stays
+    x = torch.randn(1024, 512, requires_grad=True)
+    table = torch.randn(1024, 512)                # 2 MiB, not named: stays
+
+    def layer(a, t, s, w):
+        return (torch.nn.functional.linear(a, w).relu() * t).sum() + s.sum()
+
+    def step(call, **kw):
+        h = x * 2                                 # an activation, 2 MiB: moves
+        small = x[:4] * 3                         # 8 KiB: stays
+        call(layer, h, table, small, w, **kw).backward()
+        g = x.grad.clone(), w.grad.clone()
+        x.grad = w.grad = None
+        return g
+
+    offload.stats.reset()
+    got = step(offload.offloaded_checkpoint, offload=(0, 2, 3))
+    assert (offload.stats.packed, offload.stats.unpacked, offload.stats.kept) == (1, 1, 3), offload.stats
+    assert offload.stats.bytes == 1024 * 512 * 4
+    want = step(checkpoint, use_reentrant=False)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+# ------------------------------------------------------------------ the formulation
+def _brute_force(pb):
+    """Every (strategies, keep | recompute | offload) counted directly: (objective ns, bytes,
+    mode) of those within the host's room."""
+    (c,) = [c for c, lc in pb.classes.items() if lc.kind == "layer"]
+    lc = pb.classes[c]
+    nodes = list(pb.strategies)
+    for choice in product(*(range(len(pb.strategies[n])) for n in nodes)):
+        pick = dict(zip(nodes, choice))
+        base = sum(int(round(pb.mult[n] * pb.node_cost[(n, i)].time_s * NS)) for n, i in pick.items())
+        base += sum(int(round(pb.tensors[k].mult * s * NS)) for (k, _, _), (s, _, _) in chosen_moves(pb, pick))
+        again = sum(int(round(pb.mult[n] * pb.forward[(n, pick[n])].time_s * NS)) for n in lc.nodes)
+        again += sum(int(round(pb.tensors[k].mult * pb.move_forward.get((k, i, l), 0) * NS))
+                     for (k, i, l), _ in chosen_moves(pb, pick) if pb.tensors[k].cls == c)
+        fetch = 0
+        for (u, idx), (count, x) in lc.inputs.items():
+            st = pb.strategies[u][pick[u]]
+            b = int(count * pb.costs.bytes(x, st.output if idx is None else st.output[idx]))
+            fetch += int(round(b / pb.costs.gpu.host_bandwidth * NS))
+        for mode in ("keep", "recompute", "offload"):
+            r = frozenset({c}) if mode != "keep" else frozenset()
+            mem = memory_of(pb, pick, r, r if mode == "offload" else frozenset())
+            t = base + (again if mode != "keep" else 0) + (fetch if mode == "offload" else 0)
+            if mem.host <= pb.costs.gpu.host_capacity - pb.host_bytes:
+                yield t, mem.peak, mode
+
+
+class Block(torch.nn.Module):
+    def __init__(self, d=256, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.norm = torch.nn.LayerNorm(d)
+        self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        B, S, D = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(B, S, 3, self.heads, D // self.heads) \
+            .permute(2, 0, 3, 1, 4).unbind(0)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(o.transpose(1, 2).reshape(B, S, D)) + x
+
+
+class Layers(torch.nn.Module):
+    """Four identical attention blocks `layers.0-3`: one layer class whose template is small
+    enough to enumerate."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([Block() for _ in range(4)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x.pow(2).mean()
+
+
+@pytest.fixture(scope="module")
+def layers_problem():
+    with torch.device("meta"):
+        model = Layers().to(torch.bfloat16)
+        x = torch.empty(1, 1 << 18, 256, dtype=torch.bfloat16)
+    dims = analyze(capture(model, (x,)), axes={"x": "b s d"})
+    mesh = (("sp", 8),)
+    costs = Costs(dims, Cluster.preset("h200", gpus=8), mesh, training=True, dtype_bytes=2)
+    pb = build_problem(dims, costs, mesh, None, "replicated")
+    return pb, list(_brute_force(pb))
+
+
+@pytest.mark.parametrize("tightness", ["roomy", "recompute", "offload"])
+def test_offload_optimum_equals_brute_force(layers_problem, tightness):
+    """The CP-SAT model with o[c] finds what enumerating every choice finds: no offload with
+    memory to spare; offload once recompute alone does not fit."""
+    pb, plans = layers_problem
+    least = {m: min(p for _, p, mode in plans if mode == m) for m in ("keep", "recompute", "offload")}
+    assert least["offload"] < least["recompute"] < least["keep"], least
+    budget = {"roomy": None, "recompute": (least["recompute"] + least["keep"]) / 2,
+              "offload": (least["offload"] + least["recompute"]) / 2}[tightness]
+    best = min((t, mode) for t, peak, mode in plans if budget is None or peak <= budget)
+    m = Model(pb, budget)
+    got = m.solve(m.time_objective(), 30, 2, 0.0)
+    assert got.status == "OPTIMAL" and round(got.objective_s * NS) == best[0]
+    mode = "offload" if got.offload else "recompute" if got.recompute else "keep"
+    assert mode == best[1] == {"roomy": "keep"}.get(tightness, tightness)
+    assert budget is None or got.memory_bytes <= budget
+
+
+# ------------------------------------------------------------------ plans
+@pytest.fixture(scope="module")
+def layers_4m():
+    """The four blocks at 4M tokens: each layer's input is 2 GiB."""
+    with torch.device("meta"):
+        model = Layers().to(torch.bfloat16)
+        x = torch.empty(1, 1 << 22, 256, dtype=torch.bfloat16)
+    return analyze(capture(model, (x,)), axes={"x": "b s d"})
+
+
+def test_offload_appears_as_the_budget_shrinks(layers_4m):
+    """One H200: with memory to spare every activation is kept (16 GiB); under 14 GiB the layers
+    are recomputed, keeping their inputs (12 GiB); under 10 GiB only offloading those inputs
+    fits (9 GiB: two layers' worth stay while copied), paying the copies back in backward."""
+    kw = dict(cluster="h200x1")
+    roomy = plan_captured(layers_4m, **kw)
+    recompute = plan_captured(layers_4m, memory_budget=14 * GIB, **kw)
+    tight = plan_captured(layers_4m, memory_budget=10 * GIB, **kw)
+    layers = tuple(f"layers.{i}" for i in range(4))
+    assert (roomy.recompute, roomy.offload) == ((), ())
+    assert (recompute.recompute, recompute.offload) == (layers, ())
+    assert (tight.recompute, tight.offload) == (layers, layers)
+    assert tight.predicted.peak_memory_bytes <= 10 * GIB < recompute.predicted.peak_memory_bytes
+    # three layer inputs of 2 GiB (layers.0's is the model's input) copied back at 50 GB/s
+    extra = tight.predicted.step_s - recompute.predicted.step_s
+    assert extra == pytest.approx(3 * 2 * GIB / 50e9, rel=1e-3), extra
+    with pytest.raises(Infeasible, match="the least memory any plan needs is 12.0 GiB"):
+        plan_captured(layers_4m, memory_budget=10 * GIB, offload=False, **kw)
+    text = str(tight)
+    assert "offload (a recomputed layer's inputs in host memory until its backward): layers.0-3" in text
+    assert any(n.startswith("offload layers.0-3: their inputs (1.50 GiB each) live in host memory")
+               for n in tight.notes), tight.notes
+    why = tight.explain("layers.2")
+    assert "recomputed, inputs in host memory" in why and "  offload:" in why, why
+    assert "chosen: offload - the memory budget" in why, why
+    q = Plan.from_json(tight.to_json())
+    assert q.offload == tight.offload and q.hash() == tight.hash() != recompute.hash()
+
+
+def test_offload_override_json_and_host_capacity(layers_4m):
+    """`offload` forces it (and recompute); a plan offloading a layer it does not recompute is
+    refused; offloaded inputs count against the host's memory."""
+    p = plan_captured(layers_4m, cluster="h200x1", overrides={"layers.*": "offload"})
+    assert p.offload == p.recompute == tuple(f"layers.{i}" for i in range(4))
+    assert "chosen: offload - an override asks for it" in p.explain("layers.2")
+    d = json.loads(p.to_json())
+    d["recompute"] = d["recompute"][1:]
+    with pytest.raises(ValueError, match="offloads 'layers.0' but does not recompute it"):
+        Plan.from_json(json.dumps(d))
+    del d["offload"]  # a plan written before offload existed still loads
+    assert Plan.from_json(json.dumps(d)).offload == ()
+    cluster = Cluster.parse("h200x1")
+    small = replace(cluster, gpu=replace(cluster.gpu, host_capacity=4 * GIB))
+    with pytest.raises(Infeasible, match="do not fit in host memory beside the optimizer state"):
+        plan_captured(layers_4m, cluster=small, overrides={"layers.*": "offload"})
+    assert plan_captured(layers_4m, cluster=small).offload == ()
