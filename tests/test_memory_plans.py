@@ -139,7 +139,7 @@ def solver_chosen_plan():
     big, big_inputs = build("llama", "tiny", device="meta", batch=1, seq=1 << 20)
     roomy = plan(big, big_inputs, mesh=(("sp", 4),), overrides={"*": "split:s ring zigzag"})
     tight = plan(big, big_inputs, mesh=(("sp", 4),), overrides={"*": "split:s ring zigzag"},
-                 memory_budget=0.8 * roomy.predicted.peak_memory_bytes)
+                 memory_budget=0.7 * roomy.predicted.peak_memory_bytes)  # 0.8: MLPs checkpointed
     return roomy.recompute, Plan.from_json(tight.to_json())
 
 
@@ -237,7 +237,7 @@ def test_recompute_appears_as_the_budget_shrinks(llama8b_32k):
     kw = dict(cluster="h200x8", mesh=(("sp", 8),), model_state="sharded")
     roomy = plan_captured(llama8b_32k, **kw)
     assert roomy.recompute == (), roomy.recompute
-    tight_budget = 0.6 * roomy.predicted.peak_memory_bytes
+    tight_budget = 0.5 * roomy.predicted.peak_memory_bytes  # (at 0.6 checkpointing the MLPs does)
     tight = plan_captured(llama8b_32k, memory_budget=tight_budget, **kw)
     assert len(tight.recompute) == 32, tight.recompute
     assert tight.predicted.peak_memory_bytes <= tight_budget
@@ -253,7 +253,7 @@ def test_recompute_appears_as_the_budget_shrinks(llama8b_32k):
 def test_llama_1b_at_64k_fits_one_h200():
     """It did not (seqshard refused it: "needs 140 GiB"); PyTorch with checkpointing trains it.
     The cheapest way in: the LM head and loss in chunks (its fp32 logits are 31 GiB); with every
-    layer recomputed as well it needs 60 GiB."""
+    layer recomputed as well it needs 29 GiB (at 64 GiB checkpointing the MLPs does: 49 GiB)."""
     model, inputs = build("llama", "llama3-1b", device="meta", dtype=torch.bfloat16, seq=1 << 16)
     dims = analyze(capture(model, inputs))
     with pytest.raises(Infeasible, match="the least memory any plan needs is 1[34]"):
@@ -262,7 +262,7 @@ def test_llama_1b_at_64k_fits_one_h200():
     p = plan_captured(dims, cluster="h200x1")
     assert p.recompute == () and p.chunks == (("cross_entropy_loss", 32),), (p.recompute, p.chunks)
     assert p.predicted.peak_memory_bytes <= budget
-    q = plan_captured(dims, cluster="h200x1", memory_budget=64 * GIB)
+    q = plan_captured(dims, cluster="h200x1", memory_budget=48 * GIB)
     assert q.recompute == tuple(f"layers.{i}" for i in range(16)) and q.predicted.step_s > p.predicted.step_s
 
 
@@ -303,11 +303,11 @@ def test_optimizer_state_offloaded_to_the_host(llama8b_32k):
 # ------------------------------------------------------------------ the LM head and loss in chunks
 def test_loss_chunked_as_the_budget_shrinks(llama8b_32k):
     """Llama-3-8B at 32K on one H200 (optimizer state on the host): the fp32 logits of the loss
-    are 15.7 GiB; under a budget that every layer's recompute alone does not meet, the LM head
+    are 15.7 GiB; under a budget that checkpointing every MLP alone does not meet, the LM head
     and loss run in chunks of at most 1 GiB of logits."""
     kw = dict(cluster="h200x1", model_state="offload")
     roomy = plan_captured(llama8b_32k, **kw)
-    assert roomy.chunks == () and len(roomy.recompute) == 32
+    assert roomy.chunks == () and len(roomy.chunked_modules) == 32  # MLPs checkpointed
     tight = plan_captured(llama8b_32k, memory_budget=roomy.predicted.peak_memory_bytes - 8 * GIB, **kw)
     assert tight.chunks == (("cross_entropy_loss", 16),), tight.chunks
     assert tight.predicted.peak_memory_bytes <= roomy.predicted.peak_memory_bytes - 8 * GIB

@@ -8,6 +8,7 @@ Python source (`pm.code`).
         insert redistributions       (all-to-all / all-gather / reduce-scatter / all-reduce)
         replace attention            (the plan's distributed algorithm, from its registry entry)
         seed replicated outputs once (scale_grad) and sum parameter gradients (sum_grad)
+    chunk_modules(program.gm, ...)                    # token-wise modules (MLPs) in checkpointed token chunks
     recompute_layers(program.gm, plan.recompute)      # each recomputed layer: a checkpointed submodule
                                                       # (inputs on the host where offloaded)
     chunk_losses(program.gm, plan.chunks)             # LM head + loss in checkpointed token chunks
@@ -23,7 +24,7 @@ from seqshard.dims import DimAnalysis
 from seqshard.strategies import Plan, PlanError, orders_of, resolve_plan
 
 from .mesh import MeshInfo
-from .recompute import chunk_losses, recompute_layers
+from .recompute import ChunkedModule, chunk_losses, chunk_modules, recompute_layers
 from .sharder import Program, Sharder
 
 __all__ = ["apply_plan", "MeshInfo", "Program", "PlanError"]
@@ -36,8 +37,28 @@ def apply_plan(dims: DimAnalysis, plan: Plan, mesh: MeshInfo) -> Program:
                         f"mesh_dim_names={plan.axis_names})")
     strategies = resolve_plan(dims, plan, mesh.sizes)
     program = Sharder(dims, strategies, mesh, orders_of(dims, plan)).run()
+    if plan.chunked_modules:
+        chunk_modules(program.gm, _chunked_modules(dims, plan, program))
     if plan.recompute:
         recompute_layers(program.gm, plan.recompute, plan.offload, tuple(dims.cap.inputs))
     if plan.chunks:
         chunk_losses(program.gm, plan.chunks)
     return program
+
+
+def _chunked_modules(dims: DimAnalysis, plan: Plan, program: Program) -> list[ChunkedModule]:
+    """The plan's chunked modules located in this rank's program (their input's and output's
+    values, and the dims that hold the tokens)."""
+    from seqshard.solver import token_regions
+
+    regions = {r.path: r for r in token_regions(dims)}
+    env = program._sharder.env
+    out = []
+    for path, k in plan.chunked_modules:
+        r = regions.get(path)
+        if r is None:
+            raise PlanError(f"the plan runs {path!r} in chunks of tokens, but this model has no "
+                            "module there that treats tokens one by one; such modules here: "
+                            f"{', '.join(list(regions)[:4]) or 'none'}")
+        out.append(ChunkedModule(path, k, env[r.input], r.dim, env[r.output], r.out_dim))
+    return out

@@ -1,5 +1,7 @@
-"""Recompute: each layer the plan names runs under activation checkpointing, and each chunked
-LM head + loss runs in chunks of tokens, each chunk checkpointed.
+"""Recompute: each layer the plan names runs under activation checkpointing, each chunked
+LM head + loss runs in chunks of tokens, each chunk checkpointed, and so does each token-wise
+module the plan chunks (`chunk_modules`: ALST's tiled MLP, nested in its layer's checkpoint
+when the layer is recomputed too).
 
     program.gm                                   after `recompute_layers(gm, ("layers.0", ...))`
         add_1 = ...                                  add_1 = ...
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import operator
 import re
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -42,7 +45,7 @@ from seqshard.runtime.offload import offloaded_checkpoint
 from seqshard.strategies import PlanError
 
 __all__ = ["recompute_layers", "in_layer", "chunk_losses", "chunked", "masked_labels",
-           "token_count"]
+           "token_count", "ChunkedModule", "chunk_modules", "run_in_chunks"]
 
 aten = torch.ops.aten
 
@@ -262,3 +265,82 @@ def token_count(labels: torch.Tensor, ignore: int, groups: tuple, like: torch.Te
     for group in groups:
         count = torch.ops.seqshard.all_reduce(count, group).detach()
     return count
+
+
+# ------------------------------------------------------------------ token-wise modules in chunks
+class ChunkedModule(NamedTuple):
+    """A token-wise module (`solver.token_regions`) to run in chunks, located in this rank's
+    program: its input's and its output's values there, and the dims holding the tokens."""
+
+    path: str                      # "layers.3.mlp"
+    chunks: int
+    input: fx.Node
+    dim: int
+    output: fx.Node
+    out_dim: int
+
+
+def chunk_modules(gm: fx.GraphModule, modules: list[ChunkedModule]) -> fx.GraphModule:
+    """`gm` with each token-wise module run in chunks of tokens (in place; returned):
+
+        linear_4 = aten.linear(rms_norm_1, w_gate)       chunk_layers_0_mlp = self.chunk_layers_0_mlp
+        silu = aten.silu(linear_4)                  →    linear_6 = run_in_chunks(chunk_layers_0_mlp,
+        ...                                                  rms_norm_1, 1, 4, 1, w_gate, w_up, w_down)
+        linear_6 = aten.linear(mul_4, w_down)
+
+    The module's ops that depend on its input move into a submodule `chunk_<module>` run by
+    `run_in_chunks` on each piece of the input's token dim under `checkpoint`, the pieces of
+    the output concatenated; its other ops (a parameter's shard) run once, before. Runs before
+    `recompute_layers`: in a recomputed layer the loop lands inside the layer's checkpointed
+    submodule (nested checkpoints)."""
+    g = gm.graph
+    for m in modules:
+        members = [n for n in g.nodes if in_layer(n.meta.get("module"), m.path)]
+        body, hoisted = [], []
+        for n in members:
+            (body if any(x is m.input or x in body for x in n.all_input_nodes) else hoisted).append(n)
+        inside = set(body)
+        where = f"the plan runs {m.path!r} in chunks of tokens"
+        if m.output not in inside or any(u not in inside for n in body if n is not m.output
+                                         for u in n.users):
+            raise PlanError(f"{where}, but here its ops are not one input → one output (the "
+                            "plan was made for a different model?)")
+        for n in body:
+            module = getattr(n.target, "__module__", "") or ""
+            if module.startswith("seqshard.runtime") or str(n.target).startswith("seqshard."):
+                raise PlanError(f"{where}, but {n.name} ({n.target}) communicates inside it: "
+                                "a redistribution there would see one chunk. Plan without "
+                                "chunking it")
+        for n in hoisted:
+            body[0].prepend(n)
+        consts = list(dict.fromkeys(x for n in body for x in n.all_input_nodes
+                                    if x not in inside and x is not m.input))
+        sub = fx.Graph()
+        env = {m.input: sub.placeholder("tokens")}
+        env.update({x: sub.placeholder(x.name) for x in consts})
+        for n in body:
+            env[n] = sub.node_copy(n, lambda x: env[x])
+        sub.output(env[m.output])
+        name = "chunk_" + re.sub(r"\W", "_", m.path)
+        gm.add_submodule(name, fx.GraphModule(gm, sub, class_name=name))
+        with g.inserting_before(body[0]):
+            fn = g.get_attr(name)
+            call = g.call_function(run_in_chunks, (fn, m.input, m.dim, m.chunks, m.out_dim, *consts))
+            call.name = g._graph_namespace.create_name(f"{m.output.name}_chunked", None)
+            for n in (fn, call):
+                n.meta.update({k: v for k, v in m.output.meta.items() if k in ("module", "stack_trace")})
+        m.output.replace_all_uses_with(call, delete_user_cb=lambda u: u not in inside)
+        for n in reversed(body):
+            g.erase_node(n)
+    g.lint()
+    gm.recompile()
+    return gm
+
+
+def run_in_chunks(fn, x: torch.Tensor, dim: int, chunks: int, out_dim: int, *consts) -> torch.Tensor:
+    """fn(x, *consts) made `chunks` pieces at a time along x's `dim` (the first ones one token
+    larger where it does not divide; empty ones where there are fewer tokens), each under
+    `checkpoint`, and the pieces concatenated along the output's `out_dim`: one piece's
+    intermediates live at a time, in the forward and again in backward."""
+    return torch.cat([checkpoint(fn, piece, *consts, use_reentrant=False)
+                      for piece in x.tensor_split(chunks, dim)], out_dim)

@@ -10,7 +10,7 @@ from seqshard.strategies import (Cost, NodePlan, Plan, Predicted, Split, Strateg
                                  plan_nodes)
 
 from .clusters import layer_of
-from .model import IN_FLIGHT, Solution, chosen_moves, class_figures
+from .model import IN_FLIGHT, Solution, chosen_moves, class_figures, region_figures
 from .problem import CHUNK_BYTES, Problem
 
 __all__ = ["to_plan", "explain_all"]
@@ -48,11 +48,15 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
         c = pb.node_cost[(t, sol.choice[t])]
         r = redistribute.get(t, [0.0, 0.0, 0.0])
         module = dims.cap.module_path(n)
-        mem = 0.0 if pb.saving_class.get(n) in sol.recompute else c.memory_bytes
+        mem = 0.0 if pb.saving_class.get(n) in sol.recompute or _chunked_away(pb, sol, n) \
+            else c.memory_bytes
         unit = pb.unit.get(n)
         if unit in inputs:
             mem += inputs.pop(unit)
         f = pb.forward[(t, sol.choice[t])] if pb.node_class.get(t) in sol.recompute else Cost()
+        if pb.node_region.get(t) in sol.chunked:  # its forward again, chunk by chunk
+            g = pb.forward[(t, sol.choice[t])]
+            f = Cost(f.compute_s + g.compute_s, f.comm_s + g.comm_s, f.redistribute_s + g.redistribute_s)
         cost = Cost(c.compute_s + f.compute_s, c.comm_s + f.comm_s + fetch.pop(unit, 0.0),
                     c.redistribute_s + f.redistribute_s + r[0], mem + r[2], c.comm_bytes + r[1],
                     c.transient_bytes)
@@ -71,13 +75,16 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
                    if layer in recomputed)
     chunks = tuple((c, chunk_count(pb, sol, c)) for c in pb.classes
                    if c in sol.recompute and pb.classes[c].kind == "chunk")
-    notes = list(notes) + _memory_notes(pb, sol)
+    notes = list(notes) + _memory_notes(pb, sol) + _region_notes(pb, sol)
     plan = Plan(mesh=pb.mesh, nodes=tuple(nodes),
                 orders=tuple(sorted((f, o) for f, o in orders.items() if f in used)),
                 predicted=predicted, notes=tuple(notes), recompute=layers, chunks=chunks,
-                offload=tuple(layer for layer in layers if layer in offloaded))
+                offload=tuple(layer for layer in layers if layer in offloaded),
+                chunked_modules=tuple((path, region_chunks(pb, sol, R)) for R in pb.regions
+                                      if R in sol.chunked for path in pb.regions[R].paths))
     plan.explanations.update(explain_all(pb, sol))
     plan.explanations.update(explain_recompute(pb, sol))
+    plan.explanations.update(explain_regions(pb, sol))
     return plan
 
 
@@ -102,7 +109,8 @@ def _memory_notes(pb: Problem, sol: Solution) -> list[str]:
         return []
     parts = [f"{_gib(m.state)} parameters, gradients and optimizer state",
              f"{_gib(m.kept)} activations kept for backward"]
-    chunked = m.recompute_class and pb.classes[m.recompute_class].kind == "chunk"
+    chunked = m.recompute_class and (m.recompute_class in pb.regions or
+                                     pb.classes[m.recompute_class].kind == "chunk")
     if m.recompute_class:
         parts.append(f"{_gib(m.recompute)} of one " + ("chunk's" if chunked else "recomputed "
                      "layer's") + " activations made again"
@@ -120,7 +128,7 @@ def _memory_notes(pb: Problem, sol: Solution) -> list[str]:
              + "; estimate: all kept activations alive at once plus the largest working set, "
                "without activation gradients, allocator slack or temporaries inside ops"]
     if sol.recompute:
-        figures = class_figures(pb, sol.choice)
+        figures = class_figures(pb, sol.choice, sol.chunked)
         for c in sorted(sol.recompute, key=list(pb.classes).index):
             f, k = figures[c], len(pb.classes[c].layers)
             if pb.classes[c].kind == "chunk":
@@ -136,6 +144,93 @@ def _memory_notes(pb: Problem, sol: Solution) -> list[str]:
             if c in sol.offload:
                 notes.append(_offload_note(pb, c, f))
     return notes
+
+
+def _chunked_away(pb: Problem, sol: Solution, n) -> bool:
+    """Is node n's output kept only by a region's ops, made inside that region, and the region
+    chunked? (Its input stays: the chunks' checkpoints keep it.)"""
+    R = pb.saving_region.get(n)
+    return R in sol.chunked and pb.node_region.get(pb.template[n]) == R
+
+
+def region_chunks(pb: Problem, sol: Solution, R: str) -> int:
+    """How many chunks a token-wise region runs in: what an override says, else enough that
+    its largest kept tensor is at most CHUNK_BYTES a chunk (1: checkpointed whole)."""
+    if pb.regions[R].chunks:
+        return pb.regions[R].chunks
+    largest = region_figures(pb, sol.choice, {R})[R].largest
+    return max(1, -(-int(largest) // CHUNK_BYTES))
+
+
+def _region_notes(pb: Problem, sol: Solution) -> list[str]:
+    figures = region_figures(pb, sol.choice, sol.chunked)
+    notes = []
+    for R in (R for R in pb.regions if R in sol.chunked):
+        f, reg = figures[R], pb.regions[R]
+        if reg.cls not in sol.recompute:
+            what = f"each keeps its input ({_gib(f.inputs)}) instead of {_gib(f.kept)}, "
+        else:
+            what = (f"{_gib(f.chunk)} live while one chunk is recomputed instead of "
+                    f"{_gib(f.whole - f.working + f.chunk)} in its recomputed layer, ")
+        k = region_chunks(pb, sol, R)
+        notes.append(f"chunk {_region_span(pb, R)} into {k} chunk{'s' * (k > 1)} of "
+                     f"tokens: {what}for {f.forward_s * len(reg.paths) * 1e3:.1f} ms more per "
+                     "step (each chunk's forward again in backward)")
+    return notes
+
+
+def _region_span(pb: Problem, R: str) -> str:
+    """`layers.0-31.mlp` for a region in consecutive layers, else its modules listed."""
+    paths = pb.regions[R].paths
+    layers = [layer_of(p) for p in paths]
+    prefix, suffix = layers[0].rsplit(".", 1)[0], paths[0][len(layers[0]):]
+    idx = [int(layer.rsplit(".", 1)[1]) for layer in layers]
+    if len(paths) > 1 and idx == list(range(idx[0], idx[0] + len(idx))) and all(
+            layer.rsplit(".", 1)[0] == prefix and p == layer + suffix for p, layer in zip(paths, layers)):
+        return f"{prefix}.{idx[0]}-{idx[-1]}{suffix}"
+    return ", ".join(paths)
+
+
+def explain_regions(pb: Problem, sol: Solution) -> dict[str, str]:
+    """For every token-wise region: whole or in chunks, what each costs, why. Keyed by each
+    module's first node, so `plan.explain("layers.3.mlp")` shows it."""
+    if not pb.regions:
+        return {}
+    figures = region_figures(pb, sol.choice)
+    paths = {p: R for R, reg in pb.regions.items() for p in reg.paths}
+    firsts = {}
+    for n in plan_nodes(pb.dims):
+        m = pb.dims.cap.module_path(n)
+        for p in (m[:i] for i in range(len(m), 0, -1) if i == len(m) or m[i] == "."):
+            if p in paths:
+                firsts.setdefault(p, n.name)
+                break
+    out = {}
+    for R, reg in pb.regions.items():
+        f, chosen = figures[R], R in sol.chunked
+        k = region_chunks(pb, sol, R)
+        lines = [f"{_region_span(pb, R)} ({len(reg.paths)} alike, token by token): "
+                 + (f"in {k} chunk{'s' * (k > 1)} of tokens" if chosen else "whole"),
+                 f"  whole:   {_gib(f.kept)} per layer kept for backward (unless the layer "
+                 f"recomputes; then {_gib(f.whole)} made again)" + ("" if chosen else "  ← chosen"),
+                 f"  chunked: {_gib(f.inputs)} per layer kept (its input), {_gib(f.chunk)} live "
+                 f"in one chunk, +{f.forward_s * 1e3:.3f} ms per layer for the chunks' forward "
+                 "again in backward" + ("  ← chosen" if chosen else "")]
+        if reg.forced:
+            why = "an override asks for it."
+        elif chosen:
+            why = (f"the memory budget ({_gib(sol.budget)}) needs it: the predicted peak is "
+                   f"{_gib(sol.memory_bytes)} with it." if sol.budget else "it is in the plan.")
+        elif not pb.recompute_allowed:
+            why = "the planner was told not to recompute."
+        else:
+            why = "the plan fits without it, and one pass is faster."
+        lines.append(f"  chosen: {'chunked' if chosen else 'whole'} - {why}")
+        text = "\n".join(lines)
+        for p in reg.paths:
+            if p in firsts:
+                out[firsts[p]] = text
+    return out
 
 
 def _offload_note(pb: Problem, c: str, f) -> str:
@@ -154,7 +249,7 @@ def explain_recompute(pb: Problem, sol: Solution) -> dict[str, str]:
     first node, so `plan.explain("layers.3")` shows it beside the attention's alternatives."""
     if not pb.classes:
         return {}
-    figures = class_figures(pb, sol.choice)
+    figures = class_figures(pb, sol.choice, sol.chunked)
     budget = sol.budget
     firsts = _layer_keys(pb)
     out = {}
@@ -241,6 +336,8 @@ def _layer_keys(pb: Problem) -> dict[str, str]:
 
 def _span(pb: Problem, c: str) -> str:
     """`layers.0-15` for a class of consecutive layers, else its layers listed; a region's label."""
+    if c in pb.regions:
+        return _region_span(pb, c)
     if pb.classes[c].kind == "chunk":
         return pb.classes[c].label
     layers = pb.classes[c].layers

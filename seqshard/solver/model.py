@@ -1,5 +1,6 @@
-"""The CP-SAT planner: one strategy per node, and per layer class whether to recompute it,
-minimizing predicted step time under a memory budget.
+"""The CP-SAT planner: one strategy per node, and per layer class whether to recompute it (and
+whether to run its token-wise modules in chunks), minimizing predicted step time under a memory
+budget.
 
 Sets
     n ∈ N      plan nodes; identical layers are clustered and solved once: N holds one template
@@ -19,6 +20,11 @@ Sets
     I_c        the distinct tensors made outside a layer of c and read inside it (the residual
                stream, rotary tables; not parameters or user inputs, which live anyway),
                grouped by template producer u: k_in(u,c) of them
+    R ∈ 𝓡      token-wise regions (`problem.token_regions`: a module inside a layer whose ops
+               treat the sequence token by token, like `layers.3.mlp`), one per layer class c(R)
+               and module position, N_R ⊂ N_c(R) its template nodes. K_R: the nodes whose
+               output only R's ops keep, k_R(n) of n's members (counted in k(n,c(R)) too);
+               I_R ⊂ K_R: those made outside R (its input), k_in(u,R) of them
 
 Variables
     x[n,i] ∈ {0,1}         n uses strategy i
@@ -35,6 +41,13 @@ Variables
     ν[n,i,c] ∈ {0,1}       x[n,i] ∧ ¬r[c]: n's output still kept by c's consumers (memory)
     ρw, νw [t,i,l]         the same for w[t,i,l] and r[κ(t)]
     γ[u,i,c], ω[u,i,c]     x[u,i] ∧ g[c], x[u,i] ∧ o[c]: an input of c kept on the GPU, on the host
+    q[R] ∈ {0,1}           R runs in chunks of tokens, each chunk under its own checkpoint (in a
+                           recomputed layer, nested in the layer's): its intermediates exist one
+                           chunk at a time, in forward and again in backward
+    d[R] = r[c(R)] ∨ q[R]  R's activations are not kept (three clauses, exact)
+    e[R] = q[R] ∧ ¬r[c(R)] chunked in a layer that keeps its activations: the chunks'
+                           checkpoints keep R's input
+    x∧q, x∧¬q, x∧¬d, x∧e   products with x[n,i], exact, made where a term needs them (`_lit_and`)
     W ∈ ℕ                  bytes: the working set of recomputing one layer
 
     Tensors t are clustered like nodes: the same output of the same template node with the
@@ -46,6 +59,7 @@ Objective (integer nanoseconds; every cost from `strategies.Costs` is in seconds
     min  Σ_n m_n Σ_i t(n,i)·x[n,i]  +  Σ_t m_t Σ_il r(t,i,l)·w[t,i,l]
        + Σ_c Σ_{n∈N_c} m_n Σ_i f(n,i)·ρ[n,i,c]  +  Σ_{t: κ(t)≠none} m_t Σ_il f(t,i,l)·ρw[t,i,l]
        + Σ_c Σ_{u∈I_c} k_in(u,c) Σ_i b(u,i)/host_bandwidth·ω[u,i,c]
+       + Σ_R Σ_{n∈N_R} m_n Σ_i f(n,i)·(x[n,i] ∧ q[R])
     t: compute (+ backward when training) and the node's own communication (attention
     algorithms, with their overlap); r: the redistribution (and its adjoint in backward).
     f: the forward alone, run again in backward: compute, the node's own communication (a
@@ -54,6 +68,8 @@ Objective (integer nanoseconds; every cost from `strategies.Costs` is in seconds
     backward (b / host_bandwidth, exposed: the rerun of the layer waits for it); its copy out in
     forward runs on a side stream beside the compute and is not priced (it takes PCIe bandwidth,
     not compute: a layer's forward at long sequences takes longer than copying its input).
+    A chunked region's forward runs again in backward, chunk by chunk (in a recomputed layer
+    on top of the layer's rerun, which runs the chunk loop too).
     Inputs and parameters are replicated and enter as a cost on their consumer's strategies.
 
 Constraints
@@ -74,8 +90,21 @@ Constraints
                                                                   → `_add_recompute` ("whole_chunks[c]")
     working  r[c] → W ≥ Σ_{n: k(n,c)>0} Σ_i a(n,i)·x[n,i] + Σ_{t: κ(t)=c} Σ_il a(t,i,l)·w[t,i,l]
              (one layer's activations, live again while it is recomputed; for a chunk region
-             each term is at most CHUNK_BYTES: one chunk's, `_live`)
+             each term is at most CHUNK_BYTES: one chunk's, `_live`; for n ∈ K_R \ I_R of a
+             region R of c the term is a(n,i)·(x∧¬q[R]) + min(a(n,i), CHUNK_BYTES)·(x∧q[R]):
+             one chunk's when R runs in chunks, `_layer_live`)
                                                                   → `_add_recompute` ("working[c]")
+             q[R] → W ≥ Σ_{n ∈ K_R \ I_R} Σ_i min(a(n,i), CHUNK_BYTES)·x[n,i]
+             (one chunk's activations, made again in its backward; its input is kept)
+                                                                  → `_add_regions` ("working[R]")
+    whole    q[R] → no redistribution into or inside R (one program runs per chunk):
+             ¬(x[v,j] ∧ x[u,i] ∧ q[R]) for v ∈ N_R whose strategy j reads u's output moved
+                                                                  → `_add_regions` ("whole_chunks[R]")
+    chunk k  not a variable: the smallest k whose largest kept tensor of R is ≤ CHUNK_BYTES (or
+             an override's `chunk:K`; `explain.region_chunks`). Time does not depend on k (the
+             forward runs again once in all) and memory only falls with it, so the rule states
+             the only trade-off left, kernel efficiency on small chunks, as a
+             size floor
              o[c] → W ≥ the same + IN_FLIGHT · Σ_{u∈I_c} k_in(u,c)/|c| Σ_i b(u,i)·x[u,i]
              (offloaded inputs on the GPU while copied: the layer being recomputed and one more)
                                                                   → `_add_recompute` ("in_flight[c]")
@@ -83,6 +112,9 @@ Constraints
              A = Σ_n Σ_i a(n,i)·(k(n,none)·x[n,i] + Σ_c k(n,c)·ν[n,i,c])
                + Σ_t m_t Σ_il a(t,i,l)·(w[t,i,l] if κ(t) = none else νw[t,i,l])
                + Σ_c Σ_{u∈I_c} k_in(u,c) Σ_i b(u,i)·γ[u,i,c]      → `_add_memory` ("memory")
+               + Σ_R Σ_{n∈K_R} k_R(n) Σ_i a(n,i)·(x[n,i] ∧ ¬d[R]) − (the same k_R(n) taken
+                 out of n's class term above) + Σ_R Σ_{u∈I_R} k_in(u,R) Σ_i b(u,i)·(x[u,i] ∧ e[R])
+                                                                  → `_region_terms`
              a: activation bytes kept for backward (training), by the node's output or by the
              redistributed copy a consumer keeps; b: the bytes of a tensor entering a layer in
              its producer's layout, what a recomputed layer keeps instead; state: parameters,
@@ -159,6 +191,7 @@ class Solution:
     memory: Memory | None = None
     budget: float | None = None
     offload: frozenset = frozenset()     # of those, the classes whose inputs live on the host
+    chunked: frozenset = frozenset()     # names of the token-wise regions run in chunks
 
 
 class Model:
@@ -173,6 +206,10 @@ class Model:
         self.w: dict = {}
         self.r: dict = {}
         self.o: dict = {}
+        self.q: dict = {}
+        self.drop: dict = {}
+        self.alone: dict = {}
+        self.lits: dict = {}
         self.g: dict = {}
         self.rho: dict = {}
         self.keep: dict = {}
@@ -181,6 +218,7 @@ class Model:
         self._add_choice()
         self._add_tensors()
         self._add_recompute()
+        self._add_regions()
         self._add_offload()
         self.memory_terms = self._memory_terms()
         if budget is not None:
@@ -303,11 +341,12 @@ class Model:
         for c, lc in pb.classes.items():  # forced: the constant 1; not allowed: 0
             self.r[c] = 1 if lc.forced else self.m.NewBoolVar(f"r[{c}]") if self.allow else 0
             self._offload_choice(c, lc)
+        self._region_choice()
         one_layer = {c: [] for c in pb.classes}
         for (n, i), cost in pb.node_cost.items():
             for c, k in pb.kept_by.get(n, {}).items():
                 if c is not None and cost.memory_bytes:
-                    one_layer[c].append((self.x[(n, i)], int(_live(pb, c, cost.memory_bytes))))
+                    one_layer[c] += self._layer_live(n, i, c, cost.memory_bytes)
         for (key, i, l), w in self.w.items():
             c, kept = pb.tensors[key].cls, pb.move[(key, i, l)][2]
             if c is not None and kept:
@@ -339,6 +378,114 @@ class Model:
                 if not isinstance(self.o[c], int):
                     bound.only_enforce_if(self.o[c])
 
+    # ------------------------------------------------------------------ token-wise regions
+    def _lit_and(self, a, b, key: str):
+        """a ∧ b for literals or the constants 0, 1 (exact: three clauses), made once per key."""
+        if isinstance(a, int) or isinstance(b, int):
+            return (b if a else 0) if isinstance(a, int) else (a if b else 0)
+        if key not in self.lits:
+            v = self.lits[key] = self.m.NewBoolVar(f"and[{key}]")
+            self.m.AddImplication(v, a).with_name(f"and[{key}]")
+            self.m.AddImplication(v, b).with_name(f"and[{key}]")
+            self.m.AddBoolOr([a.Not(), b.Not(), v]).with_name(f"and[{key}]")
+        return self.lits[key]
+
+    def _region_choice(self):
+        """q[R] per region (forced by an override, or off when the planner may not recompute),
+        d[R] = r[L] ∨ q[R] (its activations are not kept) and e[R] = q[R] ∧ ¬r[L] (chunked
+        in a layer that keeps its activations: the chunks' checkpoints keep its input)."""
+        for name, reg in self.pb.regions.items():
+            r = self.r[reg.cls]
+            q = self.q[name] = 1 if reg.forced else self.m.NewBoolVar(f"q[{name}]") if self.allow else 0
+            if isinstance(q, int) or isinstance(r, int):
+                self.drop[name] = q if isinstance(r, int) and not r else r if isinstance(q, int) and not q else 1
+            else:
+                d = self.drop[name] = self.m.NewBoolVar(f"d[{name}]")
+                self.m.AddBoolOr([r, q, d.Not()]).with_name(f"drop[{name}]")
+                self.m.AddImplication(r, d).with_name(f"drop[{name}]")
+                self.m.AddImplication(q, d).with_name(f"drop[{name}]")
+            self.alone[name] = self._lit_and(q, _neg(r), f"e[{name}]")
+
+    def _layer_live(self, n, i, c: str, a: float) -> list:
+        """(literal, bytes) of template n's kept output live again while a layer of class c is
+        recomputed: all of it, or one chunk's (at most CHUNK_BYTES) when a region of c that
+        keeps it runs in chunks (its input: all of it, the chunks' checkpoints keep it)."""
+        pb, x = self.pb, self.x[(n, i)]
+        region = next((R for R in pb.region_kept.get(n, ()) if pb.regions[R].cls == c), None)
+        if region is None or _off(self.q[region]):
+            return [(x, int(_live(pb, c, a)))]
+        q, live = self.q[region], a if pb.node_region.get(n) != region else min(a, CHUNK_BYTES)
+        return [(self._lit_and(x, _neg(q), f"{n.name},{i}∧¬q[{region}]"), int(a)),
+                (self._lit_and(x, q, f"{n.name},{i}∧q[{region}]"), int(live))]
+
+    def _region_kept(self, n, cls) -> int:
+        """How many of template n's members kept by class cls only a region that may run in
+        chunks keeps (their terms are `_region_terms`')."""
+        return sum(k for R, k in self.pb.region_kept.get(n, {}).items()
+                   if cls is not None and self.pb.regions[R].cls == cls and not _off(self.q[R]))
+
+    def _region_terms(self) -> list:
+        """Kept bytes of regions that may run in chunks: what only their ops keep, unless the
+        layer recomputes or they run in chunks (¬d[R]), and their input, kept by the chunks'
+        checkpoints when the layer does not recompute (e[R])."""
+        pb, terms = self.pb, []
+        for n, counts in pb.region_kept.items():
+            for R, k in counts.items():
+                if _off(self.q[R]):
+                    continue
+                for i in range(len(pb.strategies[n])):
+                    a = pb.node_cost[(n, i)].memory_bytes
+                    if a:
+                        v = self._lit_and(self.x[(n, i)], _neg(self.drop[R]), f"{n.name},{i}∧¬d[{R}]")
+                        terms.append((v, int(k * a)))
+        for R, reg in pb.regions.items():
+            for (u, idx), (count, x) in reg.inputs.items():
+                for i, st in enumerate(pb.strategies[u]):
+                    b = int(count * pb.costs.bytes(x, st.output if idx is None else st.output[idx]))
+                    if b and not _off(self.alone[R]):
+                        terms.append((self._lit_and(self.x[(u, i)], self.alone[R], f"{u.name},{i}∧e[{R}]"), b))
+        return terms
+
+    def _add_regions(self):
+        """A chunked region runs one program per chunk: no redistribution into or inside it
+        ("whole_chunks"); while one chunk is recomputed in backward its activations are live
+        again: W ≥ one chunk's ("working")."""
+        pb = self.pb
+        for (key, v, j), l in pb.need.items():
+            R = pb.node_region.get(v)
+            if R is None or _off(self.q[R]):
+                continue
+            q = self.q[R]
+            for i in range(len(pb.strategies[key[0]])):
+                if (key, i, l) in pb.move:
+                    self.m.AddBoolOr([self.x[(v, j)].Not(), self.x[(key[0], i)].Not()]
+                                     + ([] if isinstance(q, int) else [q.Not()])) \
+                        .with_name(f"whole_chunks[{R}]")
+        for R, reg in pb.regions.items():
+            if _off(self.q[R]):
+                continue
+            terms = [(self.x[(n, i)], int(min(pb.node_cost[(n, i)].memory_bytes, CHUNK_BYTES)))
+                     for n in reg.nodes if R in pb.region_kept.get(n, ())
+                     for i in range(len(pb.strategies[n]))]
+            terms = [(v, b) for v, b in terms if b]
+            if terms:
+                bound = self.m.Add(self.W >= sum(b * v for v, b in terms)).with_name(f"working[{R}]")
+                if not isinstance(self.q[R], int):
+                    bound.only_enforce_if(self.q[R])
+
+    def _region_time(self) -> list:
+        """A chunked region's forward, again in backward (one chunk at a time)."""
+        pb, terms = self.pb, []
+        for R, reg in pb.regions.items():
+            if _off(self.q[R]):
+                continue
+            for n in reg.nodes:
+                for i in range(len(pb.strategies[n])):
+                    t = int(round(pb.mult[n] * pb.forward[(n, i)].time_s * NS))
+                    if t:
+                        terms.append(t * self._lit_and(self.x[(n, i)], self.q[R], f"{n.name},{i}∧q[{R}]"))
+        return terms
+
     def _memory_terms(self):
         """(literal or variable, bytes) whose sum is the kept activations A plus W."""
         pb, terms = self.pb, []
@@ -347,7 +494,7 @@ class Model:
                 continue
             for cls, k in pb.kept_by.get(n, {None: pb.mult[n]}).items():
                 v = self.x[(n, i)] if cls is None else self._and_not(self.x[(n, i)], cls, f"{n.name},{i}")
-                terms.append((v, int(k * c.memory_bytes)))
+                terms.append((v, int((k - self._region_kept(n, cls)) * c.memory_bytes)))
         for (key, i, l), w in self.w.items():
             t, kept = pb.tensors[key], pb.move[(key, i, l)][2]
             if not kept:
@@ -363,6 +510,7 @@ class Model:
                         kept = self._and(self.x[(u, i)], c, f"{u.name},{i}") if _off(self.o[c]) \
                             else self._both(self.x[(u, i)], self.g[c], f"{u.name},{i}")
                         terms.append((kept, b))
+        terms += self._region_terms()
         if self.W is not None:
             terms.append((self.W, 1))
         return [(v, c) for v, c in terms if c and not _off(v)]
@@ -395,6 +543,7 @@ class Model:
             t = int(round(b / pb.costs.gpu.host_bandwidth * NS))
             if t:
                 terms.append(t * v)
+        terms += self._region_time()
         return sum(terms)
 
     def solve(self, objective, seconds: float, workers: int, gap: float = 1e-4) -> Solution:
@@ -413,19 +562,25 @@ class Model:
                   for n, sts in self.pb.strategies.items()}
         recompute = frozenset(c for c, r in self.r.items() if (r if isinstance(r, int) else solver.Value(r)))
         offload = frozenset(c for c, o in self.o.items() if (o if isinstance(o, int) else solver.Value(o)))
-        memory = memory_of(self.pb, choice, recompute, offload)
+        chunked = frozenset(R for R, q in self.q.items() if (q if isinstance(q, int) else solver.Value(q)))
+        memory = memory_of(self.pb, choice, recompute, offload, chunked)
         # the linearization bounds the direct count: equal, but for W (a bound) and moves
         # whose w is 1 where no consumer needs them (free when their time rounds to 0 ns)
         kept = sum(c * solver.Value(v) for v, c in self.memory_terms if v is not self.W)
         assert memory.kept <= kept + len(self.memory_terms) + 1e-9 * kept, (kept, memory)
         return Solution(choice, solver.ObjectiveValue() / NS, memory.peak, name, elapsed,
-                        recompute, memory, self.budget, offload)
+                        recompute, memory, self.budget, offload, chunked)
 
 
 def _live(pb: Problem, c: str, kept: float) -> float:
     """What of a tensor is live again while a class is recomputed: all of it for a layer, one
     chunk (at most CHUNK_BYTES) for a chunked region."""
     return min(kept, CHUNK_BYTES) if pb.classes[c].kind == "chunk" else kept
+
+
+def _neg(v):
+    """¬v for a literal or the constants 0, 1."""
+    return 1 - v if isinstance(v, int) else v.Not()
 
 
 def _off(v) -> bool:
@@ -452,9 +607,10 @@ class ClassFigures:
     fetch_s: float = 0.0  # its inputs copied back from the host in backward, when offloaded
 
 
-def class_figures(pb: Problem, choice: dict) -> dict[str, ClassFigures]:
+def class_figures(pb: Problem, choice: dict, chunked=frozenset()) -> dict[str, ClassFigures]:
     """For every layer class: kept bytes without and with recompute, the working set, and the
-    forward time that recomputing adds, all per layer (class totals / its layer count)."""
+    forward time that recomputing adds, all per layer (class totals / its layer count), with
+    the regions in `chunked` run in chunks."""
     out = {}
     moves = list(chosen_moves(pb, choice))
     for c, lc in pb.classes.items():
@@ -479,17 +635,69 @@ def class_figures(pb: Problem, choice: dict) -> dict[str, ClassFigures]:
         k = len(lc.layers)
         out[c] = ClassFigures(kept / k, inputs / k, working, fwd / k,
                               inputs / k / pb.costs.gpu.host_bandwidth)
+    for R, f in region_figures(pb, choice, chunked).items():  # their chunks' checkpoints keep
+        c = out[pb.regions[R].cls]                            # only their inputs
+        c.kept += f.inputs - f.kept
+        c.working -= f.whole - f.working
     return out
 
 
-def memory_of(pb: Problem, choice: dict, recompute=frozenset(), offload=frozenset()) -> Memory:
+@dataclass
+class RegionFigures:
+    """A token-wise region under a choice of strategies, per layer (bytes, seconds)."""
+
+    kept: float         # what only its ops keep, whole
+    inputs: float       # what its chunks' checkpoints keep instead: its input
+    chunk: float        # one chunk's activations (at most CHUNK_BYTES a tensor)
+    working: float      # that and its input: what a recomputed layer makes again of it
+    whole: float        # the same, not chunked
+    forward_s: float    # its forward, again in backward
+    largest: float      # its largest kept tensor, whole: the chunk count's measure
+
+
+def region_figures(pb: Problem, choice: dict, regions=None) -> dict[str, RegionFigures]:
+    """For every region (or those named in `regions`), per layer."""
+    out = {}
+    for R, reg in pb.regions.items():
+        if regions is not None and R not in regions:
+            continue
+        kept = chunk = outer = whole = fwd = largest = 0.0
+        for n, counts in pb.region_kept.items():
+            if R in counts:
+                a = pb.node_cost[(n, choice[n])].memory_bytes
+                kept += counts[R] * a
+                whole += a
+                if pb.node_region.get(n) == R:
+                    chunk += min(a, CHUNK_BYTES)
+                else:
+                    outer += a
+        for n in reg.nodes:
+            fwd += pb.mult[n] * pb.forward[(n, choice[n])].time_s
+            largest = max(largest, pb.node_cost[(n, choice[n])].memory_bytes)
+        inputs = 0.0
+        for (u, idx), (count, x) in reg.inputs.items():
+            st = pb.strategies[u][choice[u]]
+            inputs += count * pb.costs.bytes(x, st.output if idx is None else st.output[idx])
+        k = len(reg.paths)
+        out[R] = RegionFigures(kept / k, inputs / k, chunk, chunk + outer, whole, fwd / k, largest)
+    return out
+
+
+def memory_of(pb: Problem, choice: dict, recompute=frozenset(), offload=frozenset(),
+              chunked=frozenset()) -> Memory:
     """The peak the memory constraint sees, counted directly from a choice (the CP-SAT model
     must agree; `Model.solve` asserts it), and where it is reached. `offload` ⊆ `recompute`:
-    classes whose inputs are in host memory (IN_FLIGHT layers' worth on the GPU)."""
+    classes whose inputs are in host memory (IN_FLIGHT layers' worth on the GPU); `chunked`:
+    token-wise regions run in chunks."""
     kept = sum(pb.mult[n] * pb.node_cost[(n, i)].memory_bytes for n, i in choice.items())
     kept += sum(pb.tensors[key].mult * b for (key, _, _), (_, _, b) in chosen_moves(pb, choice))
-    figures = class_figures(pb, choice) if recompute else {}
+    figures = class_figures(pb, choice, chunked) if recompute else {}
     working, where, host = 0.0, None, 0.0
+    for R, f in region_figures(pb, choice, chunked).items():  # its chunks' checkpoints keep
+        kept += (f.inputs - f.kept) * len(pb.regions[R].paths)  # its input (a recomputed
+        #                                                          layer's figures count it)
+        if f.chunk > working or where is None:  # one chunk made again (its input is kept)
+            working, where = f.chunk, R
     for c in recompute:
         f, k = figures[c], len(pb.classes[c].layers)
         kept += (f.inputs - f.kept) * k

@@ -1,6 +1,7 @@
 """The problem the CP-SAT model is built from: template nodes with their candidate strategies and
 costs, clustered tensors with the layouts their consumers need, the redistribution prices, and
-the layer classes with what recomputing one costs (forward seconds) and keeps (its inputs).
+the layer classes with what recomputing one costs (forward seconds) and keeps (its inputs), and
+the token-wise regions inside layers that may run in chunks of tokens (`token_regions`).
 `model.py` states the formulation over these sets."""
 
 from __future__ import annotations
@@ -379,7 +380,6 @@ def token_regions(dims: DimAnalysis) -> list[TokenRegion]:
     - one tensor leaves it (holding the chunk dim), other inputs are parameters, constants or
       tensors without the chunk dim, and it makes at least one intermediate tensor (a module
       of one op, like a projection, saves nothing when chunked)."""
-    F = dims.F
     seq = set()
     for n in dims.cap.nodes():
         if dims.attention(n) is not None:

@@ -19,7 +19,10 @@ it sets. A spec is a list of terms:
     offload         on a layer: recompute it, and keep its inputs in host memory until its
                     backward (copied out on a side stream in forward, back in backward)
     chunk | chunk:K on an LM head whose logits feed a cross-entropy (`lm_head`): run the head and
-                    the loss in chunks of tokens (K of them; default: the planner sizes them)
+                    the loss in chunks of tokens (K of them; default: the planner sizes them);
+                    on a token-wise module inside a layer (`layers.*.mlp`, see
+                    `solver.token_regions`): run it in K chunks of tokens, each recomputed in
+                    backward (ALST's tiled MLP)
 
 A node that lacks the factor stays replicated on that axis. A node that has it but cannot split
 it (a softmax over it, an op without a rule) is an error that names the node and its source line:
