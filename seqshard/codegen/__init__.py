@@ -41,10 +41,10 @@ def apply_plan(dims: DimAnalysis, plan: Plan, mesh: MeshInfo) -> Program:
         chunk_modules(program.gm, _chunked_modules(dims, plan, program))
     if plan.recompute:
         recompute_layers(program.gm, plan.recompute, plan.offload, tuple(dims.cap.inputs))
-    if plan.chunks:
-        chunk_losses(program.gm, plan.chunks)
         if plan.chunked_modules:  # chunk loops moved into recomputed layers' submodules
             program.gm.delete_all_unused_submodules()
+    if plan.chunks:
+        chunk_losses(program.gm, plan.chunks)
     return program
 
 
