@@ -1,0 +1,201 @@
+"""Fused LM head + cross-entropy: `CE(hidden @ weight.T, labels)` without the [T, V] logits.
+
+    loss = linear_cross_entropy(hidden [T, d], weight [V, d], labels [T],
+                                ignore_index=-100, reduction="mean", divisor=None, chunk=None)
+
+Design (Liger's, after mgmalek/efficient_cross_entropy): the forward walks the tokens in chunks
+of `chunk` rows and, when gradients are wanted, computes them there, so backward only scales
+them by the incoming gradient:
+
+    for each chunk c of tokens:
+        x = hidden[c] @ weight.T                  [c, V], hidden's dtype (cuBLAS, fp32 inside)
+        ce_rows_kernel(x, labels[c])              one program per row, fp32: online logsumexp
+                                                  over BLOCK_V tiles, the row's loss, and x
+                                                  overwritten by scale·(softmax(x) - onehot)
+        dh[c] = x @ weight                        written in place into dh
+        dW   += x.T @ hidden[c]                   accumulated in fp32 (cuBLAS addmm, fp32 C)
+
+Why this design over recomputing in backward: three GEMMs per token (forward logits, dh, dW) —
+what an unfused LM head costs — where recomputing the logits in backward adds a fourth (+33%).
+The softmax/gradient step is one Triton kernel reading each logit twice and writing it once, in
+place; no other [c, V] buffer exists. Peak memory beyond the inputs: one chunk of logits, dh,
+and dW (fp32 accumulator while the chunks run, then cast to the weight's dtype;
+`accumulate=None` accumulates in the weight's dtype as Liger does, 2 bytes a weight fewer on
+bf16 weights, rounding once per chunk).
+
+`reduction="mean"` divides by the tokens not ignored (or by `divisor`, a tensor: codegen passes
+the count over the ranks that split the tokens), folded into the kernel's gradient scale: no
+host sync anywhere. An ignored token (label == ignore_index) adds 0 to the loss and gets a zero
+gradient. Labels must lie in [0, V) otherwise (ParallelModule checks token ids before a call).
+
+The Triton path runs on CUDA tensors (or any under TRITON_INTERPRET=1, for tests); elsewhere
+the same chunk loop runs the rows in torch. torch.compile runs this function eagerly (a graph
+break), as it does seqshard's other runtime helpers it cannot trace.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+__all__ = ["linear_cross_entropy", "default_chunk", "triton_usable"]
+
+MAX_BLOCK_V = 32768       # a row's tile: 32 fp32 values a thread at 32 warps (Liger's size)
+CHUNK_BYTES = 512 << 20   # default chunk: logits of at most this many bytes
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    try:
+        from seqshard.codegen.kernels import _linear_ce_kernel
+    except ImportError:
+        return None
+    return _linear_ce_kernel
+
+
+def triton_usable(t: torch.Tensor) -> bool:
+    """The Triton kernels run on `t`'s device: CUDA, or any device under TRITON_INTERPRET=1."""
+    return (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and _kernels() is not None
+
+
+def default_chunk(tokens: int, vocab: int, itemsize: int) -> int:
+    """Tokens per chunk: a power of two whose logits fit CHUNK_BYTES (2048 at a 128K vocab in
+    bf16), at most `tokens`."""
+    fit = max(1, CHUNK_BYTES // max(1, vocab * itemsize))
+    return max(1, min(tokens, 1 << (fit.bit_length() - 1)))
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         ignore_index: int = -100, reduction: str = "mean",
+                         divisor: torch.Tensor | None = None, chunk: int | None = None,
+                         accumulate: torch.dtype | None = torch.float32,
+                         out_dtype: torch.dtype = torch.float32,
+                         block_v: int | None = None) -> torch.Tensor:
+    """F.cross_entropy(hidden @ weight.T, labels, ignore_index=..., reduction=...) computed in
+    chunks of `chunk` tokens (default `default_chunk`), the logits in fp32 inside the kernel.
+
+    hidden [T, d], weight [V, d], labels [T] (int); reduction "mean" (over the tokens not
+    ignored, or `divisor`) or "sum". accumulate: dW's accumulator dtype (None: the weight's).
+    out_dtype: the loss's dtype. block_v: the kernel's tile over V (tests)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1] \
+            or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy takes hidden [T, d], weight [V, d], labels [T]; "
+                         f"got {tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}")
+    if reduction == "mean" and divisor is None:
+        divisor = (labels != ignore_index).sum()
+    if reduction == "sum":
+        divisor = None
+    T, V = hidden.shape[0], weight.shape[0]
+    chunk = chunk or default_chunk(T, V, hidden.element_size())
+    return _run(hidden, weight, labels, divisor, ignore_index, chunk, accumulate, out_dtype, block_v)
+
+
+@torch.compiler.disable
+def _run(hidden, weight, labels, divisor, ignore_index, chunk, accumulate, out_dtype, block_v):
+    return _LinearCrossEntropy.apply(hidden.contiguous(), weight, labels.contiguous(), divisor,
+                                     ignore_index, chunk, accumulate, out_dtype, block_v)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, divisor, ignore_index, chunk, accumulate, out_dtype,
+                block_v):
+        T, d = hidden.shape
+        V = weight.shape[0]
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad = want_h or want_w
+        scale = torch.ones(1, dtype=torch.float32, device=hidden.device)
+        if divisor is not None:
+            scale = scale / divisor.to(torch.float32)
+        rows = torch.empty(T, dtype=torch.float32, device=hidden.device)
+        dh = torch.empty_like(hidden) if want_h else None
+        dw = torch.zeros(V, d, dtype=accumulate or weight.dtype, device=weight.device) \
+            if want_w else None
+        for start in range(0, T, chunk):
+            end = min(T, start + chunk)
+            h = hidden[start:end]
+            x = torch.mm(h, weight.t())                                # [c, V]
+            _rows(x, labels[start:end], rows[start:end], scale, ignore_index, grad, block_v)
+            if dh is not None:
+                torch.mm(x, weight, out=dh[start:end])
+            if dw is not None:
+                _accumulate(dw, x.t(), h)
+            del x
+        loss = rows.sum()
+        if divisor is not None:
+            loss = loss / divisor.to(torch.float32)
+        if dw is not None and dw.dtype != weight.dtype:
+            dw = dw.to(weight.dtype)
+        ctx.grads = (dh, dw)
+        return loss.to(out_dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        dh, dw = ctx.grads
+        ctx.grads = None
+        g = g.reshape(1).to(torch.float32)
+        for t in (dh, dw):
+            if t is not None:
+                _scale_(t, g)
+        return dh, dw, None, None, None, None, None, None, None
+
+
+def _rows(x: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor,
+          ignore_index: int, grad: bool, block_v: int | None) -> None:
+    """rows[i] = logsumexp(x[i]) - x[i, labels[i]] (0 where ignored); with `grad`, x[i] is
+    overwritten by scale·(softmax(x[i]) - onehot(labels[i])) (0 where ignored)."""
+    n, V = x.shape
+    if n == 0:
+        return
+    if triton_usable(x):
+        block = block_v or min(MAX_BLOCK_V, 1 << (V - 1).bit_length())
+        _kernels().ce_rows_kernel[(n,)](x, x.stride(0), labels, rows, scale, V, ignore_index,
+                                        BLOCK_V=block, GRAD=grad,
+                                        num_warps=32 if block >= 8192 else 4)
+        return
+    xf = x.float()
+    lse = torch.logsumexp(xf, 1)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    rows.copy_(torch.where(valid, lse - xf.gather(1, safe[:, None])[:, 0], 0.0))
+    if grad:
+        s = scale * valid.to(torch.float32)                               # [n]
+        g = torch.exp(xf - lse[:, None]) * s[:, None]
+        g.scatter_add_(1, safe[:, None], -s[:, None])
+        x.copy_(g)
+
+
+_MIXED_ADDMM: dict[str, bool] = {}
+"""Device type → whether `torch.addmm(acc_fp32, a_bf16, b_bf16, fp32, out=acc)` ran there."""
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b in place; acc fp32 over bf16/fp16 a, b through cuBLAS's fp32-output GEMM
+    (`addmm.dtype`, CUDA) where it exists, else through a temporary in a's dtype."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+        return
+    kind = acc.device.type
+    if _MIXED_ADDMM.get(kind, acc.is_cuda):
+        try:
+            torch.addmm(acc, a, b, acc.dtype, out=acc)
+            _MIXED_ADDMM[kind] = True
+            return
+        except (RuntimeError, TypeError):
+            _MIXED_ADDMM[kind] = False
+    acc.add_(torch.mm(a, b))
+
+
+def _scale_(t: torch.Tensor, g: torch.Tensor) -> None:
+    """t *= g in place, computed in fp32 (g: one fp32 element on t's device; its shape [1]
+    makes torch's mul compute in fp32 too)."""
+    if t.dtype != torch.float32 and triton_usable(t) and t.is_contiguous():
+        n = t.numel()
+        _kernels().scale_kernel[(-(-n // 4096),)](t, g, n, BLOCK=4096)
+        return
+    t.mul_(g)
