@@ -12,6 +12,8 @@ Python source (`pm.code`).
     recompute_layers(program.gm, plan.recompute)      # each recomputed layer: a checkpointed submodule
                                                       # (inputs on the host where offloaded)
     chunk_losses(program.gm, plan.chunks)             # LM head + loss in checkpointed token chunks
+                                                      # (kernels=True: one fused kernel call)
+    compile_layers(program.gm)                        # compile=True: each layer template compiled once
 
 This is emission, not a sequence of graph passes: one walk over the captured graph writes a new
 graph, op by op, into calls of `seqshard.runtime` and local ATen ops (see docs/design.md). The
@@ -23,6 +25,7 @@ from __future__ import annotations
 from seqshard.dims import DimAnalysis
 from seqshard.strategies import Plan, PlanError, orders_of, resolve_plan
 
+from .compiled import compile_layers
 from .mesh import MeshInfo
 from .recompute import ChunkedModule, chunk_losses, chunk_modules, recompute_layers
 from .sharder import Program, Sharder
@@ -30,7 +33,12 @@ from .sharder import Program, Sharder
 __all__ = ["apply_plan", "MeshInfo", "Program", "PlanError"]
 
 
-def apply_plan(dims: DimAnalysis, plan: Plan, mesh: MeshInfo) -> Program:
+def apply_plan(dims: DimAnalysis, plan: Plan, mesh: MeshInfo, *, kernels: bool = False,
+               compile: bool | str = False, backend: str = "inductor") -> Program:
+    """This rank's program. kernels: seqshard's own kernels where they apply (the chunked LM
+    head + loss through `kernels/linear_ce.py`); compile: True or "layers" compiles each
+    distinct layer template once with torch.compile(backend=backend) (`compiled.py`), False
+    runs op by op."""
     if tuple(plan.axis_names) != tuple(mesh.names):
         raise PlanError(f"the plan was made for mesh axes {plan.axis_names}, this mesh has "
                         f"{mesh.names}: pass mesh=init_device_mesh(device, sizes, "
@@ -44,7 +52,9 @@ def apply_plan(dims: DimAnalysis, plan: Plan, mesh: MeshInfo) -> Program:
         if plan.chunked_modules:  # chunk loops moved into recomputed layers' submodules
             program.gm.delete_all_unused_submodules()
     if plan.chunks:
-        chunk_losses(program.gm, plan.chunks)
+        chunk_losses(program.gm, plan.chunks, fused=kernels)
+    if compile:
+        compile_layers(program.gm, backend)
     return program
 
 

@@ -44,7 +44,7 @@ from seqshard.runtime import sharding as rt
 from seqshard.runtime.offload import offloaded_checkpoint
 from seqshard.strategies import PlanError
 
-__all__ = ["recompute_layers", "in_layer", "chunk_losses", "chunked", "masked_labels",
+__all__ = ["recompute_layers", "in_layer", "chunk_losses", "chunked", "fused_chunked", "masked_labels",
            "token_count", "ChunkedModule", "chunk_modules", "run_in_chunks"]
 
 aten = torch.ops.aten
@@ -167,7 +167,8 @@ _CHAIN = {aten.to.dtype, aten._to_copy.default, aten.flatten.using_ints, aten.re
 _CASTS = {aten.to.dtype, aten._to_copy.default}
 
 
-def chunk_losses(gm: fx.GraphModule, chunks: tuple[tuple[str, int], ...]) -> fx.GraphModule:
+def chunk_losses(gm: fx.GraphModule, chunks: tuple[tuple[str, int], ...],
+                 fused: bool = False) -> fx.GraphModule:
     """`gm` with each (loss, k) of `chunks` rewritten so its LM head and cross-entropy run in k
     chunks of tokens (in place; returned):
 
@@ -179,7 +180,11 @@ def chunk_losses(gm: fx.GraphModule, chunks: tuple[tuple[str, int], ...]) -> fx.
     Each chunk runs under `checkpoint`: its logits exist one chunk at a time, in the forward
     and again in backward. A loss over split tokens (`cross_entropy_partial`) keeps its
     semantics: padded tokens' labels are ignored first, and a mean divides by the tokens
-    counted on every rank of its groups."""
+    counted on every rank of its groups.
+
+    fused: a plain cross-entropy (no class weights or smoothing, mean or sum) over a linear
+    without bias runs instead as one call of the fused kernel (`kernels/linear_ce.py`, Triton on
+    GPU), the same k chunks: loss = fused_chunked(h.flatten(0, -2), W, labels, ...)."""
     g = gm.graph
     for loss, k in chunks:
         ce = next((n for n in g.nodes if n.op == "call_function" and n.name in (loss, f"{loss}_share")
@@ -207,6 +212,22 @@ def chunk_losses(gm: fx.GraphModule, chunks: tuple[tuple[str, int], ...]) -> fx.
             reduction = ce.kwargs.get("reduction", args[3])
             ignore = ce.kwargs.get("ignore_index", args[4])
             groups, padding = (), None
+        if fused and _fusable(ce, linear, bias, reduction):
+            with g.inserting_before(ce):
+                flat = g.call_function(aten.flatten.using_ints, (hidden, 0, -2))
+                if padding is not None:
+                    labels = g.call_function(masked_labels, (labels, ignore, padding))
+                dtype = getattr(ce.meta.get("val"), "dtype", torch.float32)
+                out = g.call_function(fused_chunked, (flat, weight, labels, ignore, groups,
+                                                      reduction == 1, k, dtype))
+                flat.name = g._graph_namespace.create_name("lm_tokens", None)
+                out.name = g._graph_namespace.create_name(f"{loss}_fused", None)
+                for n in (flat, out) + ((labels,) if padding is not None else ()):
+                    n.meta.update({k_: v for k_, v in ce.meta.items() if k_ in ("module", "stack_trace")})
+            ce.replace_all_uses_with(out)
+            for n in [ce] + chain + [linear]:
+                g.erase_node(n)
+            continue
         sub = fx.Graph()
         h, w = sub.placeholder("hidden"), sub.placeholder("weight")
         b, lab = sub.placeholder("bias"), sub.placeholder("labels")
@@ -238,6 +259,33 @@ def chunk_losses(gm: fx.GraphModule, chunks: tuple[tuple[str, int], ...]) -> fx.
     g.lint()
     gm.recompile()
     return gm
+
+
+def _fusable(ce: fx.Node, linear: fx.Node, bias, reduction) -> bool:
+    """The fused kernel computes this loss: no bias, a mean or a sum, no class weights or label
+    smoothing, and the logits it reads in fp32 or in the linear's own dtype."""
+    if bias is not None or reduction not in (1, 2):
+        return False
+    if ce.target is aten.cross_entropy_loss.default:
+        args = list(ce.args) + [None, 1, -100, 0.0][len(ce.args) - 2:]
+        if ce.kwargs.get("weight", args[2]) is not None or ce.kwargs.get("label_smoothing", args[5]):
+            return False
+    logits = getattr(ce.args[0].meta.get("val"), "dtype", None)
+    return logits in (torch.float32, getattr(linear.meta.get("val"), "dtype", None))
+
+
+def fused_chunked(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore: int,
+                  groups: tuple, mean: bool, chunks: int, dtype: torch.dtype) -> torch.Tensor:
+    """cross_entropy(hidden @ weight.T, labels) in `chunks` pieces of tokens through the fused
+    kernel (`kernels.linear_ce`): the sum, or the mean over the tokens counted on every rank
+    of `groups` (`token_count`), in `dtype`."""
+    from .kernels.linear_ce import linear_cross_entropy
+
+    count = token_count(labels, ignore, groups, hidden.new_empty((), dtype=torch.float32)) \
+        if mean else None
+    return linear_cross_entropy(hidden, weight, labels, ignore_index=ignore,
+                                reduction="mean" if mean else "sum", divisor=count,
+                                chunk=max(1, -(-hidden.shape[0] // chunks)), out_dtype=dtype)
 
 
 def chunked(fn, hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor,

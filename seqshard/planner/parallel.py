@@ -70,7 +70,8 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
                 overrides: dict[str, str] | None = None, axes: dict[str, str] | None = None,
                 cluster=None, memory_budget: float | None = None, training: bool = True,
                 check_inputs: bool = True, optimizer: str = "adamw",
-                model_state: str = "replicated", mixed_precision=None) -> "ParallelModule":
+                model_state: str = "replicated", mixed_precision=None, kernels: bool = False,
+                compile: bool | str = False, compile_backend: str = "inductor") -> "ParallelModule":
     """Capture `model`, plan it (or take `plan`), and build this rank's program.
 
     mesh: a DeviceMesh over all ranks (default: 1-D over the world, axis "sp").
@@ -87,6 +88,11 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
     mixed_precision: with "sharded", a `torch.distributed.fsdp.MixedPrecisionPolicy`, e.g.
         `MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)`: bf16
         compute, fp32 parameters in the optimizer and fp32 gradient reduction.
+    kernels: seqshard's own kernels where they apply: an LM head + cross-entropy the plan
+        chunks runs as one fused kernel (`codegen/kernels/linear_ce.py`; Triton on GPU).
+    compile: False (op by op), or True / "layers": each distinct layer template of the
+        program compiled once with torch.compile(backend=compile_backend) and run for every
+        identical layer (`codegen/compiled.py`; `pm.code` lists the templates).
 
     Every rank must call it with the same arguments; a difference, or an error on any rank,
     raises on every rank (see the module docstring)."""
@@ -118,6 +124,8 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
                          "state into one with torch.distributed.checkpoint")
     if plan is not None and overrides:
         raise ValueError("pass either plan= or overrides=, not both (overrides shape a new plan)")
+    if compile not in (False, True, "layers"):
+        raise ValueError(f"compile= takes False, True or 'layers', got {compile!r}")
     mesh = mesh if mesh is not None else default_mesh()
     info = MeshInfo.from_device_mesh(mesh)
 
@@ -142,12 +150,15 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
         if message[1] is not None:
             raise _rebuild(message[1], 0, "planning")
         plan = Plan.from_json(message[0]).with_axes(axes)
-    program = _together("building the program", lambda: apply_plan(dims, plan, info))
+    build = dict(kernels=kernels, compile=compile, backend=compile_backend)
+    program = _together("building the program", lambda: apply_plan(dims, plan, info, **build))
     layers = None
     if model_state == "sharded":
         layers = _together("sharding the model state",
                            lambda: state.shard_model(model, mesh, mixed_precision))
-    return ParallelModule(model, plan, program, info, axes, check_inputs, layers)
+    pm = ParallelModule(model, plan, program, info, axes, check_inputs, layers)
+    pm._build_options = build
+    return pm
 
 
 class ParallelModule(nn.Module):
@@ -180,11 +191,20 @@ class ParallelModule(nn.Module):
         self._outputs: list = []
         self._redistributors: dict = {}
         self._weights: dict = {}  # device → the digest's position weights (see _input_digest)
+        self._build_options: dict = {}  # apply_plan's kernels=, compile=, backend=
 
     @property
     def code(self) -> str:
-        """This rank's program (of the current mode) as Python source."""
-        return self.program.gm.code
+        """This rank's program (of the current mode) as Python source, then the code of each
+        compiled layer template and the layers it runs."""
+        from seqshard.codegen.compiled import CompiledLayer
+
+        parts = [self.program.gm.code]
+        for name, m in self.program.gm.named_children():
+            if isinstance(m, CompiledLayer):
+                parts.append(f"# {name}: torch.compile(backend={m.backend!r}) once, run for "
+                             f"{', '.join(m.layers)}{m.template.code}")
+        return "\n".join(parts)
 
     def _model_state(self, program: Program) -> Program:
         """The program with the model state's gradient handling: FSDP units (sharded) or
@@ -330,7 +350,7 @@ class ParallelModule(nn.Module):
         def build():
             try:
                 return apply_plan(analyze(capture(self.model, examples), self._axes), self.plan,
-                                  self.mesh)
+                                  self.mesh, **self._build_options)
             except ValueError as e:
                 raise ValueError(f"the plan does not apply to the model in {mode} mode: {e}; "
                                  f"call parallelize with the model in {mode} mode for a plan "

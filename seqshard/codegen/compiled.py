@@ -1,0 +1,175 @@
+"""Compiled layers: each distinct layer template of this rank's program compiled once
+(torch.compile → Inductor → Triton on GPU), and reused by every identical layer.
+
+    program.gm                                   after `compile_layers(gm)`
+        rms_norm = aten.rms_norm(embedding, ...)     compiled_layers_0 = self.compiled_layers_0(
+        ...               (layers.0's ops)               embedding, to_1, to_2, p_layers_0_attn_..., ...)
+        add_3 = aten.add(add_2, linear_6)            getitem = compiled_layers_0[0]
+        rms_norm_2 = ...  (layers.1's ops)           compiled_layers_0_1 = self.compiled_layers_0(
+        ...                                              getitem, to_1, to_2, p_layers_1_attn_..., ...)
+
+A layer is a module path ending in an index (`layers.3`, `blocks.0`: `solver.clusters.layer_of`
+of each node's `meta["module"]`). Its nodes move into a GraphModule whose inputs are what the
+layer reads - its parameters too: they are inputs of the program - with canonical names
+(`in_0`, ..., nodes named after their ops), so identical layers have identical code. One
+`CompiledLayer` per distinct code (nested submodules compared by their code too) holds
+`torch.compile(template)`; every layer of that template calls the same module. Dynamo guards
+on shapes, dtypes and strides, not on which tensors arrive: the second identical layer runs the
+first one's compiled code, and a model of 16 identical layers compiles one layer.
+
+What stays where it was: a parameter's `sum_grad` (bucketed later, `planner.state`), and layers
+whose inputs go to host memory (`offloaded_checkpoint`: Dynamo does not trace saved-tensor
+hooks). A recomputed layer (`recompute_layers` ran first) is its checkpoint call: the template
+calls `checkpoint(part_0, ...)`, which Dynamo compiles as one region recomputed in backward;
+chunk loops (`run_in_chunks`) unroll inside it.
+
+Opaque to the compiler: seqshard's collectives and distributed attention are `torch.library`
+custom ops with fake implementations (`runtime/collectives.py`, `runtime/opsupport.py`), so
+Dynamo and Inductor keep each as one call and place nothing across it.
+
+Cache: Inductor's FX graph cache and AOTAutograd's cache (on by default; on disk under
+TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_$USER) key every compiled graph by its code,
+its inputs' shapes, dtypes and strides and the compiler's configuration - so by the plan (which
+decides the code) and the shapes: another process with the same plan and shapes loads the
+compiled kernels instead of compiling them again.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.fx as fx
+
+from seqshard.runtime import sharding as rt
+from seqshard.runtime.offload import offloaded_checkpoint
+
+from .recompute import _gather, in_layer
+
+__all__ = ["compile_layers", "CompiledLayer"]
+
+
+class CompiledLayer(torch.nn.Module):
+    """One layer template, compiled on its first call (`torch.compile(template)`), run for every
+    layer in `layers`."""
+
+    def __init__(self, template: fx.GraphModule, backend: str):
+        super().__init__()
+        self.template = template
+        self.backend = backend
+        self.layers: list[str] = []
+        self._compiled = None
+
+    def forward(self, *args):
+        if self._compiled is None:  # a function, not a module: not registered as a submodule
+            self._compiled = torch.compile(self.template.forward, backend=self.backend,
+                                           dynamic=False)
+        return self._compiled(*args)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}, layers={self.layers}"
+
+
+def compile_layers(gm: fx.GraphModule, backend: str = "inductor") -> dict[str, list[str]]:
+    """Move each layer of `gm` into a submodule shared by identical layers and compiled once
+    (in place). Returns {submodule name: the layers it runs}."""
+    from seqshard.solver.clusters import layer_of  # not at import: the solver loads CP-SAT
+
+    g = gm.graph
+    layers = list(dict.fromkeys(layer_of(n.meta["module"]) for n in g.nodes
+                                if n.meta.get("module") and layer_of(n.meta["module"])))
+    templates: dict[str, str] = {}  # canonical code → submodule name
+    for layer in layers:
+        members = [n for n in g.nodes if n.op in ("call_function", "call_method", "get_attr")
+                   and in_layer(n.meta.get("module"), layer) and not _parameter_sum(n)]
+        if not members or any(n.target is offloaded_checkpoint for n in members):
+            continue
+        region = _gather(g, members)
+        template, key, inputs, outputs = _extract(gm, region)
+        name = templates.get(key)
+        if name is None:
+            name = templates[key] = "compiled_" + re.sub(r"\W", "_", layer)
+            gm.add_submodule(name, CompiledLayer(template, backend))
+        gm.get_submodule(name).layers.append(layer)
+        inside = set(region)
+        with g.inserting_before(region[0]):
+            call = g.call_module(name, tuple(inputs))
+            call.name = g._graph_namespace.create_name(re.sub(r"\W", "_", layer), None)
+            call.meta["module"] = layer
+            results = []
+            for k, n in enumerate(outputs):
+                r = g.call_function(operator.getitem, (call, k))
+                r.meta.update(n.meta)
+                results.append(r)
+        for n, r in zip(outputs, results):
+            n.replace_all_uses_with(r, delete_user_cb=lambda u: u not in inside)
+        for n in reversed(region):
+            g.erase_node(n)
+    gm.delete_all_unused_submodules()
+    g.lint()
+    gm.recompile()
+    return {name: gm.get_submodule(name).layers for name in templates.values()}
+
+
+def _parameter_sum(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target is rt.sum_grad and n.args[0].op == "placeholder"
+
+
+def _extract(gm: torch.nn.Module, region: list[fx.Node]):
+    """(template, key, inputs, outputs): `region`'s nodes as a GraphModule with canonical names,
+    its code with its parts' code (the key identical layers share), and the outer values it
+    reads and gives back."""
+    inside = set(region)
+    inputs = list(dict.fromkeys(x for n in region for x in n.all_input_nodes if x not in inside))
+    outputs = [n for n in region if any(u not in inside for u in n.users)]
+    template, key = _rebuild(gm, region, inputs, outputs)
+    return template, key, inputs, outputs
+
+
+def _rebuild(owner: torch.nn.Module, nodes, inputs, outputs,
+             single: bool = False) -> tuple[fx.GraphModule, str]:
+    """`nodes` copied into a new graph: placeholders in_0.., nodes named after their targets,
+    get_attr targets as part_0.. (GraphModules rebuilt the same way); the output a tuple of
+    `outputs`, or with `single` its one value."""
+    root, sub = torch.nn.Module(), fx.Graph()
+    env = {x: sub.placeholder(f"in_{i}") for i, x in enumerate(inputs)}
+    parts: dict[str, str] = {}
+    keys = []
+    for n in nodes:
+        if n.op == "get_attr":
+            if n.target not in parts:
+                parts[n.target] = part = f"part_{len(parts)}"
+                obj = _fetch(owner, n.target)
+                if isinstance(obj, fx.GraphModule):
+                    obj, k = _canonical(obj)
+                    keys.append(k)
+                else:
+                    keys.append(f"<{type(obj).__name__} {id(obj)}>")
+                setattr(root, part, obj)
+            env[n] = sub.get_attr(parts[n.target])
+        else:
+            assert n.op in ("call_function", "call_method"), n.format_node()
+            env[n] = sub.create_node(n.op, n.target, fx.map_arg(n.args, env.__getitem__),
+                                     fx.map_arg(n.kwargs, env.__getitem__))
+        env[n].meta = dict(n.meta)
+    sub.output(env[outputs[0]] if single else tuple(env[n] for n in outputs))
+    module = fx.GraphModule(root, sub, class_name="layer")
+    return module, "\n".join([module.code] + keys)
+
+
+def _canonical(gm: fx.GraphModule) -> tuple[fx.GraphModule, str]:
+    """A submodule (a recomputed layer's, a chunk loop's) rebuilt with canonical names."""
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    results = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    if isinstance(results, (tuple, list)):
+        return _rebuild(gm, nodes, inputs, list(results))
+    return _rebuild(gm, nodes, inputs, [results], single=True)
+
+
+def _fetch(owner: torch.nn.Module, target: str):
+    obj = owner
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
