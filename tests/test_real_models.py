@@ -126,9 +126,7 @@ def test_production_plan_runs_exactly(pool2, pool4, name):
         check(pool, name, production_plan(name), None)
 
 
-NOT_YET = {
-    "cogvideox": "the joint text+video attention ends in split_with_sizes of unequal pieces; "
-                 "splitting the joint sequence needs cat/split rules over unequal pieces",
+NOT_YET = {  # name → why its forced split does not run yet (a strict xfail)
     "latte": "factor names are per node: the spatial attention's sequence is not the factor "
              "named 's' there, so a forced split:s leaves it replicated (the planner's own plan "
              "distributes it)",
@@ -140,3 +138,63 @@ NOT_YET = {
 def test_forced_sequence_split_runs_exactly(pool2, pool4, name):
     for pool in (pool2, pool4):
         check(pool, name, None, FORCED[name])
+
+
+class _JointAttention(torch.nn.Module):
+    """CogVideoX's joint attention in a few lines: cat([text, video]), attention, split back."""
+
+    def __init__(self, causal: bool, d: int = 8, heads: int = 2):
+        super().__init__()
+        self.causal, self.heads = causal, heads
+        self.qkv = torch.nn.Linear(d, 3 * d)
+
+    def forward(self, text, video):
+        x = torch.cat([text, video], 1)
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        t, v = a.transpose(1, 2).flatten(2).split([text.shape[1], video.shape[1]], 1)
+        return t.pow(2).mean() + v.pow(2).mean()
+
+
+def _joint_inputs():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(1, 5, 8, generator=gen), torch.randn(1, 7, 8, generator=gen)
+
+
+def run_joint(plan_json):
+    """On every rank: worst relative error of the loss and gradients of `_JointAttention`."""
+    from seqshard.planner import Plan, parallelize
+
+    torch.manual_seed(0)
+    model, inputs = _JointAttention(False), _joint_inputs()
+    ref = copy.deepcopy(model)
+    loss = parallelize(model, inputs, plan=Plan.from_json(plan_json))(*inputs)
+    loss.backward()
+    want = ref(*inputs)
+    want.backward()
+    return max([_rel(loss.detach(), want.detach())] + [_rel(p.grad, q.grad) for p, q in
+                                                        zip(model.parameters(), ref.parameters())])
+
+
+def test_joint_sequence_split_only_where_order_does_not_matter(pool2):
+    """A concatenated sequence split piece by piece (each rank: its share of the text, then of
+    the video; 5 and 7 tokens, so both are padded inside the local sequence and the runtime
+    masks those keys) serves full attention exactly, which does not depend on the order of the
+    tokens; causal attention does, and the override that forces it is refused naming the
+    attention node (strategies/strategy.py `resolve`). Fails if the joint factor is no longer
+    split (dims/ops/index_ops.py `cat`, `split`), if its padding is not masked
+    (codegen/local_ops.py `_joint_keys`), or if causal attention over it is planned."""
+    from seqshard import planner
+    from seqshard.strategies import PlanError
+
+    torch.manual_seed(0)
+    inputs = _joint_inputs()
+    plan = planner.plan(_JointAttention(False), inputs, mesh=(("sp", 2),),
+                        overrides={"*": "split:s ring"}, time_limit=10)
+    assert attention_of(plan) == ["ring [s@sp]"], attention_of(plan)
+    assert plan.node("cat").split_str() == plan.node("split_with_sizes").split_str() == "s@sp"
+    assert max(pool2.run(run_joint, plan.to_json())) <= TOL
+    with pytest.raises(PlanError, match="scaled_dot_product_attention.*concatenation"):
+        planner.plan(_JointAttention(True), inputs, mesh=(("sp", 2),),
+                     overrides={"*": "split:s ring"}, time_limit=10)

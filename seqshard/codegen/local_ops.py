@@ -3,6 +3,7 @@ without one is copied as it is (its inputs already have the layout its strategy 
 
 from __future__ import annotations
 
+from itertools import product
 from math import prod
 
 import torch
@@ -45,14 +46,15 @@ def _inputs(sh, n: fx.Node, st: Strategy, zero_pads: bool = True):
     if zero_pads:
         roles = sh.dims.roles.get(n, {})
         for i, a in enumerate(st.splits):
-            if a is None or roles.get(a) != Role.SUM or a not in sh.pads:
+            if a is None or roles.get(a) != Role.SUM or (a not in sh.pads and sh.F.pieces(a) is None):
                 continue
             for x, lay in st.inputs:
                 sig = sh.sig_atoms(x)
                 dim = next((k for k, d in enumerate(sig) if a in d), None)
                 if dim is not None:
                     mask = sh.mask_atoms(sig[dim], lay)
-                    vals[x] = sh.call(rt.zero_padding, vals[x], dim, mask, name=f"{x.name}_zero_pads")
+                    if mask is not None:
+                        vals[x] = sh.call(rt.zero_padding, vals[x], dim, mask, name=f"{x.name}_zero_pads")
                     break
 
     def m(a):
@@ -149,11 +151,15 @@ def _settle(sh, n, st, value):
     factor of a slice, a concatenation or an uneven split: `dims.ops.index_ops`) comes out whole
     there; it reaches the strategy's output layout by a local slice, as in `create`. For an op
     with several outputs the layouts are recorded and each consumer slices what it needs."""
-    def made(lay):  # the layout the op's local result has: what its inputs were split on
-        if lay is None:
+    joint = sh.dims.attrs.get(n, {}).get("joint")
+    joint = sh.F.find(joint) if joint is not None else None
+    cut = [i for i, a in enumerate(st.splits) if joint is not None and a == joint]
+
+    def made(lay):  # the layout the op's local result has: what its inputs were split on (a
+        if lay is None:  # joint factor split piece by piece is joined or cut locally)
             return None
         assert P not in lay, f"{n.name}: a slice, split or concatenation makes no partial sums"
-        return tuple(p if any(x_lay[i] == p for _, x_lay in st.inputs) else R
+        return tuple(p if i in cut or any(x_lay[i] == p for _, x_lay in st.inputs) else R
                      for i, p in enumerate(lay))
 
     if isinstance(st.output, list):
@@ -177,7 +183,12 @@ def slice_(sh, n, st):
     dim, start, end, step = info["dim"], info["start"], info["end"], info["step"]
     if (start, end, step) == (0, sh.F.dim_size(sh.dims.sigs[n.args[0]][dim]), 1):
         return x
-    if info["inner"] is not None:
+    (x_lay,) = [lay for y, lay in st.inputs if y is n.args[0]]
+    if "piece" in info and sh.split_axes(sh.F.find(sh.dims.attrs[n]["joint"]), x_lay):
+        joint, k = sh.F.find(sh.dims.attrs[n]["joint"]), info["piece"]  # this rank's share of it
+        start = sum(sh.piece_local(joint, j, x_lay) for j in range(k))
+        end = start + sh.piece_local(joint, k, x_lay)
+    elif info["inner"] is not None:
         (lay,) = [lay for y, lay in st.inputs if y is n.args[0]]
         inner = [sh.F.find(a) for a in sh.F.atoms_of(info["inner"])]
         size = prod(sh.F.size(a) for a in inner)
@@ -193,13 +204,20 @@ def slice_(sh, n, st):
 @localizer(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split)
 def split(sh, n, st):
     """Equal pieces of a split dim are equal pieces of the local dim (`index_ops.split` keeps
-    the pieces' factor); uneven pieces have their dim whole and new factors."""
+    the pieces' factor); the pieces of a joint factor split piece by piece are this rank's
+    shares of them; other uneven pieces have their dim whole and new factors."""
     args, kwargs = _inputs(sh, n, st)
     (lay,) = [lay for y, lay in st.inputs if y is n.args[0]]
     sig = sh.sig_atoms(n.args[0])
     dim, k = sh.dims.attrs[n]["split_dim"], len(sh.dims.sigs[n])
+    joint = sh.dims.attrs[n].get("joint")
     if not any(sh.split_axes(a, lay) for a in sig[dim]):
         value = sh.call(n.target, *args, name=n.name, **kwargs)
+    elif joint is not None:
+        joint, shares = sh.F.find(joint), iter(range(len(sh.F.pieces(joint))))
+        sizes = [sh.piece_local(joint, next(shares), lay) if sh.F.dim_size(s[dim]) else 0
+                 for s in sh.dims.sigs[n]]
+        value = sh.call(aten.split_with_sizes.default, args[0], sizes, dim, name=n.name)
     else:  # pieces of (k, rest) with rest split
         local = sh.local_shape(sig, lay)[dim]
         value = sh.call(aten.split.Tensor, args[0], local // k, dim, name=n.name)
@@ -327,6 +345,11 @@ def attention(sh, n, st):
     atoms = [sh.F.find(a) for a in sh.F.atoms_of(sh.dims.attention(n).seq_k)]  # outermost first
     (s,) = {a for a in atoms if a in st.splits}
     groups = [sh.mesh.groups[i] for i, a in enumerate(st.splits) if a == s]
+    if sh.F.pieces(s) is not None:  # a concatenation split piece by piece (`strategies.resolve`
+        (lay,) = [lay for x, lay in st.inputs if x is n.args[1]]  # refuses order-dependent masks)
+        return sh.call(getattr(seqshard.runtime, algo.runtime), q, k, v, *groups, name=n.name,
+                       causal=False, order="contig", seq_len=None, scale=opts.get("scale"),
+                       key_valid=_joint_keys(sh, atoms, lay, st.splits.index(s)))
     seq_len = None
     if s in sh.pads:  # the runtime masks a padded suffix of the (flattened) sequence
         outer = [a for a in atoms[:atoms.index(s)] if sh.F.size(a) > 1]
@@ -341,3 +364,23 @@ def attention(sh, n, st):
     return sh.call(getattr(seqshard.runtime, algo.runtime), q, k, v, *groups, name=n.name,
                    causal=causal, order=sh.orders.get(s, "contig"), seq_len=seq_len,
                    scale=opts.get("scale"), **per_token)
+
+
+def _joint_keys(sh, atoms, layout, first_axis: int):
+    """Which keys are real, not padding, when the sequence holds a joint factor split piece by
+    piece: the pieces' padding sits inside each rank's share. Full attention does not depend on
+    the order of its keys, so the runtime sees the ranks' shares as one contiguous sequence
+    (`order="contig"`, ranks in flattened order, outer mesh axis first) and gets a key_valid mask
+    [1, world × local] of that sequence; None when nothing is padded."""
+    if sh.mask_atoms(tuple(atoms), layout) is None:
+        return None
+    axes = sorted({i for a in atoms for i in sh.split_axes(a, layout)})
+    masks = []
+    for ranks in product(*(range(sh.mesh.sizes[i]) for i in axes)):
+        coords = list(sh.mesh.coords)
+        for i, r in zip(axes, ranks):
+            coords[i] = r
+        entries = sh.mask_atoms(tuple(atoms), layout, tuple(coords))
+        masks.append(sh.call(rt.padding_mask, entries))
+    keys = sh.call(torch.cat, masks, 0) if len(masks) > 1 else masks[0]
+    return sh.call(torch.unsqueeze, keys, 0, name="joint_key_valid")

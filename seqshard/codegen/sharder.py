@@ -16,10 +16,17 @@ by 1/(number of copies): every rank seeds it, the program must see it once.
 
 Sizes: a factor that is split anywhere and not divisible by its split is zero-padded to a
 multiple while split (`pads`), and is cut back to its size whenever it is gathered whole.
+
+A joint factor (`cat([text, video])`, `Factors.join`) split on an axis is split piece by piece:
+each rank holds its share of every piece in piece order, a piece's share being that of its
+`piece_atom` split on the same axes (with that atom's padding, now in the middle of the local
+dim). Its local size is the sum of the pieces' (`local_size`), its redistributions run per
+piece (`emit_step`), and its padding mask is the pieces' masks in order (`mask_atoms`).
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from math import lcm, prod
 
@@ -93,6 +100,10 @@ class Sharder:
             by_atom: dict[int, int] = {}
             for ax, p in enumerate(layout):
                 if isinstance(p, Shard):
+                    if self.F.pieces(p.atom) is not None:  # split piece by piece: the pieces pad
+                        for k in range(len(self.F.pieces(p.atom))):
+                            visit(self.piece_layout(p.atom, k, layout))
+                        return
                     by_atom[p.atom] = by_atom.get(p.atom, 1) * self.mesh.sizes[ax]
             for a, n in by_atom.items():
                 n *= 2 if self.orders.get(a) == "zigzag" else 1
@@ -119,7 +130,23 @@ class Sharder:
         axes = self.split_axes(a, layout)
         if not axes:
             return self.F.size(a)
+        if self.F.pieces(a) is not None:
+            return sum(self.piece_local(a, k, layout) for k in range(len(self.F.pieces(a))))
         return self.pads.get(a, self.F.size(a)) // prod(self.mesh.sizes[i] for i in axes)
+
+    # ------------------------------------------------------------------ joint factors
+    def piece_atoms(self, joint: int, k: int) -> tuple:
+        return tuple(self.F.find(a) for a in self.F.atoms_of(self.F.pieces(joint)[k]))
+
+    def piece_layout(self, joint: int, k: int, layout):
+        """`layout` with the joint factor's splits moved onto piece k's `piece_atom`."""
+        atom = self.F.piece_atom(self.F.pieces(joint)[k])
+        return tuple(Shard(atom) if isinstance(p, Shard) and p.atom == joint else p for p in layout)
+
+    def piece_local(self, joint: int, k: int, layout) -> int:
+        """The local length of piece k of a joint factor in `layout`."""
+        lay = self.piece_layout(joint, k, layout)
+        return prod(self.local_size(a, lay) for a in self.piece_atoms(joint, k))
 
     def sig_atoms(self, node: fx.Node, index: int | None = None) -> tuple:
         sig = self.dims.sigs[node]
@@ -135,17 +162,40 @@ class Sharder:
         order = self.orders.get(a, "contig")
         return tuple((self.mesh.coords[i], self.mesh.sizes[i], order) for i in self.split_axes(a, layout))
 
-    def mask_atoms(self, dim_atoms: tuple, layout) -> tuple | None:
-        """`padding_mask` description of a dim, or None when nothing in it is padded."""
+    def levels_at(self, a: int, layout, coords: tuple) -> tuple:
+        """`levels` of the rank at mesh coordinates `coords`."""
+        order = self.orders.get(a, "contig")
+        return tuple((coords[i], self.mesh.sizes[i], order) for i in self.split_axes(a, layout))
+
+    def mask_atoms(self, dim_atoms: tuple, layout, coords: tuple | None = None) -> tuple | None:
+        """`padding_mask` description of a dim, or None when nothing in it is padded; of the
+        rank at mesh coordinates `coords` (default: this rank). A split joint factor is the
+        `("pieces", ...)` entry of its pieces' descriptions."""
+        coords = self.mesh.coords if coords is None else coords
         entries, padded = [], False
         for a in dim_atoms:
-            if a in self.pads and self.split_axes(a, layout):
+            if self.F.pieces(a) is not None and self.split_axes(a, layout):
+                parts = [self.mask_atoms(self.piece_atoms(a, k), self.piece_layout(a, k, layout), coords)
+                         for k in range(len(self.F.pieces(a)))]
+                if any(parts):
+                    entries.append(("pieces", tuple(
+                        p or tuple((self.local_size(b, self.piece_layout(a, k, layout)), None, None, ())
+                                   for b in self.piece_atoms(a, k))
+                        for k, p in enumerate(parts))))
+                    padded = True
+                else:
+                    entries.append((self.local_size(a, layout), None, None, ()))
+            elif a in self.pads and self.split_axes(a, layout):
                 entries.append((self.local_size(a, layout), self.F.size(a), self.pads[a],
-                                self.levels(a, layout)))
+                                self.levels_at(a, layout, coords)))
                 padded = True
             else:
                 entries.append((self.local_size(a, layout), None, None, ()))
         return tuple(entries) if padded else None
+
+    def padded(self, a: int, layout) -> bool:
+        """Is atom `a` padded where `layout` splits it (a joint factor: any of its pieces)?"""
+        return bool(self.split_axes(a, layout)) and self.mask_atoms((a,), layout) is not None
 
     # ------------------------------------------------------------------ emitting
     def call(self, fn, *args, name: str | None = None, **kwargs) -> fx.Node:
@@ -212,10 +262,13 @@ class Sharder:
         return any(a is not None and any(j > step.axis for j in split_axes(layout, a) + split_axes(new, a))
                    for a in (step.src, step.dst))
 
-    def emit_step(self, x: fx.Node, v: fx.Node, layout, step: Step):
-        sig = self.sig_atoms(x)
+    def emit_step(self, x: fx.Node, v: fx.Node, layout, step: Step, sig: tuple | None = None):
+        sig = self.sig_atoms(x) if sig is None else sig
         i = step.axis
         new = step.after(layout)
+        joint = next((a for a in (step.src, step.dst) if a is not None and self.F.pieces(a)), None)
+        if joint is not None:
+            return self._joint_step(x, v, layout, step, sig, joint), new
         group, world, rank = self.mesh.groups[i], self.mesh.sizes[i], self.mesh.coords[i]
         label = self.F.label
         if step.kind == "all_reduce":
@@ -245,6 +298,27 @@ class Sharder:
                             self.orders.get(a, "contig"), self.orders.get(b, "contig"), size, pad,
                             name=f"all_to_all_{label(a)}_{label(b)}")
         return regroup(out), new
+
+    def _joint_step(self, x: fx.Node, v: fx.Node, layout, step: Step, sig: tuple, joint: int):
+        """A step that moves a joint factor, piece by piece: cut the local dim into the pieces'
+        local lengths, move each piece's `piece_atom` the same way, concatenate."""
+        u, dims_of, regroup = self._open(v, sig, layout, [joint])
+        d = dims_of[joint]
+        opened = tuple(t for dim in sig  # the sig of `u`: the joint factor's dim opened
+                       for t in ([(a,) for a in dim] if joint in dim and len(dim) > 1 else [dim]))
+        pieces = self.F.pieces(joint)
+        sizes = [self.piece_local(joint, k, layout) for k in range(len(pieces))]
+        parts = self.call(torch.split, u, sizes, d)
+        outs = []
+        for k in range(len(pieces)):
+            atom = self.F.piece_atom(pieces[k])
+            lay = self.piece_layout(joint, k, layout)
+            sub = Step(step.kind, step.axis, atom if step.src == joint else step.src,
+                       atom if step.dst == joint else step.dst)
+            part = self.call(operator.getitem, parts, k)
+            out, _ = self.emit_step(x, part, lay, sub, opened[:d] + (self.piece_atoms(joint, k),) + opened[d + 1:])
+            outs.append(out)
+        return regroup(self.call(torch.cat, outs, d, name=f"joined_{self.F.label(joint)}"))
 
     def _open(self, v: fx.Node, sig: tuple, layout, atoms: list[int]):
         """Unflatten the dims holding `atoms` into their factors so each atom has its own dim.

@@ -15,6 +15,12 @@ Factors are never matched by size, so the analysis gives the same factors (and n
 same model at any input size: a plan written in factor names is portable.
 
 Size-1 factors are allowed (a batch of one keeps its `b`), and are skipped when aligning dims.
+
+A *joint* factor is a concatenation of dims of unequal sizes (`cat([text, video], 1)`): its
+pieces are recorded (`pieces`), and a cut at the pieces' bounds gives the pieces back. Split,
+a joint factor is split piece by piece: each rank holds its share of every piece, in piece
+order (`cat(text_r, video_r)`), the piece's share being what splitting its `piece_atom` gives.
+Refining a joint factor (a view that cuts it) drops that meaning: its parts are plain factors.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class Factors:
 
     def __init__(self):
         self._e: list[_Entry] = []
+        self._pieces: dict[int, tuple[Dim, ...]] = {}  # root of a joint factor → its pieces
 
     # ----------------------------------------------------------------------------- building
     def new(self, size: int, name: str | None = None, rank: int = 99) -> int:
@@ -54,6 +61,23 @@ class Factors:
         fid = len(self._e)
         self._e.append(_Entry(int(size), fid, None, name, rank if name else 99))
         return fid
+
+    def join(self, pieces: list[Dim]) -> int:
+        """A new joint factor: the concatenation of the dims `pieces`, in order."""
+        f = self.new(sum(self.dim_size(p) for p in pieces))
+        self._pieces[f] = tuple(tuple(p) for p in pieces)
+        return f
+
+    def pieces(self, f: int) -> tuple[Dim, ...] | None:
+        """The dims a joint atom concatenates, in order; None for any other factor."""
+        f = self.find(f)
+        return self._pieces.get(f) if self._e[f].expand is None else None
+
+    def piece_atom(self, piece: Dim) -> int | None:
+        """The atom that splits a piece of a joint factor: its largest atom (the outermost of
+        equal ones; the least padding); None for a piece without atoms."""
+        atoms = [self.find(a) for a in self.atoms_of(piece)]
+        return max(atoms, key=self.size) if atoms else None
 
     def fresh_sig(self, shape) -> Sig:
         return tuple((self.new(int(n)),) for n in shape)
@@ -127,11 +151,26 @@ class Factors:
             a, b, ea, eb = b, a, eb, ea
         # a keeps its refinement (if any); b's refinement must agree with it
         eb.parent = a
+        self._join_pieces(a, b)
         if eb.name is not None and (ea.name is None or eb.rank < ea.rank):
             ea.name, ea.rank = eb.name, eb.rank
         if eb.expand is not None:
             self.unify(ea.expand, eb.expand)
         return a
+
+    def _join_pieces(self, a: int, b: int) -> None:
+        """Root `a` absorbed `b`: one index space. Two joints cut alike unify piece by piece;
+        cut differently, or refined, the factor is no longer a joint."""
+        pa, pb = self._pieces.get(a), self._pieces.pop(b, None)
+        if pb is None:
+            return
+        if pa is None and self._e[a].expand is None:
+            self._pieces[a] = pb
+        elif pa is not None and [self.dim_size(p) for p in pa] == [self.dim_size(p) for p in pb]:
+            for x, y in zip(pa, pb):
+                self.unify(x, y)
+        else:
+            self._pieces.pop(a, None)
 
     def refine(self, f: int, sizes: tuple[int, ...]) -> Dim:
         """Split atomic factor `f` into fresh sub-factors of the given sizes (outermost first)."""
@@ -142,6 +181,7 @@ class Factors:
             raise FactorError(f"cannot split a factor of size {e.size} into {sizes}")
         if len(sizes) == 1:
             return (f,)
+        self._pieces.pop(f, None)  # a cut joint is a plain product of its parts
         e.expand = tuple(self.new(s) for s in sizes)
         return e.expand
 

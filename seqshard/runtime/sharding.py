@@ -111,9 +111,14 @@ def padding_mask(atoms: tuple, device=None) -> torch.Tensor:
 
     atoms: one entry per factor of the dim, outermost first: `(local, None, None, ())` for an
     unpadded factor, `(local, size, padded, levels)` for a padded split one (levels as in
-    `local_positions_of`)."""
+    `local_positions_of`), `("pieces", (atoms, ...))` for a concatenation split piece by piece
+    (each rank holds its share of every piece, in order: the pieces' masks concatenated)."""
     mask = torch.ones((), dtype=torch.bool, device=device)
-    for local, size, padded, levels in atoms:
+    for entry in atoms:
+        if entry[0] == "pieces":
+            mask = mask[..., None] & torch.cat([padding_mask(p, device) for p in entry[1]])
+            continue
+        local, size, padded, levels = entry
         if size is None:
             valid = torch.ones(local, dtype=torch.bool, device=device)
         else:

@@ -25,7 +25,7 @@ from seqshard.dims import DimAnalysis
 from seqshard.dims.ops.matrix_ops import spell_out
 
 from .algorithms import ALGORITHMS
-from .layout import redistribution, split_axes
+from .layout import Shard, redistribution, split_axes
 from .plan import Cost
 from .strategy import Strategy, is_attention
 
@@ -82,6 +82,14 @@ class Costs:
         n = prod(self.shape[i] for i in split_axes(layout, a))
         if n == 1:
             return self.size_of(a)
+        pieces = self.F.pieces(a)
+        if pieces is not None:  # a joint factor, split piece by piece (`Factors.join`)
+            out = 0
+            for p in pieces:
+                atom = self.F.piece_atom(p)
+                lay = tuple(Shard(atom) if q == Shard(a) else q for q in layout)
+                out += prod((self.local(self.F.find(b), lay) for b in self.F.atoms_of(p)), start=1)
+            return out
         size = self.size_of(a)
         if isinstance(size, int):
             return -(-size // n)

@@ -8,6 +8,9 @@ A node's strategy splits, on each mesh axis, at most one atomic factor of its it
     a SUM factor (contracted)       → the output is a partial sum (P) on that axis
     a SEQ factor (attention)        → needs a distributed attention algorithm (`algorithms`)
     a WHOLE factor                  → illegal: the op needs it whole
+    a joint factor (`Factors.join`) → split piece by piece: where the op makes it or cuts it
+                                      (cat, split, slice), the pieces are split on their
+                                      `piece_atom`s (`joint_layouts`)
 
     candidates(dims, node, mesh)    every legal strategy of a node (what the solver chooses from)
     resolve(node, dims, splits, algorithm, axis_names)   one strategy, checked
@@ -93,6 +96,18 @@ def repeated_atoms(dims: DimAnalysis, node: fx.Node) -> set[int]:
                 continue
             atoms = [dims.F.find(a) for d in sig for a in dims.F.atoms_of(d)]
             out |= {a for a in atoms if atoms.count(a) > 1 and dims.F.size(a) > 1}
+            out |= {a for a in atoms if _piece_atoms(dims.F, a) & set(atoms)}
+    return out
+
+
+def _piece_atoms(F, a: int) -> set[int]:
+    """The atoms of a joint factor's pieces, through joints inside them (empty for others): a
+    tensor that holds one of them besides the joint factor (a weight [5, 5 ⊕ 7]) would hold it
+    twice once the joint factor is split piece by piece."""
+    out = set()
+    for p in F.pieces(a) or ():
+        for b in F.atoms_of(p):
+            out |= {F.find(b)} | _piece_atoms(F, b)
     return out
 
 
@@ -147,6 +162,14 @@ def resolve(node: fx.Node, dims: DimAnalysis, splits: tuple, algorithm: str | No
         if seq_axes and atoms_of(dims, (dims.attention(node).seq_q,)) != seq:
             raise PlanError(f"{at}: distributed attention needs self-attention (queries and "
                             "keys from the same sequence)")
+        joint = [a for a in splits if a in seq and dims.F.pieces(a) is not None]
+        if joint and (sdpa_options(node).get("is_causal") or mask_inputs(node)):
+            raise PlanError(
+                f"{at}: its sequence {dims.F.label(joint[0])!r} is a concatenation ("
+                + " ⊕ ".join(dims.F.dim_str(p) for p in dims.F.pieces(joint[0]))
+                + ") split piece by piece, so each rank holds its share of every piece and the "
+                "order along it is not the sequence's; a causal or per-token mask depends on "
+                "that order. Split another factor here (heads), or keep the sequence whole")
         queries = atoms_of(dims, (dims.attention(node).seq_q,))
         if mask_inputs(node) and queries != seq and any(a in queries for a in splits):
             raise PlanError(f"{at}: a per-token mask is for self-attention; the queries of this "
@@ -174,7 +197,51 @@ def resolve(node: fx.Node, dims: DimAnalysis, splits: tuple, algorithm: str | No
     sig = dims.sigs[node]
     output = [out_layout(s) if s is not None else None for s in sig] if isinstance(sig, list) \
         else out_layout(sig)
+    inputs, output = joint_layouts(dims, node, splits, inputs, output)
     return Strategy(tuple(splits), algorithm if is_attention(node) else None, tuple(inputs), output)
+
+
+def joint_layouts(dims: DimAnalysis, node: fx.Node, splits: tuple, inputs: list, output):
+    """Where a node makes a joint factor (cat) or cuts it into its pieces (split, a slice of one
+    piece) and a mesh axis splits it: on that axis each piece is split on its `piece_atom`
+    (`cat(text_r, video_r)` is the joint factor's share on rank r). Else as given."""
+    F = dims.F
+    joint = dims.attrs.get(node, {}).get("joint")
+    axes = [i for i, a in enumerate(splits) if joint is not None and a == F.find(joint)]
+    if not axes:
+        return inputs, output
+    pieces = F.pieces(joint)
+    at = where(dims, node)
+    if pieces is None:
+        raise PlanError(f"{at} needs factor {F.label(joint)!r} whole: it is cut here into pieces "
+                        "that are not those it was concatenated from")
+    atoms = [F.piece_atom(p) for p in pieces]
+    if None in atoms:
+        raise PlanError(f"{at}: factor {F.label(joint)!r} joins a piece of size 1 without a "
+                        "factor of its own; it cannot be split piece by piece here")
+
+    def via(layout, k):  # k: the piece, None for an empty tensor (nothing to split)
+        return tuple((R if k is None else Shard(atoms[k])) if i in axes else p
+                     for i, p in enumerate(layout))
+
+    packet = getattr(node.target, "overloadpacket", node.target)
+    if packet is aten.cat:
+        dim = norm_cat_dim(dims, node)
+        nonempty = [x for x in node.args[0] if dims.F.dim_size(dims.sigs[x][dim]) > 0]
+        inputs = [(x, via(lay, nonempty.index(x) if x in nonempty else None)) for x, lay in inputs]
+    elif isinstance(output, list):  # split into the pieces (size-0 outputs hold none)
+        sizes = [F.dim_size(s[dims.attrs[node]["split_dim"]]) for s in dims.sigs[node]]
+        ks = iter(range(len(pieces)))
+        output = [via(lay, next(ks) if n else None) for lay, n in zip(output, sizes)]
+    else:  # a slice that is one piece
+        output = via(output, dims.attrs[node]["slice"]["piece"])
+    return inputs, output
+
+
+def norm_cat_dim(dims: DimAnalysis, node: fx.Node) -> int:
+    """The dim a `cat` node concatenates along, non-negative."""
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim % len(dims.sigs[node])
 
 
 def candidates(dims: DimAnalysis, node: fx.Node, mesh: tuple[tuple[str, int], ...],
@@ -242,7 +309,8 @@ def whole_somewhere(dims: DimAnalysis) -> frozenset:
     nor do the small ops that make a mask's per-token tensors, such as the scan that numbers
     packed documents: they run replicated. Nor do concatenations and splits into unequal
     pieces: a joint text+video attention concatenates the two sequences and splits them again,
-    and the video's sequence is still worth splitting everywhere else, gathered at the joint.)"""
+    and the video's sequence is still worth splitting everywhere else, and at the joint too,
+    piece by piece: `joint_layouts`.)"""
     return frozenset(a for n, roles in dims.roles.items()
                      if n not in dims.unsupported and not n.meta.get("seqshard_per_token")
                      and getattr(n.target, "overloadpacket", n.target) not in PIECES

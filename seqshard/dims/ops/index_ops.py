@@ -13,8 +13,13 @@ says what the factor is:
 - any other slice (`table[:n]` of a longer table, a length the dim's factors do not nest) gives
   a new factor and needs the dim whole. A prefix of a table is not the table's factor: `freqs[:T]`
   and `freqs[:H]` of one rope table must not make frames and heights one factor;
-- concatenating k same-shaped pieces makes (k, rest); other concatenations make a new factor and
-  need the pieces' dims whole. Empty pieces (size 0 along the dim) add nothing.
+- concatenating k same-shaped pieces makes (k, rest); other concatenations make a new *joint*
+  factor (`Factors.join`: `cat([text, video], 1)` of a joint text+video attention), and need the
+  pieces' dims whole unless the joint factor is split (piece by piece: each piece on its
+  `piece_atom`). Empty pieces (size 0 along the dim) add nothing;
+- a split of a joint factor at its pieces' bounds (`split_with_sizes(x, [T, V])`), or a slice
+  that is exactly one piece (`x[:, T:]`), gives the pieces back: the same factors, split as they
+  are in the joint one, so the cut is local.
 
 Codegen (`codegen.local_ops`) turns the bounds into local bounds from the factors recorded in
 `attrs["slice"]`, and slices new factors that a strategy splits after the op has run.
@@ -90,6 +95,20 @@ def _rows(F, dim, start: int, end: int, step: int):
     return None
 
 
+def _joint(F, dim) -> int | None:
+    """The joint atom a dim is (size-1 factors aside), or None."""
+    atoms = [F.find(a) for a in F.atoms_of(dim) if F.size(a) != 1]
+    return atoms[0] if len(atoms) == 1 and F.pieces(atoms[0]) is not None else None
+
+
+def _piece_bounds(F, joint: int) -> list[tuple[int, int]]:
+    bounds, start = [], 0
+    for p in F.pieces(joint):
+        bounds.append((start, start + F.dim_size(p)))
+        start += F.dim_size(p)
+    return bounds
+
+
 @rule(aten.slice.Tensor, aten.narrow)
 def slice_(ctx: RuleCtx):
     x = ctx.arg(0)
@@ -100,6 +119,13 @@ def slice_(ctx: RuleCtx):
     length = ctx.out_shape()[dim]
     ctx.attrs["slice"] = dict(dim=dim, start=start, end=end, step=step, inner=None)
     if (start, length, step) == (0, n, 1):
+        return tuple(sig)
+    joint = _joint(F, sig[dim])
+    if joint is not None and step == 1 and (start, end) in _piece_bounds(F, joint):
+        k = _piece_bounds(F, joint).index((start, end))
+        ctx.mark([sig[dim]], Role.LOCAL)
+        ctx.attrs["joint"], ctx.attrs["slice"]["piece"] = joint, k
+        sig[dim] = F.pieces(joint)[k]
         return tuple(sig)
     rows = _rows(F, sig[dim], start, end, step) if length else None
     if rows is None and length:
@@ -149,6 +175,13 @@ def split(ctx: RuleCtx):
         return [tuple(rest) for _ in pieces]
     sizes = [int(p.shape[dim]) for p in pieces]
     n = ctx.F.dim_size(sig[dim])
+    joint = _joint(ctx.F, sig[dim])
+    if joint is not None and [s for s in sizes if s] == [b - a for a, b in _piece_bounds(ctx.F, joint)]:
+        ctx.mark([sig[dim]], Role.LOCAL)  # the cut gives the pieces back
+        ctx.attrs["joint"] = joint
+        parts = iter(ctx.F.pieces(joint))
+        return [tuple(sig[:dim] + [next(parts) if s else (ctx.F.new(0),)] + sig[dim + 1:])
+                for s in sizes]
     if len(set(sizes)) == 1 and sizes[0] * len(sizes) == n:
         _, rest = _pieces(ctx, sig[dim], len(sizes))
         return [tuple(sig[:dim] + [rest] + sig[dim + 1:]) for _ in pieces]
@@ -187,7 +220,8 @@ def cat(ctx: RuleCtx):
         ctx.mark([(k,)], Role.WHOLE)
         return tuple(out)
     ctx.mark([s[dim] for s in sigs], Role.WHOLE)
-    out[dim] = (ctx.F.new(shape[dim]),)
+    out[dim] = (ctx.F.join([s[dim] for s in pieces]),)
+    ctx.attrs["joint"] = out[dim][0]
     return tuple(out)
 
 
