@@ -26,7 +26,7 @@ assert triton_usable(torch.empty(1, device=DEVICE)) == TRITON
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
-def case(dtype, reduction, ignore, seed, grad_out=1.5):
+def case(dtype, reduction, ignore, seed, grad_out=1.5, accumulate=None):
     # 37 tokens in chunks of 10 (10, 10, 10, 7); V 300 in tiles of 128 (128, 128, 44)
     gen = torch.Generator().manual_seed(seed)
     T, d, V = 37, 16, 300
@@ -43,7 +43,8 @@ def case(dtype, reduction, ignore, seed, grad_out=1.5):
     ref = run(lambda a, b: F.cross_entropy(a @ b.T, y, ignore_index=ignore, reduction=reduction),
               torch.float32)
     got = run(lambda a, b: linear_cross_entropy(a, b, y, ignore_index=ignore, reduction=reduction,
-                                                chunk=10, block_v=128), dtype)
+                                                chunk=10, block_v=128, accumulate=accumulate),
+              dtype)
     errs = [rel(g, r) for g, r in zip(got, ref)]
     if dtype == torch.float32:
         assert max(errs) <= 1e-5, (reduction, ignore, errs)
@@ -60,6 +61,7 @@ def case(dtype, reduction, ignore, seed, grad_out=1.5):
 print(case(torch.float32, "mean", -100, 0))
 print(case(torch.float32, "sum", 5, 1))
 print(case(torch.bfloat16, "mean", -100, 2))
+print(case(torch.bfloat16, "mean", -100, 2, accumulate=torch.float32))
 """
 
 

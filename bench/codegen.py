@@ -1,0 +1,359 @@
+"""What codegen's compile switch and its own kernels buy on one GPU (issue 15), in one call.
+
+    python bench/codegen.py --out $OUT                 # both parts, < 5 minutes on one H200
+    python bench/codegen.py --parts loss --out $OUT    # only the LM head + loss part
+    python bench/codegen.py --smoke --out /tmp/cg      # CPU (gloo), tiny shapes: checks the script
+
+Part "model": the built-in `llama3-1b` (Llama-3.2-1B shape: 16 layers, hidden 2048, vocabulary
+128256), bf16, one sequence of --seq tokens (16K), forward + backward of the loss, world size 1:
+
+    plain eager           the model itself
+    plain compile         torch.compile(model) (Inductor)
+    seqshard eager        parallelize(model, inputs): the per-rank program op by op
+    seqshard layers       parallelize(..., compile="layers"): each distinct layer template
+                          compiled once (codegen/compiled.py)
+    seqshard layers warm  the same built again in this process: Inductor's FX graph cache and
+                          AOTAutograd's cache hold the template, only Dynamo traces again
+    seqshard layers+loss  compile="layers", kernels=True, the LM head + loss chunked
+                          (overrides {"lm_head": "chunk:8"}): the fused kernel
+                          (codegen/kernels/linear_ce.py) in place of the logits
+
+Each: the first step's wall time (building the ParallelModule and compiling included; then
+synchronized), the steady step (timing.measure: 1 warm-up, 5 isolated iterations, median), the
+peak memory of a steady step, the loss.
+
+Part "loss": the LM head + cross-entropy alone, d 4096, vocabulary 128256, bf16, at 32K and 128K
+tokens (x [T, d] and W [V, d] leaves requiring grad; labels with 1% ignored):
+
+    plain                 F.cross_entropy((x @ W.T).float(), y)
+    liger                 Liger's fused linear cross-entropy (skipped with the reason when
+                          liger_kernel does not import)
+    fused                 linear_cross_entropy as codegen calls it: default chunk (2048 tokens
+                          at this vocabulary), dW accumulated in bf16 (as Liger)
+    fused fp32-acc        the same with an fp32 dW accumulator (accumulate=torch.float32)
+    fused chunk=1024/4096 the default with 1024- / 4096-token chunks
+
+Each: the step (forward + backward; 1 warm-up, 5 isolated iterations, median), the extra peak
+memory (the peak during a step minus what was allocated before it: inputs and weights are not
+counted, the gradients are), the loss and the relative error of dx and dW against plain at 32K
+(at 128K plain runs out of memory: against `fused`).
+
+Every case runs in its own try: a failure (out of memory, a missing package) is recorded with
+its message and the run goes on. Writes codegen-<stamp>.json and .md under --out.
+Needs ortools for the planner (as bench/memory.py); liger_kernel is optional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from report import stamp, write_json_and_markdown  # noqa: E402
+from timing import measure  # noqa: E402
+
+GIB = 2**30
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _free(device):
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _error(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) < 600 else text[:600] + "..."
+
+
+# ------------------------------------------------------------------ part "model"
+def model_part(args, device, dtype) -> list[dict]:
+    from seqshard.models import AXES, build
+    from seqshard.planner import parallelize
+
+    name, seq = ("tiny", 64) if args.smoke else ("llama3-1b", args.seq)
+    backend = "aot_eager" if args.smoke else "inductor"
+    model, inputs = build("llama", name, device=device, dtype=dtype, batch=1, seq=seq)
+
+    def step_of(fn):
+        def step():
+            model.zero_grad(set_to_none=True)
+            loss = fn(*inputs)
+            loss.backward()
+            return loss
+        return step
+
+    def build_pm(**kw):
+        return parallelize(model, inputs, axes=AXES["llama"], **kw)
+
+    cases = [  # most wanted first: a case past the budget is skipped
+        ("plain eager", lambda: model),
+        ("seqshard eager", lambda: build_pm()),
+        ("seqshard layers", lambda: build_pm(compile="layers", compile_backend=backend)),
+        ("seqshard layers warm", lambda: build_pm(compile="layers", compile_backend=backend)),
+        ("seqshard layers+loss", lambda: build_pm(compile="layers", compile_backend=backend,
+                                                  kernels=True, overrides={"lm_head": "chunk:8"})),
+        ("plain compile", lambda: torch.compile(model, backend=backend)),
+    ]
+    rows = []
+    for label, make in cases:
+        if args.only and label not in args.only:
+            continue
+        row = dict(part="model", case=label, model=name, seq=seq, dtype=str(dtype))
+        if time.perf_counter() - args.start > args.budget_s:
+            row["error"] = f"skipped: past --budget-s {args.budget_s:.0f} s"
+            rows.append(row)
+            continue
+        print(f"[model] {label} ...", flush=True)
+        fn = None
+        try:
+            _free(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            fn = make()
+            built = time.perf_counter()
+            loss = step_of(fn)()
+            _sync(device)
+            row["first_step_s"] = time.perf_counter() - t0
+            row["build_s"] = built - t0
+            row["loss"] = loss.item()
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            step_of(fn)()
+            _sync(device)
+            if device == "cuda":
+                row["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+            t = measure(step_of(fn), warmup=1, repeats=args.repeats, device=device)
+            row["step_ms"] = t.median_ms
+            row["times_ms"] = t.times_ms
+            code = getattr(fn, "code", None)
+            if isinstance(code, str):
+                row["templates"] = code.count("torch.compile(backend=")
+                row["fused_loss"] = "fused_chunked(" in code
+                row["plan"] = fn.plan.hash()
+        except Exception as e:  # noqa: BLE001 - recorded per case
+            row["error"] = _error(e)
+            traceback.print_exc()
+        del fn
+        model.zero_grad(set_to_none=True)
+        rows.append(row)
+        print(f"[model] {label}: {_short(row)}", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------ part "loss"
+def _liger():
+    """Liger's fused linear cross-entropy as fn(x, W, y), or raises ImportError."""
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+    except ImportError:
+        from liger_kernel.transformers.fused_linear_cross_entropy import \
+            LigerFusedLinearCrossEntropyLoss
+        module = LigerFusedLinearCrossEntropyLoss()
+        return lambda x, w, y: _first(module(w, x, y))
+    return lambda x, w, y: _first(LigerFusedLinearCrossEntropyFunction.apply(x, w, y))
+
+
+def _first(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out.loss
+
+
+def loss_part(args, device, dtype) -> list[dict]:
+    from seqshard.codegen.kernels import linear_ce
+
+    d, V = (64, 1000) if args.smoke else (4096, 128256)
+    token_counts = [256, 1024] if args.smoke else args.tokens
+    systems = {
+        "plain": lambda x, w, y: F.cross_entropy((x @ w.T).float(), y),
+        "fused": lambda x, w, y: linear_ce.linear_cross_entropy(x, w, y),
+        "liger": None,
+        "fused fp32-acc": lambda x, w, y: linear_ce.linear_cross_entropy(
+            x, w, y, accumulate=torch.float32),
+        "fused chunk=1024": lambda x, w, y: linear_ce.linear_cross_entropy(x, w, y, chunk=1024),
+        "fused chunk=4096": lambda x, w, y: linear_ce.linear_cross_entropy(x, w, y, chunk=4096),
+    }
+    liger_error = None
+    try:
+        systems["liger"] = _liger()
+    except Exception as e:  # noqa: BLE001 - an optional package
+        liger_error = _error(e)
+    rows = []
+    gen = torch.Generator(device).manual_seed(0)
+    for T in token_counts:
+        _free(device)
+        x = (torch.randn(T, d, device=device, generator=gen) * 1.0).to(dtype).requires_grad_()
+        w = (torch.randn(V, d, device=device, generator=gen) * 0.02).to(dtype).requires_grad_()
+        y = torch.randint(0, V, (T,), device=device, generator=gen)
+        y[torch.randperm(T, device=device, generator=gen)[: T // 100]] = -100
+        ref = None  # (loss, dx, dW) of plain, else of fused
+        for label, fn in systems.items():
+            if args.only and label not in args.only:
+                continue
+            row = dict(part="loss", case=label, tokens=T, d=d, vocab=V, dtype=str(dtype))
+            print(f"[loss] {label} T={T} ...", flush=True)
+            if fn is None:
+                row["error"] = f"skipped: liger_kernel does not import ({liger_error})"
+                rows.append(row)
+                continue
+
+            def step():
+                x.grad = w.grad = None
+                loss = fn(x, w, y)
+                loss.backward()
+                return loss
+
+            try:
+                _free(device)
+                _sync(device)
+                loss = step()  # warm-up: Triton compiles here
+                _sync(device)
+                row["loss"] = loss.item()
+                x.grad = w.grad = None
+                _free(device)
+                if device == "cuda":
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                step()
+                _sync(device)
+                if device == "cuda":
+                    row["extra_peak_gib"] = (torch.cuda.max_memory_allocated() - base) / GIB
+                got = (loss.detach().float(), x.grad.float(), w.grad.float())
+                if ref is None and label in ("plain", "fused"):
+                    ref = got
+                    row["reference"] = True
+                elif ref is not None:
+                    row["err_loss"] = (got[0] - ref[0]).abs().item() / ref[0].abs().item()
+                    row["err_dx"] = ((got[1] - ref[1]).norm() / ref[1].norm()).item()
+                    row["err_dw"] = ((got[2] - ref[2]).norm() / ref[2].norm()).item()
+                del got
+                t = measure(step, warmup=1, repeats=args.repeats, device=device)
+                row["step_ms"] = t.median_ms
+                row["times_ms"] = t.times_ms
+                if label.startswith("fused"):
+                    row["mixed_addmm"] = dict(linear_ce._MIXED_ADDMM)  # fp32-acc: fp32-output GEMM ran
+                    row["chunk"] = int(label.split("=")[1]) if "chunk=" in label else \
+                        linear_ce.default_chunk(T, V, x.element_size())
+                    row["triton"] = linear_ce.triton_usable(x)
+            except Exception as e:  # noqa: BLE001 - recorded per case (out of memory, ...)
+                row["error"] = _error(e)
+                if not isinstance(e, torch.OutOfMemoryError):
+                    traceback.print_exc()
+            x.grad = w.grad = None
+            rows.append(row)
+            print(f"[loss] {label} T={T}: {_short(row)}", flush=True)
+        del x, w, y, ref
+    return rows
+
+
+def _short(row: dict) -> str:
+    keys = ("first_step_s", "step_ms", "peak_gib", "extra_peak_gib", "loss", "err_dw", "error")
+    return ", ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
+                     for k in keys if k in row)
+
+
+def markdown(doc) -> str:
+    md = [f"# codegen: compiled layer templates and the fused LM-head loss ({doc['device']})", "",
+          f"`{doc['command']}`; torch {doc['torch']}, triton {doc['triton']}", ""]
+    model = [r for r in doc["rows"] if r["part"] == "model"]
+    if model:
+        md += [f"## {model[0]['model']}, {model[0]['seq']} tokens, {model[0]['dtype']}, fwd + bwd", "",
+               "| case | first step (incl. build + compile) | steady step | vs seqshard eager | peak | loss | note |",
+               "|---|---|---|---|---|---|---|"]
+        eager = next((r.get("step_ms") for r in model if r["case"] == "seqshard eager"), None)
+        for r in model:
+            speed = f"{eager / r['step_ms']:.3f}×" if eager and r.get("step_ms") else "-"
+            note = r.get("error", "")
+            if "templates" in r:
+                note = (note + f" {r['templates']} template(s)" + (", fused loss" if r.get("fused_loss") else "")).strip()
+            md.append(f"| {r['case']} | {_f(r, 'first_step_s', '{:.1f} s')} | {_f(r, 'step_ms', '{:.1f} ms')} | "
+                      f"{speed} | {_f(r, 'peak_gib', '{:.1f} GiB')} | {_f(r, 'loss', '{:.5f}')} | {note} |")
+        md.append("")
+    loss = [r for r in doc["rows"] if r["part"] == "loss"]
+    if loss:
+        md += ["## LM head + cross-entropy (d 4096, vocabulary 128256, bf16; fwd + bwd)", "",
+               "| tokens | case | step | extra peak | loss | rel. err dx / dW (vs reference) | note |",
+               "|---|---|---|---|---|---|---|"]
+        for r in loss:
+            err = f"{r['err_dx']:.2e} / {r['err_dw']:.2e}" if "err_dw" in r else \
+                ("reference" if r.get("reference") else "-")
+            note = r.get("error", "")
+            if "chunk" in r:
+                note = (note + f" chunk {r['chunk']}, triton {r.get('triton')}").strip()
+            md.append(f"| {r['tokens']} | {r['case']} | {_f(r, 'step_ms', '{:.1f} ms')} | "
+                      f"{_f(r, 'extra_peak_gib', '{:.2f} GiB')} | {_f(r, 'loss', '{:.5f}')} | {err} | {note} |")
+    return "\n".join(md) + "\n"
+
+
+def _f(row, key, fmt):
+    return fmt.format(row[key]) if key in row else "-"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="model,loss")
+    ap.add_argument("--seq", type=int, default=16384)
+    ap.add_argument("--tokens", default="32768,131072")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only", default="", help="comma-separated case names to run (default: all)")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, aot_eager")
+    ap.add_argument("--budget-s", type=float, default=240.0,
+                    help="start no model case after this many seconds of the run")
+    ap.add_argument("--out", default=os.environ.get("OUT") or
+                    os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args()
+    args.tokens = [int(t) for t in args.tokens.split(",")]
+    args.only = [c for c in args.only.split(",") if c]
+    device = "cpu" if args.smoke else "cuda"
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29541")
+        dist.init_process_group("gloo" if args.smoke else "nccl", rank=0, world_size=1)
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    rows = []
+    parts = args.parts.split(",")
+    t0 = args.start = time.perf_counter()
+    if "loss" in parts:  # first: short, and what the model part's compile could crowd out
+        rows += loss_part(args, device, dtype)
+    if "model" in parts:
+        rows += model_part(args, device, dtype)
+    doc = dict(benchmark="codegen", command=" ".join(sys.argv), torch=torch.__version__,
+               triton=triton_version, python=platform.python_version(),
+               device=torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+               inductor_cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
+               wall_s=time.perf_counter() - t0, rows=rows)
+    md = markdown(doc)
+    path = write_json_and_markdown(args.out, f"codegen-{stamp()}", doc, md)
+    print(md)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
