@@ -96,12 +96,12 @@ def _video(name: str, size: str):
     return DiffusionLoss(net), x, text
 
 
-def build(name: str, size: str = "tiny", *, seq: int | None = None, seed: int = 0):
+def build(name: str, size: str = "tiny", *, seq: int | None = None, seed: int = 0,
+          dtype: torch.dtype = torch.float32):
     """(model, example inputs). size: "tiny" (CPU) or "production" (meta device: nothing is
-    allocated). Both float32: a plan is written in node names, and a bf16 model's graph has casts
-    (`.float()`) that float32's lacks, which renumbers later nodes of the same op."""
+    allocated). A plan made at one dtype applies at the other (a bf16 model's graph has casts
+    that float32's lacks; plans key nodes by what they are, not by FX name)."""
     device = "cpu" if size == "tiny" else "meta"
-    dtype = torch.float32
     gen = torch.Generator().manual_seed(seed + 1)
 
     def rand(*shape):

@@ -18,7 +18,7 @@ from seqshard.costmodel import Cluster
 from seqshard.dims import analyze
 from seqshard.models import build, llama, video_dit
 from seqshard.planner import Plan, plan
-from seqshard.strategies import Costs
+from seqshard.strategies import Costs, PlanError
 from seqshard.solver import NS, Infeasible, Model, build_problem
 
 GIB = 2**30
@@ -195,3 +195,28 @@ def test_an_override_on_one_layer_is_not_tied_to_its_twins():
              overrides={"*": "split:s ring zigzag", "layers.1.attn": "ulysses"})
     algos = {n.module: n.algorithm for n in p.attention()}
     assert algos == {"layers.0.attn": "ring", "layers.1.attn": "ulysses"}, algos
+
+
+def test_split_seq_is_each_attentions_own_sequence():
+    """`split:seq` forces, in each block, the sequence of its own attention: spatial blocks split
+    the patches (frames are their batch), temporal blocks the frames. A factor name is one
+    factor: `split:s` splits the frames everywhere (the spatial attention's batch there). An
+    attention that lacks a forced factor is refused with a pointer to `split:seq`, and
+    `split:seq` where two sequences meet at equal distance (top-level code) asks for a
+    factor name. A failure points at `strategies/overrides.py` (`sequence_of`, `forced`)."""
+    cfg = video_dit.CONFIGS["tiny"]
+    with torch.device("meta"):
+        model = video_dit.VideoDiT(cfg)
+    inputs = video_dit.example_inputs(cfg, 1, 8, 16, device="meta")
+    axes = {"x": "b t p c"}
+    p = plan(model, inputs, mesh=(("sp", 2),), axes=axes, overrides={"blocks.*": "split:seq"})
+    att = [n for n in p.nodes if n.algorithm]
+    assert [(n.module, n.split_str()) for n in att] == \
+        [(f"blocks.{i}.attn", "t@sp" if i % 2 else "p@sp") for i in range(4)], att
+    assert all(n.algorithm != "local" for n in att), att
+    p = plan(model, inputs, mesh=(("sp", 2),), overrides={"blocks.*": "split:s"})
+    assert [n.algorithm == "local" for n in p.nodes if n.algorithm] == [True, False] * 2
+    with pytest.raises(PlanError, match="lacks.*split:seq"):
+        plan(model, inputs, mesh=(("sp", 2),), axes=axes, overrides={"blocks.*": "split:c"})
+    with pytest.raises(PlanError, match="top: .*as near to it as each other"):
+        plan(model, inputs, mesh=(("sp", 2),), overrides={"*": "split:seq"})

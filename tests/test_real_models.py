@@ -27,7 +27,9 @@ TOL = 1e-5
 FORCED = {  # the sequence split forced on every layer (the loss and embeddings left to the planner)
     **{name: {"lm.model.layers.*": "split:s"} for name in R.DECODERS},
     "cogvideox": {"net.transformer_blocks.*": "split:s"},
-    "latte": {"net.transformer_blocks.*": "split:s", "net.temporal_transformer_blocks.*": "split:s"},
+    # Latte: frames are the batch of its spatial attention and patches that of its temporal
+    # one; `split:seq` is each attention's own sequence (a factor name is per node)
+    "latte": {"net.transformer_blocks.*": "split:seq", "net.temporal_transformer_blocks.*": "split:seq"},
     "wan": {"net.blocks.*": "split:s"},
 }
 
@@ -126,11 +128,7 @@ def test_production_plan_runs_exactly(pool2, pool4, name):
         check(pool, name, production_plan(name), None)
 
 
-NOT_YET = {  # name → why its forced split does not run yet (a strict xfail)
-    "latte": "factor names are per node: the spatial attention's sequence is not the factor "
-             "named 's' there, so a forced split:s leaves it replicated (the planner's own plan "
-             "distributes it)",
-}
+NOT_YET = {}  # name → why its forced split does not run yet (a strict xfail)
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=NOT_YET[n], strict=True))
@@ -138,6 +136,38 @@ NOT_YET = {  # name → why its forced split does not run yet (a strict xfail)
 def test_forced_sequence_split_runs_exactly(pool2, pool4, name):
     for pool in (pool2, pool4):
         check(pool, name, None, FORCED[name])
+
+
+@pytest.mark.parametrize("name", ["llama", "wan"])
+def test_plan_applies_across_dtypes(pool2, name):
+    """Plans key nodes by module, op and count (casts by what they cast), not by FX name, which
+    a bf16 model's casts renumber (Wan's float32 `to_8` is norm2's weight cast, its bf16 `to_8`
+    a cast of the activations): the bf16 production plan runs the float32 tiny model exactly,
+    and the float32 production plan, and a plan written before keys existed, apply to the bf16
+    tiny model. A failure here points at `strategies/from_plan.py` (node_keys, resolve_plan)."""
+    import json
+
+    from seqshard import planner
+    from seqshard.capture import capture
+    from seqshard.codegen import MeshInfo, PlanError, apply_plan
+    from seqshard.dims import analyze
+    from seqshard.planner import Plan
+
+    bf16 = planner.plan(*R.build(name, "production", dtype=torch.bfloat16), cluster="h200x4")
+    check(pool2, name, bf16.to_json(), None)
+    keyless = json.loads(production_plan(name))
+    for n in keyless["nodes"]:
+        del n["key"]
+    dims = analyze(capture(*R.build(name, "tiny", dtype=torch.bfloat16)))
+    for plan in (Plan.from_json(production_plan(name)), Plan.from_json(json.dumps(keyless))):
+        program = apply_plan(dims, plan, MeshInfo.virtual((("sp", 2),)))
+        assert "seqshard" in program.gm.code, f"{name}: no collective in the bf16 program"
+    # a plan that does not fit (an op it lacks) says which op of which module
+    linear = next(n for n in bf16.nodes if n.op == "linear")
+    short = Plan(mesh=bf16.mesh, nodes=tuple(n for n in bf16.nodes if n is not linear))
+    with pytest.raises(PlanError, match=f"linear number 1 of module '{linear.module}', which "
+                                        "has 1 here and 0 in the plan"):
+        apply_plan(dims, short, MeshInfo.virtual((("sp", 2),)))
 
 
 class _JointAttention(torch.nn.Module):

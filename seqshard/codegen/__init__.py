@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from seqshard.dims import DimAnalysis
 from seqshard.strategies import Plan, PlanError, orders_of, resolve_plan
+from seqshard.strategies.from_plan import match_plan
 
 from .compiled import compile_layers
 from .mesh import MeshInfo
@@ -51,8 +52,10 @@ def apply_plan(dims: DimAnalysis, plan: Plan, mesh: MeshInfo, *, kernels: bool =
         recompute_layers(program.gm, plan.recompute, plan.offload, tuple(dims.cap.inputs))
         if plan.chunked_modules:  # chunk loops moved into recomputed layers' submodules
             program.gm.delete_all_unused_submodules()
-    if plan.chunks:
-        chunk_losses(program.gm, plan.chunks, fused=kernels)
+    if plan.chunks:  # the plan names its losses as they were named where it was made
+        names = {np_.node: n.name for n, np_ in match_plan(dims, plan).items()}
+        chunk_losses(program.gm, tuple((names.get(loss, loss), k) for loss, k in plan.chunks),
+                     fused=kernels)
     if compile:
         compile_layers(program.gm, backend)
     return program

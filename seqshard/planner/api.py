@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from fnmatch import fnmatchcase
 from math import prod
 
 import torch
@@ -12,6 +13,7 @@ from seqshard.capture import capture, sdpa_options
 from seqshard.costmodel import Cluster
 from seqshard.dims import DimAnalysis, analyze
 from seqshard.strategies import Costs, Plan, parse_spec
+from seqshard.strategies.overrides import SEQ
 
 __all__ = ["plan", "plan_captured", "sequence_orders", "atom_orders", "activation_bytes"]
 
@@ -110,11 +112,17 @@ def activation_bytes(dims: DimAnalysis) -> int:
 def sequence_orders(dims: DimAnalysis, overrides) -> dict[str, str]:
     """Sequence orders: forced by overrides, else zigzag for the sequence of causal attention."""
     orders = {}
-    for text in (overrides or {}).values():
+    for pattern, text in (overrides or {}).items():
         spec = parse_spec(text)
         if spec.order:
             for _, f in spec.splits or ():
-                orders[f] = spec.order
+                if f == SEQ:  # the own sequence of each attention the pattern covers
+                    for n in dims.attrs:
+                        if dims.attention(n) is not None and fnmatchcase(dims.cap.module_path(n), pattern):
+                            for a in dims.F.atoms_of(dims.attention(n).seq_q):
+                                orders[dims.F.label(a)] = spec.order
+                else:
+                    orders[f] = spec.order
     for n in dims.cap.nodes():
         if dims.attention(n) is not None and sdpa_options(n).get("is_causal"):
             for a in dims.seq_atoms(n):

@@ -332,10 +332,11 @@ class ParallelModule(nn.Module):
     def _build(self, key, inputs) -> Program:
         """The program of another mode: the model captured again in that mode, the same plan.
 
-        Plans are keyed by node names. Dropout stays one node in both modes (`dropout(x, p,
-        train)`), so nothing is renamed; a branch on `self.training` that adds or removes ops
-        renumbers the later nodes of the same op (`add_7` becomes `add_6`): the plan then still
-        applies node by node, every choice checked, or fails naming the node."""
+        Plans key nodes by module, op and count within the module (`from_plan.node_keys`).
+        Dropout stays one node in both modes (`dropout(x, p, train)`), so nothing is renumbered;
+        a branch on `self.training` that adds or removes ops renumbers the later nodes of the
+        same op in that module: the plan then still applies node by node, every choice checked,
+        or fails naming the node."""
         from seqshard.codegen import apply_plan
 
         grads = key[2]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from seqshard.strategies import (Cost, NodePlan, Plan, Predicted, Split, Strategy, is_attention,
                                  plan_nodes)
+from seqshard.strategies.from_plan import node_keys
 
 from .clusters import layer_of
 from .model import IN_FLIGHT, Solution, chosen_moves, class_figures, region_figures
@@ -42,6 +43,7 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
             fetch[layer] = inputs[layer] / pb.costs.gpu.host_bandwidth
             inputs[layer] = 0.0
     nodes, total_comm, compute_s, comm_s = [], 0.0, 0.0, 0.0
+    keys = node_keys(dims)
     for n in plan_nodes(dims):
         t = pb.template[n]
         st = strategies[t]
@@ -63,7 +65,7 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
         total_comm += cost.comm_bytes
         compute_s += cost.compute_s
         comm_s += cost.comm_s + cost.redistribute_s
-        nodes.append(NodePlan(node=n.name, module=module, op=_op(n),
+        nodes.append(NodePlan(node=n.name, module=module, op=_op(n), key=keys[n],
                               splits=tuple(Split(a, dims.F.label(x)) for a, x in zip(names, st.splits)
                                            if x is not None),
                               algorithm=st.algorithm, cost=cost))

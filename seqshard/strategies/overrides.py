@@ -10,6 +10,10 @@ it sets. A spec is a list of terms:
 
     split:F         split factor F on every mesh axis this spec does not give another factor
     split:F@A       split factor F on mesh axis A
+    split:seq       split the sequence: at each node, the query sequence of its attention (the
+                    nearest attention node by module path; see `sequence_of`), so each
+                    attention of a video model splits its own sequence (Latte: the patches of a
+                    frame in spatial blocks, the frames in temporal blocks)
     replicate       split nothing here
     ring | allgather | ulysses | hybrid | tokenring | local
                     the attention algorithm (attention nodes whose sequence is split)
@@ -24,9 +28,11 @@ it sets. A spec is a list of terms:
                     `solver.token_regions`): run it in K chunks of tokens, each recomputed in
                     backward (ALST's tiled MLP)
 
-A node that lacks the factor stays replicated on that axis. A node that has it but cannot split
-it (a softmax over it, an op without a rule) is an error that names the node and its source line:
-force a different factor there, or `replicate`.
+A node that lacks the factor stays replicated on that axis, except an attention node, where it
+is an error (names are per node: Latte's spatial attention calls its patches `s_3`, and `s` is
+the text there; `split:seq` is each attention's own sequence). A node that has the factor but
+cannot split it (a softmax over it, an op without a rule) is an error that names the node and
+its source line: force a different factor there, or `replicate`.
 """
 
 from __future__ import annotations
@@ -40,7 +46,10 @@ from .algorithms import ALGORITHMS, NAMES
 from .layout import PlanError
 from .plan import ORDERS
 
-__all__ = ["Spec", "parse_spec", "spec_for", "forced"]
+__all__ = ["Spec", "parse_spec", "spec_for", "forced", "sequence_of", "SEQ"]
+
+SEQ = "seq"
+"""The factor name an override uses for "the sequence of this node's attention" (`split:seq`)."""
 
 DEFAULT_FOR_SEQ_AXES = {1: "ring", 2: "hybrid"}
 """The algorithm an override that splits the sequence but names none gets."""
@@ -125,11 +134,22 @@ def forced(dims, node, spec: Spec, axis_names: tuple[str, ...]):
     where = f"{node.name} ({dims.cap.module_path(node) or 'top'}: {dims.cap.source(node)})"
     for axis in axis_names:
         name = assign.get(axis)
-        atom = dims.factor(node, name) if name else None
+        if name == SEQ:  # its outermost atom (the patches' rows)
+            atom = next((a for a in sequence_of(dims, node) if dims.F.size(a) > 1), None)
+        else:
+            atom = dims.factor(node, name) if name else None
+        if name and atom is None and dims.attention(node) is not None:
+            raise PlanError(
+                f"{where}: the override on axis {axis!r} splits factor {name!r}, which this "
+                "attention lacks; its sequence is "
+                + "·".join(dims.F.label(a) for a in sequence_of(dims, node))
+                + f" (names are per node). Write 'split:{SEQ}' for each attention's own "
+                "sequence, or name the factor this attention has")
         if atom is not None and dims.roles.get(node, {}).get(atom) == Role.WHOLE:
             why = dims.unsupported.get(node)
             raise PlanError(
-                f"{where} cannot split factor {name!r} (forced by an override on axis {axis!r}): "
+                f"{where} cannot split factor {dims.F.label(atom)!r} (forced by an override "
+                f"on axis {axis!r}): "
                 + (f"{why}, so it runs on replicated inputs" if why else "it needs the factor whole")
                 + f". Override {dims.cap.module_path(node) or '*'!r} with 'replicate' or another "
                 "factor, or add an op rule for it")
@@ -145,3 +165,44 @@ def forced(dims, node, spec: Spec, axis_names: tuple[str, ...]):
         if not count:
             algorithm = "local"
     return tuple(splits), algorithm
+
+
+def sequence_of(dims, node) -> tuple[int, ...]:
+    """The atoms `split:seq` means at `node`, outermost first: an attention's query sequence
+    (for cross-attention, its queries: the keys stay whole); elsewhere the query sequence of the
+    nearest attention nodes (the longest common module path) if the node carries it, else ()
+    (the node stays replicated). Nearest attentions with different sequences that the node all
+    carries (a top-level node of a spatial-temporal model) are an error: name a factor there."""
+    F = dims.F
+    attention = [n for n in dims.attrs if dims.attention(n) is not None]
+    if not attention:
+        raise PlanError(f"split:{SEQ} splits the sequence of attention, and this model has none; "
+                        "name the factor to split (`seqshard capture` lists them)")
+
+    def queries(n):
+        return tuple(F.find(a) for a in F.atoms_of(dims.attention(n).seq_q))
+
+    if node in attention:
+        return queries(node)
+    path = dims.cap.module_path(node).split(".")
+
+    def shared(n):  # module path parts in common with `node`
+        k = 0
+        for a, b in zip(path, dims.cap.module_path(n).split(".")):
+            if a != b:
+                break
+            k += 1
+        return k
+
+    near = max(shared(n) for n in attention)
+    have = set(dims.iteration_atoms(node))
+    found = {queries(n): n for n in attention if shared(n) == near and set(queries(n)) <= have}
+    if len(found) > 1:
+        raise PlanError(
+            f"{node.name} ({dims.cap.module_path(node) or 'top'}: {dims.cap.source(node)}) "
+            f"carries the sequences of {len(found)} attentions as near to it as each other ("
+            + ", ".join(f"{n.name} in {dims.cap.module_path(n)}: "
+                        + "·".join(F.label(a) for a in seq) for seq, n in found.items())
+            + f"), so 'split:{SEQ}' does not say which; override this module with a factor name "
+            "or 'replicate'")
+    return next(iter(found), ())

@@ -1,12 +1,13 @@
 """The plan: for every node, which factor each mesh axis splits, and for attention the algorithm.
 
-A plan is written in factor names and node names, never in sizes, so the plan made for a
-1M-token run applies to the same model at 37 tokens on 4 CPU processes. It prints as a table
+A plan is written in factor names and node keys (`from_plan.node_keys`: module, op and count,
+not FX names), never in sizes or dtypes, so the bf16 plan made for a 1M-token run applies to the
+same model at 37 tokens in float32 on 4 CPU processes. It prints as a table
 (one row per layer), explains its choices, and round-trips through JSON (no pickle).
 
     Split(axis="sp", factor="s")                   # str: "s@sp"
     NodePlan(node="linear_3", module="layers.0.attn.o_proj", op="linear",
-             splits=(Split("sp", "s"),))
+             key="layers.0.attn.o_proj/linear#0", splits=(Split("sp", "s"),))
     Plan(mesh=(("sp", 4),), orders={"s": "zigzag"}, nodes=(...), predicted=...)
 """
 
@@ -57,6 +58,7 @@ class NodePlan:
     splits: tuple[Split, ...] = ()
     algorithm: str | None = None  # attention only
     cost: Cost | None = None
+    key: str = ""                 # what the node is, stable across dtypes (`from_plan.node_keys`)
 
     def __post_init__(self):
         if self.algorithm is not None and self.algorithm not in ALGORITHMS:
@@ -143,7 +145,8 @@ class Plan:
         nodes = tuple(
             NodePlan(node=n["node"], module=n["module"], op=n["op"],
                      splits=tuple(Split(**s) for s in n.get("splits", ())),
-                     algorithm=n.get("algorithm"), cost=Cost(**n["cost"]) if n.get("cost") else None)
+                     algorithm=n.get("algorithm"), cost=Cost(**n["cost"]) if n.get("cost") else None,
+                     key=n.get("key", ""))
             for n in d["nodes"])
         return Plan(mesh=tuple(tuple(m) for m in d["mesh"]), nodes=nodes,
                     orders=tuple(tuple(o) for o in d.get("orders", ())),
@@ -287,7 +290,7 @@ _COST = {f: ("number", False) for f in ("compute_s", "comm_s", "redistribute_s",
 _SPLIT = {"axis": ("str", True), "factor": ("str", True)}
 _NODE = {"node": ("str", True), "module": ("str", True), "op": ("str", True),
          "splits": ([_SPLIT], False), "algorithm": (_OneOf((None,) + tuple(ALGORITHMS)), False),
-         "cost": (_COST, False, "|None")}
+         "cost": (_COST, False, "|None"), "key": ("str", False)}
 _PREDICTED = {"step_s": ("number", True), "peak_memory_bytes": ("number", True),
               "comm_bytes": ("number", True), "compute_s": ("number", False),
               "comm_s": ("number", False)}
