@@ -17,11 +17,17 @@ layer reads - its parameters too: they are inputs of the program - with canonica
 on shapes, dtypes and strides, not on which tensors arrive: the second identical layer runs the
 first one's compiled code, and a model of 16 identical layers compiles one layer.
 
-What stays where it was: a parameter's `sum_grad` (bucketed later, `planner.state`), and layers
-whose inputs go to host memory (`offloaded_checkpoint`: Dynamo does not trace saved-tensor
-hooks). A recomputed layer (`recompute_layers` ran first) is its checkpoint call: the template
-calls `checkpoint(part_0, ...)`, which Dynamo compiles as one region recomputed in backward;
-chunk loops (`run_in_chunks`) unroll inside it.
+A parameter's `sum_grad` stays where it was (bucketed later, `planner.state`). A recomputed
+layer (`recompute_layers` ran first) keeps its eager `checkpoint(recompute_layers_3, ...)` (or
+`offloaded_checkpoint`: Dynamo does not trace saved-tensor hooks) and the checkpointed
+submodule becomes the template: the compiled code runs inside the checkpoint, again in
+backward, its saved tensors going through the offload hooks. Chunk loops (`run_in_chunks`)
+unroll inside a template.
+
+Graph breaks: Dynamo cannot trace the runtime's Python wrappers around distributed attention
+past `_resolve_process_group` (a pybind function), so on more than one rank a template compiles
+as the pieces between its attention calls, which run eagerly (still one compile per template,
+shared by its layers). At world size 1 attention is ATen's and a layer is one graph.
 
 Opaque to the compiler: seqshard's collectives and distributed attention are `torch.library`
 custom ops with fake implementations (`runtime/collectives.py`, `runtime/opsupport.py`), so
@@ -41,6 +47,7 @@ import re
 
 import torch
 import torch.fx as fx
+from torch.utils.checkpoint import checkpoint
 
 from seqshard.runtime import sharding as rt
 from seqshard.runtime.offload import offloaded_checkpoint
@@ -48,6 +55,8 @@ from seqshard.runtime.offload import offloaded_checkpoint
 from .recompute import _gather, in_layer
 
 __all__ = ["compile_layers", "CompiledLayer"]
+
+_CHECKPOINTS = (checkpoint, offloaded_checkpoint)
 
 
 class CompiledLayer(torch.nn.Module):
@@ -80,18 +89,23 @@ def compile_layers(gm: fx.GraphModule, backend: str = "inductor") -> dict[str, l
     layers = list(dict.fromkeys(layer_of(n.meta["module"]) for n in g.nodes
                                 if n.meta.get("module") and layer_of(n.meta["module"])))
     templates: dict[str, str] = {}  # canonical code → submodule name
+    replaced: set[str] = set()      # recomputed layers' submodules, now templates
     for layer in layers:
         members = [n for n in g.nodes if n.op in ("call_function", "call_method", "get_attr")
                    and in_layer(n.meta.get("module"), layer) and not _parameter_sum(n)]
-        if not members or any(n.target is offloaded_checkpoint for n in members):
+        if not members:
+            continue
+        calls = [n for n in members if n.op == "call_function" and n.target in _CHECKPOINTS]
+        if calls:  # recomputed: the checkpointed submodule is the template, compiled inside
+            for call in calls:
+                fn = call.args[0]
+                template, key = _canonical(_fetch(gm, fn.target))
+                replaced.add(fn.target)
+                fn.target = _shared(gm, templates, key, template, layer, backend)
             continue
         region = _gather(g, members)
         template, key, inputs, outputs = _extract(gm, region)
-        name = templates.get(key)
-        if name is None:
-            name = templates[key] = "compiled_" + re.sub(r"\W", "_", layer)
-            gm.add_submodule(name, CompiledLayer(template, backend))
-        gm.get_submodule(name).layers.append(layer)
+        name = _shared(gm, templates, key, template, layer, backend)
         inside = set(region)
         with g.inserting_before(region[0]):
             call = g.call_module(name, tuple(inputs))
@@ -106,10 +120,24 @@ def compile_layers(gm: fx.GraphModule, backend: str = "inductor") -> dict[str, l
             n.replace_all_uses_with(r, delete_user_cb=lambda u: u not in inside)
         for n in reversed(region):
             g.erase_node(n)
-    gm.delete_all_unused_submodules()
+    # (not delete_all_unused_submodules: a template reached by get_attr would lose its children)
+    for target in replaced - {n.target for n in g.nodes if n.op == "get_attr"}:
+        gm.delete_submodule(target)
     g.lint()
     gm.recompile()
     return {name: gm.get_submodule(name).layers for name in templates.values()}
+
+
+def _shared(gm, templates: dict, key: str, template: fx.GraphModule, layer: str,
+            backend: str) -> str:
+    """The name of the CompiledLayer for `key` (registered on `gm` on first sight), with
+    `layer` added to the layers it runs."""
+    name = templates.get(key)
+    if name is None:
+        name = templates[key] = "compiled_" + re.sub(r"\W", "_", layer)
+        gm.add_submodule(name, CompiledLayer(template, backend))
+    gm.get_submodule(name).layers.append(layer)
+    return name
 
 
 def _parameter_sum(n: fx.Node) -> bool:
