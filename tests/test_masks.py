@@ -229,7 +229,7 @@ def test_llama3_8b_packed_128k_plans_sequence_parallel_attention():
 
 
 # ------------------------------------------------------------------ 2 ranks, exact
-def run_lm(name, inputs, overrides, **config):
+def run_lm(name, inputs, overrides, mesh_shape=None, **config):
     """On every rank: a tiny transformers LM with packed documents (or key padding) single-device
     and parallelized; worst relative error of the loss and every gradient, the plan's attention,
     and whether the generated code passes the per-token tensors."""
@@ -247,7 +247,11 @@ def run_lm(name, inputs, overrides, **config):
     model = (LMLoss if inputs == "packed" else PaddedLoss)(tiny_lm(name, **config)).train()
     ref = copy.deepcopy(model)
     args = (IDS, PACKED if inputs == "packed" else PADDED, IDS.roll(-1, 1))
-    pm = parallelize(model, args, overrides=overrides)
+    mesh = None
+    if mesh_shape is not None:  # 2-D: the hybrid's ring axis outside, its Ulysses axis inside
+        from seqshard.testing import mesh as make_mesh
+        mesh = make_mesh(mesh_shape, ("ring", "ulysses"))
+    pm = parallelize(model, args, overrides=overrides, mesh=mesh)
     loss = pm(*args)
     loss.backward()
     want = ref(*args)
@@ -277,6 +281,16 @@ def test_two_ranks_exact(pool2, name, inputs, algorithm, config):
     for err, attention, passed in results:
         assert err <= TOL, f"relative error {err:.2e}"
         assert attention == [f"{algorithm} [s@sp]"] * 2, attention
+        assert passed, "the per-token tensors must reach the runtime call"
+
+
+def test_packed_documents_hybrid_2x2_exact(pool4):
+    """Packed documents under the 2-D hybrid (ring of Ulysses groups) on 4 ranks."""
+    pytest.importorskip("transformers")
+    results = pool4.run(run_lm, "llama", "packed", {"*": "split:s hybrid"}, (2, 2))
+    for err, attention, passed in results:
+        assert err <= TOL, f"relative error {err:.2e}"
+        assert attention and all(a.startswith("hybrid") for a in attention), attention
         assert passed, "the per-token tensors must reach the runtime call"
 
 
