@@ -24,10 +24,12 @@ submodule becomes the template: the compiled code runs inside the checkpoint, ag
 backward, its saved tensors going through the offload hooks. Chunk loops (`run_in_chunks`)
 unroll inside a template.
 
-Graph breaks: Dynamo cannot trace the runtime's Python wrappers around distributed attention
-past `_resolve_process_group` (a pybind function), so on more than one rank a template compiles
-as the pieces between its attention calls, which run eagerly (still one compile per template,
-shared by its layers). At world size 1 attention is ATen's and a layer is one graph.
+No graph breaks at distributed attention: each algorithm's runtime entry point
+(`strategies.algorithms`: `ring_attention`, `ulysses_attention`, ...) is argument checks around
+one custom op, and Dynamo cannot trace its `_resolve_process_group` (a pybind function), which
+would split the template there. `compile_layers` marks those entry points
+`torch.compiler.allow_in_graph`: Dynamo puts the call in the graph whole and AOTAutograd traces
+it down to the custom op. (A process-wide mark; it helps torch.compile of a whole program too.)
 
 Opaque to the compiler: seqshard's collectives and distributed attention are `torch.library`
 custom ops with fake implementations (`runtime/collectives.py`, `runtime/opsupport.py`), so
@@ -57,6 +59,8 @@ from .recompute import _gather, in_layer
 __all__ = ["compile_layers", "CompiledLayer"]
 
 _CHECKPOINTS = (checkpoint, offloaded_checkpoint)
+MIN_OPS = 4
+"""A layer of fewer ops runs eagerly."""
 
 
 class CompiledLayer(torch.nn.Module):
@@ -85,6 +89,7 @@ def compile_layers(gm: fx.GraphModule, backend: str = "inductor") -> dict[str, l
     (in place). Returns {submodule name: the layers it runs}."""
     from seqshard.solver.clusters import layer_of  # not at import: the solver loads CP-SAT
 
+    _allow_attention_in_graph()
     g = gm.graph
     layers = list(dict.fromkeys(layer_of(n.meta["module"]) for n in g.nodes
                                 if n.meta.get("module") and layer_of(n.meta["module"])))
@@ -93,8 +98,8 @@ def compile_layers(gm: fx.GraphModule, backend: str = "inductor") -> dict[str, l
     for layer in layers:
         members = [n for n in g.nodes if n.op in ("call_function", "call_method", "get_attr")
                    and in_layer(n.meta.get("module"), layer) and not _parameter_sum(n)]
-        if not members:
-            continue
+        if sum(n.op == "call_function" for n in members) < MIN_OPS:
+            continue  # a lone linear (`t_embed.0` of a Sequential): a Dynamo frame buys nothing
         calls = [n for n in members if n.op == "call_function" and n.target in _CHECKPOINTS]
         if calls:  # recomputed: the checkpointed submodule is the template, compiled inside
             for call in calls:
@@ -126,6 +131,16 @@ def compile_layers(gm: fx.GraphModule, backend: str = "inductor") -> dict[str, l
     g.lint()
     gm.recompile()
     return {name: gm.get_submodule(name).layers for name in templates.values()}
+
+
+def _allow_attention_in_graph() -> None:
+    """Every attention algorithm's runtime entry point whole in Dynamo's graph (see above)."""
+    import seqshard.runtime
+    from seqshard.strategies.algorithms import ALGORITHMS
+
+    for algorithm in ALGORITHMS.values():
+        if algorithm.runtime is not None:
+            torch.compiler.allow_in_graph(getattr(seqshard.runtime, algorithm.runtime))
 
 
 def _shared(gm, templates: dict, key: str, template: fx.GraphModule, layer: str,
