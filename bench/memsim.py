@@ -232,10 +232,40 @@ def _rms_norm(x, normalized_shape, weight=None, eps=None):
     return _FusedRMSNorm.apply(x, weight, eps)
 
 
+GQA_EXPAND = False
+"""How SDPA with enable_gqa runs on the GPU: FlashAttention-2 (what aten SDPA dispatches to on
+an H200 for bf16 GQA: cuDNN and memory-efficient attention do not take enable_gqa) reads the kv
+heads in place and saves q, k, v unexpanded; True: the kv heads repeated first and the
+expanded copies saved (aten's math path, or `--gqa-expand`). The measured 1B at 16K (53.1 GiB)
+agrees with False (memsim 53.1), not True (54.6)."""
+
+
+class _FlashGQA(torch.autograd.Function):
+    """FlashAttention-2 with kv heads fewer than q heads, as memory sees it: saves q, k, v,
+    the output (made [b, s, h, e] and returned transposed, so that o_proj's reshape is a view)
+    and the fp32 lse; backward makes dq, dk, dv, and the expanded dk, dv it sums."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        b, h, s, e = q.shape
+        out = torch.empty(b, s, h, e, dtype=q.dtype, device=q.device).transpose(1, 2)
+        lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dk_expanded, dv_expanded = torch.empty_like(q), torch.empty_like(q)  # noqa: F841
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def _flash(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     if attn_mask is not None:
         raise NotImplementedError("memsim's flash attention takes no mask")
-    if k.shape[-3] != q.shape[-3]:  # GQA: kv heads repeated (what the kernels read)
+    if k.shape[-3] != q.shape[-3]:  # GQA
+        if not GQA_EXPAND:
+            return _FlashGQA.apply(q, k, v)
         rep = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
     return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False,
@@ -244,7 +274,8 @@ def _flash(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, 
 
 # ------------------------------------------------------------------ the plan's terms
 _TERMS = {
-    "state": r"([\d.]+) (GiB|MiB) parameters, gradients and optimizer state",
+    "state": r"([\d.]+) (GiB|MiB) parameters and optimizer state",
+    "grads": r"([\d.]+) (GiB|MiB) gradients",
     "kept": r"([\d.]+) (GiB|MiB) activations kept for backward",
     "recompute": r"([\d.]+) (GiB|MiB) of one [^+;]* made again",
     "transient": r"([\d.]+) (GiB|MiB) working set",
@@ -258,6 +289,10 @@ def plan_terms(plan) -> dict:
     for k, pat in _TERMS.items():
         m = re.search(pat, note)
         out[k] = float(m.group(1)) * (GIB if m.group(2) == "GiB" else 2**20) if m else 0.0
+    out["state"] += out.pop("grads")  # params, optimizer state and the gradients made by then
+    out["recompute"] = out["recompute"] or (lambda m: float(m.group(1)) * (
+        GIB if m.group(2) == "GiB" else 2**20) if m else 0.0)(
+        re.search(r"([\d.]+) (GiB|MiB) of one layer's activations", note))
     m = re.search(r"peak memory [\d.]+ \w+ per GPU (.*?):", note)
     out["where"] = m.group(1) if m else ""
     return out
@@ -265,13 +300,14 @@ def plan_terms(plan) -> dict:
 
 # ------------------------------------------------------------------ one configuration
 def simulate(model_key: str, seq: int, system: str, *, budget=None, cluster="h200x1",
-             layers: int | None = None, overrides=None) -> dict:
+             layers: int | None = None, overrides=None, cfg=None) -> dict:
+    """One configuration; `cfg`: a LlamaConfig instead of the model key's (tests)."""
     import torch.distributed as dist
 
     from memory import model_config, native_loss
     from seqshard.models import llama
 
-    cfg = model_config(model_key, False, layers)
+    cfg = cfg if cfg is not None else model_config(model_key, False, layers)
     with torch.device("meta"):
         model = llama.Llama(cfg).to(torch.bfloat16)
     ids = torch.zeros(1, seq, dtype=torch.long, device="meta")
@@ -433,9 +469,13 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default=DEFAULT)
     ap.add_argument("--budget-gib", type=float, help="the planner's budget (default 90%% of an H200)")
     ap.add_argument("--cluster", default="h200x1")
+    ap.add_argument("--gqa-expand", action="store_true",
+                    help="GQA's kv heads repeated and the copies saved (GQA_EXPAND)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--md", help="write the markdown here")
     args = ap.parse_args(argv)
+    global GQA_EXPAND
+    GQA_EXPAND = args.gqa_expand
     from memory import parse_configs
 
     rows = []

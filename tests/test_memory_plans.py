@@ -245,18 +245,22 @@ def test_recompute_appears_as_the_budget_shrinks(llama8b_32k):
     text = tight.explain("layers.5")
     assert "recomputed" in text and "← chosen" in text and "budget" in text, text
     assert "recompute (inputs kept" in str(tight) and "layers.0-31" in str(tight)
-    assert any(n.startswith("peak memory") and "in the backward of layers.31" in n for n in tight.notes)
+    # the peak: the loss's backward (its two fp32 [4K, 128K] temporaries) with every input kept,
+    # or, the loss in chunks (a near-tie in time), a recomputed layer's or a chunk's
+    assert any(n.startswith("peak memory") and ("at the start of the backward" in n or
+                                                "in the backward of" in n) for n in tight.notes), tight.notes
     with pytest.raises(Infeasible, match="without recompute"):
         plan_captured(llama8b_32k, memory_budget=tight_budget, recompute=False, **kw)
 
 
 def test_llama_1b_at_64k_fits_one_h200():
     """It did not (seqshard refused it: "needs 140 GiB"); PyTorch with checkpointing trains it.
+    Whole, it needs 201 GiB (the loss's backward adds two fp32 [64K, 128K] temporaries, 63 GiB).
     The cheapest way in: the LM head and loss in chunks (its fp32 logits are 31 GiB); with every
     layer recomputed as well it needs 29 GiB (at 64 GiB checkpointing the MLPs does: 49 GiB)."""
     model, inputs = build("llama", "llama3-1b", device="meta", dtype=torch.bfloat16, seq=1 << 16)
     dims = analyze(capture(model, inputs))
-    with pytest.raises(Infeasible, match="the least memory any plan needs is 1[34]"):
+    with pytest.raises(Infeasible, match=r"the least memory any plan needs is 201\.2 GiB"):
         plan_captured(dims, cluster="h200x1", recompute=False)
     budget = 0.9 * Cluster.parse("h200x1").gpu.hbm_capacity
     p = plan_captured(dims, cluster="h200x1")
@@ -293,7 +297,8 @@ def test_optimizer_state_offloaded_to_the_host(llama8b_32k):
     p = plan_captured(llama8b_32k, cluster="h200x1", model_state="offload")
     assert p.predicted.peak_memory_bytes <= 0.9 * Cluster.parse("h200x1").gpu.hbm_capacity
     assert any("host memory (104.7 GiB per GPU" in n for n in p.notes), p.notes
-    assert any("29.92 GiB parameters, gradients and optimizer state" in n for n in p.notes), p.notes
+    # the gradients (15 GiB) made layer by layer: at the peak only the LM head's
+    assert any("14.96 GiB parameters and optimizer state + 0.98 GiB gradients" in n for n in p.notes), p.notes
     small = Cluster.parse("h200x1")
     small = replace(small, gpu=replace(small.gpu, host_capacity=64 * GIB))
     with pytest.raises(Infeasible, match="104.7 GiB of host memory per GPU, the cluster has 64.0"):

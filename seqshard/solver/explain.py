@@ -109,11 +109,18 @@ def _memory_notes(pb: Problem, sol: Solution) -> list[str]:
     m = sol.memory
     if m is None:
         return []
-    parts = [f"{_gib(m.state)} parameters, gradients and optimizer state",
-             f"{_gib(m.kept)} activations kept for backward"]
+    bottom = m.phase == "bottom"
+    parts = [f"{_gib(m.state)} parameters and optimizer state"]
+    if m.grads:
+        parts.append(f"{_gib(m.grads)} gradients")
+    if not bottom:
+        parts.append(f"{_gib(m.kept)} activations kept for backward")
     chunked = m.recompute_class and (m.recompute_class in pb.regions or
                                      pb.classes[m.recompute_class].kind == "chunk")
-    if m.recompute_class:
+    if bottom:
+        parts.append(f"{_gib(m.recompute)} of one layer's activations (kept, or made again)"
+                     + (" (with offloaded inputs on the GPU)" if m.recompute_class in sol.offload else ""))
+    elif m.recompute_class:
         parts.append(f"{_gib(m.recompute)} of one " + ("chunk's" if chunked else "recomputed "
                      "layer's") + " activations made again"
                      + (" (with offloaded inputs on the GPU)" if m.recompute_class in sol.offload else ""))
@@ -122,13 +129,18 @@ def _memory_notes(pb: Problem, sol: Solution) -> list[str]:
         parts.append(f"{_gib(m.transient)} working set of {pb.dims.cap.module_path(n) or n.name} "
                      f"({n.name}{' and its twins in other layers' if pb.mult[n] > 1 else ''}) "
                      "while it runs")
-    where = ("at the end of the forward (every kept activation alive)" if not m.recompute_class
+    where = (f"in the backward of {pb.classes[m.recompute_class].layers[0]} (every gradient made)"
+             if bottom else
+             "at the start of the backward (every kept activation alive)" if not m.recompute_class
              else f"in the backward of {_span(pb, m.recompute_class)} (a chunk made again)"
              if chunked else
              f"in the backward of {pb.classes[m.recompute_class].layers[-1]} (recomputing it)")
     notes = [f"peak memory {_gib(m.peak)} per GPU {where}: " + " + ".join(parts)
-             + "; estimate: all kept activations alive at once plus the largest working set, "
-               "without activation gradients, allocator slack or temporaries inside ops"]
+             + "; estimate: the larger of the backward's start (every kept activation, the LM "
+               "head's gradient) and its end (every gradient, one layer's activations), plus the "
+               "largest working set of one op (its buffers, and the gradients and temporaries its "
+               "backward makes); allocated bytes, without the allocator's slack (reserved minus "
+               "allocated) or kernel workspaces"]
     if sol.recompute:
         figures = class_figures(pb, sol.choice, sol.chunked)
         for c in sorted(sol.recompute, key=list(pb.classes).index):

@@ -48,7 +48,11 @@ Variables
     e[R] = q[R] ∧ ¬r[c(R)] chunked in a layer that keeps its activations: the chunks'
                            checkpoints keep R's input
     x∧q, x∧¬q, x∧¬d, x∧e   products with x[n,i], exact, made where a term needs them (`_lit_and`)
-    W ∈ ℕ                  bytes: the working set of recomputing one layer
+    W, Wh ∈ ℕ              bytes: the working set of recomputing one layer (or a chunk of a
+                           token-wise region), of one chunk of the LM head + loss
+    Wb ∈ ℕ                 bytes: one layer's activations, live in the first layer's backward
+    X_L, X_H ∈ ℕ           bytes: the largest extra(n) of the chosen strategies, over nodes in
+                           layers and the others
 
     Tensors t are clustered like nodes: the same output of the same template node with the
     same consumers, m_t copies. A redistribution is shared by every consumer that needs the same
@@ -108,7 +112,22 @@ Constraints
              o[c] → W ≥ the same + IN_FLIGHT · Σ_{u∈I_c} k_in(u,c)/|c| Σ_i b(u,i)·x[u,i]
              (offloaded inputs on the GPU while copied: the layer being recomputed and one more)
                                                                   → `_add_recompute` ("in_flight[c]")
-    memory   state + A + W + transient(n,i)·x[n,i] ≤ budget  for every n, i
+    memory   the peak is the largest of three phases of the backward, each ≤ budget:
+               P + O + G_head + A + W  + X_L    its start, in the last layer
+               P + O + G_head + A + Wh + X_H    its start, in the LM head + loss
+               P + O + G      + Wb + X_L        its end, in the first layer
+             P + O: parameters and optimizer state; G: parameter gradients, made layer by layer
+             from the top (G_head: the LM head's, made first: `Problem.head_grad_bytes`);
+             Wb ≥ Σ one layer's terms of "working" for every layer class c, recomputed or not
+             (+ the in-flight inputs under o[c])                  → `_add_recompute` ("bottom[c]")
+             X ≥ e(n,i)·x[n,i] for every n, i (X_L over nodes in layers, X_H the others) where
+             e(n,i) = transient(n,i) + g(n,i): the node's own working set (gathered K/V) and
+             what its backward makes (`problem._backward_bytes`): the gradients of its output
+             and of its inputs that need one, less its own kept output (freed by then, its
+             consumers' backward ran first); cross-entropy: log_softmax's backward, two fp32
+             [tokens, classes] temporaries. In a chunked region or LM head + loss, each tensor at
+             most CHUNK_BYTES: X ≥ e_chunk·x + (e − e_chunk)·(x ∧ ¬q)
+                                                                  → `peak_bounds`, `_extras_var`
              A = Σ_n Σ_i a(n,i)·(k(n,none)·x[n,i] + Σ_c k(n,c)·ν[n,i,c])
                + Σ_t m_t Σ_il a(t,i,l)·(w[t,i,l] if κ(t) = none else νw[t,i,l])
                + Σ_c Σ_{u∈I_c} k_in(u,c) Σ_i b(u,i)·γ[u,i,c]      → `_add_memory` ("memory")
@@ -116,18 +135,26 @@ Constraints
                  out of n's class term above) + Σ_R Σ_{u∈I_R} k_in(u,R) Σ_i b(u,i)·(x[u,i] ∧ e[R])
                                                                   → `_region_terms`
              a: activation bytes kept for backward (training), by the node's output or by the
-             redistributed copy a consumer keeps; b: the bytes of a tensor entering a layer in
+             redistributed copy a consumer keeps (what autograd keeps, `problem._autograd`: a
+             view's base for a view, e.g. v through its transpose; attention's output and fp32
+             lse; a product's operand only when the other needs a gradient, so q·cos keeps the
+             rotary table, not q); b: the bytes of a tensor entering a layer in
              its producer's layout, what a recomputed layer keeps instead; state: parameters,
              gradients, optimizer state (model_state "offload": parameters and gradients; the
              optimizer state and fp32 master weights live in host memory, and the copies and
              the CPU's AdamW step are a constant in the step time, `compute.offload_step`).
     forced   overrides remove strategies before the model is built (`strategies.candidates`).
 
-The memory estimate is one point in the step: everything kept for backward is alive at once
-(the end of the forward), plus the largest working set: what one node needs while it runs
-(gathered K/V, buffers) and, when some class recomputes, one layer's activations made again
-(with its inputs, and the next one's, when they come from the host).
-It does not count activation gradients, the allocator's slack, or temporaries inside ops.
+The memory estimate takes the backward's start (everything kept for backward alive, the LM
+head's gradient made) and its end (every parameter gradient made, one layer's activations
+alive), each with the largest working set: what one node needs while it runs (gathered K/V,
+buffers; the gradients and temporaries its backward makes) and one layer's activations made
+again (with its inputs, and the next one's, when they come from the host). Activations fall
+and gradients grow linearly over the layers in between, so these ends bound the peak.
+bench/memsim.py checks it against a counted step on the meta device (within 1% on the
+production configurations it covers; tests/test_memory_model.py). It counts allocated bytes:
+the caching allocator's slack (reserved − allocated) and kernel workspaces are not in it, and
+the budget is on allocated bytes.
 
 Solving (`solve`): first the fastest plan with memory left out and r[c] = 0 where no override
 forces it (the model without any recompute term). When that plan fits the budget it is optimal,
@@ -174,10 +201,14 @@ class Memory:
     recompute_class: str | None = None   # the class whose layer that is
     transient_node: object = None        # the template node with that working set
     host: float = 0.0           # offloaded layer inputs, in host memory (not in the peak)
+    grads: float = 0.0          # parameter gradients made by then
+    phase: str = "top"          # "top": the start of the backward, every kept activation alive
+    #                             (the LM head's gradient made); "bottom": the first layer's
+    #                             backward, every gradient made, one layer's activations alive
 
     @property
     def peak(self) -> float:
-        return self.state + self.kept + self.recompute + self.transient
+        return self.state + self.grads + self.kept + self.recompute + self.transient
 
 
 @dataclass
@@ -215,6 +246,8 @@ class Model:
         self.keep: dict = {}
         self.z: dict = {}
         self.W = None
+        self.Wb = self.Wh = None
+        self.ub: dict = {}  # the upper ends of W and Wb
         self._add_choice()
         self._add_tensors()
         self._add_recompute()
@@ -367,9 +400,12 @@ class Model:
         top = max((sum(k for _, k in terms) + sum(k for _, k in flight.get(c, ()))
                    for c, terms in one_layer.items()), default=0)
         self.W = self.m.NewIntVar(0, max(top, 0), "W")
+        self.Wh = self.m.NewIntVar(0, max(top, 0), "Wh")
+        self.ub["W"] = self.ub["Wh"] = max(top, 0)
         for c, terms in one_layer.items():
-            if terms and not _off(self.r[c]):
-                bound = self.m.Add(self.W >= sum(k * v for v, k in terms)).with_name(f"working[{c}]")
+            if terms and not _off(self.r[c]):  # a chunked LM head + loss: Wh (before the layers')
+                W = self.Wh if pb.classes[c].kind == "chunk" else self.W
+                bound = self.m.Add(W >= sum(k * v for v, k in terms)).with_name(f"working[{c}]")
                 if not isinstance(self.r[c], int):
                     bound.only_enforce_if(self.r[c])
             if c in flight:
@@ -377,6 +413,21 @@ class Model:
                     .with_name(f"in_flight[{c}]")
                 if not isinstance(self.o[c], int):
                     bound.only_enforce_if(self.o[c])
+        # the first layer's backward: one layer's activations live, kept or made again
+        layers = [c for c, lc in pb.classes.items() if lc.kind == "layer"]
+        if layers:
+            most = max(sum(k for _, k in one_layer[c]) + sum(k for _, k in flight.get(c, ()))
+                       for c in layers)
+            self.Wb = self.m.NewIntVar(0, max(most, 0), "Wb")
+            self.ub["Wb"] = max(most, 0)
+            for c in layers:
+                if one_layer[c]:
+                    self.m.Add(self.Wb >= sum(k * v for v, k in one_layer[c])).with_name(f"bottom[{c}]")
+                if c in flight:
+                    bound = self.m.Add(self.Wb >= sum(k * v for v, k in one_layer[c] + flight[c])) \
+                        .with_name(f"bottom[{c}]")
+                    if not isinstance(self.o[c], int):
+                        bound.only_enforce_if(self.o[c])
 
     # ------------------------------------------------------------------ token-wise regions
     def _lit_and(self, a, b, key: str):
@@ -511,19 +562,82 @@ class Model:
                             else self._both(self.x[(u, i)], self.g[c], f"{u.name},{i}")
                         terms.append((kept, b))
         terms += self._region_terms()
-        if self.W is not None:
-            terms.append((self.W, 1))
         return [(v, c) for v, c in terms if c and not _off(v)]
+
+    def _extra(self, n, i):
+        """(bytes whole, bytes in chunks, the literal "n runs in chunks" or None) of what n needs
+        beyond the kept activations while it runs (`_extras`)."""
+        whole, chunk = _extras(self.pb, n, i)
+        pb, q = self.pb, None
+        c = pb.node_class.get(n)
+        if c is not None and pb.classes[c].kind == "chunk":
+            q = self.r.get(c, 0)
+        elif pb.node_region.get(n) is not None:
+            q = self.q.get(pb.node_region[n], 0)
+        if q is None or whole == chunk or _off(q):
+            return int(whole), int(whole), None
+        if isinstance(q, int):  # always in chunks
+            return int(chunk), int(chunk), None
+        return int(whole), int(chunk), q
+
+    def peak_bounds(self) -> list:
+        """Linear expressions whose largest is the peak, less parameters and optimizer state
+        (module docstring, "memory"): the backward's start, in the LM head + loss and in the last
+        layer, and its end, in the first layer. Each node's extra bytes bound X_L (nodes in
+        layers) or X_H (the others) from below, so that the peak takes three constraints."""
+        pb = self.pb
+        A = sum(c * v for v, c in self.memory_terms)
+        head = int(pb.head_grad_bytes)
+        XL, XH = self._extras_var("X_L", True), self._extras_var("X_H", False)
+        W = self.W if self.W is not None else 0
+        Wh = self.Wh if self.Wh is not None else 0
+        bounds = [A + head + W + XL, A + head + Wh + XH]
+        bounds.append(int(pb.grad_bytes) + (self.Wb + XL if self.Wb is not None else 0))
+        return bounds
+
+    def _extras_var(self, name: str, layers: bool):
+        """A variable at least each chosen node's extra bytes (`_extras`), over the nodes in
+        layer classes (layers=True) or the others: X ≥ chunk·x + (whole − chunk)·(x ∧ ¬q)."""
+        pb, terms = self.pb, []
+        for (n, i) in pb.node_cost:
+            c = pb.node_class.get(n)
+            if (c is not None and pb.classes[c].kind == "layer") != layers:
+                continue
+            whole, chunk, q = self._extra(n, i)
+            x = self.x[(n, i)]
+            if q is None:
+                if whole:
+                    terms.append([(x, whole)])
+            else:
+                terms.append([(x, chunk), (self._lit_and(x, q.Not(), f"{n.name},{i}∧¬q"), whole - chunk)])
+        if not terms:
+            return 0
+        ub = max(sum(b for _, b in t) for t in terms)
+        X = self.m.NewIntVar(0, ub, name)
+        self.ub[name] = ub
+        for t in terms:
+            self.m.Add(X >= sum(b * v for v, b in t)).with_name(name)
+        return X
+
+    def _peak_ub(self) -> int:
+        ub = int(self.pb.grad_bytes + self.pb.head_grad_bytes) + sum(c for _, c in self.memory_terms)
+        return ub + sum(self.ub.values()) + 1
 
     def _add_memory(self, budget: float):
         pb = self.pb
-        room = int(budget - pb.static_bytes)
-        total = sum(c * v for v, c in self.memory_terms)
-        for (n, i), c in pb.node_cost.items():  # the kept activations plus a node's working set
-            if c.transient_bytes:
-                self.m.Add(total + int(c.transient_bytes) <= room).with_name("memory") \
-                    .only_enforce_if(self.x[(n, i)])
-        self.m.Add(total <= room).with_name("memory")
+        room = int(budget - (pb.static_bytes - pb.grad_bytes))
+        for expr in self.peak_bounds():
+            if isinstance(expr, int):
+                expr = self.m.NewConstant(expr)
+            self.m.Add(expr <= room).with_name("memory")
+
+    def peak_var(self):
+        """A variable at least the peak, less parameters and optimizer state (to minimize)."""
+        bounds = self.peak_bounds()
+        M = self.m.NewIntVar(0, self._peak_ub(), "peak")
+        for expr in bounds:
+            self.m.Add(M >= expr).with_name("peak")
+        return M
 
     def time_objective(self):
         pb = self.pb
@@ -566,7 +680,7 @@ class Model:
         memory = memory_of(self.pb, choice, recompute, offload, chunked)
         # the linearization bounds the direct count: equal, but for W (a bound) and moves
         # whose w is 1 where no consumer needs them (free when their time rounds to 0 ns)
-        kept = sum(c * solver.Value(v) for v, c in self.memory_terms if v is not self.W)
+        kept = sum(c * solver.Value(v) for v, c in self.memory_terms)
         assert memory.kept <= kept + len(self.memory_terms) + 1e-9 * kept, (kept, memory)
         return Solution(choice, solver.ObjectiveValue() / NS, memory.peak, name, elapsed,
                         recompute, memory, self.budget, offload, chunked)
@@ -691,8 +805,10 @@ def memory_of(pb: Problem, choice: dict, recompute=frozenset(), offload=frozense
     token-wise regions run in chunks."""
     kept = sum(pb.mult[n] * pb.node_cost[(n, i)].memory_bytes for n, i in choice.items())
     kept += sum(pb.tensors[key].mult * b for (key, _, _), (_, _, b) in chosen_moves(pb, choice))
-    figures = class_figures(pb, choice, chunked) if recompute else {}
-    working, where, host = 0.0, None, 0.0
+    figures = class_figures(pb, choice, chunked) if pb.classes else {}
+    # made again in backward: in a layer (W: a recomputed layer, a chunk of a token-wise
+    # region) and in the LM head + loss (Wh: one chunk)
+    working, where, head, head_where, host = 0.0, None, 0.0, None, 0.0
     for R, f in region_figures(pb, choice, chunked).items():  # its chunks' checkpoints keep
         kept += (f.inputs - f.kept) * len(pb.regions[R].paths)  # its input (a recomputed
         #                                                          layer's figures count it)
@@ -706,12 +822,55 @@ def memory_of(pb: Problem, choice: dict, recompute=frozenset(), offload=frozense
             kept -= f.inputs * k
             host += f.inputs * k
             live += IN_FLIGHT * f.inputs
-        if live > working or where is None:
+        if pb.classes[c].kind == "chunk":
+            if live > head or head_where is None:
+                head, head_where = live, c
+        elif live > working or where is None:
             working, where = live, c
-    transient = max(((pb.node_cost[(n, i)].transient_bytes, n) for n, i in choice.items()),
-                    default=(0.0, None), key=lambda p: p[0])
-    return Memory(pb.static_bytes, kept, working, transient[0], where,
-                  transient[1] if transient[0] else None, host)
+    extra = {n: _extras(pb, n, i)[1 if _in_chunks(pb, n, recompute, chunked) else 0]
+             for n, i in choice.items()}
+    in_layer = lambda n: pb.classes.get(pb.node_class.get(n)) is not None and \
+        pb.classes[pb.node_class[n]].kind == "layer"  # noqa: E731
+    x_layer = max(((b, n) for n, b in extra.items() if in_layer(n)), default=(0.0, None),
+                  key=lambda p: p[0])
+    x_head = max(((b, n) for n, b in extra.items() if not in_layer(n)), default=(0.0, None),
+                 key=lambda p: p[0])
+    state = pb.static_bytes - pb.grad_bytes
+    phases = [  # the backward's start: the LM head + loss, the last layer; its end
+        Memory(state, kept, head, x_head[0], head_where, x_head[1] if x_head[0] else None, host,
+               grads=pb.head_grad_bytes, phase="top"),
+        Memory(state, kept, working, x_layer[0], where, x_layer[1] if x_layer[0] else None, host,
+               grads=pb.head_grad_bytes, phase="top")]
+    layers = [c for c, lc in pb.classes.items() if lc.kind == "layer"]
+    if not layers:
+        phases.append(Memory(state, 0.0, 0.0, 0.0, None, None, host, grads=pb.grad_bytes,
+                             phase="bottom"))
+    else:  # the first layer's backward: every gradient made, one layer's activations live
+        live, first = max(((figures[c].working + (IN_FLIGHT * figures[c].inputs if c in offload
+                                                  else 0.0), c) for c in layers),
+                          key=lambda p: p[0])
+        phases.append(Memory(state, 0.0, live, x_layer[0], first,
+                             x_layer[1] if x_layer[0] else None, host, grads=pb.grad_bytes,
+                             phase="bottom"))
+    return max(phases, key=lambda m: m.peak)
+
+
+def _extras(pb: Problem, n, i) -> tuple[float, float]:
+    """What node n needs beyond the kept activations while it runs, under strategy i: its
+    working set (gathered K/V, `Cost.transient_bytes`) and what its backward makes (the
+    gradients of its output and inputs, temporaries; `problem._backward_bytes`); whole, and
+    when it runs in chunks."""
+    t = pb.node_cost[(n, i)].transient_bytes
+    whole, chunk = pb.backward.get((n, i), (0.0, 0.0))
+    return t + whole, t + chunk
+
+
+def _in_chunks(pb: Problem, n, recompute, chunked) -> bool:
+    """Does n run in chunks: in a chunked LM head + loss, or a chunked token-wise region."""
+    c = pb.node_class.get(n)
+    if c is not None and pb.classes[c].kind == "chunk":
+        return c in recompute
+    return pb.node_region.get(n) in chunked if pb.node_region.get(n) is not None else False
 
 
 def solve(pb: Problem, budget: float | None, *, seconds: float = 60.0, workers: int = 8,
@@ -737,7 +896,7 @@ def solve(pb: Problem, budget: float | None, *, seconds: float = 60.0, workers: 
         return sol
     if sol.status == "INFEASIBLE" and budget is not None:
         least = Model(pb, None)
-        floor = least.solve(sum(c * v for v, c in least.memory_terms), seconds, workers)
+        floor = least.solve(least.peak_var(), seconds, workers)
         if not floor.choice:  # only the "host" family binds without a budget
             raise Infeasible(
                 "the inputs of the layers an override offloads do not fit in host memory beside "

@@ -20,7 +20,8 @@ from seqshard.costmodel import compute as comp
 from seqshard.dims import DimAnalysis
 from seqshard.strategies import (Cost, Costs, R, candidates, parse_spec, plan_nodes, spec_for,
                                  whole_somewhere)
-from seqshard.strategies.costs import SAVES_ALL, SAVES_FIRST, op_packet
+from seqshard.strategies.costs import SAVES_ALL, SAVES_FIRST, VIEWS, op_packet
+from seqshard.strategies.strategy import is_attention
 
 from .clusters import cluster_layers, layer_classes, layer_of
 
@@ -96,21 +97,127 @@ class Problem:
     region_kept: dict = field(default_factory=dict)  # template → {region: members kept by its
     #                consumers alone}: dropped when the region runs in chunks
     saving_region: dict = field(default_factory=dict)  # node → the region keeping its output
+    # what autograd keeps and makes (training; `_autograd`)
+    needs_grad: set = field(default_factory=set)     # nodes whose output needs a gradient
+    kept_pos: set = field(default_factory=set)       # (consumer, position among its tensor
+    #                inputs) that autograd keeps for backward
+    backward: dict = field(default_factory=dict)     # (template, i) → (bytes, bytes in chunks):
+    #                what its backward makes beyond the kept activations (`_backward_bytes`)
+    grad_bytes: float = 0.0                          # parameter gradients per GPU (in static_bytes)
+    head_grad_bytes: float = 0.0                     # of those, the LM head's (made first)
 
 
-def _saved(dims: DimAnalysis) -> set[fx.Node]:
-    """Tensors some consumer keeps for backward."""
+def _needs_grad(dims: DimAnalysis) -> set[fx.Node]:
+    """Nodes whose output needs a gradient: made (through floating-point ops) from a parameter.
+    Rotary tables, masks and token ids do not."""
+    params = set(dims.cap.params)
     out = set()
-    for n in dims.cap.nodes():
-        if n.op != "call_function":
-            continue
-        packet = op_packet(n)
-        tensors = [x for x in n.all_input_nodes if isinstance(dims.sigs.get(x), tuple)]
-        if packet in SAVES_ALL:
-            out.update(tensors)
-        elif packet in SAVES_FIRST and tensors:
-            out.add(tensors[0])
+    for n in dims.cap.graph.nodes:
+        if n.op == "placeholder":
+            if n.name in params or n.target in params:
+                out.add(n)
+        elif n.op == "call_function":
+            val = n.meta.get("val")
+            if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point:
+                continue
+            if any(x in out for x in n.all_input_nodes):
+                out.add(n)
     return out
+
+
+def _base(x: fx.Node) -> fx.Node:
+    """The tensor whose storage a view shares: saving a view (v through a transpose, o_proj's
+    input through a reshape of attention's output) keeps its base alive."""
+    while x.op == "call_function":
+        y = x.args[0] if x.args and isinstance(x.args[0], fx.Node) else None
+        if y is None:
+            break
+        if x.target is operator.getitem and y.op == "call_function" and op_packet(y) in VIEWS \
+                and y.args and isinstance(y.args[0], fx.Node):
+            x = y.args[0]
+        elif op_packet(x) in VIEWS:
+            x = y
+        else:
+            break
+    return x
+
+
+def _kept_positions(v: fx.Node, tensors: list, needs: set) -> list[int]:
+    """Which of `v`'s tensor inputs autograd keeps for backward: an operand of a product (mul,
+    matmul) only when the other needs a gradient (`q * cos` keeps the table, not q); the first
+    input of SAVES_FIRST ops and every input of the others in SAVES_ALL, when some input needs
+    a gradient."""
+    packet = op_packet(v)
+    if not any(x in needs for x in tensors):
+        return []
+    if packet in _PRODUCTS:
+        return [k for k in range(len(tensors))
+                if any(x in needs for j, x in enumerate(tensors) if j != k)]
+    if packet is aten.div and len(tensors) == 2:
+        return ([0] if tensors[1] in needs else []) + [1]
+    if packet in SAVES_ALL:
+        return list(range(len(tensors)))
+    if packet in SAVES_FIRST and tensors:
+        return [0]
+    return []
+
+
+_PRODUCTS = {aten.mul, aten.mm, aten.bmm, aten.matmul, aten.outer, aten.einsum}
+
+
+def _autograd(dims: DimAnalysis) -> tuple[set, set, set]:
+    """(needs_grad, kept (consumer, position) pairs, saved tensors): the tensors some consumer
+    keeps for backward, a view's base for a view, and attention's own output (with its lse,
+    `Costs._attention`), which its backward reads."""
+    needs = _needs_grad(dims)
+    kept_pos, saved = set(), set()
+    for v in dims.cap.nodes():
+        if v.op != "call_function":
+            continue
+        tensors = [x for x in v.all_input_nodes if isinstance(dims.sigs.get(x), tuple)]
+        for k in _kept_positions(v, tensors, needs):
+            kept_pos.add((v, k))
+            saved.add(_base(tensors[k]))
+        if is_attention(v) and v in needs:
+            saved.add(v)
+    return needs, kept_pos, saved
+
+
+def _keepers(pb: "Problem", nodes, owner) -> dict:
+    """tensor → {owner(v) of every consumer v that keeps it} (a view's base for a view;
+    attention keeps its own output)."""
+    dims, out = pb.dims, {}
+    for v in nodes:
+        tensors = [x for x in v.all_input_nodes if isinstance(dims.sigs.get(x), tuple)]
+        for k, x in enumerate(tensors):
+            if (v, k) in pb.kept_pos:
+                out.setdefault(_base(x), set()).add(owner(v))
+        if is_attention(v) and v in pb.needs_grad:
+            out.setdefault(v, set()).add(owner(v))
+    return out
+
+
+def _backward_bytes(pb: "Problem", n: fx.Node, st, kept: float) -> tuple[float, float]:
+    """What n's backward makes, beyond the kept activations: the gradient of its output and of
+    its inputs that need one (not parameters': those are the gradients of the model state), less
+    its own kept output, freed by then (its consumers' backward ran first; attention keeps its
+    own). Cross-entropy: log_softmax's backward, two fp32 [tokens, classes] temporaries.
+    (whole, one chunk's: each tensor at most CHUNK_BYTES)."""
+    costs = pb.costs
+    if n.op != "call_function" or n not in pb.needs_grad or op_packet(n) in VIEWS or \
+            isinstance(st.output, list):
+        return 0.0, 0.0
+    if n.target is aten.cross_entropy_loss.default:
+        logits = n.args[0]
+        b = costs.bytes(logits, dict(st.inputs)[logits])
+        return 2.0 * b, 2.0 * min(b, CHUNK_BYTES)
+    sizes = [costs.bytes(n, st.output)]
+    sizes += [costs.bytes(x, lay) for x, lay in st.inputs
+              if x in pb.needs_grad and x.op == "call_function"]
+    freed = 0.0 if is_attention(n) else kept
+    whole = max(0.0, sum(sizes) - freed)
+    chunk = max(0.0, sum(min(b, CHUNK_BYTES) for b in sizes) - min(freed, CHUNK_BYTES))
+    return float(whole), float(chunk)
 
 
 def build_problem(dims: DimAnalysis, costs: Costs, mesh, overrides: dict | None,
@@ -124,7 +231,7 @@ def build_problem(dims: DimAnalysis, costs: Costs, mesh, overrides: dict | None,
     pb = Problem(dims, costs, tuple(mesh), recompute_allowed=recompute, offload_allowed=offload)
     nodes = plan_nodes(dims)
     pb.template = cluster_layers(dims, nodes, lambda m: spec_for(overrides, m) if overrides else None)
-    saved = _saved(dims)
+    pb.needs_grad, pb.kept_pos, saved = _autograd(dims)
     for n in nodes:
         t = pb.template[n]
         pb.mult[t] = pb.mult.get(t, 0) + 1
@@ -144,6 +251,8 @@ def build_problem(dims: DimAnalysis, costs: Costs, mesh, overrides: dict | None,
                     c = Cost(c.compute_s, c.comm_s, c.redistribute_s + t, c.memory_bytes,
                              c.comm_bytes + sent, c.transient_bytes)
             pb.node_cost[(n, i)] = c
+            if costs.training and not costs.symbolic:
+                pb.backward[(n, i)] = _backward_bytes(pb, n, st, c.memory_bytes)
         if progress and k % 50 == 0:
             progress(f"strategies: {k + 1}/{len(templates)} nodes")
     # tensors between plan nodes, clustered by (producer template, output, consumers)
@@ -159,7 +268,7 @@ def build_problem(dims: DimAnalysis, costs: Costs, mesh, overrides: dict | None,
         t = pb.tensors.setdefault(key, Tensor(x, pb.template[u], idx, key[2]))
         t.mult += 1
     for key, t in pb.tensors.items():
-        t.keeps = costs.training and any(_keeps(v, k) for v, k in t.consumers)
+        t.keeps = costs.training and any((v, k) in pb.kept_pos for v, k in t.consumers)
         for v, k in t.consumers:
             for j, sv in enumerate(pb.strategies[v]):
                 lay = sv.inputs[k][1]
@@ -203,6 +312,12 @@ def build_problem(dims: DimAnalysis, costs: Costs, mesh, overrides: dict | None,
     else:
         raise ValueError(f"model_state must be 'replicated', 'sharded' or 'offload', got "
                          f"{model_state!r}")
+    if costs.training:  # made in backward, layer by layer (`model.py`: the peak's phases)
+        pb.grad_bytes = state.grads / (world if model_state == "sharded" else 1)
+        head = {x.name for ce, region in loss_regions(dims) for n in region for x in n.all_input_nodes
+                if x.op == "placeholder" and x.name in dims.cap.params}
+        head_numel = sum(dims.cap.model.get_parameter(dims.cap.params[x]).numel() for x in head)
+        pb.head_grad_bytes = pb.grad_bytes * head_numel / max(n_params, 1)
     return pb
 
 
@@ -309,11 +424,7 @@ def _add_layer_classes(pb: Problem, nodes, templates, saved, overrides) -> None:
             src = su.output if t.index is None else su.output[t.index]
             pb.move_forward[(key, i, l)] = forward.edge(t.node, src, t.layouts[l])[0]
     # which class's consumers keep each node's output
-    keepers: dict = {}
-    for v in nodes:
-        for k, x in enumerate(x for x in v.all_input_nodes if isinstance(dims.sigs.get(x), tuple)):
-            if _keeps(v, k):
-                keepers.setdefault(x, set()).add(cls_of(v))
+    keepers = _keepers(pb, nodes, cls_of)
     for x in nodes:
         owners = keepers.get(x, {None})
         c = next(iter(owners)) if len(owners) == 1 and x in saved else None
@@ -343,12 +454,6 @@ def _add_layer_classes(pb: Problem, nodes, templates, saved, overrides) -> None:
 def _some_layers(pb: Problem) -> str:
     layers = [layer for c in pb.classes.values() for layer in c.layers]
     return ", ".join(layers[:4]) + (", ..." if len(layers) > 4 else "") if layers else "none"
-
-
-def _keeps(v: fx.Node, k: int) -> bool:
-    """Does consumer `v` keep its k-th tensor input for backward?"""
-    packet = op_packet(v)
-    return packet in SAVES_ALL or (packet in SAVES_FIRST and k == 0)
 
 
 # ------------------------------------------------------------------ token-wise regions in layers
@@ -501,11 +606,7 @@ def _add_regions(pb: Problem, nodes, overrides) -> None:
                 pb.node_region[t] = name
                 pb.regions[name].nodes.append(t)
     region_of = lambda v: pb.node_region.get(pb.template[v])  # noqa: E731
-    keepers: dict = {}
-    for v in nodes:
-        for k, x in enumerate(x for x in v.all_input_nodes if isinstance(dims.sigs.get(x), tuple)):
-            if _keeps(v, k):
-                keepers.setdefault(x, set()).add(region_of(v))
+    keepers = _keepers(pb, nodes, region_of)
     for x in nodes:
         owners = keepers.get(x, {None})
         if len(owners) != 1 or None in owners:

@@ -192,6 +192,8 @@ class Costs:
         seq_atoms = [F.find(a) for a in F.atoms_of(att.seq_k)]
         seq = prod((self.size_of(a) for a in seq_atoms), start=1)
         causal = bool(sdpa_options(n).get("is_causal"))
+        if mem:  # its backward reads its output and the fp32 log-sum-exp of each query row
+            mem += 4 * self.numel(q, q_layout) / head_dim
         shape = att_cost.AttentionShape(batch=batch, heads=heads, kv_heads=kv_heads, seq=seq,
                                         head_dim=head_dim, dtype_bytes=self.dtype_bytes, causal=causal)
         axes = [i for i, a in enumerate(st.splits) if a in seq_atoms]
