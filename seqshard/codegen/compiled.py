@@ -98,9 +98,9 @@ def compile_layers(gm: fx.GraphModule, backend: str = "inductor") -> dict[str, l
     for layer in layers:
         members = [n for n in g.nodes if n.op in ("call_function", "call_method", "get_attr")
                    and in_layer(n.meta.get("module"), layer) and not _parameter_sum(n)]
-        if sum(n.op == "call_function" for n in members) < MIN_OPS:
-            continue  # a lone linear (`t_embed.0` of a Sequential): a Dynamo frame buys nothing
         calls = [n for n in members if n.op == "call_function" and n.target in _CHECKPOINTS]
+        if not calls and sum(n.op == "call_function" for n in members) < MIN_OPS:
+            continue  # a lone linear (`t_embed.0` of a Sequential): a Dynamo frame buys nothing
         if calls:  # recomputed: the checkpointed submodule is the template, compiled inside
             for call in calls:
                 fn = call.args[0]
