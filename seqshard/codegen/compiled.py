@@ -2,11 +2,11 @@
 (torch.compile → Inductor → Triton on GPU), and reused by every identical layer.
 
     program.gm                                   after `compile_layers(gm)`
-        rms_norm = aten.rms_norm(embedding, ...)     compiled_layers_0 = self.compiled_layers_0(
-        ...               (layers.0's ops)               embedding, to_1, to_2, p_layers_0_attn_..., ...)
-        add_3 = aten.add(add_2, linear_6)            getitem = compiled_layers_0[0]
-        rms_norm_2 = ...  (layers.1's ops)           compiled_layers_0_1 = self.compiled_layers_0(
-        ...                                              getitem, to_1, to_2, p_layers_1_attn_..., ...)
+        rms_norm = aten.rms_norm(embedding, ...)     layers_0 = self.compiled_layers_0(
+        ...               (layers.0's ops)               embedding, p_layers_0_attn_..., to_1, ...)
+        add_3 = aten.add(add_2, linear_6)            getitem = layers_0[0]
+        rms_norm_2 = ...  (layers.1's ops)           layers_1 = self.compiled_layers_0(
+        ...                                              getitem, p_layers_1_attn_..., to_1, ...)
 
 A layer is a module path ending in an index (`layers.3`, `blocks.0`: `solver.clusters.layer_of`
 of each node's `meta["module"]`). Its nodes move into a GraphModule whose inputs are what the
