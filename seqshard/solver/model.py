@@ -113,13 +113,15 @@ Constraints
              (offloaded inputs on the GPU while copied: the layer being recomputed and one more)
                                                                   → `_add_recompute` ("in_flight[c]")
     memory   the peak is the largest of three phases of the backward, each ≤ budget:
-               P + O + G_head + A + W  + X_L    its start, in the last layer
-               P + O + G_head + A + Wh + X_H    its start, in the LM head + loss
+               P + O + G_head + A − A_tail + W  + X_L    its start, in the last layer
+               P + O + G_head + A + Wh + X_H             its start, in the LM head + loss
                P + O + G      + Wb + X_L        its end, in the first layer
              P + O: parameters and optimizer state; G: parameter gradients, made layer by layer
              from the top (G_head: the LM head's, made first: `Problem.head_grad_bytes`);
+             A_tail: A's terms kept only by ops after the last layer (the final norm, the LM
+             head + loss: `Problem.tail_kept`, a chunked head's input), freed by then;
              Wb ≥ Σ one layer's terms of "working" for every layer class c, recomputed or not
-             (+ the in-flight inputs under o[c])                  → `_add_recompute` ("bottom[c]")
+             (its input among them; no other layer's is in flight)  → `_add_recompute` ("bottom[c]")
              X ≥ e(n,i)·x[n,i] for every n, i (X_L over nodes in layers, X_H the others) where
              e(n,i) = transient(n,i) + g(n,i): the node's own working set (gathered K/V) and
              what its backward makes (`problem._backward_bytes`): the gradients of its output
@@ -413,21 +415,16 @@ class Model:
                     .with_name(f"in_flight[{c}]")
                 if not isinstance(self.o[c], int):
                     bound.only_enforce_if(self.o[c])
-        # the first layer's backward: one layer's activations live, kept or made again
+        # the first layer's backward: one layer's activations live, kept or made again (its
+        # input among them; offloaded, nothing more is in flight: no layer is left to fetch)
         layers = [c for c, lc in pb.classes.items() if lc.kind == "layer"]
         if layers:
-            most = max(sum(k for _, k in one_layer[c]) + sum(k for _, k in flight.get(c, ()))
-                       for c in layers)
+            most = max(sum(k for _, k in one_layer[c]) for c in layers)
             self.Wb = self.m.NewIntVar(0, max(most, 0), "Wb")
             self.ub["Wb"] = max(most, 0)
             for c in layers:
                 if one_layer[c]:
                     self.m.Add(self.Wb >= sum(k * v for v, k in one_layer[c])).with_name(f"bottom[{c}]")
-                if c in flight:
-                    bound = self.m.Add(self.Wb >= sum(k * v for v, k in one_layer[c] + flight[c])) \
-                        .with_name(f"bottom[{c}]")
-                    if not isinstance(self.o[c], int):
-                        bound.only_enforce_if(self.o[c])
 
     # ------------------------------------------------------------------ token-wise regions
     def _lit_and(self, a, b, key: str):
@@ -538,14 +535,17 @@ class Model:
         return terms
 
     def _memory_terms(self):
-        """(literal or variable, bytes) whose sum is the kept activations A plus W."""
-        pb, terms = self.pb, []
+        """(literal or variable, bytes) whose sum is the kept activations A; `self.tail_terms`:
+        those of them kept only after the last layer (the final norm, the LM head + loss)."""
+        pb, terms, tail = self.pb, [], []
         for (n, i), c in pb.node_cost.items():
             if not c.memory_bytes:
                 continue
             for cls, k in pb.kept_by.get(n, {None: pb.mult[n]}).items():
                 v = self.x[(n, i)] if cls is None else self._and_not(self.x[(n, i)], cls, f"{n.name},{i}")
-                terms.append((v, int((k - self._region_kept(n, cls)) * c.memory_bytes)))
+                t = pb.tail_kept.get(n, {}).get(cls, 0)
+                terms.append((v, int((k - t - self._region_kept(n, cls)) * c.memory_bytes)))
+                tail.append((v, int(t * c.memory_bytes)))
         for (key, i, l), w in self.w.items():
             t, kept = pb.tensors[key], pb.move[(key, i, l)][2]
             if not kept:
@@ -560,9 +560,10 @@ class Model:
                     if b:
                         kept = self._and(self.x[(u, i)], c, f"{u.name},{i}") if _off(self.o[c]) \
                             else self._both(self.x[(u, i)], self.g[c], f"{u.name},{i}")
-                        terms.append((kept, b))
+                        (tail if lc.kind == "chunk" else terms).append((kept, b))
         terms += self._region_terms()
-        return [(v, c) for v, c in terms if c and not _off(v)]
+        self.tail_terms = [(v, c) for v, c in tail if c and not _off(v)]
+        return [(v, c) for v, c in terms if c and not _off(v)] + self.tail_terms
 
     def _extra(self, n, i):
         """(bytes whole, bytes in chunks, the literal "n runs in chunks" or None) of what n needs
@@ -586,12 +587,15 @@ class Model:
         layer, and its end, in the first layer. Each node's extra bytes bound X_L (nodes in
         layers) or X_H (the others) from below, so that the peak takes three constraints."""
         pb = self.pb
-        A = sum(c * v for v, c in self.memory_terms)
+        tail = len(self.tail_terms)
+        rest = self.memory_terms[:len(self.memory_terms) - tail]
+        A = sum(c * v for v, c in rest)  # + the tail: kept only by the final norm, LM head, loss
+        T = sum(c * v for v, c in self.memory_terms[len(rest):])
         head = int(pb.head_grad_bytes)
         XL, XH = self._extras_var("X_L", True), self._extras_var("X_H", False)
         W = self.W if self.W is not None else 0
         Wh = self.Wh if self.Wh is not None else 0
-        bounds = [A + head + W + XL, A + head + Wh + XH]
+        bounds = [A + head + W + XL, A + T + head + Wh + XH]
         bounds.append(int(pb.grad_bytes) + (self.Wb + XL if self.Wb is not None else 0))
         return bounds
 
@@ -836,19 +840,25 @@ def memory_of(pb: Problem, choice: dict, recompute=frozenset(), offload=frozense
     x_head = max(((b, n) for n, b in extra.items() if not in_layer(n)), default=(0.0, None),
                  key=lambda p: p[0])
     state = pb.static_bytes - pb.grad_bytes
+    tail = 0.0  # kept only by the final norm, LM head and loss: freed before the layers' backward
+    for n, counts in pb.tail_kept.items():
+        for cls, t in counts.items():
+            if cls is None or cls not in recompute:
+                tail += t * pb.node_cost[(n, choice[n])].memory_bytes
+    for c in recompute:
+        if pb.classes[c].kind == "chunk":
+            tail += figures[c].inputs * len(pb.classes[c].layers)
     phases = [  # the backward's start: the LM head + loss, the last layer; its end
         Memory(state, kept, head, x_head[0], head_where, x_head[1] if x_head[0] else None, host,
                grads=pb.head_grad_bytes, phase="top"),
-        Memory(state, kept, working, x_layer[0], where, x_layer[1] if x_layer[0] else None, host,
-               grads=pb.head_grad_bytes, phase="top")]
+        Memory(state, kept - tail, working, x_layer[0], where, x_layer[1] if x_layer[0] else None,
+               host, grads=pb.head_grad_bytes, phase="top")]
     layers = [c for c, lc in pb.classes.items() if lc.kind == "layer"]
     if not layers:
         phases.append(Memory(state, 0.0, 0.0, 0.0, None, None, host, grads=pb.grad_bytes,
                              phase="bottom"))
     else:  # the first layer's backward: every gradient made, one layer's activations live
-        live, first = max(((figures[c].working + (IN_FLIGHT * figures[c].inputs if c in offload
-                                                  else 0.0), c) for c in layers),
-                          key=lambda p: p[0])
+        live, first = max(((figures[c].working, c) for c in layers), key=lambda p: p[0])
         phases.append(Memory(state, 0.0, live, x_layer[0], first,
                              x_layer[1] if x_layer[0] else None, host, grads=pb.grad_bytes,
                              phase="bottom"))

@@ -105,6 +105,8 @@ class Problem:
     #                what its backward makes beyond the kept activations (`_backward_bytes`)
     grad_bytes: float = 0.0                          # parameter gradients per GPU (in static_bytes)
     head_grad_bytes: float = 0.0                     # of those, the LM head's (made first)
+    tail_kept: dict = field(default_factory=dict)    # template → {class | None: members kept
+    #                only by ops after the last layer}: freed before the layers' backward
 
 
 def _needs_grad(dims: DimAnalysis) -> set[fx.Node]:
@@ -431,6 +433,17 @@ def _add_layer_classes(pb: Problem, nodes, templates, saved, overrides) -> None:
         pb.saving_class[x] = c
         counts = pb.kept_by.setdefault(pb.template[x], {})
         counts[c] = counts.get(c, 0) + 1
+    # kept only by ops after the last layer (the final norm, the LM head + loss): freed before
+    # the layers' backward begins
+    order = {n: k for k, n in enumerate(dims.cap.nodes())}
+    in_layer = lambda v: cls_of(v) is not None and pb.classes[cls_of(v)].kind == "layer"  # noqa: E731
+    last = max((order[n] for n in nodes if in_layer(n)), default=None)
+    if last is not None:
+        after = _keepers(pb, nodes, lambda v: order[v] > last and not in_layer(v))
+        for x in nodes:
+            if after.get(x) == {True} and x in saved:
+                tail = pb.tail_kept.setdefault(pb.template[x], {})
+                tail[pb.saving_class[x]] = tail.get(pb.saving_class[x], 0) + 1
     # the tensors entering each unit from outside it (made by an op, not a parameter or input)
     seen: dict = {}
     for v in nodes:
