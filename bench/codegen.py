@@ -28,10 +28,10 @@ tokens (x [T, d] and W [V, d] leaves requiring grad; labels with 1% ignored):
     plain                 F.cross_entropy((x @ W.T).float(), y)
     liger                 Liger's fused linear cross-entropy (skipped with the reason when
                           liger_kernel does not import)
-    fused                 linear_cross_entropy as codegen calls it: default chunk (2048 tokens
-                          at this vocabulary), dW accumulated in bf16 (as Liger)
+    fused                 linear_cross_entropy: default chunk (Liger's rule: 1024 tokens at 32K,
+                          4096 at 128K), dW accumulated in bf16 (as Liger)
     fused fp32-acc        the same with an fp32 dW accumulator (accumulate=torch.float32)
-    fused chunk=1024/4096 the default with 1024- / 4096-token chunks
+    fused chunk=N         the default with N-token chunks (1024, 2048, 4096)
 
 Each: the step (forward + backward; 1 warm-up, 5 isolated iterations, median), the extra peak
 memory (the peak during a step minus what was allocated before it: inputs and weights are not
@@ -190,6 +190,7 @@ def loss_part(args, device, dtype) -> list[dict]:
         "fused fp32-acc": lambda x, w, y: linear_ce.linear_cross_entropy(
             x, w, y, accumulate=torch.float32),
         "fused chunk=1024": lambda x, w, y: linear_ce.linear_cross_entropy(x, w, y, chunk=1024),
+        "fused chunk=2048": lambda x, w, y: linear_ce.linear_cross_entropy(x, w, y, chunk=2048),
         "fused chunk=4096": lambda x, w, y: linear_ce.linear_cross_entropy(x, w, y, chunk=4096),
     }
     liger_error = None
@@ -252,7 +253,7 @@ def loss_part(args, device, dtype) -> list[dict]:
                 if label.startswith("fused"):
                     row["mixed_addmm"] = dict(linear_ce._MIXED_ADDMM)  # fp32-acc: fp32-output GEMM ran
                     row["chunk"] = int(label.split("=")[1]) if "chunk=" in label else \
-                        linear_ce.default_chunk(T, V, x.element_size())
+                        linear_ce.default_chunk(T, V, x.element_size(), d)
                     row["triton"] = linear_ce.triton_usable(x)
             except Exception as e:  # noqa: BLE001 - recorded per case (out of memory, ...)
                 row["error"] = _error(e)

@@ -14,6 +14,7 @@ them by the incoming gradient:
                                                   overwritten by scale·(softmax(x) - onehot)
         dh[c] = x @ weight                        written in place into dh
         dW   += x.T @ hidden[c]                   cuBLAS addmm in place (fp32 inside the GEMM)
+    backward: dh, dW scaled by the incoming gradient (skipped when it is 1: one host sync)
 
 Why this design over recomputing in backward: three GEMMs per token (forward logits, dh, dW) —
 what an unfused LM head costs — where recomputing the logits in backward adds a fourth (+33%).
@@ -49,7 +50,8 @@ import torch
 __all__ = ["linear_cross_entropy", "default_chunk", "triton_usable"]
 
 MAX_BLOCK_V = 32768       # a row's tile: 32 fp32 values a thread at 32 warps (Liger's size)
-CHUNK_BYTES = 512 << 20   # default chunk: logits of at most this many bytes
+CHUNK_BYTES = 1 << 30     # default chunk: logits of at most this many bytes
+MIN_CHUNK = 1024          # and at least this many tokens
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,11 +68,17 @@ def triton_usable(t: torch.Tensor) -> bool:
     return (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and _kernels() is not None
 
 
-def default_chunk(tokens: int, vocab: int, itemsize: int) -> int:
-    """Tokens per chunk: a power of two whose logits fit CHUNK_BYTES (2048 at a 128K vocab in
-    bf16), at most `tokens`."""
+def default_chunk(tokens: int, vocab: int, itemsize: int, dim: int | None = None) -> int:
+    """Tokens per chunk, a power of two: Liger's rule (a chunk's logits about as large as the
+    hidden states, T·d elements: 1024 tokens at 32K × d 4096 × V 128256, 4096 at 128K) but at
+    least MIN_CHUNK (GEMMs of fewer rows run below peak: Liger's rule gives 256 at 16K × d
+    2048), at most CHUNK_BYTES of logits (4096 at V 128256 in bf16) and at most `tokens`."""
     fit = max(1, CHUNK_BYTES // max(1, vocab * itemsize))
-    return max(1, min(tokens, 1 << (fit.bit_length() - 1)))
+    chunk = 1 << (fit.bit_length() - 1)
+    if dim:
+        per = -(-tokens // -(-vocab // dim))                       # ceil(T / ceil(V / d))
+        chunk = min(chunk, max(MIN_CHUNK, 1 << max(0, (per - 1).bit_length())))
+    return max(1, min(tokens, chunk))
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -96,7 +104,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if reduction == "sum":
         divisor = None
     T, V = hidden.shape[0], weight.shape[0]
-    chunk = chunk or default_chunk(T, V, hidden.element_size())
+    chunk = chunk or default_chunk(T, V, hidden.element_size(), hidden.shape[1])
     return _run(hidden, weight, labels, divisor, ignore_index, chunk, accumulate, out_dtype, block_v)
 
 
@@ -145,9 +153,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh, dw = ctx.grads
         ctx.grads = None
         g = g.reshape(1).to(torch.float32)
-        for t in (dh, dw):
-            if t is not None:
-                _scale_(t, g)
+        if not (g.is_cuda and bool(g.eq(1).item())):  # a loss backpropagated as is: no pass
+            for t in (dh, dw):
+                if t is not None:
+                    _scale_(t, g)
         return dh, dw, None, None, None, None, None, None, None
 
 
@@ -189,7 +198,7 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     kind = acc.device.type
     if _MIXED_ADDMM.get(kind, acc.is_cuda):
         try:
-            torch.addmm(acc, a, b, acc.dtype, out=acc)
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             _MIXED_ADDMM[kind] = True
             return
         except (RuntimeError, TypeError):
