@@ -46,4 +46,5 @@ def scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < n
     x = tl.load(x_ptr + offs, mask=live, other=0.0).to(tl.float32)
-    tl.store(x_ptr + offs, (x * tl.load(g_ptr).to(tl.float32)).to(x_ptr.dtype.element_ty), mask=live)
+    g = tl.load(g_ptr).to(tl.float32)
+    tl.store(x_ptr + offs, (x * g).to(x_ptr.dtype.element_ty), mask=live)

@@ -105,7 +105,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         divisor = None
     T, V = hidden.shape[0], weight.shape[0]
     chunk = chunk or default_chunk(T, V, hidden.element_size(), hidden.shape[1])
-    return _run(hidden, weight, labels, divisor, ignore_index, chunk, accumulate, out_dtype, block_v)
+    return _run(hidden, weight, labels, divisor, ignore_index, chunk, accumulate, out_dtype,
+                block_v)
 
 
 @torch.compiler.disable
