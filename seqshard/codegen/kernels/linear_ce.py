@@ -177,7 +177,7 @@ def _rows(x: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, scale: torc
     xf = x.float()
     lse = torch.logsumexp(xf, 1)
     valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
     rows.copy_(torch.where(valid, lse - xf.gather(1, safe[:, None])[:, 0], 0.0))
     if grad:
         s = scale * valid.to(torch.float32)                               # [n]
