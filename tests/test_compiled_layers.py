@@ -36,7 +36,7 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def run_compiled(kernels, compile, backend, recompute=False):
+def run_compiled(kernels, compile, backend, recompute=False, chunk=True):
     from torch._dynamo.utils import counters
 
     from seqshard.planner import parallelize
@@ -45,7 +45,8 @@ def run_compiled(kernels, compile, backend, recompute=False):
     model, inputs = build("llama", "tiny", batch=1, seq=29)
     ref = copy.deepcopy(model)
     overrides, names = named_plans("llama", "tiny")["ring"]
-    overrides = {**overrides, "lm_head": "chunk:3", **({"layers.*": "recompute"} if recompute else {})}
+    overrides = {**overrides, **({"lm_head": "chunk:3"} if chunk else {}),
+                 **({"layers.*": "recompute"} if recompute else {})}
     pm = parallelize(model, inputs, mesh=make_mesh((dist.get_world_size(),), names),
                      overrides=overrides, axes=AXES["llama"], kernels=kernels, compile=compile,
                      compile_backend=backend)
@@ -81,6 +82,11 @@ def _check(results, compiled=True):
 
 def test_fused_loss_and_compiled_layers_exact_1_rank(pool1):
     _check(pool1.run(run_compiled, True, "layers", "aot_eager"))
+
+
+def test_fused_loss_of_a_whole_loss_exact_1_rank(pool1):
+    """kernels=True with the loss unchunked in the plan: the fused kernel in its own chunks."""
+    _check(pool1.run(run_compiled, True, False, "aot_eager", False, False), compiled=False)
 
 
 def test_fused_loss_and_compiled_recomputed_layers_exact_2_ranks(pool2):

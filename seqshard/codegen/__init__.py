@@ -12,7 +12,8 @@ Python source (`pm.code`).
     recompute_layers(program.gm, plan.recompute)      # each recomputed layer: a checkpointed submodule
                                                       # (inputs on the host where offloaded)
     chunk_losses(program.gm, plan.chunks)             # LM head + loss in checkpointed token chunks
-                                                      # (kernels=True: one fused kernel call)
+                                                      # (kernels=True: one fused kernel call,
+                                                      # unchunked plain losses too)
     compile_layers(program.gm)                        # compile=True: each layer template compiled once
 
 This is emission, not a sequence of graph passes: one walk over the captured graph writes a new
@@ -28,7 +29,8 @@ from seqshard.strategies.from_plan import match_plan
 
 from .compiled import compile_layers
 from .mesh import MeshInfo
-from .recompute import ChunkedModule, chunk_losses, chunk_modules, recompute_layers
+from .recompute import (ChunkedModule, chunk_losses, chunk_modules, fusable_losses,
+                        recompute_layers)
 from .sharder import Program, Sharder
 
 __all__ = ["apply_plan", "MeshInfo", "Program", "PlanError"]
@@ -36,10 +38,10 @@ __all__ = ["apply_plan", "MeshInfo", "Program", "PlanError"]
 
 def apply_plan(dims: DimAnalysis, plan: Plan, mesh: MeshInfo, *, kernels: bool = False,
                compile: bool | str = False, backend: str = "inductor") -> Program:
-    """This rank's program. kernels: seqshard's own kernels where they apply (the chunked LM
-    head + loss through `kernels/linear_ce.py`); compile: True or "layers" compiles each
-    distinct layer template once with torch.compile(backend=backend) (`compiled.py`), False
-    runs op by op."""
+    """This rank's program. kernels: seqshard's own kernels where they apply (an LM head + plain
+    cross-entropy through `kernels/linear_ce.py`, in the plan's chunks or, where the plan keeps
+    it whole, the kernel's); compile: True or "layers" compiles each distinct layer template
+    once with torch.compile(backend=backend) (`compiled.py`), False runs op by op."""
     if tuple(plan.axis_names) != tuple(mesh.names):
         raise PlanError(f"the plan was made for mesh axes {plan.axis_names}, this mesh has "
                         f"{mesh.names}: pass mesh=init_device_mesh(device, sizes, "
@@ -52,13 +54,24 @@ def apply_plan(dims: DimAnalysis, plan: Plan, mesh: MeshInfo, *, kernels: bool =
         recompute_layers(program.gm, plan.recompute, plan.offload, tuple(dims.cap.inputs))
         if plan.chunked_modules:  # chunk loops moved into recomputed layers' submodules
             program.gm.delete_all_unused_submodules()
+    chunks = ()
     if plan.chunks:  # the plan names its losses as they were named where it was made
         names = {np_.node: n.name for n, np_ in match_plan(dims, plan).items()}
-        chunk_losses(program.gm, tuple((names.get(loss, loss), k) for loss, k in plan.chunks),
-                     fused=kernels)
+        chunks = tuple((names.get(loss, loss), k) for loss, k in plan.chunks)
+    if kernels:  # the losses the plan keeps whole: the fused kernel too, in its own chunks
+        chunks += _whole_losses(program.gm, chunks)
+    if chunks:
+        chunk_losses(program.gm, chunks, fused=kernels)
     if compile:
         compile_layers(program.gm, backend)
     return program
+
+
+def _whole_losses(gm, chunks: tuple) -> tuple[tuple[str, int], ...]:
+    """(loss, 0) for each loss the fused kernel computes that `chunks` does not name."""
+    named = {loss for loss, _ in chunks}
+    return tuple((name, 0) for name in fusable_losses(gm)
+                 if name not in named and name.removesuffix("_share") not in named)
 
 
 def _chunked_modules(dims: DimAnalysis, plan: Plan, program: Program) -> list[ChunkedModule]:

@@ -44,7 +44,8 @@ from seqshard.runtime import sharding as rt
 from seqshard.runtime.offload import offloaded_checkpoint
 from seqshard.strategies import PlanError
 
-__all__ = ["recompute_layers", "in_layer", "chunk_losses", "chunked", "fused_chunked", "masked_labels",
+__all__ = ["recompute_layers", "in_layer", "chunk_losses", "chunked", "fused_chunked",
+           "fusable_losses", "masked_labels",
            "token_count", "ChunkedModule", "chunk_modules", "run_in_chunks"]
 
 aten = torch.ops.aten
@@ -184,7 +185,8 @@ def chunk_losses(gm: fx.GraphModule, chunks: tuple[tuple[str, int], ...],
 
     fused: a plain cross-entropy (no class weights or smoothing, mean or sum) over a linear
     without bias runs instead as one call of the fused kernel (`kernels/linear_ce.py`, Triton on
-    GPU), the same k chunks: loss = fused_chunked(h.flatten(0, -2), W, labels, ...)."""
+    GPU), the same k chunks: loss = fused_chunked(h.flatten(0, -2), W, labels, ...); k = 0: the
+    kernel's own chunk size (`fusable_losses` lists the losses it takes)."""
     g = gm.graph
     for loss, k in chunks:
         ce = next((n for n in g.nodes if n.op == "call_function" and n.name in (loss, f"{loss}_share")
@@ -261,6 +263,28 @@ def chunk_losses(gm: fx.GraphModule, chunks: tuple[tuple[str, int], ...],
     return gm
 
 
+def fusable_losses(gm: fx.GraphModule) -> list[str]:
+    """The cross-entropies of `gm` the fused kernel computes: a bias-free linear's logits through
+    casts and reshapes alone, a plain mean or sum (`_fusable`)."""
+    out = []
+    for ce in gm.graph.nodes:
+        if ce.op != "call_function" or ce.target not in (aten.cross_entropy_loss.default,
+                                                         rt.cross_entropy_partial):
+            continue
+        x = ce.args[0]
+        while x.op == "call_function" and x.target in _CHAIN and len(x.users) == 1:
+            x = x.args[0]
+        if x.op != "call_function" or x.target is not aten.linear.default or len(x.users) != 1:
+            continue
+        if ce.target is rt.cross_entropy_partial:
+            reduction = ce.args[3]
+        else:
+            reduction = ce.kwargs.get("reduction", (list(ce.args) + [None, 1][len(ce.args) - 2:])[3])
+        if _fusable(ce, x, x.args[2] if len(x.args) > 2 else None, reduction):
+            out.append(ce.name)
+    return out
+
+
 def _fusable(ce: fx.Node, linear: fx.Node, bias, reduction) -> bool:
     """The fused kernel computes this loss: no bias, a mean or a sum, no class weights or label
     smoothing, and the logits it reads in fp32 or in the linear's own dtype."""
@@ -276,16 +300,17 @@ def _fusable(ce: fx.Node, linear: fx.Node, bias, reduction) -> bool:
 
 def fused_chunked(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore: int,
                   groups: tuple, mean: bool, chunks: int, dtype: torch.dtype) -> torch.Tensor:
-    """cross_entropy(hidden @ weight.T, labels) in `chunks` pieces of tokens through the fused
-    kernel (`kernels.linear_ce`): the sum, or the mean over the tokens counted on every rank
-    of `groups` (`token_count`), in `dtype`."""
+    """cross_entropy(hidden @ weight.T, labels) in `chunks` pieces of tokens (0: the kernel's
+    own chunk size) through the fused kernel (`kernels.linear_ce`): the sum, or the mean over
+    the tokens counted on every rank of `groups` (`token_count`), in `dtype`."""
     from .kernels.linear_ce import linear_cross_entropy
 
     count = token_count(labels, ignore, groups, hidden.new_empty((), dtype=torch.float32)) \
         if mean else None
+    chunk = max(1, -(-hidden.shape[0] // chunks)) if chunks else None  # 0: the kernel's own
     return linear_cross_entropy(hidden, weight, labels, ignore_index=ignore,
                                 reduction="mean" if mean else "sum", divisor=count,
-                                chunk=max(1, -(-hidden.shape[0] // chunks)), out_dtype=dtype)
+                                chunk=chunk, out_dtype=dtype)
 
 
 def chunked(fn, hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor,
