@@ -88,8 +88,9 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
     mixed_precision: with "sharded", a `torch.distributed.fsdp.MixedPrecisionPolicy`, e.g.
         `MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)`: bf16
         compute, fp32 parameters in the optimizer and fp32 gradient reduction.
-    kernels: seqshard's own kernels where they apply: an LM head + cross-entropy the plan
-        chunks runs as one fused kernel (`codegen/kernels/linear_ce.py`; Triton on GPU).
+    kernels: seqshard's own kernels where they apply: an LM head + plain cross-entropy runs
+        as one fused kernel (`codegen/kernels/linear_ce.py`; Triton on GPU), in the plan's
+        chunks or its own; its logits never exist whole.
     compile: False (op by op), or True / "layers": each distinct layer template of the
         program compiled once with torch.compile(backend=compile_backend) and run for every
         identical layer (`codegen/compiled.py`; `pm.code` lists the templates).
