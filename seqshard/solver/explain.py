@@ -118,8 +118,7 @@ def _memory_notes(pb: Problem, sol: Solution) -> list[str]:
     chunked = m.recompute_class and (m.recompute_class in pb.regions or
                                      pb.classes[m.recompute_class].kind == "chunk")
     if bottom:
-        parts.append(f"{_gib(m.recompute)} of one layer's activations (kept, or made again)"
-                     + (" (with offloaded inputs on the GPU)" if m.recompute_class in sol.offload else ""))
+        parts.append(f"{_gib(m.recompute)} of one layer's activations (kept, or made again)")
     elif m.recompute_class:
         parts.append(f"{_gib(m.recompute)} of one " + ("chunk's" if chunked else "recomputed "
                      "layer's") + " activations made again"
