@@ -10,6 +10,7 @@ Part "model": the built-in `llama3-1b` (Llama-3.2-1B shape: 16 layers, hidden 20
     plain eager           the model itself
     plain compile         torch.compile(model) (Inductor)
     seqshard eager        parallelize(model, inputs): the per-rank program op by op
+    seqshard eager+loss   the same with kernels=True: the fused LM head + loss alone
     seqshard layers       parallelize(..., compile="layers"): each distinct layer template
                           compiled once (codegen/compiled.py)
     seqshard layers warm  the same built again in this process: Inductor's FX graph cache and
@@ -105,6 +106,7 @@ def model_part(args, device, dtype) -> list[dict]:
     cases = [  # most wanted first: a case past the budget is skipped
         ("plain eager", lambda: model),
         ("seqshard eager", lambda: build_pm()),
+        ("seqshard eager+loss", lambda: build_pm(kernels=True)),
         ("seqshard layers", lambda: build_pm(compile="layers", compile_backend=backend)),
         ("seqshard layers warm", lambda: build_pm(compile="layers", compile_backend=backend)),
         ("seqshard layers+loss", lambda: build_pm(compile="layers", compile_backend=backend,
