@@ -581,14 +581,27 @@ def unsupported_reason(name: str, device, dtype: torch.dtype, head_dim: int) -> 
     return _missing(name)
 
 
+FA4_CHECKED_HEAD_DIMS = (64, 128)
+"""Head dims whose FlashAttention-4 forward and backward were checked against the math reference
+on an H200 (tests/test_fa4.py, GPU tests). At 72, 4.0.0b36's backward returned a wrong dq
+(relative error 1.05 causal, 1.28 full, against ~0.004 for SDPA: bench/results/
+fa4-gpu-tests-20261201-190844.log) while out, dk and dv were right; so a head dim outside this
+list is refused, and the next backend (cuDNN) runs it."""
+
+
 def _fa4_arch_reason(sm: int, head_dim: int) -> str | None:
     """FlashAttention-4's own limits (flash_attn.cute.interface._validate_head_dims, 4.0.0b36):
     its backward runs on sm90, sm100/sm110 and sm120; seqshard uses the sm90 and sm100 kernels
-    (the ones its kernels were tuned for); head dims up to 256 on sm90, up to 128 or 256 on sm100."""
+    (the ones its kernels were tuned for); head dims up to 256 on sm90, up to 128 or 256 on sm100;
+    and only the head dims seqshard checked (FA4_CHECKED_HEAD_DIMS)."""
     if sm // 10 not in (9, 10):
         return f"seqshard uses FlashAttention-4's sm90 and sm100 kernels, this GPU is sm{sm}"
     if sm // 10 == 10 and not (head_dim <= 128 or head_dim == 256):
         return f"FlashAttention-4 on sm{sm} takes head dims up to 128 or 256, not {head_dim}"
+    if head_dim not in FA4_CHECKED_HEAD_DIMS:
+        return (f"head dim {head_dim} is unchecked for FlashAttention-4 (checked: "
+                f"{', '.join(map(str, FA4_CHECKED_HEAD_DIMS))}; at 72 its backward gave a wrong dq "
+                "on an H200)")
     return None
 
 
