@@ -29,8 +29,9 @@ gc, empty_cache) before it reports.
 
 Timing: one untimed warm-up step, then `--repeats` timed steps (1 when the warm-up took over
 20 s) with `timing.measure` (CUDA events, isolated iterations); `steps=1`: no warm-up, the one
-step is timed cold (it also allocates AdamW's state). The row records which (`warmup`,
-`repeats`).
+step is timed cold, after AdamW's state was made by a step with zero gradients and lr 0 (results
+before 2026-12-01 19:30 UTC lack this: their steps=1 peaks miss the optimizer state). The row
+records which (`warmup`, `repeats`).
 
 Definitions (the same for every system):
 
@@ -552,6 +553,21 @@ def run_child(cfg: Config, row_path: str, args) -> int:
             repeats = 1 if first > 20 else args.repeats
         else:
             repeats = 1
+            # AdamW makes its state in its first step: make it now (zero gradients, lr 0: no
+            # parameter moves), so that the one timed step's peak is a steady step's, with the
+            # optimizer state alive through backward as the planner counts it
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+            lr = [g["lr"] for g in opt.param_groups]
+            for g in opt.param_groups:
+                g["lr"] = 0.0
+            opt.step()
+            for g, x in zip(opt.param_groups, lr):
+                g["lr"] = x
+            opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
         peak_all = torch.cuda.max_memory_allocated() if cuda else None
         reserved_all = torch.cuda.max_memory_reserved() if cuda else None
         if cuda:
