@@ -129,7 +129,8 @@ def _memory_notes(pb: Problem, sol: Solution) -> list[str]:
                      f"({n.name}{' and its twins in other layers' if pb.mult[n] > 1 else ''}) "
                      "while it runs")
     where = (f"in the backward of {pb.classes[m.recompute_class].layers[0]} (every gradient made)"
-             if bottom else
+             if bottom and m.recompute_class else
+             "at the end of the backward (every gradient made)" if bottom else
              "at the start of the backward (every kept activation alive)" if not m.recompute_class
              else f"in the backward of {_span(pb, m.recompute_class)} (a chunk made again)"
              if chunked else
