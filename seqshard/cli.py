@@ -168,7 +168,9 @@ def cmd_plan(args) -> int:
         if state == "sharded":
             print(f"note: {n / 1e9:.1f}B parameters do not fit replicated on one "
                   f"{cluster.gpu.name}; planning with model state sharded over all GPUs "
-                  "(FSDP/ZeRO-3, outside seqshard). Pass --state replicated to insist.\n")
+                  "(ZeRO-3: parallelize(model_state='sharded') runs FSDP2; the plan's notes "
+                  "give its share of memory and its communication). Pass --state replicated "
+                  "to insist.\n")
     t0 = time.perf_counter()
     try:
         p = plan(model, inputs, cluster=cluster, mesh=mesh, axes=AXES[args.model],

@@ -87,9 +87,18 @@ def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
     notes.append(f"local attention priced at the {cluster.gpu.attention_backend} kernel's rates"
                  + (f" ({', '.join(others)} also known: Cluster.with_attention_backend)" if others else ""))
     if model_state == "sharded":
-        notes.append("model state sharded over all ranks (ZeRO-3: parallelize(model_state="
-                     "'sharded') runs FSDP2, seqshard/planner/state.py); its gathers and "
-                     "reduce-scatters are not priced yet")
+        sc, world = pb.state_comm, prod(n for _, n in mesh)
+        share = pb.static_bytes - sc.gathered_bytes
+        notes.append(f"model state sharded over all {world} ranks (ZeRO-3: parallelize(model_state="
+                     f"'sharded') runs FSDP2, seqshard/planner/state.py): {share / 2**30:.2f} GiB "
+                     f"per GPU of parameters, gradients and optimizer state (1/{world}), "
+                     f"+ {sc.gathered_bytes / 2**30:.2f} GiB of parameters gathered at once (the "
+                     f"root's and two of {sc.layers} layers'); per step "
+                     f"{sc.comm_bytes / 2**30:.2f} GiB sent per GPU in "
+                     f"{'all-gathers (forward, backward) and reduce-scatters' if training else 'all-gathers'}"
+                     f", {sc.comm_s:.3f} s of collectives, {sc.exposed_s:.3f} s of it exposed "
+                     f"(the first gathers, the last reduce-scatters, and what outlasts "
+                     f"{sc.overlap_s:.3f} s of compute; solver/problem.py _sharded_state)")
     if model_state == "offload":
         notes.append(f"optimizer state{' and fp32 master weights' if optimizer == 'adamw' else ''} "
                      f"are assumed in host memory "

@@ -25,7 +25,7 @@ from seqshard.strategies.strategy import is_attention
 
 from .clusters import cluster_layers, layer_classes, layer_of
 
-__all__ = ["Problem", "Tensor", "LayerClass", "Region", "TokenRegion", "build_problem",
+__all__ = ["Problem", "Tensor", "LayerClass", "Region", "TokenRegion", "StateComm", "build_problem",
            "loss_regions", "token_regions", "CHUNK_BYTES"]
 
 aten = torch.ops.aten
@@ -79,6 +79,7 @@ class Problem:
     static_bytes: float = 0.0
     static_s: float = 0.0
     host_bytes: float = 0.0                          # per GPU, in host memory (model_state offload)
+    state_comm: "StateComm | None" = None            # model_state "sharded": FSDP2's collectives
     # recompute (training only; empty otherwise)
     classes: dict = field(default_factory=dict)      # class name → LayerClass
     node_class: dict = field(default_factory=dict)   # template → the class it lies in
@@ -299,10 +300,12 @@ def build_problem(dims: DimAnalysis, costs: Costs, mesh, overrides: dict | None,
             flat_link = costs.cluster.axis_link((world,), 0)
             pb.static_s += coll.all_reduce(n_params * costs.dtype_bytes, world, flat_link)
     elif model_state == "sharded":
-        pb.static_bytes = state.total / world
-        if costs.training:  # each rank steps its shard (the gathers are FSDP's, not priced)
-            pb.static_s = comp.optimizer_step(n_params / world, costs.gpu,
-                                              param_bytes=costs.dtype_bytes, **opt)
+        pb.state_comm = sc = _sharded_state(pb, world)
+        pb.static_bytes = state.total / world + sc.gathered_bytes
+        pb.static_s = sc.exposed_s
+        if costs.training:  # each rank steps its shard
+            pb.static_s += comp.optimizer_step(n_params / world, costs.gpu,
+                                               param_bytes=costs.dtype_bytes, **opt)
     elif model_state == "offload":  # replicated, but AdamW's state and master weights on the host
         pb.static_bytes = state.params + state.grads
         pb.host_bytes = state.optimizer + state.grads  # the gradients land in host memory too
@@ -321,6 +324,78 @@ def build_problem(dims: DimAnalysis, costs: Costs, mesh, overrides: dict | None,
         head_numel = sum(dims.cap.model.get_parameter(dims.cap.params[x]).numel() for x in head)
         pb.head_grad_bytes = pb.grad_bytes * head_numel / max(n_params, 1)
     return pb
+
+
+@dataclass
+class StateComm:
+    """What sharded model state (FSDP2 over the flattened mesh, `planner/state.py`) costs a step
+    beyond its 1/world share of the state: per GPU."""
+
+    gathered_bytes: float   # parameters held unsharded at once: the root's + two layers'
+    comm_bytes: float       # bytes one GPU sends in the gathers and reduce-scatters of a step
+    comm_s: float           # seconds of those collectives, back to back
+    exposed_s: float        # of them, not hidden behind compute (priced as static time)
+    overlap_s: float        # the compute they may hide behind (a lower bound: cheapest strategies)
+    layers: int             # FSDP units below the root (the model's layers)
+
+
+def _sharded_state(pb: Problem, world: int) -> StateComm:
+    """FSDP2 as `planner/state.py` runs it: each layer (a module path ending in an index) is one
+    `fully_shard` unit with reshard_after_forward=True, the rest of the model (embedding, final
+    norm, LM head) the root, kept unsharded from its forward to the end of backward. A step runs,
+    over the flattened mesh (the slowest link on the way, as the replicated all-reduce sees it):
+
+        forward   all-gather of the root's parameters, then of each layer's
+        backward  all-gather of each layer's parameters again (freed after its forward), and a
+                  reduce-scatter of each layer's gradients, then of the root's
+        (inference: the forward's all-gathers alone)
+
+    each of the whole unit's bytes in the parameter dtype (gradients reduced in it too: the
+    default MixedPrecisionPolicy). Overlap: FSDP2 prefetches the next layer's gather while this
+    one computes and reduce-scatters a layer's gradients while the previous one runs backward,
+    so only the first gathers (the root's and the first layer's, before any compute) and the last
+    reduce-scatters (the first layer's and the root's, after all of it) are surely exposed; the
+    rest hides behind the step's compute, as far as that lasts:
+
+        exposed = first + last + max(0, rest − compute)
+
+    with compute the cheapest any plan could have (each node's fastest strategy): a lower bound
+    on the overlap, so an upper bound on the exposed time when communication dominates. Not
+    modelled: the plan's own collectives sharing the link (optimistic), a layer whose gather
+    outlasts its own compute while the total does not (per-layer stalls; optimistic), and
+    compute running slower beside the communication. Memory: the root's parameters, gathered
+    for the whole step, and two layers' (the one computing and the one prefetched)."""
+    dims, costs = pb.dims, pb.costs
+    units: dict = {}  # layer path (None: root) → parameter count, in the order of first use
+    for name, p in dims.cap.model.named_parameters():
+        unit = layer_of(name.rpartition(".")[0])
+        units[unit] = units.get(unit, 0) + p.numel()
+    b = costs.dtype_bytes
+    root = units.pop(None, 0) * b
+    layers = [n * b for n in units.values()]
+    gathered = root + sum(sorted(layers)[-2:])
+    if world == 1:
+        return StateComm(gathered, 0.0, 0.0, 0.0, 0.0, len(layers))
+    link = costs.cluster.axis_link((world,), 0)
+    ag = lambda size: coll.all_gather(size, world, link)  # noqa: E731
+    rs = lambda size: coll.reduce_scatter(size, world, link)  # noqa: E731
+    sizes = [root] + layers if root else layers
+    if costs.training:
+        gathers = [*sizes, *layers]  # forward, and the layers' again in backward
+        scatters = sizes
+    else:
+        gathers, scatters = sizes, []
+    comm_s = sum(ag(x) for x in gathers) + sum(rs(x) for x in scatters)
+    sent = sum(coll.bytes_sent("all_gather", x, world) for x in gathers) + \
+        sum(coll.bytes_sent("reduce_scatter", x, world) for x in scatters)
+    first = (ag(root) if root else 0.0) + (ag(layers[0]) if layers else 0.0)
+    last = ((rs(root) if root else 0.0) + (rs(layers[0]) if layers else 0.0)) if scatters else 0.0
+    if costs.symbolic:  # no overlap priced: the whole communication, an upper bound
+        return StateComm(gathered, sent, comm_s, comm_s, 0.0, len(layers))
+    overlap = sum(pb.mult[t] * min(pb.node_cost[(t, i)].compute_s for i in range(len(sts)))
+                  for t, sts in pb.strategies.items() if sts)
+    exposed = min(comm_s, first + last + max(0.0, comm_s - first - last - overlap))
+    return StateComm(gathered, sent, comm_s, exposed, overlap, len(layers))
 
 
 CHUNK_BYTES = 2**30
