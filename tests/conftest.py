@@ -1,4 +1,6 @@
-"""Shared fixtures: worker pools started once per test module (see seqshard.testing)."""
+"""Shared fixtures: worker pools started once per test session (see seqshard.testing): starting
+a pool of 2 or 4 processes that import torch costs seconds on 2 cores, and workers already run
+many cases one after another; a pool that times out is restarted on its next use."""
 
 import pytest
 
@@ -11,11 +13,11 @@ def _pool(n):
     pool.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pool2():
     yield from _pool(2)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pool4():
     yield from _pool(4)
