@@ -187,8 +187,9 @@ def _region_notes(pb: Problem, sol: Solution) -> list[str]:
             what = (f"{_gib(f.chunk)} live while one chunk is recomputed instead of "
                     f"{_gib(f.whole - f.working + f.chunk)} in its recomputed layer, ")
         k = region_chunks(pb, sol, R)
-        notes.append(f"chunk {_region_span(pb, R)} into {k} chunk{'s' * (k > 1)} of "
-                     f"tokens: {what}for {f.forward_s * len(reg.paths) * 1e3:.1f} ms more per "
+        how = (f"chunk {_region_span(pb, R)} into {k} chunks of tokens" if k > 1 else
+               f"checkpoint {_region_span(pb, R)} whole (1 chunk)")
+        notes.append(f"{how}: {what}for {f.forward_s * len(reg.paths) * 1e3:.1f} ms more per "
                      "step (each chunk's forward again in backward)")
     return notes
 

@@ -920,6 +920,6 @@ def solve(pb: Problem, budget: float | None, *, seconds: float = 60.0, workers: 
             f"no plan fits {budget / 2**30:.1f} GiB per GPU: the least memory any plan needs is "
             f"{floor.memory_bytes / 2**30:.1f} GiB ({pb.static_bytes / 2**30:.1f} GiB of it "
             f"parameters, gradients and optimizer state{how}). Try: more GPUs or a longer mesh "
-            "axis, a shorter sequence, model_state='sharded' (FSDP/ZeRO-3 outside seqshard) or "
+            "axis, a shorter sequence, model_state='sharded' (FSDP2, parameters sharded over the mesh) or "
             "'offload' (optimizer state in host memory), or a larger memory_budget")
     raise PlanError(f"the solver stopped with status {sol.status} after {sol.seconds:.1f} s")

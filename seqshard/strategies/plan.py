@@ -232,8 +232,8 @@ class Plan:
         for loss, k in self.chunks:
             text += f"chunked: the LM head and {loss} run in {k} chunks of tokens\n"
         for module, k in _fold([(m, k) for m, k in self.chunked_modules]):
-            text += (f"chunked: {module} in {k} chunk{'s' * (k > 1)} of tokens (each recomputed "
-                     "in backward)\n")
+            text += (f"chunked: {module} in {k} chunks of tokens (each recomputed in backward)\n"
+                     if k > 1 else f"checkpointed: {module} whole (recomputed in backward)\n")
         for note in self.notes:
             text += f"note: {note}\n"
         return text
