@@ -25,7 +25,7 @@ import socket
 import traceback
 from typing import Any, Callable
 
-__all__ = ["WorkerPool", "WorkerError", "mesh", "assert_sharded_exact"]
+__all__ = ["WorkerPool", "WorkerError", "mesh", "assert_sharded_exact", "rel", "record_step"]
 
 
 class WorkerError(RuntimeError):
@@ -149,3 +149,23 @@ def assert_sharded_exact(cases: list, per_rank: list[list[dict]], tol: float = 1
             if not rel <= tol:  # also catches nan
                 failures.append(f"{case}: {name} relative error {rel:.2e}")
     assert not failures, f"{len(failures)} mismatches:\n" + "\n".join(failures)
+
+
+def rel(a, b) -> float:
+    """Relative error of `a` against the reference `b`: |a - b| / |b| (Frobenius norms)."""
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def record_step(worst: dict, step: int, model, ref, loss, loss_ref, optimizers) -> None:
+    """After both backwards of one training step: the error of the loss and of every gradient
+    of `model` against `ref`, then one step of each optimizer and the error of every parameter,
+    into `worst` (keys `loss@0`, `grad layers.0.w@0`, `param layers.0.w@0`, ...)."""
+    worst[f"loss@{step}"] = rel(loss, loss_ref)
+    pairs = list(zip(model.named_parameters(), ref.named_parameters()))
+    for (n, p), (_, pr) in pairs:
+        worst[f"grad {n}@{step}"] = rel(p.grad, pr.grad)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad()
+    for (n, p), (_, pr) in pairs:
+        worst[f"param {n}@{step}"] = rel(p.detach(), pr.detach())

@@ -29,6 +29,7 @@ from seqshard.solver import NS, Model, build_problem, token_regions
 from seqshard.solver.model import chosen_moves, memory_of
 from seqshard.strategies import Costs
 from seqshard.testing import WorkerPool
+from seqshard.testing import record_step
 from seqshard.testing import mesh as make_mesh
 
 TOL = 1e-5
@@ -58,9 +59,6 @@ class Ops(TorchDispatchMode):
         self.ops[name] = self.ops.get(name, 0) + 1
         return func(*args, **(kwargs or {}))
 
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def run_chunked(family, config, sizes, named, chunks=0, recompute=False, steps=3, plan_=None,
@@ -92,12 +90,7 @@ def run_chunked(family, config, sizes, named, chunks=0, recompute=False, steps=3
         loss_ref.backward()
         with Ops() if step == steps else nullcontext() as bwd:
             loss.backward()
-        worst[f"loss@{step}"] = _rel(loss, loss_ref)
-        for (n, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters()):
-            worst[f"grad {n}@{step}"] = _rel(p.grad, pr.grad)
-        opt.step(); opt_ref.step(); opt.zero_grad(); opt_ref.zero_grad()
-        for (n, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters()):
-            worst[f"param {n}@{step}"] = _rel(p.detach(), pr.detach())
+        record_step(worst, step, model, ref, loss, loss_ref, (opt, opt_ref))
     key = max(worst, key=worst.get)
     op = MLP_OP[family]
     loops = sum(m.code.count("run_in_chunks(") for m in pm.program.gm.modules()

@@ -30,6 +30,7 @@ from seqshard.solver import NS, Infeasible, Model, build_problem
 from seqshard.solver.model import chosen_moves, memory_of
 from seqshard.strategies import Costs
 from seqshard.testing import mesh as make_mesh
+from seqshard.testing import record_step
 
 GIB = 2**30
 TOL = 1e-5
@@ -54,9 +55,6 @@ class Backward(TorchDispatchMode):
             self.ops[name] = self.ops.get(name, 0) + 1
         return func(*args, **(kwargs or {}))
 
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def run_recomputed(family, config, sizes, named, steps=0, plan_=None, compile_backend=None):
@@ -84,12 +82,7 @@ def run_recomputed(family, config, sizes, named, steps=0, plan_=None, compile_ba
         loss_ref.backward()
         with Backward() as backward:
             loss.backward()
-        worst[f"loss@{step}"] = _rel(loss, loss_ref)
-        for (n, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters()):
-            worst[f"grad {n}@{step}"] = _rel(p.grad, pr.grad)
-        opt.step(); opt_ref.step(); opt.zero_grad(); opt_ref.zero_grad()
-        for (n, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters()):
-            worst[f"param {n}@{step}"] = _rel(p.detach(), pr.detach())
+        record_step(worst, step, model, ref, loss, loss_ref, (opt, opt_ref))
     key = max(worst, key=worst.get)
     return dict(err=worst[key], where=key, backward=backward.ops, recompute=pm.plan.recompute,
                 checkpoints=pm.code.count("torch.utils.checkpoint.checkpoint("),

@@ -25,6 +25,7 @@ from seqshard.solver import NS, Infeasible, Model, build_problem
 from seqshard.solver.model import chosen_moves, memory_of
 from seqshard.strategies import Costs
 from seqshard.testing import WorkerPool
+from seqshard.testing import record_step
 from seqshard.testing import mesh as make_mesh
 
 GIB = 2**30
@@ -39,9 +40,6 @@ def pool1():
     yield pool
     pool.close()
 
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def run_offloaded(family, config, sizes, named, steps=0, compile_backend=None):
@@ -67,12 +65,7 @@ def run_offloaded(family, config, sizes, named, steps=0, compile_backend=None):
         packed = offload.stats.packed
         loss_ref.backward()
         loss.backward()
-        worst[f"loss@{step}"] = _rel(loss, loss_ref)
-        for (n, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters()):
-            worst[f"grad {n}@{step}"] = _rel(p.grad, pr.grad)
-        opt.step(); opt_ref.step(); opt.zero_grad(); opt_ref.zero_grad()
-        for (n, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters()):
-            worst[f"param {n}@{step}"] = _rel(p.detach(), pr.detach())
+        record_step(worst, step, model, ref, loss, loss_ref, (opt, opt_ref))
     key = max(worst, key=worst.get)
     s = offload.stats
     return dict(err=worst[key], where=key, packed_in_forward=packed, packed=s.packed,

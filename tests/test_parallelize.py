@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from seqshard.models import AXES, build, named_plans
 from seqshard.testing import mesh as make_mesh
+from seqshard.testing import record_step, rel
 
 TOL = 1e-5
 # ops (as they reach the dispatcher, after composite ops decompose) whose outputs are activations
@@ -40,9 +41,6 @@ class Census(TorchDispatchMode):
             self.largest = max(self.largest, first.numel())
         return out
 
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def run_plan(family, config, sizes, plan, mesh_shape, steps=0, compile_backend=None):
@@ -70,12 +68,7 @@ def run_plan(family, config, sizes, plan, mesh_shape, steps=0, compile_backend=N
             loss = run(*inputs)
         loss_ref.backward()
         loss.backward()
-        worst[f"loss@{step}"] = _rel(loss, loss_ref)
-        for (n, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters()):
-            worst[f"grad {n}@{step}"] = _rel(p.grad, pr.grad)
-        opt.step(); opt_ref.step(); opt.zero_grad(); opt_ref.zero_grad()
-        for (n, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters()):
-            worst[f"param {n}@{step}"] = _rel(p.detach(), pr.detach())
+        record_step(worst, step, model, ref, loss, loss_ref, (opt, opt_ref))
     key = max(worst, key=worst.get)
     return dict(err=worst[key], where=key, collectives=dict(sharded.ops),
                 largest=sharded.largest, largest_single=single.largest)
@@ -159,7 +152,7 @@ def plan_at_1m_then_run_small():
     pm = parallelize(model, inputs, mesh=make_mesh((dist.get_world_size(),), ("sp",)), plan=plan)
     loss, loss_ref = pm(*inputs), ref(*inputs)
     loss.backward(); loss_ref.backward()
-    errs = [_rel(loss, loss_ref)] + [_rel(p.grad, q.grad) for p, q in
+    errs = [rel(loss, loss_ref)] + [rel(p.grad, q.grad) for p, q in
                                       zip(model.parameters(), ref.parameters())]
     return max(errs), plan.hash() == pm.plan.hash()
 
@@ -179,7 +172,7 @@ def gather_and_shard():
     logits = pm(ids)
     full = pm.gather(logits)
     local_labels = pm.shard(labels, like="input_ids")
-    return _rel(full, model(ids)), tuple(logits.shape), tuple(local_labels.shape)
+    return rel(full, model(ids)), tuple(logits.shape), tuple(local_labels.shape)
 
 
 def test_gather_and_shard(pool4):
