@@ -14,6 +14,14 @@ SYSTEM one of
               (skipped, with the reason, when liger_kernel does not import)
     seqshard  `planner.parallelize(model, (ids, labels), optimizer="adamw-pure")` at world size
               1: the planner's own memory plan at that length (recompute, chunked loss, ...)
+    native-compiled, liger-compiled
+              native / liger with each checkpointed block `torch.compile`d (the regional
+              compile people use: checkpoint_wrapper(block), then torch.compile; identical
+              blocks share one compiled graph); `compiled_graphs` counts Dynamo's graphs
+    seqshard-compiled
+              seqshard with `compile="layers", kernels=True`: each distinct layer template
+              compiled once (codegen/compiled.py), the LM head + loss through the fused kernel
+              (codegen/kernels/linear_ce.py) in the plan's chunks or its own
     slice     the issue's capacity check past one timed step: plan the whole model at SEQ on the
               meta device, then run a 2-layer slice (same width, heads, vocabulary) with the
               per-layer plan of the whole model's first and last layer; measured peak against
@@ -85,7 +93,8 @@ sys.path.insert(1, str(HERE.parent))
 
 PEAK_FLOPS = 989e12  # H200 bf16 dense
 GIB = 2**30
-SYSTEMS = ("native", "liger", "seqshard", "slice")
+SYSTEMS = ("native", "liger", "seqshard", "slice", "native-compiled", "liger-compiled",
+           "seqshard-compiled")
 MODELS = {"8b": "llama3-8b", "1b": "llama3-1b"}
 SLICE_LAYERS = 2
 SMOKE_BUDGET = {"1b": 2.5 * 2**20, "8b": 6.5 * 2**20}
@@ -106,7 +115,7 @@ SETS = {
     "1b-long": "1b:128K:native:steps=1,1b:128K:seqshard,1b:256K:seqshard:steps=1",  # ~4.5 min
     # the CPU check of this script (--smoke picks it): toy models, every system and mode
     "smoke": "1b:128:native,1b:128:liger,1b:128:seqshard,8b:256:native:steps=1,"
-             "8b:256:seqshard,8b:256:slice:steps=1",
+             "8b:256:seqshard,8b:256:slice:steps=1,1b:128:native-compiled,8b:256:seqshard-compiled",
 }
 
 
@@ -195,7 +204,8 @@ def estimate_s(cfg: Config, smoke: bool) -> float:
     flops, _ = flops_per_step(model_config(cfg.model, False, layers), cfg.seq)
     step = 1.33 * flops / (0.30 * PEAK_FLOPS)
     steps = 1 if cfg.steps1 else (2 if step > 20 else 3)
-    startup = {"native": 25, "liger": 25, "seqshard": 45, "slice": 60}[cfg.system]
+    startup = {"native": 25, "liger": 25, "seqshard": 45, "slice": 60, "native-compiled": 70,
+               "liger-compiled": 70, "seqshard-compiled": 70}[cfg.system]
     return startup + steps * step
 
 
@@ -278,9 +288,21 @@ def _first(out):
     return out.loss
 
 
-def native_loss(model, ids, labels, liger=None):
-    """The native step's loss: each block under torch.utils.checkpoint (non-reentrant), then the
-    head + cross-entropy on fp32 logits, or Liger's fused linear cross-entropy."""
+def compiled_blocks(model, backend: str):
+    """Each block checkpointed and compiled, the way regional compilation is done (torchtitan's
+    apply_ac then apply_compile): `torch.compile(checkpoint_wrapper(block))`. Dynamo traces the
+    checkpoint as a higher-order op, AOTAutograd recomputes inside the compiled backward; the
+    blocks share one compiled graph (parameters are graph inputs, not guarded by identity)."""
+    import torch
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    return [torch.compile(checkpoint_wrapper(layer), backend=backend) for layer in model.layers]
+
+
+def native_loss(model, ids, labels, liger=None, blocks=None):
+    """The native step's loss: each block under torch.utils.checkpoint (non-reentrant; or
+    `blocks`, the compiled checkpointed blocks), then the head + cross-entropy on fp32 logits, or
+    Liger's fused linear cross-entropy."""
     import torch
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
@@ -291,8 +313,12 @@ def native_loss(model, ids, labels, liger=None):
     emb = torch.cat((freqs, freqs), dim=-1)
     x = model.embed(ids)
     cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-    for layer in model.layers:
-        x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+    if blocks is not None:
+        for block in blocks:
+            x = block(x, cos, sin)
+    else:
+        for layer in model.layers:
+            x = checkpoint(layer, x, cos, sin, use_reentrant=False)
     h = model.norm(x)
     if liger is not None:
         return liger(model.lm_head.weight, h.flatten(0, 1), labels.flatten())
@@ -397,7 +423,9 @@ def run_child(cfg: Config, row_path: str, args) -> int:
 
     # what the system needs to import
     liger = None
-    if cfg.system == "liger":
+    base = cfg.system.removesuffix("-compiled")  # the system a compiled one compiles
+    backend = "inductor" if cuda else "aot_eager"  # CPU (--smoke): Inductor would build C++
+    if base == "liger":
         try:
             liger, how = _liger()
             row.set(liger=how)
@@ -412,7 +440,7 @@ def run_child(cfg: Config, row_path: str, args) -> int:
         import ortools  # noqa: F401
     except Exception as e:  # noqa: BLE001
         have_solver, why = False, f"ortools does not import ({type(e).__name__}: {e}): no planner"
-    if cfg.system in ("seqshard", "slice") and not have_solver:
+    if base in ("seqshard", "slice") and not have_solver:
         row.set(status="skipped", reason=why)
         return 0
 
@@ -453,11 +481,11 @@ def run_child(cfg: Config, row_path: str, args) -> int:
         _say(f"whole model: predicted peak {gib(fp.predicted.peak_memory_bytes):.1f} GiB, step "
              f"{fp.predicted.step_s:.1f} s; slice overrides {overrides}")
         del full, fp
-    elif cfg.system in ("native", "liger") and have_solver and not args.no_predict:
+    elif base in ("native", "liger") and have_solver and not args.no_predict:
         from seqshard.planner import plan as make_plan
 
         ov = {"layers.*": "recompute"}
-        if cfg.system == "liger":
+        if base == "liger":
             ov["lm_head"] = "chunk"
         try:
             t0 = time.perf_counter()
@@ -474,7 +502,7 @@ def run_child(cfg: Config, row_path: str, args) -> int:
             del meta, p
         except Exception as e:  # noqa: BLE001 - the measurement goes on without it
             row.set(prediction_error=f"{type(e).__name__}: {e}")
-    elif cfg.system in ("native", "liger"):
+    elif base in ("native", "liger"):
         row.set(prediction_error=why or "--no-predict")
 
     # the model, the inputs, the step
@@ -493,7 +521,7 @@ def run_child(cfg: Config, row_path: str, args) -> int:
                 params_gib=gib(sum(p.numel() * p.element_size() for p in model.parameters())))
         _say(f"model built in {row['init_s']:.1f} s ({row['params_gib']:.2f} GiB of parameters)")
 
-        if cfg.system in ("seqshard", "slice"):
+        if base in ("seqshard", "slice"):
             from seqshard.planner import parallelize
             from seqshard.solver import Infeasible
 
@@ -507,8 +535,10 @@ def run_child(cfg: Config, row_path: str, args) -> int:
                     pm = parallelize(model, (ids, labels), cluster=args.cluster, overrides=overrides,
                                      memory_budget=1e15, optimizer="adamw-pure")
                 else:
+                    compiled = dict(compile="layers", kernels=True, compile_backend=backend) \
+                        if cfg.system == "seqshard-compiled" else {}
                     pm = parallelize(model, (ids, labels), cluster=args.cluster,
-                                     memory_budget=budget, optimizer="adamw-pure")
+                                     memory_budget=budget, optimizer="adamw-pure", **compiled)
             except Infeasible as e:
                 row.set(status="infeasible", reason=str(e), plan_s=time.perf_counter() - t0)
                 return 0
@@ -519,11 +549,14 @@ def run_child(cfg: Config, row_path: str, args) -> int:
             _say(f"plan {p.hash()} in {row['plan_s']:.1f} s: predicted peak "
                  f"{row['predicted_peak_gib']:.1f} GiB, step {p.predicted.step_s:.2f} s; "
                  f"{ {k: v for k, v in row['memory'].items() if k != 'notes'} }")
+            if cfg.system == "seqshard-compiled":
+                code = pm.code
+                row.set(templates=code.count("torch.compile(backend="),
+                        fused_loss="fused_chunked(" in code)
             fn = pm
-        elif cfg.system == "liger":
-            fn = lambda a, b: native_loss(model, a, b, liger)  # noqa: E731
         else:
-            fn = lambda a, b: native_loss(model, a, b)  # noqa: E731
+            blocks = compiled_blocks(model, backend) if cfg.system.endswith("-compiled") else None
+            fn = lambda a, b: native_loss(model, a, b, liger, blocks)  # noqa: E731
 
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
         losses = []
@@ -584,6 +617,10 @@ def run_child(cfg: Config, row_path: str, args) -> int:
                 mfu=flops / step_s / PEAK_FLOPS, loss=float(losses[-1].float().item()),
                 peak_gib=gib(peak), peak_timed_gib=gib(peak_timed),
                 reserved_gib=gib(reserved), reserved_timed_gib=gib(reserved_timed))
+        if cfg.system.endswith("-compiled"):
+            from torch._dynamo.utils import counters
+            row.set(compiled_graphs=counters["stats"]["unique_graphs"],
+                    graph_breaks=sum(counters["graph_break"].values()))
         if row.get("predicted_step_s"):
             row.set(step_ratio=step_s / row["predicted_step_s"])
         if cuda and row.get("predicted_peak_gib"):

@@ -59,11 +59,12 @@ def run_compiled(kernels, compile, backend, recompute=False, chunk=True):
             worst[f"grad {n}@{step}"] = _rel(p.grad, q.grad)
             p.grad = q.grad = None
     key = max(worst, key=worst.get)
-    from seqshard.codegen.compiled import CompiledLayer
+    from seqshard.codegen.compiled import CompiledLayer, kernel_notes
 
     templates = {name: list(m.layers) for name, m in pm.program.gm.named_children()
                  if isinstance(m, CompiledLayer)}
     return dict(err=worst[key], where=key, templates=templates,
+                notes=kernel_notes(pm.program.gm), head=pm.code.split("\ndef forward")[0],
                 graphs=counters["stats"]["unique_graphs"], breaks=sum(counters["graph_break"].values()),
                 fused=pm.code.count("seqshard_codegen_recompute_fused_chunked("),
                 chunked=pm.code.count("seqshard_codegen_recompute_chunked("))
@@ -74,8 +75,14 @@ def _check(results, compiled=True):
     assert all(x["err"] == r["err"] for x in results), "ranks disagree on the loss or gradients"
     assert r["err"] <= TOL, f"relative error {r['err']:.2e} at {r['where']}"
     assert r["fused"] == 1 and r["chunked"] == 0, r  # the loss went through the fused kernel
+    # pm.code names the generated code first (compiled.kernel_notes): the fused loss, its weight
+    fused = [n for n in r["notes"] if "fused LM head + cross-entropy" in n]
+    assert len(fused) == 1 and "p_lm_head_weight" in fused[0], r["notes"]
+    assert all(n in r["head"] for n in r["notes"]), r["head"]
     if compiled:  # the two identical layers share one template, compiled once for both steps
         assert r["templates"] == {"compiled_layers_0": ["layers.0", "layers.1"]}, r["templates"]
+        assert any(n.startswith("compiled_layers_0: compiled once") and "layers.0-1 (2 layers)" in n
+                   for n in r["notes"]), r["notes"]
         assert r["graphs"] == 1 and r["breaks"] == 0, \
             f"Dynamo compiled {r['graphs']} graphs for one template ({r['breaks']} graph breaks)"
 

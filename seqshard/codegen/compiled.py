@@ -54,9 +54,9 @@ from torch.utils.checkpoint import checkpoint
 from seqshard.runtime import sharding as rt
 from seqshard.runtime.offload import offloaded_checkpoint
 
-from .recompute import _gather, in_layer
+from .recompute import _gather, fused_chunked, in_layer
 
-__all__ = ["compile_layers", "CompiledLayer"]
+__all__ = ["compile_layers", "CompiledLayer", "kernel_notes"]
 
 _CHECKPOINTS = (checkpoint, offloaded_checkpoint)
 MIN_OPS = 4
@@ -216,3 +216,56 @@ def _fetch(owner: torch.nn.Module, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def kernel_notes(gm: fx.GraphModule) -> list[str]:
+    """What of `gm` runs through generated code, one line each (`pm.code` prints them first):
+    each compiled layer template and the layers that share it, each fused LM-head loss and the
+    weight and chunks it takes.
+
+        compiled_layers_0: compiled once (torch.compile, inductor), one template for
+            layers.0-15 (16 layers)
+        cross_entropy_loss_fused: fused LM head + cross-entropy (codegen/kernels/linear_ce.py,
+            Triton on CUDA) over p_lm_head_weight, chunks of up to 1 GiB of logits"""
+    from .kernels.linear_ce import CHUNK_BYTES
+
+    out = []
+    for name, m in gm.named_children():
+        if isinstance(m, CompiledLayer):
+            out.append(f"{name}: compiled once (torch.compile, {m.backend}), one template for "
+                       f"{_ranges(m.layers)} ({len(m.layers)} layers)")
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is fused_chunked:
+            k = n.args[6]
+            chunks = f"{k} chunks of tokens" if k else \
+                f"chunks of up to {CHUNK_BYTES / 2**30:g} GiB of logits"
+            out.append(f"{n.name}: fused LM head + cross-entropy (codegen/kernels/linear_ce.py, "
+                       f"Triton on CUDA) over {_parameter(n.args[1])}, {chunks}")
+    return out
+
+
+def _parameter(x: fx.Node) -> str:
+    """The placeholder behind a parameter's gradient sum (`sum_grad`, or its bucket's
+    `sum_grads`), else `x`'s own name."""
+    while x.op == "call_function":
+        if x.target is rt.sum_grad:
+            x = x.args[0]
+        elif x.target is operator.getitem and getattr(x.args[0], "target", None) is rt.sum_grads:
+            x = x.args[0].args[0][x.args[1]]
+        else:
+            break
+    return x.name
+
+
+def _ranges(layers: list[str]) -> str:
+    """`layers.0, layers.1, layers.2, blocks.0` → `layers.0-2, blocks.0`."""
+    runs: list[list] = []  # [prefix, first, last]
+    for layer in layers:
+        m = re.fullmatch(r"(.*)\.(\d+)", layer)
+        prefix, i = (m.group(1), int(m.group(2))) if m else (layer, None)
+        if runs and i is not None and runs[-1][0] == prefix and runs[-1][2] == i - 1:
+            runs[-1][2] = i
+        else:
+            runs.append([prefix, i, i])
+    return ", ".join(p if a is None else f"{p}.{a}" + (f"-{b}" if b != a else "")
+                     for p, a, b in runs)

@@ -300,14 +300,18 @@ def _fusable(ce: fx.Node, linear: fx.Node, bias, reduction) -> bool:
 
 def fused_chunked(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore: int,
                   groups: tuple, mean: bool, chunks: int, dtype: torch.dtype) -> torch.Tensor:
-    """cross_entropy(hidden @ weight.T, labels) in `chunks` pieces of tokens (0: the kernel's
-    own chunk size) through the fused kernel (`kernels.linear_ce`): the sum, or the mean over
-    the tokens counted on every rank of `groups` (`token_count`), in `dtype`."""
-    from .kernels.linear_ce import linear_cross_entropy
+    """cross_entropy(hidden @ weight.T, labels) in `chunks` pieces of tokens (0: pieces of up
+    to `linear_ce.CHUNK_BYTES` of logits) through the fused kernel (`kernels.linear_ce`): the
+    sum, or the mean over the tokens counted on every rank of `groups` (`token_count`), in
+    `dtype`."""
+    from .kernels.linear_ce import default_chunk, linear_cross_entropy
 
     count = token_count(labels, ignore, groups, hidden.new_empty((), dtype=torch.float32)) \
         if mean else None
-    chunk = max(1, -(-hidden.shape[0] // chunks)) if chunks else None  # 0: the kernel's own
+    # 0: the plan keeps the logits whole, so chunks of up to CHUNK_BYTES of them (no dim: not
+    # Liger's smaller T·d rule): fewer, larger GEMMs
+    chunk = max(1, -(-hidden.shape[0] // chunks)) if chunks else \
+        default_chunk(hidden.shape[0], weight.shape[0], hidden.element_size())
     return linear_cross_entropy(hidden, weight, labels, ignore_index=ignore,
                                 reduction="mean" if mean else "sum", divisor=count,
                                 chunk=chunk, out_dtype=dtype)

@@ -196,11 +196,14 @@ class ParallelModule(nn.Module):
 
     @property
     def code(self) -> str:
-        """This rank's program (of the current mode) as Python source, then the code of each
-        compiled layer template and the layers it runs."""
-        from seqshard.codegen.compiled import CompiledLayer
+        """This rank's program (of the current mode) as Python source, after a comment naming
+        the generated code that runs where (`codegen.compiled.kernel_notes`), then the code of
+        each compiled layer template and the layers it runs."""
+        from seqshard.codegen.compiled import CompiledLayer, kernel_notes
 
-        parts = [self.program.gm.code]
+        notes = kernel_notes(self.program.gm)
+        parts = ["\n".join(["# generated kernels:"] + [f"#   {n}" for n in notes])] if notes else []
+        parts.append(self.program.gm.code)
         for name, m in self.program.gm.named_children():
             if isinstance(m, CompiledLayer):
                 parts.append(f"# {name}: torch.compile(backend={m.backend!r}) once, run for "
