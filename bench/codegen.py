@@ -30,6 +30,11 @@ Part "model": the built-in `llama3-1b` (Llama-3.2-1B shape: 16 layers, hidden 20
     seqshard layers+loss cdt
                           layers+loss compiled with Inductor's coordinate_descent_tuning (each
                           Triton kernel's launch configuration tuned at compile time)
+    seqshard layers+loss cudnn
+                          layers+loss with SDPA's cuDNN backend first while the template is
+                          traced (the compiled template keeps the kernel it traced; compile
+                          caches off): is the compiled template's attention the cuDNN kernel
+                          the cost model prices? (the profiles name the kernels either way)
     plain compile         torch.compile(model) (Inductor)
 
 Each: the first step's wall time (building the ParallelModule and compiling included; then
@@ -73,6 +78,7 @@ Needs ortools for the planner (as bench/memory.py); liger_kernel is optional.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import platform
@@ -92,8 +98,8 @@ from timing import measure  # noqa: E402
 
 GIB = 2**30
 INTERLEAVED = ("seqshard eager", "seqshard layers+loss", "seqshard layers+loss chunk=1024",
-               "seqshard program+loss", "seqshard layers+loss cdt")
-PROFILED = ("seqshard eager", "seqshard layers+loss")
+               "seqshard program+loss", "seqshard layers+loss cdt", "seqshard layers+loss cudnn")
+PROFILED = ("seqshard eager", "seqshard layers+loss", "seqshard layers+loss cudnn")
 CONFIGS_8B = ("8b:32K:liger-compiled", "8b:32K:seqshard-compiled", "8b:32K:seqshard",
               "8b:32K:liger")
 """Most wanted first: a configuration that does not fit the budget left is not started."""
@@ -117,7 +123,8 @@ def _error(e: BaseException) -> str:
 
 # ------------------------------------------------------------------ part "model"
 def model_part(args, device, dtype) -> list[dict]:
-    import torch._inductor.config  # noqa: F401 - the cases' Inductor options (patches)
+    import torch._functorch.config  # noqa: F401 - while_compiling's options
+    import torch._inductor.config  # noqa: F401
     from torch._dynamo.utils import counters
 
     from seqshard.models import AXES, build
@@ -159,11 +166,26 @@ def model_part(args, device, dtype) -> list[dict]:
         ("seqshard program+loss", lambda: compiled_program(build_pm(kernels=True))),
         ("seqshard layers+loss cdt", lambda: build_pm(compile="layers", compile_backend=backend,
                                                       kernels=True)),
+        ("seqshard layers+loss cudnn", lambda: build_pm(compile="layers", compile_backend=backend,
+                                                        kernels=True)),
         ("plain compile", lambda: torch.compile(model, backend=backend)),
     ]
-    patches = {"seqshard layers+loss cdt": dict(coordinate_descent_tuning=True)}
-    """Inductor options of a case, set while it is built and takes its first step (where
-    the templates compile): a new FX-graph-cache key, so it compiles anew."""
+    def while_compiling(label):
+        """What a case sets while it is built and takes its first step (where its templates
+        compile): cdt, an Inductor option (a new FX-graph-cache key: it compiles anew); cudnn,
+        SDPA's backends in the order cuDNN, flash, efficient, math (read when the template is
+        traced; the compile caches do not key on it, so they are off for this case)."""
+        stack = contextlib.ExitStack()
+        if label.endswith(" cdt"):
+            stack.enter_context(torch._inductor.config.patch(coordinate_descent_tuning=True))
+        if label.endswith(" cudnn"):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                     SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+            stack.enter_context(sdpa_kernel(order, set_priority=True))
+            stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+            stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+        return stack
     rows, kept = [], {}  # kept: the built cases of INTERLEAVED
 
     for label, make in cases:
@@ -181,7 +203,7 @@ def model_part(args, device, dtype) -> list[dict]:
             _free(device)
             _sync(device)
             t0 = time.perf_counter()
-            with torch._inductor.config.patch(**patches.get(label, {})):
+            with while_compiling(label):
                 fn = make()
                 built = time.perf_counter()
                 loss = step_of(fn)()
