@@ -83,6 +83,22 @@ def _cluster(text: str):
                          "FILE`") from None
 
 
+def _priced_at(cluster, backend: str):
+    """`cluster` with local attention priced at `backend`'s rates; fa4 at the head dims the
+    runtime pads (72 -> 128) at the padded FLOPs, as parallelize prices it on an H200."""
+    from dataclasses import replace
+
+    from seqshard.costmodel.attention import padded_head_dims
+
+    cluster = cluster.with_attention_backend(backend)  # its ValueError names the known kernels
+    if backend != "fa4":
+        return cluster
+    from seqshard.runtime.backends import FA4_CHECKED_HEAD_DIMS, FA4_PAD_TO, fa4_head_dim
+
+    runs = {e: fa4_head_dim(e) for e in (*FA4_CHECKED_HEAD_DIMS, *FA4_PAD_TO)}
+    return replace(cluster, gpu=padded_head_dims(cluster.gpu, runs))
+
+
 def _mesh(text: str) -> tuple[tuple[str, int], ...]:
     """'node=128,gpu=8' → (("node", 128), ("gpu", 8))."""
     mesh = []
@@ -143,6 +159,8 @@ def cmd_plan(args) -> int:
     from seqshard.solver import Infeasible
 
     cluster = _cluster(args.cluster)
+    if args.attention_backend:
+        cluster = _priced_at(cluster, args.attention_backend)
     if args.mesh:
         mesh = _mesh(args.mesh)
     elif cluster.nodes > 1:
@@ -248,6 +266,10 @@ def main(argv=None) -> int:
     p.add_argument("--cluster", default="h200x8", help="h200x8, h100x1024, a100x64, or a JSON file")
     p.add_argument("--mesh", help="axis sizes, e.g. node=128,gpu=8 (default: one axis per level)")
     p.add_argument("--budget", type=float, help="memory per GPU in GiB (default 90%% of the GPU)")
+    p.add_argument("--attention-backend",
+                   help="price local attention at this kernel's rates: fa4 (FlashAttention-4, what "
+                        "the runtime runs on an H200 with flash-attn-4 installed; head dim 72 "
+                        "padded to 128) or cudnn (default: the cluster's, cudnn for the presets)")
     p.add_argument("--state", choices=["auto", "replicated", "sharded", "offload"], default="auto",
                    help="parameters/gradients/optimizer state: replicated (seqshard's runtime), "
                         "sharded over all GPUs (FSDP/ZeRO-3) or offload (optimizer state in host "

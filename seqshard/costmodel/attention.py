@@ -62,10 +62,11 @@ from dataclasses import dataclass, replace
 from seqshard.costmodel.cluster import GPU, Link
 from seqshard.costmodel.collectives import all_gather, all_to_all, bytes_sent, reduce_scatter, send_recv
 from seqshard.costmodel.compute import ATTENTION_BACKWARD, attention_flops, attention_time
-from seqshard.costmodel.symbolic import Num, fmt, is_symbolic, smax
+from seqshard.costmodel.symbolic import Num, fmt, is_symbolic, log_interp, smax
 
 __all__ = ["ACC_BYTES", "AttentionShape", "AttentionCost", "ring", "allgather", "ulysses", "hybrid",
-           "tokenring", "local", "ulysses_kv_route", "ulysses_kv_heads", "ALGORITHMS"]
+           "tokenring", "local", "ulysses_kv_route", "ulysses_kv_heads", "padded_head_dims",
+           "ALGORITHMS"]
 
 ACC_BYTES = 4
 """Bytes per element of partial outputs, lse and accumulated gradients (fp32)."""
@@ -431,6 +432,25 @@ def tokenring(shape: AttentionShape, *, training: bool, group_size, link: Link, 
         comm=cost.comm + (n - 1) * (t_bundle + t_dq),
         comm_bytes=cost.comm_bytes + (n - 1) * (bundle + dq_bytes),
         extra_memory=smax(cost.extra_memory, 2 * bundle + 2 * dq_bytes + 2 * kv_el * ACC_BYTES))
+
+
+def padded_head_dims(gpu: GPU, runs: dict[int, int]) -> GPU:
+    """`gpu` with attention at head dim d priced as its kernel running at head dim runs[d] (zero
+    padding, as the runtime's fa4 backend does at head dims it was not checked at): FLOPs counted
+    at d take the time of the padded FLOPs at runs[d]'s rate, so the head-dim factor at d becomes
+    factor(runs[d]) · d / runs[d]. Give every head dim the model has (runs[d] = d when not
+    padded): each becomes a point of `attention_head_dim`, so all of them stay priced exactly."""
+    if all(d == r for d, r in runs.items()):
+        return gpu
+    table = gpu.attention_head_dim
+
+    def factor(d):  # as GPU.attention_rate: a one-point table is no head-dim factor
+        return log_interp(table, d, "") if len(table) > 1 else 1.0
+
+    # the old knots and the run head dims' (on the old curve: no change there), then the padded
+    points = {float(x): factor(x) for x, _ in table} | {float(r): factor(r) for r in runs.values()}
+    points.update({float(d): factor(r) * d / r for d, r in runs.items()})
+    return replace(gpu, attention_head_dim=tuple(sorted(points.items())))
 
 
 ALGORITHMS = {

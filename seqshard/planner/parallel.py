@@ -39,6 +39,7 @@ import hashlib
 import sys
 import warnings
 import weakref
+from dataclasses import replace
 from math import prod
 
 import torch
@@ -137,11 +138,14 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
         message, error = [None, None], None
         if dist.get_rank() == 0:
             try:
-                message[0] = api.plan_captured(dims, mesh=tuple(zip(info.names, info.sizes)),
-                                               overrides=overrides, cluster=cluster,
-                                               memory_budget=memory_budget,
-                                               training=training, optimizer=optimizer,
-                                               model_state=model_state).to_json()
+                priced, note = runtime_attention_pricing(dims, cluster, prod(info.sizes),
+                                                         _device(mesh.device_type))
+                made = api.plan_captured(dims, mesh=tuple(zip(info.names, info.sizes)),
+                                         overrides=overrides, cluster=priced,
+                                         memory_budget=memory_budget,
+                                         training=training, optimizer=optimizer,
+                                         model_state=model_state)
+                message[0] = (replace(made, notes=(*made.notes, note)) if note else made).to_json()
             except Exception as e:  # noqa: BLE001 - sent to every rank, raised there
                 message[1], error = _describe(e), e
         if dist.get_world_size() > 1:
@@ -160,6 +164,42 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
     pm = ParallelModule(model, plan, program, info, axes, check_inputs, layers)
     pm._build_options = build
     return pm
+
+
+def _device(device_type: str) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else \
+        torch.device(device_type)
+
+
+def runtime_attention_pricing(dims, cluster, gpus: int, device: torch.device):
+    """(cluster, note): with no cluster given, or a preset's name, attention priced at the kernel
+    the runtime will run on `device` (runtime/backends.select_backend for each attention's dtype
+    and head dim) when the cluster has its rates and it is not the one priced already: fa4 on an
+    H200 with flash-attn-4 installed, a head dim it runs padded (72 -> 128) at the padded FLOPs.
+    A Cluster object or a calibrated JSON is taken as given (note None)."""
+    from seqshard.costmodel import Cluster
+    from seqshard.costmodel.attention import padded_head_dims
+    from seqshard.runtime import backends
+
+    if not (cluster is None or (isinstance(cluster, str) and not cluster.endswith(".json"))):
+        return cluster, None
+    cluster = Cluster.preset("h200", gpus=gpus) if cluster is None else Cluster.parse(cluster)
+    qs = {(n.args[0].meta["val"].dtype, int(n.args[0].meta["val"].shape[-1]))
+          for n in dims.cap.nodes() if dims.attention(n) is not None}
+    chosen = {backends.select_backend(device, dtype, e) for dtype, e in qs}
+    known = {cluster.gpu.attention_backend, *(k[0] for k in cluster.gpu.attention_kernels)}
+    if len(chosen) != 1 or not chosen <= known or chosen == {cluster.gpu.attention_backend}:
+        return cluster, None
+    (name,) = chosen
+    cluster = cluster.with_attention_backend(name)
+    heads = sorted({e for _, e in qs})
+    if name == "fa4":
+        cluster = replace(cluster, gpu=padded_head_dims(
+            cluster.gpu, {e: backends.fa4_head_dim(e) for e in heads}))
+    modes = ", ".join(dict.fromkeys(backends.describe(name, e) for e in heads))
+    return cluster, (f"parallelize priced local attention at {modes}: the kernel the runtime runs "
+                     f"here ({device}, runtime/backends.select_backend; a padded head dim at "
+                     "its padded FLOPs); pass cluster= a Cluster to price another")
 
 
 class ParallelModule(nn.Module):

@@ -41,7 +41,9 @@ Kernels (`BACKENDS`):
     fa4         FlashAttention-4 (`pip install seqshard[fa4]`: flash-attn-4, CuTe DSL kernels for
                 sm90 and sm100; fp16/bf16, head dims multiples of 8 up to 256 on sm90), when
                 importable: the fastest on Hopper (1.13-1.16x cuDNN, docs/anchors.md), so the
-                automatic choice there. See "FlashAttention-4" below.
+                automatic choice there; at the head dims it was checked at (FA4_CHECKED_HEAD_DIMS),
+                and at those of FA4_PAD_TO zero-padded to a checked one. See "FlashAttention-4"
+                below.
 
 `select_backend(device, dtype, head_dim, override=...)` picks one (env SEQSHARD_ATTN_BACKEND
 overrides the automatic choice) and `backend_report(...)` says why each one is or is not usable.
@@ -60,6 +62,19 @@ head count (GQA packed in the forward, dK/dV summed in fp32 by its postprocess).
 wants out and dout in q's dtype: the merged fp32 out is cast. Kernels are compiled on first use
 per (head dim, causal, q heads per kv head, dtype); FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1
 keeps them on disk between processes.
+
+Padded head dims. At head dim 72 FlashAttention-4 4.0.0b36's backward returns a wrong dq on an H200
+(its sm90 backward kernel rounds the head dim to a multiple of 16, 80, while the dQ accumulator's
+preprocess and postprocess round it to a multiple of 32, 96: flash_attn/cute/flash_bwd_sm90.py
+`tile_hdim`, interface.py `hdim_multiple_of`; the same holds for dK/dV with GQA). A head dim in
+`FA4_PAD_TO` runs FA4 at the checked head dim it maps to: q, k, v (and in the backward out and
+dout) get zero columns appended, the softmax scale of the *true* head dim is passed explicitly,
+and out, dq, dk, dv are sliced back. Exact: zero columns add nothing to q·k (so the scores, P and
+lse are unchanged), give zero output columns, and the padded columns of dq, dk, dv are dropped.
+The cost: copies of q, k, v (forward) and q, k, v, out, dout (backward) at the padded width and of
+the sliced results, and the padded FLOPs (72 → 128: 1.78x); the planner prices the padded FLOPs
+(planner/parallel.py). `backend_report` and the choice log name the mode: "fa4 (head dim 72
+padded to 128)".
 """
 
 from __future__ import annotations
@@ -79,6 +94,8 @@ __all__ = [
     "select_backend",
     "backend_report",
     "unsupported_reason",
+    "describe",
+    "fa4_head_dim",
 ]
 
 log = logging.getLogger(__name__)
@@ -375,6 +392,11 @@ def _bshe(shape, like: torch.Tensor) -> torch.Tensor:
 
 
 def _fa4_forward(q, k, v, causal, scale):
+    e, run = q.shape[-1], fa4_head_dim(q.shape[-1])
+    if run != e:  # q, k, v: [b, h, s, e] -> [b, h, s, run], zero columns (see "Padded head dims")
+        q, k, v = (F.pad(x, (0, run - e)) for x in (q, k, v))
+        out, lse = _fa4_forward(q, k, v, causal, scale)
+        return out[..., :e].contiguous(), lse
     out = _bshe(q.shape, q)
     res = _fa4_call("_flash_attn_fwd", q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                     softmax_scale=scale, causal=causal, return_lse=True, out=out)
@@ -391,6 +413,10 @@ def _fa4_forward(q, k, v, causal, scale):
 
 
 def _fa4_backward(dout, q, k, v, out, lse, causal, scale):
+    e, run = q.shape[-1], fa4_head_dim(q.shape[-1])
+    if run != e:  # everything at the padded head dim; the padded columns of dq, dk, dv dropped
+        padded = (F.pad(x.to(q.dtype), (0, run - e)) for x in (dout, q, k, v, out))
+        return tuple(g[..., :e].contiguous() for g in _fa4_backward(*padded, lse, causal, scale))
     dq, dk, dv = _bshe(q.shape, q), _bshe(k.shape, k), _bshe(v.shape, v)
     res = _fa4_call("_flash_attn_bwd", q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                     out.to(q.dtype).transpose(1, 2), dout.to(q.dtype).transpose(1, 2),
@@ -585,23 +611,48 @@ FA4_CHECKED_HEAD_DIMS = (64, 128)
 """Head dims whose FlashAttention-4 forward and backward were checked against the math reference
 on an H200 (tests/test_fa4.py, GPU tests). At 72, 4.0.0b36's backward returned a wrong dq
 (relative error 1.05 causal, 1.28 full, against ~0.004 for SDPA: bench/results/
-fa4-gpu-tests-20261201-190844.log) while out, dk and dv were right; so a head dim outside this
-list is refused, and the next backend (cuDNN) runs it."""
+fa4-gpu-tests-20261201-190844.log) while out, dk and dv were right."""
+
+FA4_PAD_TO = {72: 128}
+"""Head dims FlashAttention-4 runs zero-padded, and the checked head dim each is padded to (see
+"Padded head dims" above); a head dim neither checked nor here is refused, and the next backend
+(cuDNN) runs it. 72: the DiT's. 96 would cost 1.33x the FLOPs instead of 1.78x and its backward
+rounds the head dim alike in the kernel and the accumulators (80 does not: 80 vs 96, as 72);
+bench/fa4.py --set remaining measures 72 padded to 80, 96 and 128, speed and accuracy."""
+
+
+def fa4_head_dim(head_dim: int) -> int:
+    """The head dim FlashAttention-4 runs a head dim at: itself, or its padded one (`FA4_PAD_TO`)."""
+    return FA4_PAD_TO.get(head_dim, head_dim)
+
+
+def describe(name: str, head_dim: int) -> str:
+    """A backend's name with its mode at this head dim, as the choice log and plan notes say it:
+    "fa4 (head dim 72 padded to 128)"; other backends and head dims: the name."""
+    if name == "fa4" and fa4_head_dim(head_dim) != head_dim:
+        return f"fa4 (head dim {head_dim} padded to {fa4_head_dim(head_dim)})"
+    return name
 
 
 def _fa4_arch_reason(sm: int, head_dim: int) -> str | None:
     """FlashAttention-4's own limits (flash_attn.cute.interface._validate_head_dims, 4.0.0b36):
     its backward runs on sm90, sm100/sm110 and sm120; seqshard uses the sm90 and sm100 kernels
     (the ones its kernels were tuned for); head dims up to 256 on sm90, up to 128 or 256 on sm100;
-    and only the head dims seqshard checked (FA4_CHECKED_HEAD_DIMS)."""
+    and only the head dims seqshard checked (FA4_CHECKED_HEAD_DIMS), or padded to one of them
+    (FA4_PAD_TO)."""
     if sm // 10 not in (9, 10):
         return f"seqshard uses FlashAttention-4's sm90 and sm100 kernels, this GPU is sm{sm}"
-    if sm // 10 == 10 and not (head_dim <= 128 or head_dim == 256):
-        return f"FlashAttention-4 on sm{sm} takes head dims up to 128 or 256, not {head_dim}"
-    if head_dim not in FA4_CHECKED_HEAD_DIMS:
+    run = fa4_head_dim(head_dim)
+    if sm // 10 == 10 and not (run <= 128 or run == 256):
+        return f"FlashAttention-4 on sm{sm} takes head dims up to 128 or 256, not {run}"
+    if run != head_dim and run not in FA4_CHECKED_HEAD_DIMS:
+        return (f"head dim {head_dim} pads to {run} (FA4_PAD_TO), which is not in "
+                f"FA4_CHECKED_HEAD_DIMS {FA4_CHECKED_HEAD_DIMS}")
+    if run not in FA4_CHECKED_HEAD_DIMS:
+        padded = ", ".join(f"{d} -> {p}" for d, p in FA4_PAD_TO.items())
         return (f"head dim {head_dim} is unchecked for FlashAttention-4 (checked: "
-                f"{', '.join(map(str, FA4_CHECKED_HEAD_DIMS))}; at 72 its backward gave a wrong dq "
-                "on an H200)")
+                f"{', '.join(map(str, FA4_CHECKED_HEAD_DIMS))}; padded: {padded or 'none'}; at 72 "
+                "its backward gave a wrong dq on an H200)")
     return None
 
 
@@ -630,7 +681,7 @@ def select_backend(device, dtype: torch.dtype, head_dim: int, *, override: str |
     for name in _preference(device):
         reason = unsupported_reason(name, device, dtype, head_dim)
         if reason is None:
-            _log_choice(name, device.type, dtype, head_dim, tuple(passed))
+            _log_choice(describe(name, head_dim), device.type, dtype, head_dim, tuple(passed))
             return name
         passed.append(f"{name}: {reason}")
     raise AssertionError("math always applies")
@@ -643,5 +694,11 @@ def _log_choice(name, device_type, dtype, head_dim, passed: tuple[str, ...] = ()
 
 
 def backend_report(device, dtype: torch.dtype, head_dim: int) -> dict[str, str]:
-    """For each backend: 'ok' or why it cannot run here (for logs and benchmark tables)."""
-    return {name: unsupported_reason(name, device, dtype, head_dim) or "ok" for name in BACKENDS}
+    """For each backend: 'ok', 'ok: fa4 (head dim 72 padded to 128)' (a mode, `describe`) or why
+    it cannot run here (for logs and benchmark tables)."""
+    report = {}
+    for name in BACKENDS:
+        mode = describe(name, head_dim)
+        report[name] = unsupported_reason(name, device, dtype, head_dim) or \
+            ("ok" if mode == name else f"ok: {mode}")
+    return report

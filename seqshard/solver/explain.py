@@ -11,7 +11,7 @@ from seqshard.strategies import (Cost, NodePlan, Plan, Predicted, Split, Strateg
 from seqshard.strategies.from_plan import node_keys
 
 from .clusters import layer_of
-from .model import IN_FLIGHT, Solution, chosen_moves, class_figures, region_figures
+from .model import IN_FLIGHT, Solution, chosen_moves, class_figures, fetch_time, region_figures
 from .problem import CHUNK_BYTES, Problem
 
 __all__ = ["to_plan", "explain_all"]
@@ -34,13 +34,14 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
         r[1] += sent * share
         r[2] += 0.0 if again else kept * share
     inputs = {}  # the first node of a recomputed layer is charged the tensors the layer keeps
-    fetch = {}   # ...or, offloaded, the seconds of copying them back from the host
+    # ...or, offloaded, nothing; the last layer of a class is charged the seconds backward
+    # waits for the class's inputs copied back (its own; the others' are prefetched)
+    fetch = {pb.classes[c].layers[-1]: fetch_time(pb, sol.choice, c) for c in sol.offload}
     offloaded = {unit for c in sol.offload for unit in pb.classes[c].layers}
     for layer in recomputed:
         inputs[layer] = sum(pb.costs.bytes(x, _out(strategies[u], idx))
                             for u, idx, x in pb.layer_inputs.get(layer, ()))
         if layer in offloaded:
-            fetch[layer] = inputs[layer] / pb.costs.gpu.host_bandwidth
             inputs[layer] = 0.0
     nodes, total_comm, compute_s, comm_s = [], 0.0, 0.0, 0.0
     keys = node_keys(dims)
@@ -254,8 +255,10 @@ def _offload_note(pb: Problem, c: str, f) -> str:
             f"until their backward: {_gib(f.inputs * k)} less on the GPU (but for "
             f"{IN_FLIGHT} layers' worth being copied), {_gib(f.inputs * k)} of host memory, for "
             f"{f.fetch_s * k * 1e3:.1f} ms more per step (copied back in backward at "
-            f"{pb.costs.gpu.host_bandwidth / 1e9:.0f} GB/s before each layer's rerun; the copy "
-            "out in forward overlaps compute on a side stream)")
+            f"{pb.costs.gpu.host_bandwidth / 1e9:.0f} GB/s: the first layer's before its rerun, "
+            "each other's prefetched on a side stream during the backward of the layer above it, "
+            "exposed only where the copy takes longer; the copy out in forward overlaps compute "
+            "on a side stream)")
 
 
 def explain_recompute(pb: Problem, sol: Solution) -> dict[str, str]:
@@ -285,7 +288,7 @@ def explain_recompute(pb: Problem, sol: Solution) -> dict[str, str]:
                  + ("  ← chosen" if chosen and c not in sol.offload else ""),
                  f"  offload:          nothing kept on the GPU (its inputs in host memory), "
                  f"+{(f.forward_s + f.fetch_s) * 1e3:.3f} ms per layer (the forward again and "
-                 f"{f.fetch_s * 1e3:.3f} ms copying its inputs back), {_gib(f.working + IN_FLIGHT * f.inputs)} live"
+                 f"{f.fetch_s * 1e3:.3f} ms waiting for its inputs copied back, on average), {_gib(f.working + IN_FLIGHT * f.inputs)} live"
                  + ("  ← chosen" if c in sol.offload else "")]
         if lc.offload:
             why = "an override asks for it."

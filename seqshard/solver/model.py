@@ -69,7 +69,10 @@ Objective (integer nanoseconds; every cost from `strategies.Costs` is in seconds
     f: the forward alone, run again in backward: compute, the node's own communication (a
     ring's passes, Ulysses' all-to-alls) and the forward collective of a redistribution emitted
     inside the layer (`Costs` with training=False). An offloaded input costs its copy back in
-    backward (b / host_bandwidth, exposed: the rerun of the layer waits for it); its copy out in
+    backward (b / host_bandwidth), exposed for the first layer backward needs; the others are
+    prefetched while the layer above runs its backward, exposed only where the copy is longer
+    (`_fetch_time`: F[c] ≥ 0, F[c] ≥ Σ (k_in − 1)·b/host_bandwidth·ω − (K_c − 1)·T[c], T[c] one
+    layer's forward and backward, what its rerun and backward take); its copy out in
     forward runs on a side stream beside the compute and is not priced (it takes PCIe bandwidth,
     not compute: a layer's forward at long sequences takes longer than copying its input).
     A chunked region's forward runs again in backward, chunk by chunk (in a recomputed layer
@@ -179,7 +182,7 @@ from seqshard.strategies import PlanError
 from .problem import CHUNK_BYTES, Problem
 
 __all__ = ["Model", "Solution", "Memory", "ClassFigures", "solve", "Infeasible", "NS",
-           "memory_of", "class_figures", "chosen_moves", "IN_FLIGHT"]
+           "memory_of", "class_figures", "chosen_moves", "IN_FLIGHT", "fetch_time"]
 
 NS = 1e9
 
@@ -657,12 +660,32 @@ class Model:
             if t and not _off(self.r[pb.tensors[k[0]].cls]):
                 w = self.w[k]
                 terms.append(t * self._and(w, pb.tensors[k[0]].cls, w.Name()))
-        for v, b in self._offloaded():  # an offloaded input, copied back in backward
-            t = int(round(b / pb.costs.gpu.host_bandwidth * NS))
-            if t:
-                terms.append(t * v)
+        terms += self._fetch_time()
         terms += self._region_time()
         return sum(terms)
+
+    def _fetch_time(self):
+        """Offloaded inputs copied back in backward (`fetch_time`): per class, the last layer's
+        copies, exposed (the first backward needs), and F[c], what the other layers' copies,
+        each prefetched while the layer above runs its backward, take longer than those."""
+        pb, terms = self.pb, []
+        for c in pb.classes:
+            if _off(self.o[c]):
+                continue
+            rest, ub = [], 0
+            for (u, i), (first, others) in _fetch_seconds(pb, c).items():
+                v = self._both(self.x[(u, i)], self.o[c], f"{u.name},{i}")
+                terms.append(int(round(first * NS)) * v)
+                rest.append(int(round(others * NS)) * v)
+                ub += int(round(others * NS))
+            k = _fetched_layers(pb, c)
+            if ub and k > 1:
+                F = self.m.NewIntVar(0, ub, f"F[{c}]")
+                overlap = [int(round((k - 1) * pb.mult[n] / len(pb.classes[c].layers) * pb.node_cost[(n, i)].time_s * NS))
+                           * self.x[(n, i)] for n in pb.classes[c].nodes for i in range(len(pb.strategies[n]))]
+                self.m.Add(F >= sum(rest) - sum(overlap)).with_name(f"fetch[{c}]")
+                terms.append(F)
+        return terms
 
     def solve(self, objective, seconds: float, workers: int, gap: float = 1e-4) -> Solution:
         self.m.Minimize(objective)
@@ -722,7 +745,44 @@ class ClassFigures:
     inputs: float       # what it keeps when recomputed: the tensors entering it
     working: float      # one layer's activations, live again while it is recomputed
     forward_s: float    # the forward run again in backward (compute, communication)
-    fetch_s: float = 0.0  # its inputs copied back from the host in backward, when offloaded
+    fetch_s: float = 0.0  # waiting for its inputs copied back from the host in backward, when
+    #                       offloaded (`fetch_time`, a step's wait over its layers)
+    attention: float = 0.0       # what a selective layer keeps beside its inputs: its attention's
+    #                              outputs (`attention_cache_bytes`)
+    attention_live: float = 0.0  # of `working`, attention's out and lse: not made again there
+    attention_s: float = 0.0     # attention's forward (communication included), not run again
+
+
+def fetch_time(pb: Problem, choice: dict, c: str) -> float:
+    """Seconds a step waits for class c's offloaded inputs copied back in backward: the last
+    layer's copies (backward needs them before anything can overlap), and for the others, each
+    prefetched while the layer above runs its backward (its forward and backward's time), what
+    the copies take longer (`Model._fetch_time`, the same sum)."""
+    lc, first, rest = pb.classes[c], 0.0, 0.0
+    for (u, i), (f, r) in _fetch_seconds(pb, c).items():
+        if choice[u] == i:
+            first, rest = first + f, rest + r
+    layer = sum(pb.mult[n] * pb.node_cost[(n, choice[n])].time_s for n in lc.nodes) / len(lc.layers)
+    return first + max(0.0, rest - (_fetched_layers(pb, c) - 1) * layer)
+
+
+def _fetch_seconds(pb: Problem, c: str) -> dict:
+    """(u, i) → (last, others): seconds of copying back from the host class c's inputs that u
+    makes with strategy i, the last layer's and the other layers'."""
+    lc, out = pb.classes[c], {}
+    last = {(u, idx) for u, idx, _ in pb.layer_inputs.get(lc.layers[-1], ())}
+    for (u, idx), (count, x) in lc.inputs.items():
+        n = int((u, idx) in last)
+        for i, st in enumerate(pb.strategies[u]):
+            s = pb.costs.bytes(x, st.output if idx is None else st.output[idx]) / pb.costs.gpu.host_bandwidth
+            f, r = out.get((u, i), (0.0, 0.0))
+            out[(u, i)] = (f + n * s, r + (count - n) * s)
+    return out
+
+
+def _fetched_layers(pb: Problem, c: str) -> int:
+    """How many of class c's layers have inputs to copy back (not one reading the model's input)."""
+    return sum(1 for layer in pb.classes[c].layers if pb.layer_inputs.get(layer))
 
 
 def class_figures(pb: Problem, choice: dict, chunked=frozenset()) -> dict[str, ClassFigures]:
@@ -751,8 +811,7 @@ def class_figures(pb: Problem, choice: dict, chunked=frozenset()) -> dict[str, C
             st = pb.strategies[u][choice[u]]
             inputs += count * pb.costs.bytes(x, st.output if idx is None else st.output[idx])
         k = len(lc.layers)
-        out[c] = ClassFigures(kept / k, inputs / k, working, fwd / k,
-                              inputs / k / pb.costs.gpu.host_bandwidth)
+        out[c] = ClassFigures(kept / k, inputs / k, working, fwd / k, fetch_time(pb, choice, c) / k)
     for R, f in region_figures(pb, choice, chunked).items():  # their chunks' checkpoints keep
         c = out[pb.regions[R].cls]                            # only their inputs
         c.kept += f.inputs - f.kept
