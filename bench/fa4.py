@@ -10,7 +10,8 @@ iterations):
 
     seqshard  seqshard.runtime.local_attention(q, k, v, backend="fa4"): the custom op, its
               autograd, the backend wrapper (our [b, h, s, e] layout handed to FA4 as views)
-    bare      flash_attn.cute.flash_attn_func on FA4's own [b, s, h, e] layout, dense
+    bare      flash_attn.cute.flash_attn_func on FA4's own [b, s, h, e] layout, dense (at
+              d72 FA4 at 72 itself, while seqshard pads: --set all's d72 ratio is padded/bare)
     bare_view (d128 MHA causal only) flash_attn_func on transposed views of [b, h, s, e]
               tensors: the layout seqshard hands over, without seqshard
     cudnn     local_attention(..., backend="cudnn"): the previous default (K/V heads expanded)
