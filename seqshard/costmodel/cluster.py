@@ -212,7 +212,9 @@ class GPU:
         kind = "causal" if causal else "full"
         rate = log_interp(table, length, f"attn_rate_{kind}_{self.name}")
         if len(self.attention_head_dim) > 1:
-            rate = rate * log_interp(self.attention_head_dim, head_dim, f"attn_head_dim_{self.name}")
+            factor = log_interp(self.attention_head_dim, head_dim, f"attn_head_dim_{self.name}")
+            if factor != 1:  # at the tables' own head dim the rate stays the table's lookup
+                rate = rate * factor
         return rate
 
     def with_attention_backend(self, name: str) -> GPU:
@@ -445,6 +447,18 @@ def _scaled(table, factor: float):
     return tuple((x, y * factor) for x, y in table)
 
 
+# Attention rate vs head dim, relative to d128, on one H200 (bench/results/fa4-20261201-181805.md:
+# B1 H32 MHA, causal, fwd+bwd, 32K and 128K tokens, each head dim's rate over d128's of the same
+# run and kernel, the two lengths averaged). cuDNN d64: 396/528 = 0.750 at 32K, 436/538 = 0.810
+# at 128K; d72: 298/528 = 0.564, 326/538 = 0.606. FA4 d64: 550/620 = 0.887, 536/622 = 0.862;
+# d72: 476/620 = 0.768, 453/622 = 0.728 (timed; its d72 backward was found wrong, so the runtime
+# does not run FA4 at d72, see runtime/backends.py). The fits of the Llama-3.2-1B rows (d64) of
+# bench/results/memory-20261201-*.json agree: their attention ran at ~370-430 TFLOP/s (cuDNN
+# through SDPA at world size 1), not at the d128 table's 517-544 it was priced at (step time
+# 22-30% over the prediction there, 2-10% on the d128 Llama-3-8B rows).
+_CUDNN_HEAD_DIM = ((64.0, (0.750 + 0.810) / 2), (72.0, (0.564 + 0.606) / 2), (128.0, 1.0))
+_FA4_HEAD_DIM = ((64.0, (0.887 + 0.862) / 2), (72.0, (0.768 + 0.728) / 2), (128.0, 1.0))
+
 # H200 SXM 141 GB. Source: docs/anchors.md (measured), datasheet where marked.
 _H200_GPU = GPU(
     name="H200",
@@ -454,12 +468,14 @@ _H200_GPU = GPU(
     hbm_capacity=143771 * _MiB,                  # total memory as nvidia-smi reports it
     attention_causal=((8192, 517e12), (32768, 544e12), (131072, 535e12)),  # cuDNN SDPA fwd+bwd
     attention_full=((32768, 559e12), (131072, 559e12)),                    # cuDNN SDPA fwd+bwd
+    attention_head_dim=_CUDNN_HEAD_DIM,
     attention_kernels=((
         "fa4",  # FlashAttention-4 4.0.0b36, fwd+bwd, d128 (docs/anchors.md "One H200", 2026-12-01)
         ((32768, 614e12), (131072, 612e12)),
-        # full: not measured then; estimate: cuDNN's full rate × FA4/cuDNN causal of that run
-        ((32768, 559e12 * 614 / 541), (131072, 559e12 * 612 / 528)),
-        ((128.0, 1.0),),
+        # full: bench/results/fa4-20261201-181805.md, "S=32K/128K MHA H32 d128 full", seqshard
+        # fwd+bwd (644, 608 TFLOP/s; the estimate before it was cuDNN's × FA4/cuDNN causal)
+        ((32768, 644e12), (131072, 608e12)),
+        _FA4_HEAD_DIM,
     ),),
 )
 # NVLink 4 (NV18, 450 GB/s per direction), 4 GPUs, NCCL bus bandwidth. Source: docs/anchors.md.
@@ -494,6 +510,7 @@ _H100_GPU = GPU(
     hbm_capacity=81559 * _MiB,
     attention_causal=_H200_GPU.attention_causal,
     attention_full=_H200_GPU.attention_full,
+    attention_head_dim=_H200_GPU.attention_head_dim,
     attention_kernels=_H200_GPU.attention_kernels,
 )
 

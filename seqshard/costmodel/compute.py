@@ -11,7 +11,9 @@ FlashAttention's FLOP count:
     backward  2.5 × forward                 (forward + backward = 3.5 × forward)
 
 Training: the backward of a matmul is two forward-sized matmuls (dX = dY·Wᵀ, dW = Xᵀ·dY), so
-2× forward; see `BACKWARD_FACTOR` for the other kinds.
+2× forward; see `BACKWARD_FACTOR` for the other kinds, and `Work.backward_factor` for ops whose
+backward kernels are counted one by one (`cross_entropy`: PyTorch's passes over the logits;
+`cast`).
 
 All counters accept sympy sizes (see `symbolic`); every result is FLOPs, bytes or seconds.
 """
@@ -26,7 +28,8 @@ from seqshard.costmodel.cluster import GPU
 from seqshard.costmodel.symbolic import Num, fmt, smax
 
 __all__ = ["KINDS", "BACKWARD_FACTOR", "ATTENTION_BACKWARD", "Work", "op_time", "matmul", "linear",
-           "einsum", "pointwise", "reduction", "norm", "softmax", "embedding", "attention_flops",
+           "einsum", "pointwise", "reduction", "norm", "softmax", "cast", "cross_entropy",
+           "CE_FORWARD_PASSES", "CE_BACKWARD_PASSES", "embedding", "attention_flops",
            "attention_time", "StateMemory", "model_state", "offload_step", "OPTIMIZERS",
            "optimizer_bytes", "optimizer_step"]
 
@@ -65,21 +68,28 @@ class Work:
     bytes: Num
     kind: str
     dtype_bytes: int = 2
+    backward_factor: float | None = None
+    """Backward work / forward work of this op when it is not its kind's `BACKWARD_FACTOR`
+    (an op whose backward kernels are known: `cross_entropy`, `cast`)."""
 
     def time(self, gpu: GPU):
         """Seconds on `gpu` by `op_time`."""
         return op_time(self.flops, self.bytes, self.kind, gpu, dtype_bytes=self.dtype_bytes)
 
     def backward(self) -> Work:
-        """The backward of this op: FLOPs and bytes × `BACKWARD_FACTOR[kind]`."""
-        f = BACKWARD_FACTOR[self.kind]
+        """The backward of this op: FLOPs and bytes × `backward_factor` (default
+        `BACKWARD_FACTOR[kind]`)."""
+        f = BACKWARD_FACTOR[self.kind] if self.backward_factor is None else self.backward_factor
         return Work(self.flops * f, self.bytes * f, self.kind, self.dtype_bytes)
 
     def __add__(self, other: Work) -> Work:
-        if (self.kind, self.dtype_bytes) != (other.kind, other.dtype_bytes):
+        if (self.kind, self.dtype_bytes, self.backward_factor) != \
+                (other.kind, other.dtype_bytes, other.backward_factor):
             raise ValueError(f"cannot add {self.kind} work in {self.dtype_bytes}-byte elements to "
-                             f"{other.kind} work in {other.dtype_bytes}-byte elements; time them apart")
-        return Work(self.flops + other.flops, self.bytes + other.bytes, self.kind, self.dtype_bytes)
+                             f"{other.kind} work in {other.dtype_bytes}-byte elements (or with "
+                             "another backward); time them apart")
+        return Work(self.flops + other.flops, self.bytes + other.bytes, self.kind, self.dtype_bytes,
+                    self.backward_factor)
 
     def __str__(self):
         return f"{self.kind}: {fmt(self.flops)} FLOP, {fmt(self.bytes)} B"
@@ -151,6 +161,41 @@ def norm(numel, hidden, *, dtype_bytes: int = 2) -> Work:
 def softmax(numel, *, dtype_bytes: int = 2) -> Work:
     """A fused softmax: ~5 FLOPs per element (max, subtract, exp, sum, divide); reads and writes once."""
     return Work(5 * numel, 2 * numel * dtype_bytes, "reduction", dtype_bytes)
+
+
+def cast(numel, *, in_bytes: int, out_bytes: int) -> Work:
+    """A dtype conversion (`x.float()`): reads `in_bytes`, writes `out_bytes` an element; its
+    backward is the conversion back (reads the gradient in `out_bytes`, writes `in_bytes`): the
+    same traffic. On [T, V] logits upcast for the loss (bf16 → fp32) that is 6 bytes an element
+    each way, where pricing it as a 2-byte pointwise op counted 4 and 6."""
+    return Work(numel, numel * (in_bytes + out_bytes), "pointwise", min(in_bytes, out_bytes),
+                backward_factor=1.0)
+
+
+CE_FORWARD_PASSES = 4
+"""Passes over the [rows, classes] input of PyTorch's CUDA cross-entropy forward when a row does
+not fit in shared memory (128K classes in fp32: 513 KB a row, over the 48 KB per block the
+dispatch checks): log_softmax's `cunn_SoftMaxForwardGmem` reads the row for its max, again for
+the sum of exponentials, and a third time to write the output (3 reads + 1 write); nll_loss then
+gathers one value a row (aten/src/ATen/native/cuda/SoftMax.cu; rows of at most 1024 classes
+take the one-pass persistent kernel instead)."""
+
+CE_BACKWARD_PASSES = 5
+"""...and of its backward: nll_loss's backward writes a zero [rows, classes] gradient and
+scatters one value a row (1 write); `cunn_SoftMaxBackward` reads the gradient for its row sum,
+then reads it and the saved output and writes the input's gradient (3 reads + 1 write)."""
+
+
+def cross_entropy(numel, *, dtype_bytes: int = 4) -> Work:
+    """`F.cross_entropy` of logits of `numel` elements ([rows, classes]) in eager PyTorch on a
+    GPU: log_softmax + nll_loss, memory bound, `CE_FORWARD_PASSES` passes over the logits forward and
+    `CE_BACKWARD_PASSES` backward (a fused softmax, `softmax`, counts 2 and 3). ~5 FLOPs an
+    element (max, subtract, exp, sum, log). Checked against bench/results/codegen-20261201-
+    192005.md: the plain LM head + loss (32K tokens, d 4096, V 128256, the logits upcast) took
+    202.9 ms on an H200; its three GEMMs at 758 TFLOP/s take 136.3 ms, this and the casts 48.6 ms
+    more (185 ms, 0.91 of it), the 2-pass count before it 30.4 ms (167 ms, 0.82)."""
+    return Work(5 * numel, CE_FORWARD_PASSES * numel * dtype_bytes, "reduction", dtype_bytes,
+                backward_factor=CE_BACKWARD_PASSES / CE_FORWARD_PASSES)
 
 
 def embedding(tokens, dim, *, dtype_bytes: int = 2, index_bytes: int = 8) -> Work:

@@ -35,7 +35,9 @@ def plan(model, example_inputs, *, cluster=None, mesh: tuple[tuple[str, int], ..
         dtype and no master copy, what torch.optim.AdamW keeps for bf16 parameters, 8 bytes;
         see `costmodel.compute.OPTIMIZERS`), recompute (may the solver recompute layers;
         default True), offload (may it keep recomputed layers' inputs in host memory; default
-        True), time_limit, verbose."""
+        True), time_limit, verbose, compile and kernels (price the program that
+        `parallelize(compile=..., kernels=...)` builds: layers compiled, fused pointwise chains;
+        the fused LM-head loss; `strategies.costs`)."""
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     dims = analyze(capture(model, example_inputs), axes)
@@ -48,7 +50,8 @@ def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
                   memory_budget=None, training=True, model_state: str = "replicated",
                   recompute: bool = True, offload: bool = True, time_limit: float = 60.0,
                   verbose: bool = False,
-                  optimizer: str = "adamw") -> Plan:
+                  optimizer: str = "adamw", compile: bool | str = False,
+                  kernels: bool = False) -> Plan:
     """Plan a captured model: enumerate strategies, price them, solve (see `solver`)."""
     t0 = time.perf_counter()
     if cluster is None:
@@ -67,7 +70,7 @@ def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
     dtype_bytes = activation_bytes(dims)
     orders = sequence_orders(dims, overrides)
     costs = Costs(dims, cluster, mesh, training=training, dtype_bytes=dtype_bytes,
-                  orders=atom_orders(dims, orders))
+                  orders=atom_orders(dims, orders), compiled=bool(compile), fused_loss=kernels)
     say = (lambda msg: print(f"[plan {time.perf_counter() - t0:5.1f}s] {msg}", flush=True)) \
         if verbose else None
     pb = solver.build_problem(dims, costs, mesh, overrides, model_state, progress=say,
@@ -84,6 +87,10 @@ def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
              f"{model_state}{opt}; budget {memory_budget / 2**30:.1f} GiB per GPU; planned in "
              f"{time.perf_counter() - t0:.1f} s"]
     others = [k[0] for k in cluster.gpu.attention_kernels]
+    if compile or kernels:
+        notes.append("priced as " + " and ".join(
+            (["compiled layers (fused pointwise chains)"] if compile else [])
+            + (["the fused LM-head loss"] if kernels else [])) + " (strategies/costs.py)")
     notes.append(f"local attention priced at the {cluster.gpu.attention_backend} kernel's rates"
                  + (f" ({', '.join(others)} also known: Cluster.with_attention_backend)" if others else ""))
     if model_state == "sharded":

@@ -250,6 +250,14 @@ class ParallelModule(nn.Module):
                              f"{', '.join(m.layers)}{m.template.code}")
         return "\n".join(parts)
 
+    def explain(self, name: str) -> str:
+        """`plan.explain(name)`, then the generated code that runs `name` in this program (a
+        compiled layer template, the fused LM-head loss: `codegen.compiled.kernel_notes`)."""
+        from seqshard.codegen.compiled import kernel_notes
+
+        notes = kernel_notes(self.program.gm, name)
+        return self.plan.explain(name) + "".join(f"\nruns as {n}" for n in notes)
+
     def _model_state(self, program: Program) -> Program:
         """The program with the model state's gradient handling: FSDP units (sharded) or
         bucketed gradient sums (replicated); see `planner.state`."""

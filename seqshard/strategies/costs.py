@@ -4,10 +4,23 @@ and the activation bytes a choice keeps. Everything in seconds and bytes, from
 
 Sizes come from `size_of(atom)`, which returns a number for the solver and may return a sympy
 symbol to show how a cost grows with a factor (`Costs(..., symbolic={"s"})`).
+
+The program priced is eager PyTorch, op by op, unless the plan is made for what
+`parallelize(compile=..., kernels=...)` builds:
+
+    compiled    each layer compiled by Inductor (`codegen/compiled.py`): its pointwise ops and
+                norms fuse into chains between the ops Inductor leaves to libraries (GEMMs,
+                attention, embeddings); a chain reads each tensor from outside it once and
+                writes what is read outside it once, its FLOPs unchanged (`_fused_work`)
+    fused_loss  an LM head + cross-entropy as the fused kernel (`codegen/kernels/linear_ce.py`):
+                its three GEMMs, and one Triton pass over the logits that reads them twice and
+                writes the gradient over them, in the activation dtype; no fp32 logits, no
+                cast, no separate backward (`_fused_loss_work`)
 """
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass, field
 from math import prod
@@ -48,6 +61,16 @@ SAVES_FIRST = {aten.linear, aten.rms_norm, aten.layer_norm, aten.silu, aten.gelu
                aten._softmax, aten.log_softmax, aten.cross_entropy_loss, aten.relu, aten.sqrt}
 
 
+CASTS = {aten.to, aten._to_copy}
+"""Dtype conversions: priced by the element sizes they read and write (`compute.cast`)."""
+
+
+def _item(node: fx.Node, default: int) -> int:
+    """Bytes an element of `node`'s output (its traced value), else `default`."""
+    val = node.meta.get("val")
+    return val.element_size() if isinstance(val, torch.Tensor) else default
+
+
 def op_packet(node: fx.Node):
     return getattr(node.target, "overloadpacket", node.target)
 
@@ -63,6 +86,10 @@ class Costs:
     dtype_bytes: int = 2
     symbolic: frozenset = frozenset()
     orders: dict = field(default_factory=dict)   # atom → "zigzag" | "contig"
+    compiled: bool = False
+    """The layers run compiled (`parallelize(compile="layers")`): fused pointwise chains."""
+    fused_loss: bool = False
+    """An LM head + cross-entropy runs as the fused kernel (`parallelize(kernels=True)`)."""
 
     def __post_init__(self):
         self.F = self.dims.F
@@ -70,6 +97,8 @@ class Costs:
         self.links = [self.cluster.axis_link(self.shape, i) for i in range(len(self.shape))]
         self.gpu = self.cluster.gpu
         self._edge_cache: dict = {}
+        self._chains = fused_chains(self.dims) if self.compiled else {}
+        self._loss = fused_losses(self.dims) if self.fused_loss else {}
 
     # ------------------------------------------------------------------ sizes
     def size_of(self, a: int):
@@ -118,10 +147,51 @@ class Costs:
             return Cost()
         if is_attention(n):
             return self._attention(n, st, mem)
+        if n in self._loss:
+            work = self._fused_loss_work(n, st)
+            if work is None:
+                return Cost(memory_bytes=mem)
+            # the kernel computes the gradient in its forward pass: no backward of its own
+            return Cost(compute_s=work.time(self.gpu), memory_bytes=mem)
+        if n in self._chains:  # one kernel per chain: no launch floor per op
+            work = self._fused_work(n, st)
+            time = work.time(self.gpu) + (work.backward().time(self.gpu) if self.training else 0)
+            return Cost(compute_s=time, memory_bytes=mem)
         work = self._work(n, st)
         fwd = _at_least_a_kernel(work.time(self.gpu))
         time = fwd + (_at_least_a_kernel(work.backward().time(self.gpu)) if self.training else 0)
         return Cost(compute_s=time, memory_bytes=mem)
+
+    def _fused_work(self, n: fx.Node, st: Strategy) -> comp.Work:
+        """`_work`'s FLOPs with the traffic of a fused chain (`fused_chains`): the tensors from
+        outside n's chain that n is the chain's first reader of, and n's output when some op
+        outside the chain reads it."""
+        eager = self._work(n, st)
+        chain, first_reader, read_outside = self._chains[n]
+        moved = sum((self.bytes(x, lay) for x, lay in st.inputs if first_reader.get(x)), start=0)
+        if read_outside:
+            out = st.output if not isinstance(st.output, list) else st.output[0]
+            moved = moved + self.bytes(n, out)
+        return comp.Work(eager.flops, moved, eager.kind, eager.dtype_bytes, eager.backward_factor)
+
+    def _fused_loss_work(self, n: fx.Node, st: Strategy) -> comp.Work | None:
+        """A node of a fused LM head + loss (`fused_losses`): the head's linear keeps its GEMMs
+        (forward, and dh, dW in the kernel's forward: `linear`'s 2× backward); the loss node
+        costs the Triton pass over the logits (2 reads + 1 write in the logits' dtype); the
+        casts and reshapes between them cost nothing (None)."""
+        role = self._loss[n]
+        if role == "head":
+            eager = self._work(n, st)
+            return comp.Work(eager.flops * (1 + comp.BACKWARD_FACTOR["matmul"]) if self.training
+                             else eager.flops, eager.bytes * (3 if self.training else 1),
+                             "matmul", eager.dtype_bytes)
+        if role == "loss":
+            x = n.args[0]
+            (lay,) = [lay for y, lay in st.inputs if y is x]
+            logits = self.numel(x, lay)
+            head_bytes = _item(_head_of(x), self.dtype_bytes)
+            return comp.Work(5 * logits, 3 * logits * head_bytes, "reduction", head_bytes)
+        return None
 
     def _work(self, n: fx.Node, st: Strategy) -> comp.Work:
         packet = op_packet(n)
@@ -139,9 +209,17 @@ class Costs:
                              "matmul", self.dtype_bytes)
         if packet in (aten.rms_norm, aten.layer_norm):
             return comp.norm(out_numel, 1, dtype_bytes=self.dtype_bytes)
-        if packet in (aten.softmax, aten._softmax, aten.log_softmax, aten.cross_entropy_loss):
+        if packet is aten.cross_entropy_loss:
+            x = n.args[0]
+            return comp.cross_entropy(self.numel(x, ins[x]), dtype_bytes=_item(x, 4))
+        if packet in (aten.softmax, aten._softmax, aten.log_softmax):
             x = n.args[0]
             return comp.softmax(self.numel(x, ins[x]), dtype_bytes=4)
+        if packet in CASTS and n.args and isinstance(n.args[0], fx.Node):
+            x = n.args[0]
+            a, b = _item(x, self.dtype_bytes), _item(n, self.dtype_bytes)
+            if a != b:
+                return comp.cast(out_numel, in_bytes=a, out_bytes=b)
         if packet is aten.embedding:
             return comp.pointwise(out_numel, inputs=1, dtype_bytes=self.dtype_bytes)
         tensors = sum(1 for _ in st.inputs)
@@ -249,3 +327,106 @@ KERNEL_S = 4e-6
 def _at_least_a_kernel(t):
     return t if not isinstance(t, (int, float)) else max(t, KERNEL_S)
 
+
+# ------------------------------------------------------------------ compiled programs
+_LAYER = re.compile(r"^(.*?\.\d+)(\.|$)")
+LIBRARY = {aten.linear, aten.matmul, aten.mm, aten.bmm, aten.einsum, aten.embedding,
+           *ADD_CONTRACTIONS}
+"""Ops Inductor leaves to a library kernel (cuBLAS, the attention kernels, embedding's gather):
+never inside a fused chain. Attention too (`is_attention`)."""
+
+
+def _layer(dims: DimAnalysis, n: fx.Node) -> str | None:
+    """The layer of a node's module path (`layers.3.attn.q` → `layers.3`), as
+    `solver.clusters.layer_of` and `codegen.compiled` cut layers; None outside any layer."""
+    m = _LAYER.match(dims.cap.module_path(n))
+    return m.group(1) if m else None
+
+
+def _fusible(n: fx.Node) -> bool:
+    return n.op == "call_function" and op_packet(n) not in LIBRARY and not is_attention(n) \
+        and isinstance(n.meta.get("val"), torch.Tensor)
+
+
+def fused_chains(dims: DimAnalysis) -> dict:
+    """What Inductor makes of each layer's pointwise ops and norms (compile="layers" compiles
+    each layer alone): node → (chain id, {input: is n the chain's first reader of it}, is n's
+    output read outside its chain). A chain is a connected set of fusible ops (not `LIBRARY`,
+    not attention, not views) of one layer, joined directly or through views; a tensor made
+    outside the chain (a GEMM's output, a parameter, the previous layer's) is read once, by its
+    first reader in graph order; an output is written when an op outside the chain (or outside
+    the layer, or the graph's output) reads it.
+
+    E.g. Llama's SwiGLU `silu(gate) * up`: one chain reading gate and up and writing the product
+    (3 tensors, where eager's silu and mul move 5); RoPE's mul, neg, cat, mul, add on q: one
+    chain reading q and writing q' (cos and sin are read too, [s, e], small)."""
+    nodes = list(dims.cap.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    layer = {n: _layer(dims, n) for n in nodes if n.op == "call_function"}
+    member = {n for n in nodes if layer.get(n) is not None
+              and (_fusible(n) or op_packet(n) in VIEWS)}
+    parent = {n: n for n in member}
+
+    def find(a):
+        while parent[a] is not a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for n in member:
+        for x in n.all_input_nodes:
+            if x in member and layer[x] == layer[n]:
+                parent[find(x)] = find(n)
+
+    def source(x):  # through views to the op that made the data
+        while x in member and op_packet(x) in VIEWS and x.all_input_nodes:
+            x = x.all_input_nodes[0]
+        return x
+
+    def readers(n):  # through views to the ops that read the data
+        out = []
+        for u in n.users:
+            out.extend(readers(u) if u in member and op_packet(u) in VIEWS else [u])
+        return out
+
+    chains, seen = {}, set()
+    for n in sorted((m for m in member if op_packet(m) not in VIEWS), key=order.get):
+        c = find(n)
+        first = {}
+        for x in n.all_input_nodes:
+            src = source(x)
+            inside = src in member and find(src) is c
+            first[x] = not inside and (c, src) not in seen
+            seen.add((c, src))
+        outside = any(u not in member or find(u) is not c for u in readers(n))
+        chains[n] = (c, first, outside)
+    return chains
+
+
+def _head_of(x: fx.Node) -> fx.Node:
+    """The op that made the logits `x`, through casts and views."""
+    while op_packet(x) in CASTS or op_packet(x) in VIEWS:
+        x = x.args[0]
+    return x
+
+
+def fused_losses(dims: DimAnalysis) -> dict:
+    """The nodes of LM heads + cross-entropy that `parallelize(kernels=True)` runs as the fused
+    kernel (`codegen.recompute.fusable_losses`: a bias-free linear whose logits reach a
+    cross_entropy_loss through casts and reshapes alone): node → "head" (the linear), "loss"
+    (the cross-entropy) or "between"."""
+    out = {}
+    for ce in dims.cap.graph.nodes:
+        if ce.op != "call_function" or op_packet(ce) is not aten.cross_entropy_loss:
+            continue
+        between, x = [], ce.args[0]
+        while isinstance(x, fx.Node) and (op_packet(x) in CASTS or op_packet(x) in VIEWS) \
+                and len(x.users) == 1:
+            between.append(x)
+            x = x.args[0]
+        if not (isinstance(x, fx.Node) and op_packet(x) is aten.linear and len(x.users) == 1
+                and (len(x.args) < 3 or x.args[2] is None)):
+            continue
+        out[x], out[ce] = "head", "loss"
+        out.update({b: "between" for b in between})
+    return out
