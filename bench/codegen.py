@@ -23,6 +23,11 @@ Part "model": the built-in `llama3-1b` (Llama-3.2-1B shape: 16 layers, hidden 20
     seqshard layers+loss chunk=1024
                           the same with the loss forced into 16 chunks (1024 tokens: Liger's
                           size, and what the row above ran before 2026-12-01 20:30)
+    seqshard layers+loss cudnn
+                          layers+loss with SDPA's cuDNN backend first while the template is
+                          traced (the compiled template keeps the kernel it traced; compile
+                          caches off): is the compiled template's attention the cuDNN kernel
+                          the cost model prices? (the profiles name the kernels either way)
     seqshard program+loss kernels=True and the whole per-rank program (not layer by layer)
                           under one torch.compile: embedding, rotary tables and final norm
                           compiled too, fusion across layer boundaries; the fused loss stays
@@ -30,11 +35,6 @@ Part "model": the built-in `llama3-1b` (Llama-3.2-1B shape: 16 layers, hidden 20
     seqshard layers+loss cdt
                           layers+loss compiled with Inductor's coordinate_descent_tuning (each
                           Triton kernel's launch configuration tuned at compile time)
-    seqshard layers+loss cudnn
-                          layers+loss with SDPA's cuDNN backend first while the template is
-                          traced (the compiled template keeps the kernel it traced; compile
-                          caches off): is the compiled template's attention the cuDNN kernel
-                          the cost model prices? (the profiles name the kernels either way)
     plain compile         torch.compile(model) (Inductor)
 
 Each: the first step's wall time (building the ParallelModule and compiling included; then
@@ -163,11 +163,11 @@ def model_part(args, device, dtype) -> list[dict]:
                                                   kernels=True)),
         ("seqshard layers+loss chunk=1024", lambda: build_pm(
             compile="layers", compile_backend=backend, kernels=True, overrides=chunk16)),
+        ("seqshard layers+loss cudnn", lambda: build_pm(compile="layers", compile_backend=backend,
+                                                        kernels=True)),
         ("seqshard program+loss", lambda: compiled_program(build_pm(kernels=True))),
         ("seqshard layers+loss cdt", lambda: build_pm(compile="layers", compile_backend=backend,
                                                       kernels=True)),
-        ("seqshard layers+loss cudnn", lambda: build_pm(compile="layers", compile_backend=backend,
-                                                        kernels=True)),
         ("plain compile", lambda: torch.compile(model, backend=backend)),
     ]
     def while_compiling(label):

@@ -583,7 +583,8 @@ def run_child(cfg: Config, row_path: str, args) -> int:
             row.set(first_step_s=first,
                     peak_first_gib=gib(torch.cuda.max_memory_allocated()) if cuda else None)
             _say(f"warm-up step {first:.2f} s" + (f", peak {row['peak_first_gib']:.1f} GiB" if cuda else ""))
-            repeats = 1 if first > 20 else args.repeats
+            # a long first step means long steps - unless it was the compiler's
+            repeats = 1 if first > 20 and not cfg.system.endswith("-compiled") else args.repeats
         else:
             repeats = 1
             # AdamW makes its state in its first step: make it now (zero gradients, lr 0: no

@@ -65,6 +65,7 @@ def run_compiled(kernels, compile, backend, recompute=False, chunk=True):
                  if isinstance(m, CompiledLayer)}
     return dict(err=worst[key], where=key, templates=templates,
                 notes=kernel_notes(pm.program.gm), head=pm.code.split("\ndef forward")[0],
+                explain={n: pm.explain(n) for n in ("layers.1.mlp", "lm_head")},
                 graphs=counters["stats"]["unique_graphs"], breaks=sum(counters["graph_break"].values()),
                 fused=pm.code.count("seqshard_codegen_recompute_fused_chunked("),
                 chunked=pm.code.count("seqshard_codegen_recompute_chunked("))
@@ -79,10 +80,12 @@ def _check(results, compiled=True):
     fused = [n for n in r["notes"] if "fused LM head + cross-entropy" in n]
     assert len(fused) == 1 and "p_lm_head_weight" in fused[0], r["notes"]
     assert all(n in r["head"] for n in r["notes"]), r["head"]
+    assert "runs as cross_entropy_loss_fused: fused" in r["explain"]["lm_head"], r["explain"]
     if compiled:  # the two identical layers share one template, compiled once for both steps
         assert r["templates"] == {"compiled_layers_0": ["layers.0", "layers.1"]}, r["templates"]
         assert any(n.startswith("compiled_layers_0: compiled once") and "layers.0-1 (2 layers)" in n
                    for n in r["notes"]), r["notes"]
+        assert "runs as compiled_layers_0" in r["explain"]["layers.1.mlp"], r["explain"]
         assert r["graphs"] == 1 and r["breaks"] == 0, \
             f"Dynamo compiled {r['graphs']} graphs for one template ({r['breaks']} graph breaks)"
 

@@ -218,10 +218,12 @@ def _fetch(owner: torch.nn.Module, target: str):
     return obj
 
 
-def kernel_notes(gm: fx.GraphModule) -> list[str]:
+def kernel_notes(gm: fx.GraphModule, name: str | None = None) -> list[str]:
     """What of `gm` runs through generated code, one line each (`pm.code` prints them first):
     each compiled layer template and the layers that share it, each fused LM-head loss and the
-    weight and chunks it takes.
+    weight and chunks it takes. With `name` (`pm.explain`'s), only the lines about it: a layer
+    or a module inside one (`layers.3`, `layers.3.attn`), a loss (`cross_entropy_loss`) or its
+    LM head's module (`lm_head`).
 
         compiled_layers_0: compiled once (torch.compile, inductor), one template for
             layers.0-15 (16 layers)
@@ -230,17 +232,23 @@ def kernel_notes(gm: fx.GraphModule) -> list[str]:
     from .kernels.linear_ce import CHUNK_BYTES
 
     out = []
-    for name, m in gm.named_children():
-        if isinstance(m, CompiledLayer):
-            out.append(f"{name}: compiled once (torch.compile, {m.backend}), one template for "
+    for sub, m in gm.named_children():
+        if isinstance(m, CompiledLayer) and (name is None or any(in_layer(name, layer)
+                                                                 for layer in m.layers)):
+            out.append(f"{sub}: compiled once (torch.compile, {m.backend}), one template for "
                        f"{_ranges(m.layers)} ({len(m.layers)} layers)")
     for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target is fused_chunked:
-            k = n.args[6]
-            chunks = f"{k} chunks of tokens" if k else \
-                f"chunks of up to {CHUNK_BYTES / 2**30:g} GiB of logits"
-            out.append(f"{n.name}: fused LM head + cross-entropy (codegen/kernels/linear_ce.py, "
-                       f"Triton on CUDA) over {_parameter(n.args[1])}, {chunks}")
+        if n.op != "call_function" or n.target is not fused_chunked:
+            continue
+        weight = _parameter(n.args[1])
+        if name is not None and name not in (n.name, n.name.removesuffix("_fused")) and \
+                not weight.startswith("p_" + re.sub(r"\W", "_", name) + "_"):
+            continue
+        k = n.args[6]
+        chunks = f"{k} chunks of tokens" if k else \
+            f"chunks of up to {CHUNK_BYTES / 2**30:g} GiB of logits"
+        out.append(f"{n.name}: fused LM head + cross-entropy (codegen/kernels/linear_ce.py, "
+                   f"Triton on CUDA) over {weight}, {chunks}")
     return out
 
 

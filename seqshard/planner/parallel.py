@@ -144,8 +144,7 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
                                          overrides=overrides, cluster=priced,
                                          memory_budget=memory_budget,
                                          training=training, optimizer=optimizer,
-                                         model_state=model_state, compile=compile,
-                                         kernels=kernels)
+                                         model_state=model_state)
                 message[0] = (replace(made, notes=(*made.notes, note)) if note else made).to_json()
             except Exception as e:  # noqa: BLE001 - sent to every rank, raised there
                 message[1], error = _describe(e), e
@@ -250,6 +249,14 @@ class ParallelModule(nn.Module):
                 parts.append(f"# {name}: torch.compile(backend={m.backend!r}) once, run for "
                              f"{', '.join(m.layers)}{m.template.code}")
         return "\n".join(parts)
+
+    def explain(self, name: str) -> str:
+        """`plan.explain(name)`, then the generated code that runs `name` in this program (a
+        compiled layer template, the fused LM-head loss: `codegen.compiled.kernel_notes`)."""
+        from seqshard.codegen.compiled import kernel_notes
+
+        notes = kernel_notes(self.program.gm, name)
+        return self.plan.explain(name) + "".join(f"\nruns as {n}" for n in notes)
 
     def _model_state(self, program: Program) -> Program:
         """The program with the model state's gradient handling: FSDP units (sharded) or
