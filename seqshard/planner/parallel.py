@@ -144,7 +144,8 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
                                          overrides=overrides, cluster=priced,
                                          memory_budget=memory_budget,
                                          training=training, optimizer=optimizer,
-                                         model_state=model_state)
+                                         model_state=model_state, compile=compile,
+                                         kernels=kernels)
                 message[0] = (replace(made, notes=(*made.notes, note)) if note else made).to_json()
             except Exception as e:  # noqa: BLE001 - sent to every rank, raised there
                 message[1], error = _describe(e), e
