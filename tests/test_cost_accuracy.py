@@ -92,6 +92,7 @@ def test_fused_chain_reads_and_writes_once():
     chains = fused_chains(dims)
     silu, mul, add = _op(nodes, "silu"), _op(nodes, "mul"), _op(nodes, "add")
     assert chains[silu][0] is chains[mul][0] and chains[add][0] is not chains[mul][0]
+    assert chains[silu][3] and not chains[mul][3]  # one kernel launch for the chain
 
     def moved(n):
         (st,) = candidates(dims, n, costs.mesh)[:1]

@@ -153,9 +153,11 @@ class Costs:
                 return Cost(memory_bytes=mem)
             # the kernel computes the gradient in its forward pass: no backward of its own
             return Cost(compute_s=work.time(self.gpu), memory_bytes=mem)
-        if n in self._chains:  # one kernel per chain: no launch floor per op
+        if n in self._chains:  # one kernel per chain: the launch floor on its first op alone
             work = self._fused_work(n, st)
-            time = work.time(self.gpu) + (work.backward().time(self.gpu) if self.training else 0)
+            floor = _at_least_a_kernel if self._chains[n][3] else (lambda t: t)
+            time = floor(work.time(self.gpu)) + \
+                (floor(work.backward().time(self.gpu)) if self.training else 0)
             return Cost(compute_s=time, memory_bytes=mem)
         work = self._work(n, st)
         fwd = _at_least_a_kernel(work.time(self.gpu))
@@ -167,7 +169,7 @@ class Costs:
         outside n's chain that n is the chain's first reader of, and n's output when some op
         outside the chain reads it."""
         eager = self._work(n, st)
-        chain, first_reader, read_outside = self._chains[n]
+        chain, first_reader, read_outside, _ = self._chains[n]
         moved = sum((self.bytes(x, lay) for x, lay in st.inputs if first_reader.get(x)), start=0)
         if read_outside:
             out = st.output if not isinstance(st.output, list) else st.output[0]
@@ -351,11 +353,12 @@ def _fusible(n: fx.Node) -> bool:
 def fused_chains(dims: DimAnalysis) -> dict:
     """What Inductor makes of each layer's pointwise ops and norms (compile="layers" compiles
     each layer alone): node → (chain id, {input: is n the chain's first reader of it}, is n's
-    output read outside its chain). A chain is a connected set of fusible ops (not `LIBRARY`,
+    output read outside its chain, is n the chain's first op). A chain is a connected set of fusible ops (not `LIBRARY`,
     not attention, not views) of one layer, joined directly or through views; a tensor made
     outside the chain (a GEMM's output, a parameter, the previous layer's) is read once, by its
     first reader in graph order; an output is written when an op outside the chain (or outside
-    the layer, or the graph's output) reads it.
+    the layer, or the graph's output) reads it. The chain's first op in graph order is charged
+    the launch floor of its one kernel (`KERNEL_S`), forward and backward.
 
     E.g. Llama's SwiGLU `silu(gate) * up`: one chain reading gate and up and writing the product
     (3 tensors, where eager's silu and mul move 5); RoPE's mul, neg, cat, mul, add on q: one
@@ -389,7 +392,7 @@ def fused_chains(dims: DimAnalysis) -> dict:
             out.extend(readers(u) if u in member and op_packet(u) in VIEWS else [u])
         return out
 
-    chains, seen = {}, set()
+    chains, seen, started = {}, set(), set()
     for n in sorted((m for m in member if op_packet(m) not in VIEWS), key=order.get):
         c = find(n)
         first = {}
@@ -399,7 +402,8 @@ def fused_chains(dims: DimAnalysis) -> dict:
             first[x] = not inside and (c, src) not in seen
             seen.add((c, src))
         outside = any(u not in member or find(u) is not c for u in readers(n))
-        chains[n] = (c, first, outside)
+        chains[n] = (c, first, outside, c not in started)
+        started.add(c)
     return chains
 
 
