@@ -153,7 +153,6 @@ def _count(text) -> int:
 def cmd_plan(args) -> int:
     import torch
 
-    from seqshard.costmodel import compute as comp
     from seqshard.models import AXES, build
     from seqshard.planner import plan
     from seqshard.solver import Infeasible
@@ -172,27 +171,10 @@ def cmd_plan(args) -> int:
     model, inputs = build(args.model, args.config, device="meta", dtype=torch.bfloat16, **sizes)
     inputs = tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in inputs)
     budget = args.budget * 2**30 if args.budget else None
-    state = args.state
-    if state == "auto":
-        n = sum(p.numel() for p in model.parameters())
-        need = comp.model_state(n, training=not args.inference, param_bytes=2,
-                                **comp.optimizer_bytes(args.optimizer, 2)).total
-        state = "replicated" if need < 0.5 * (budget or 0.9 * cluster.gpu.hbm_capacity) else \
-            "sharded" if cluster.gpus > 1 else "offload"
-        if state == "offload":
-            print(f"note: {n / 1e9:.1f}B parameters with their optimizer state do not fit one "
-                  f"{cluster.gpu.name}; planning with the optimizer state in host memory "
-                  "(ZeRO-Offload, outside seqshard). Pass --state replicated to insist.\n")
-        if state == "sharded":
-            print(f"note: {n / 1e9:.1f}B parameters do not fit replicated on one "
-                  f"{cluster.gpu.name}; planning with model state sharded over all GPUs "
-                  "(ZeRO-3: parallelize(model_state='sharded') runs FSDP2; the plan's notes "
-                  "give its share of memory and its communication). Pass --state replicated "
-                  "to insist.\n")
     t0 = time.perf_counter()
     try:
         p = plan(model, inputs, cluster=cluster, mesh=mesh, axes=AXES[args.model],
-                 memory_budget=budget, training=not args.inference, model_state=state,
+                 memory_budget=budget, training=not args.inference, model_state=args.state,
                  optimizer=args.optimizer,
                  verbose=args.verbose)
     except Infeasible as e:
@@ -271,9 +253,11 @@ def main(argv=None) -> int:
                         "the runtime runs on an H200 with flash-attn-4 installed; head dim 72 "
                         "padded to 128) or cudnn (default: the cluster's, cudnn for the presets)")
     p.add_argument("--state", choices=["auto", "replicated", "sharded", "offload"], default="auto",
-                   help="parameters/gradients/optimizer state: replicated (seqshard's runtime), "
-                        "sharded over all GPUs (FSDP/ZeRO-3) or offload (optimizer state in host "
-                        "memory); auto picks sharded (offload on one GPU) when replicated cannot fit")
+                   help="parameters/gradients/optimizer state: replicated, sharded over all GPUs "
+                        "(FSDP2/ZeRO-3; both run by parallelize) or offload (optimizer state in host "
+                        "memory; priced, not run by seqshard); auto plans each that applies and "
+                        "keeps the feasible one of least predicted step time (a plan note compares "
+                        "them)")
     p.add_argument("--optimizer", choices=["adamw", "adamw-pure"], default="adamw",
                    help="adamw: mixed precision (fp32 master weights and moments, 16 bytes a bf16 "
                         "parameter); adamw-pure: moments in bf16, no master copy (8 bytes), what "

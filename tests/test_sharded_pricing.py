@@ -1,8 +1,9 @@
 """The planner prices sharded model state (FSDP2 over the flattened mesh, as planner/state.py runs
 it): per step the all-gathers of every layer's parameters (forward, and again in backward) and
 of the root's (once), the reduce-scatters of their gradients, and what of it is exposed; memory
-1/world of the state plus the root's and two layers' gathered parameters. Failures point at
-solver/problem.py (`_sharded_state`) or planner/api.py (the plan note). Meta device only."""
+1/world of the state plus the root's and two layers' gathered parameters; model_state="auto"
+chooses it for the 40B-class case. Failures point at solver/problem.py (`_sharded_state`) or
+planner/api.py (the plan notes, `_least_step_state`). Meta device only."""
 
 import re
 
@@ -72,10 +73,18 @@ def test_40b_at_256k_on_256_h100_needs_sharded_state():
                      for x in (root, layers[0]))
     assert overlap > comm and exposed == pytest.approx(first_last, abs=1e-3) and exposed < 0.1 * comm
     assert p.predicted.comm_s >= exposed
+    # model_state="auto": replicated and offload not solved (their state alone exceeds the budget)
+    auto = plan_captured(dims, model_state="auto", **kw)
+    note = next(x for x in auto.notes if x.startswith("model state sharded (auto"))
+    assert auto.model_state == "sharded" and re.search(
+        r"replicated: skipped, its state alone needs 571\.\d GiB per GPU \(budget 71\.7 GiB\); "
+        r"sharded: [\d.]+ s/step, peak [\d.]+ GiB; offload: skipped, its state alone needs "
+        r"142\.\d GiB", note), note
+    assert auto.predicted.step_s == pytest.approx(p.predicted.step_s, rel=1e-3)
     print(f"\n40B-class ({n / 1e9:.1f}B) 256K tokens, 256 H100: replicated refused (571 GiB state); "
           f"sharded: peak {p.predicted.peak_memory_bytes / GIB:.1f} GiB, state {share:.2f} GiB + "
           f"{gathered:.2f} GiB gathered, {sent:.0f} GiB sent, {comm:.3f} s comm, {exposed:.3f} s "
-          f"exposed, step {p.predicted.step_s:.2f} s")
+          f"exposed, step {p.predicted.step_s:.2f} s\n{note}")
 
 
 def _problem(dims, gpus, *, training=True, dtype_bytes=2):

@@ -47,12 +47,16 @@ def _adamw(model):
     return torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-4, weight_decay=0.1)
 
 
-def train_like_one_device(family, config, sizes, plan, mesh_shape, extra=None, steps=3):
+def train_like_one_device(family, config, sizes, plan, mesh_shape, extra=None, steps=3,
+                          **options):
     """On every rank: 3 AdamW steps of the sharded model and of the single-device model.
     Returns the worst relative error (loss, every parameter after every step), where, and the
-    parameter elements held here and in the model."""
+    parameter elements held here and in the model. options: more of parallelize's."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     model, inputs, pm = _parallel(family, config, sizes, plan, mesh_shape, extra,
-                                  model_state="sharded")
+                                  model_state="sharded", **options)
     ref, _ = build(family, config, **sizes)
     opt, opt_ref = _adamw(model), _adamw(ref)
     worst = {}
@@ -70,7 +74,12 @@ def train_like_one_device(family, config, sizes, plan, mesh_shape, extra=None, s
     local = sum(p.to_local().numel() for p in model.parameters())
     return dict(err=worst[key], where=key, local=local,
                 total=sum(p.numel() for p in ref.parameters()),
-                dtensors=all(hasattr(p, "to_local") for p in model.parameters()))
+                dtensors=all(hasattr(p, "to_local") for p in model.parameters()),
+                graphs=counters["stats"]["unique_graphs"], breaks=sum(counters["graph_break"].values()),
+                templates=[(name, m.layers) for name, m in pm.program.gm.named_modules()
+                           if type(m).__name__ == "CompiledLayer"],
+                calls=[name for name, m in pm.program.gm.named_children()
+                       if "compiled_layers_0" in getattr(m, "code", "")])
 
 
 def _check(results, world):
@@ -104,6 +113,22 @@ def test_llama_hybrid_2x2_recomputed(pool4):
     inside FSDP units: the rerun in backward must find the layer's parameters gathered)."""
     _check(pool4.run(train_like_one_device, "llama", "tiny-mha", dict(batch=2, seq=37), "hybrid",
                      (2, 2), {"layers.*": "recompute", "lm_head": "chunk:3"}), 4)
+
+
+def test_compiled_layers_2_ranks(pool2):
+    """compile="layers" with sharded state: each layer's compiled template runs inside its FSDP
+    unit (`wrap_units` moves the call of `compiled_layers_0` into `unit_layers_i`), its
+    parameters gathered by FSDP before it; Dynamo compiles the one template once for both
+    layers and both steps, with no graph break (aot_eager: Dynamo + AOTAutograd, as
+    tests/test_compiled_layers.py)."""
+    results = pool2.run(train_like_one_device, "llama", "tiny", dict(batch=1, seq=29), "ring",
+                        (2,), steps=2, compile="layers", compile_backend="aot_eager")
+    _check(results, 2)
+    r = results[0]
+    assert r["graphs"] == 1 and r["breaks"] == 0, (r["graphs"], r["breaks"])
+    # one template, called from inside each layer's unit
+    assert r["templates"] == [("compiled_layers_0", ["layers.0", "layers.1"])], r["templates"]
+    assert r["calls"] == ["unit_layers_0", "unit_layers_1"], r["calls"]
 
 
 # ------------------------------------------------------------------ checkpoint and resume

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import time
+from dataclasses import replace
 from fnmatch import fnmatchcase
 from math import prod
 
@@ -11,11 +13,19 @@ import torch
 from seqshard import solver
 from seqshard.capture import capture, sdpa_options
 from seqshard.costmodel import Cluster
+from seqshard.costmodel import compute as comp
 from seqshard.dims import DimAnalysis, analyze
 from seqshard.strategies import Costs, Plan, parse_spec
 from seqshard.strategies.overrides import SEQ
 
-__all__ = ["plan", "plan_captured", "sequence_orders", "atom_orders", "activation_bytes"]
+__all__ = ["plan", "plan_captured", "sequence_orders", "atom_orders", "activation_bytes",
+           "MODEL_STATES"]
+
+MODEL_STATES = ("replicated", "sharded", "offload")
+"""What the planner prices: parameters, gradients and optimizer state replicated on every GPU,
+sharded over all of them (FSDP2 / ZeRO-3), or replicated with the optimizer state (and fp32
+master weights) in host memory. `parallelize` runs the first two (`planner.state.MODEL_STATES`);
+"offload" is priced, not run by seqshard (ZeRO-Offload or a CPU AdamW would)."""
 
 
 def plan(model, example_inputs, *, cluster=None, mesh: tuple[tuple[str, int], ...] | None = None,
@@ -29,8 +39,10 @@ def plan(model, example_inputs, *, cluster=None, mesh: tuple[tuple[str, int], ..
     mesh: axis names and sizes (default: one axis "sp" over every GPU of the cluster);
     overrides: forced choices per module pattern (see `planner.overrides`);
     memory_budget: bytes per GPU (default 90% of its memory);
-    options: model_state ("replicated" | "sharded" | "offload": replicated with the optimizer
-        state on the host), optimizer ("adamw": mixed precision, an fp32 master copy and fp32
+    options: model_state ("replicated", the default | "sharded" | "offload": replicated with
+        the optimizer state on the host | "auto": each of those that applies planned, the
+        feasible one of least predicted step time kept, the comparison in the plan's notes;
+        a tuple of states: "auto" among those; see `plan_captured`), optimizer ("adamw": mixed precision, an fp32 master copy and fp32
         moments, 16 bytes a bf16 parameter, the default; "adamw-pure": moments in the parameter
         dtype and no master copy, what torch.optim.AdamW keeps for bf16 parameters, 8 bytes;
         see `costmodel.compute.OPTIMIZERS`), recompute (may the solver recompute layers;
@@ -47,12 +59,20 @@ def plan(model, example_inputs, *, cluster=None, mesh: tuple[tuple[str, int], ..
 
 
 def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
-                  memory_budget=None, training=True, model_state: str = "replicated",
+                  memory_budget=None, training=True,
+                  model_state: str | tuple[str, ...] = "replicated",
                   recompute: bool = True, offload: bool = True, time_limit: float = 60.0,
                   verbose: bool = False,
                   optimizer: str = "adamw", compile: bool | str = False,
                   kernels: bool = False) -> Plan:
-    """Plan a captured model: enumerate strategies, price them, solve (see `solver`)."""
+    """Plan a captured model: enumerate strategies, price them, solve (see `solver`).
+
+    model_state "auto" (or a tuple of `MODEL_STATES`) plans each state that applies - sharded
+    on more than one GPU, offload when training - except one whose state alone (parameters,
+    gradients and what of the optimizer state stays on the GPU, `costmodel.compute.model_state`)
+    exceeds the budget, and returns the feasible plan of least predicted step time (ties: the
+    earlier state); its notes compare them. `plan.model_state` is the state a plan was priced
+    for."""
     t0 = time.perf_counter()
     if cluster is None:
         gpus = prod(n for _, n in mesh) if mesh else 8
@@ -67,6 +87,13 @@ def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
                          f"{cluster.gpus} GPUs")
     if memory_budget is None:
         memory_budget = 0.9 * cluster.gpu.hbm_capacity
+    if model_state == "auto" or isinstance(model_state, tuple):
+        options = dict(mesh=mesh, overrides=overrides, cluster=cluster, memory_budget=memory_budget,
+                       training=training, recompute=recompute, offload=offload,
+                       time_limit=time_limit, verbose=verbose, optimizer=optimizer,
+                       compile=compile, kernels=kernels)
+        return _least_step_state(dims, MODEL_STATES if model_state == "auto" else model_state,
+                                 options, t0)
     dtype_bytes = activation_bytes(dims)
     orders = sequence_orders(dims, overrides)
     costs = Costs(dims, cluster, mesh, training=training, dtype_bytes=dtype_bytes,
@@ -115,7 +142,58 @@ def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
     if dims.unsupported:
         notes.append(f"{len(dims.unsupported)} op(s) without a rule run replicated: "
                      + ", ".join(n.name for n in dims.unsupported))
-    return solver.to_plan(pb, sol, orders, notes)
+    return replace(solver.to_plan(pb, sol, orders, notes), model_state=model_state)
+
+
+def _least_step_state(dims: DimAnalysis, states: tuple[str, ...], options: dict, t0: float) -> Plan:
+    """`plan_captured` for each state of `states` that applies and whose state alone fits the
+    budget; the feasible plan of least predicted step time, with a note comparing them (or
+    `Infeasible` naming why each failed)."""
+    bad = [s for s in states if s not in MODEL_STATES]
+    if bad or not states:
+        raise ValueError(f"model_state must be 'auto', one of {MODEL_STATES} or a tuple of them, "
+                         f"got {bad[0] if bad else states!r}")
+    mesh, budget = options["mesh"], options["memory_budget"]
+    world, training = prod(n for _, n in mesh), options["training"]
+    n = sum(p.numel() for p in dims.cap.model.parameters())
+    opt = comp.optimizer_bytes(options["optimizer"], activation_bytes(dims))
+    state = comp.model_state(n, training=training, param_bytes=activation_bytes(dims), **opt)
+    on_gpu = {"replicated": state.total, "sharded": state.total / world,
+              "offload": state.params + state.grads}
+    plans, why = {}, {}
+    for s in dict.fromkeys(states):
+        if s == "sharded" and world == 1:
+            why[s] = "not tried, one GPU"
+        elif s == "offload" and not training:
+            why[s] = "not tried, no optimizer state in inference"
+        elif on_gpu[s] > budget:
+            why[s] = (f"skipped, its state alone needs {_size(on_gpu[s])} per GPU (budget "
+                      f"{_size(budget)})")
+        else:
+            try:
+                plans[s] = plan_captured(dims, model_state=s, **options)
+            except solver.Infeasible as e:
+                least = re.search(r"the least memory any plan needs is ([\d.]+ GiB)", str(e))
+                why[s] = (f"infeasible, needs {least[1]} per GPU (budget {_size(budget)})"
+                          if least else "infeasible: " + re.split(r"[.;] [Tt]ry\b", str(e))[0])
+    for s, p in plans.items():
+        why[s] = f"{p.predicted.step_s:.3g} s/step, peak {_size(p.predicted.peak_memory_bytes)}"
+    tried = "; ".join(f"{s}: {why[s]}" for s in dict.fromkeys(states))
+    if not plans:
+        more = "" if "offload" in states else \
+            " ('offload', optimizer state in host memory, is priced by planner.plan, not run)"
+        raise solver.Infeasible(f"no model state fits: {tried}. Try: more GPUs, a shorter "
+                                f"sequence or a larger memory_budget{more}")
+    best = min(plans, key=lambda s: plans[s].predicted.step_s)  # ties: the earlier state
+    p = plans[best]
+    note = (f"model state {best} (auto: the feasible option of least predicted step time, of "
+            f"{', '.join(dict.fromkeys(states))}; compared in {time.perf_counter() - t0:.1f} s): "
+            f"{tried}")
+    return replace(p, notes=(p.notes[0], note, *p.notes[1:]))
+
+
+def _size(b: float) -> str:
+    return f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
 def activation_bytes(dims: DimAnalysis) -> int:

@@ -85,7 +85,10 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
         `planner.plan`); seqshard runs no optimizer itself.
     model_state: "replicated" (every rank holds every parameter; gradients summed in buckets)
         or "sharded" (FSDP2 over all ranks: parameters become DTensors, each rank holds 1/N;
-        see `planner.state`). The planner prices the one chosen.
+        see `planner.state`). The planner prices the one chosen. "auto": the planner plans both
+        (sharded only on more than one rank) and the faster feasible one runs (`planner.plan`'s
+        "auto" without "offload", which seqshard does not run); with `plan=`, the state the
+        plan was priced for (`plan.model_state`).
     mixed_precision: with "sharded", a `torch.distributed.fsdp.MixedPrecisionPolicy`, e.g.
         `MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)`: bf16
         compute, fp32 parameters in the optimizer and fp32 gradient reduction.
@@ -114,10 +117,10 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
         axes = dict(plan.axes)
     _check_same_call(model, example_inputs, mesh, plan, overrides, axes, check_inputs,
                      model_state)
-    if model_state not in state.MODEL_STATES:
+    if model_state not in (*state.MODEL_STATES, "auto"):
         raise ValueError(f"model_state must be one of {state.MODEL_STATES}, got {model_state!r}"
                          " (the planner's 'offload' is priced, but left to the user to run)")
-    if mixed_precision is not None and model_state != "sharded":
+    if mixed_precision is not None and model_state not in ("sharded", "auto"):
         raise ValueError("mixed_precision= is FSDP2's MixedPrecisionPolicy: it needs "
                          "model_state='sharded'")
     if not state.unsharded(model):
@@ -144,7 +147,9 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
                                          overrides=overrides, cluster=priced,
                                          memory_budget=memory_budget,
                                          training=training, optimizer=optimizer,
-                                         model_state=model_state, compile=compile,
+                                         model_state=state.MODEL_STATES
+                                         if model_state == "auto" else model_state,
+                                         compile=compile,
                                          kernels=kernels)
                 message[0] = (replace(made, notes=(*made.notes, note)) if note else made).to_json()
             except Exception as e:  # noqa: BLE001 - sent to every rank, raised there
@@ -156,6 +161,15 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
         if message[1] is not None:
             raise _rebuild(message[1], 0, "planning")
         plan = Plan.from_json(message[0]).with_axes(axes)
+    if model_state == "auto":
+        model_state = plan.model_state
+        if model_state not in state.MODEL_STATES:
+            raise ValueError(f"the plan was priced with model_state={model_state!r}, which seqshard "
+                             "does not run: plan with model_state='auto' here (replicated or "
+                             "sharded), or pass model_state='replicated' or 'sharded'")
+        if mixed_precision is not None and model_state != "sharded":
+            raise ValueError(f"mixed_precision= needs sharded state; model_state='auto' chose "
+                             f"{model_state!r} (see plan.notes): pass model_state='sharded'")
     build = dict(kernels=kernels, compile=compile, backend=compile_backend)
     program = _together("building the program", lambda: apply_plan(dims, plan, info, **build))
     layers = None

@@ -35,7 +35,12 @@ forward and gathered again before its backward (prefetching the previous layer's
 reduce-scattered as each layer's backward finishes, and `MixedPrecisionPolicy` casts parameters
 for compute and reduces gradients in its `reduce_dtype` while the optimizer steps fp32 shards.
 A layer that the plan recomputes keeps its checkpointed submodule inside the unit: FSDP unshards
-it before backward, so the rerun finds its parameters.
+it before backward, so the rerun finds its parameters. With `compile="layers"` the layer's
+compiled template (`codegen/compiled.py`) is the call inside the unit. With mixed precision the
+program is captured in the parameters' dtype (fp32) and runs in `param_dtype`: FSDP casts each
+unit's parameters and (cast_forward_inputs, its default) the unit's floating inputs, so a cast
+the capture recorded outside the units (the rotary tables' `.to(float32)`) is undone at the
+unit's entry.
 
 Why `fully_shard` and not collectives emitted by codegen: it keeps the optimizer and
 `torch.distributed.checkpoint` unchanged (DTensor parameters), and brings prefetch, freeing,
@@ -66,7 +71,8 @@ __all__ = ["shard_model", "wrap_units", "bucket_grad_sums", "unsharded", "BUCKET
            "MODEL_STATES"]
 
 MODEL_STATES = ("replicated", "sharded")
-"""What `parallelize` runs (the planner also prices "offload", which it leaves to the user)."""
+"""What `parallelize` runs, and chooses between under model_state="auto" (the planner also
+prices "offload", which it leaves to the user: `planner.api.MODEL_STATES`)."""
 
 BUCKET_BYTES = 25 * 2**20
 """Largest bucket of replicated parameters' gradients summed by one all-reduce (DDP's default)."""

@@ -86,6 +86,8 @@ class Plan:
     nodes: tuple[NodePlan, ...]
     orders: tuple[tuple[str, str], ...] = ()      # (factor, "zigzag"|"contig"); contig if absent
     predicted: Predicted | None = None
+    model_state: str = "replicated"               # parameters, gradients, optimizer state priced
+    #                "replicated", "sharded" (FSDP2) or "offload" (optimizer state on the host)
     notes: tuple[str, ...] = ()                   # what the planner wants people to know
     explanations: dict = field(default_factory=dict, compare=False, hash=False)
     axes: tuple[tuple[str, str], ...] = ()        # (input name, its factor names "b t p c")
@@ -151,6 +153,7 @@ class Plan:
         return Plan(mesh=tuple(tuple(m) for m in d["mesh"]), nodes=nodes,
                     orders=tuple(tuple(o) for o in d.get("orders", ())),
                     predicted=Predicted(**d["predicted"]) if d.get("predicted") else None,
+                    model_state=d.get("model_state", "replicated"),
                     notes=tuple(d.get("notes", ())), explanations=d.get("explanations", {}),
                     axes=tuple(tuple(a) for a in d.get("axes", ())),
                     recompute=tuple(d.get("recompute", ())),
@@ -165,6 +168,8 @@ class Plan:
                "nodes": [(n.node, [str(s) for s in n.splits], n.algorithm) for n in self.nodes]}
         if self.axes:
             key["axes"] = [list(a) for a in self.axes]
+        if self.model_state != "replicated":
+            key["model_state"] = self.model_state
         if self.recompute:
             key["recompute"] = list(self.recompute)
         if self.chunks:
@@ -295,6 +300,7 @@ _PREDICTED = {"step_s": ("number", True), "peak_memory_bytes": ("number", True),
               "comm_bytes": ("number", True), "compute_s": ("number", False),
               "comm_s": ("number", False)}
 _PLAN = {"version": (_OneOf((1,)), True), "mesh": ([_Pair("str", "size")], True),
+         "model_state": (_OneOf(("replicated", "sharded", "offload")), False),
          "nodes": ([_NODE], True), "orders": ([_Pair("str", _OneOf(ORDERS))], False),
          "predicted": (_PREDICTED, False, "|None"), "notes": (["str"], False),
          "explanations": ({str: "str"}, False), "axes": ([_Pair("str", "str")], False),
