@@ -20,8 +20,9 @@ before the next:
                 with model_state="sharded", optimizer="adamw" (fp32 master and moments, bf16
                 parameters gathered: 16 bytes a parameter + the gathered units)
 
-Both plans are made by `planner.plan` on the meta device (bf16) for --cluster (h200x1) and run
-with `parallelize(plan=...)`; the row keeps each plan's notes (its model-state share, the
+Both plans are made by the planner on the meta device (bf16) for --cluster (h200x1), local
+attention priced at the kernel the runtime runs here (as `parallelize` does when it plans), and
+run with `parallelize(plan=...)`; the row keeps each plan's notes (its model-state share, the
 attention kernel priced). For reference, `planner.plan(model_state="auto")` of the same model
 and cluster: which state the planner would choose (`auto_choice`).
 
@@ -42,6 +43,7 @@ bench/results/ (--smoke: a temporary folder unless --out).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import platform
@@ -142,21 +144,27 @@ def state_bytes(model, opt) -> dict:
                                 if isinstance(v, torch.Tensor) and v.dim() > 0))
 
 
-def plan_for(cfg, seq: int, mode: str, cluster: str):
-    """The plan of `mode` on the bf16 model (meta device), and the planner's own choice."""
+def plan_for(cfg, seq: int, mode: str, cluster: str, device):
+    """The plan of `mode` on the bf16 model (meta device), and the planner's own choice; local
+    attention priced at the kernel the runtime runs on `device`, as `parallelize` prices it when
+    it plans (`planner.parallel.runtime_attention_pricing`)."""
     import torch
 
     from seqshard.capture import capture
     from seqshard.dims import analyze
     from seqshard.models import AXES, llama
     from seqshard.planner.api import plan_captured
+    from seqshard.planner.parallel import runtime_attention_pricing
 
     with torch.device("meta"):
         meta = llama.Llama(cfg).to(torch.bfloat16)
     dims = analyze(capture(meta, llama.example_inputs(cfg, 1, seq, device="meta")), AXES["llama"])
-    kw = dict(cluster=cluster, mesh=(("sp", 1),),
+    priced, note = runtime_attention_pricing(dims, cluster, 1, device)
+    kw = dict(cluster=priced, mesh=(("sp", 1),),
               optimizer="adamw-pure" if mode == "replicated" else "adamw")
     p = plan_captured(dims, model_state=mode, **kw).with_axes(AXES["llama"])
+    if note:
+        p = dataclasses.replace(p, notes=(*p.notes, note))
     return p, plan_captured(dims, model_state="auto", **kw)
 
 
@@ -173,7 +181,7 @@ def run_mode(mode: str, cfg, seq: int, args, mesh, device) -> dict:
     model = pm = opt = None
     try:
         t0 = time.perf_counter()
-        p, auto = plan_for(cfg, seq, mode, args.cluster)
+        p, auto = plan_for(cfg, seq, mode, args.cluster, device)
         row.update(plan=p.hash(), plan_s=time.perf_counter() - t0, model_state=p.model_state,
                    predicted_peak_gib=p.predicted.peak_memory_bytes / GIB,
                    predicted_step_s=p.predicted.step_s, notes=list(p.notes),
@@ -225,7 +233,7 @@ def run_mode(mode: str, cfg, seq: int, args, mesh, device) -> dict:
         row.update(status="error", error=f"{type(e).__name__}: {e}",
                    traceback=traceback.format_exc()[-3000:])
     finally:
-        del model, pm, opt
+        model = pm = opt = None  # noqa: F841 - freed before the next mode
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
