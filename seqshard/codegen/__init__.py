@@ -37,17 +37,20 @@ __all__ = ["apply_plan", "MeshInfo", "Program", "PlanError"]
 
 
 def apply_plan(dims: DimAnalysis, plan: Plan, mesh: MeshInfo, *, kernels: bool = False,
-               compile: bool | str = False, backend: str = "inductor") -> Program:
+               compile: bool | str = False, backend: str = "inductor",
+               local_attention: str = "captured") -> Program:
     """This rank's program. kernels: seqshard's own kernels where they apply (an LM head + plain
     cross-entropy through `kernels/linear_ce.py`, in the plan's chunks or, where the plan keeps
     it whole, the kernel's); compile: True or "layers" compiles each distinct layer template
-    once with torch.compile(backend=backend) (`compiled.py`), False runs op by op."""
+    once with torch.compile(backend=backend) (`compiled.py`), False runs op by op;
+    local_attention: "captured" runs an attention the plan keeps local as the model's own op,
+    "runtime" through `seqshard.runtime.local_attention` (its backend choice, e.g. FA4)."""
     if tuple(plan.axis_names) != tuple(mesh.names):
         raise PlanError(f"the plan was made for mesh axes {plan.axis_names}, this mesh has "
                         f"{mesh.names}: pass mesh=init_device_mesh(device, sizes, "
                         f"mesh_dim_names={plan.axis_names})")
     strategies = resolve_plan(dims, plan, mesh.sizes)
-    program = Sharder(dims, strategies, mesh, orders_of(dims, plan)).run()
+    program = Sharder(dims, strategies, mesh, orders_of(dims, plan), local_attention).run()
     if plan.chunked_modules:
         chunk_modules(program.gm, _chunked_modules(dims, plan, program))
     if plan.recompute:

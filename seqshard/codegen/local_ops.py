@@ -328,10 +328,13 @@ def attention(sh, n, st):
     """The plan's distributed algorithm: a call to its runtime function (`ALGORITHMS[...]`),
     with the sequence's process group(s), outer mesh axis first, and the mask's per-token
     tensors (whole on every rank). Local attention is the captured op (SDPA: the plain kernel),
-    or, under a per-token mask, the runtime's local attention."""
+    or the runtime's local attention under a per-token mask, or everywhere when the program is
+    built with `local_attention="runtime"` (parallelize does, where the runtime's kernel is one
+    SDPA does not have: FlashAttention-4 on an H200)."""
     algo = ALGORITHMS[st.algorithm]
     opts, masks = sdpa_options(n), mask_inputs(n)
-    if algo.runtime is None and (not masks or opts.get("dropout_p")):
+    plain = algo.runtime is None and (not masks or opts.get("dropout_p"))
+    if plain and (sh.local_attention == "captured" or opts.get("dropout_p")):
         return copy(sh, n, st)
     args, kwargs = _inputs(sh, n, st)
     q, k, v = args[:3]

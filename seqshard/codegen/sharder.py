@@ -80,7 +80,11 @@ class Program:
 
 
 class Sharder:
-    def __init__(self, dims: DimAnalysis, strategies: dict, mesh: MeshInfo, orders: dict[int, str]):
+    def __init__(self, dims: DimAnalysis, strategies: dict, mesh: MeshInfo, orders: dict[int, str],
+                 local_attention: str = "captured"):
+        if local_attention not in ("captured", "runtime"):
+            raise ValueError(f"local_attention= is 'captured' or 'runtime', not {local_attention!r}")
+        self.local_attention = local_attention  # plain local attention: the captured op, or runtime's
         self.dims, self.F, self.cap = dims, dims.F, dims.cap
         self.strategies, self.mesh, self.orders = strategies, mesh, orders
         self.g = fx.Graph()

@@ -170,7 +170,8 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
         if mixed_precision is not None and model_state != "sharded":
             raise ValueError(f"mixed_precision= needs sharded state; model_state='auto' chose "
                              f"{model_state!r} (see plan.notes): pass model_state='sharded'")
-    build = dict(kernels=kernels, compile=compile, backend=compile_backend)
+    build = dict(kernels=kernels, compile=compile, backend=compile_backend,
+                 local_attention=local_attention_kernel(dims, _device(mesh.device_type)))
     program = _together("building the program", lambda: apply_plan(dims, plan, info, **build))
     layers = None
     if model_state == "sharded":
@@ -186,6 +187,24 @@ def _device(device_type: str) -> torch.device:
         torch.device(device_type)
 
 
+def _attention_inputs(dims) -> set[tuple[torch.dtype, int]]:
+    """(dtype, head dim) of every attention's queries."""
+    return {(n.args[0].meta["val"].dtype, int(n.args[0].meta["val"].shape[-1]))
+            for n in dims.cap.nodes() if dims.attention(n) is not None}
+
+
+def local_attention_kernel(dims, device: torch.device) -> str:
+    """"runtime" where the runtime's kernel for every attention on `device` is FlashAttention-4,
+    which the model's own SDPA call cannot run: attention the plan keeps local (world size 1,
+    head splits) then goes through seqshard.runtime.local_attention too, so that what runs is
+    what `runtime_attention_pricing` priced; "captured" (the model's own op) otherwise."""
+    from seqshard.runtime import backends
+
+    qs = _attention_inputs(dims)
+    fa4 = qs and all(backends.select_backend(device, d, e) == "fa4" for d, e in qs)
+    return "runtime" if fa4 else "captured"
+
+
 def runtime_attention_pricing(dims, cluster, gpus: int, device: torch.device):
     """(cluster, note): with no cluster given, or a preset's name, attention priced at the kernel
     the runtime will run on `device` (runtime/backends.select_backend for each attention's dtype
@@ -199,8 +218,7 @@ def runtime_attention_pricing(dims, cluster, gpus: int, device: torch.device):
     if not (cluster is None or (isinstance(cluster, str) and not cluster.endswith(".json"))):
         return cluster, None
     cluster = Cluster.preset("h200", gpus=gpus) if cluster is None else Cluster.parse(cluster)
-    qs = {(n.args[0].meta["val"].dtype, int(n.args[0].meta["val"].shape[-1]))
-          for n in dims.cap.nodes() if dims.attention(n) is not None}
+    qs = _attention_inputs(dims)
     chosen = {backends.select_backend(device, dtype, e) for dtype, e in qs}
     known = {cluster.gpu.attention_backend, *(k[0] for k in cluster.gpu.attention_kernels)}
     if len(chosen) != 1 or not chosen <= known or chosen == {cluster.gpu.attention_backend}:
