@@ -358,13 +358,15 @@ def _short(value):
 def slice_overrides(full_plan, slice_layers: int, full_layers: int) -> tuple[dict, list]:
     """Overrides that give a `slice_layers`-layer model the per-layer memory plan of the whole
     model: slice layer 0 takes full layer 0's choices, the others full layer `full_layers - 1`'s
-    (the last layer, whose backward comes first): recompute / offload of the layer, a region
+    (the last layer, whose backward comes first): recompute / offload of the layer (keeping its
+    attention's outputs: `recompute:selective`), a region
     inside it run in k chunks (`layers.31.mlp` k → `layers.1.mlp: chunk:k`); the chunked loss
     keeps its chunk count. Returns (overrides, what of the plan could not be carried)."""
     per_layer: dict = {}  # full layer → set of terms
     inner: dict = {}      # full layer → {module suffix: chunk count}
     lost = []
-    term_of = {"recompute": "recompute", "offload": "offload", "offloaded": "offload"}
+    term_of = {"recompute": "recompute", "offload": "offload", "offloaded": "offload",
+               "keep_attention": "selective"}
     skip = {"mesh", "nodes", "orders", "predicted", "notes", "explanations", "axes", "chunks"}
     for f in dataclasses.fields(full_plan):
         value = getattr(full_plan, f.name)
@@ -388,7 +390,8 @@ def slice_overrides(full_plan, slice_layers: int, full_layers: int) -> tuple[dic
         src = f"layers.{0 if i == 0 else full_layers - 1}"
         terms = per_layer.get(src, set())
         if terms:
-            ov[f"layers.{i}"] = "offload" if "offload" in terms else "recompute"
+            ov[f"layers.{i}"] = ("offload" if "offload" in terms else "recompute") + \
+                (" recompute:selective" if "selective" in terms else "")
         for suffix, k in inner.get(src, {}).items():
             ov[f"layers.{i}.{suffix}"] = f"chunk:{k}"
     for node, k in full_plan.chunks:

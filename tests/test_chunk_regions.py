@@ -26,7 +26,7 @@ from seqshard.dims import analyze
 from seqshard.models import AXES, build, named_plans
 from seqshard.planner import Plan, plan
 from seqshard.solver import NS, Model, build_problem, token_regions
-from seqshard.solver.model import chosen_moves, memory_of
+from seqshard.solver.model import chosen_moves, kept_attention, memory_of
 from seqshard.strategies import Costs
 from seqshard.testing import WorkerPool
 from seqshard.testing import record_step
@@ -197,7 +197,8 @@ def test_a_sequence_mixing_module_is_not_chunked():
 
 # ------------------------------------------------------------------ the formulation
 def _brute_force(pb):
-    """Every (strategies, recompute, chunked) with the terms counted directly."""
+    """Every (strategies, recompute, chunked, layers keeping attention's outputs) with the terms
+    counted directly."""
     nodes = list(pb.strategies)
     (c,) = pb.classes
     (R,) = pb.regions
@@ -215,12 +216,16 @@ def _brute_force(pb):
                      for (k, i, l), _ in chosen_moves(pb, pick) if pb.tensors[k].cls == c)
         chunk_again = sum(int(round(pb.mult[n] * pb.forward[(n, pick[n])].time_s * NS))
                           for n in pb.regions[R].nodes)
+        attention = sum(int(round(k * pb.forward[(n, pick[n])].time_s * NS))
+                        for n, k in kept_attention(pb).get(c, ()))
         for r, q in product((False, True), (False, True)):
             if q and redistributes:
                 continue
-            mem = memory_of(pb, pick, frozenset({c}) if r else frozenset(), frozenset(),
-                            frozenset({R}) if q else frozenset())
-            yield base + (again if r else 0) + (chunk_again if q else 0), mem.peak, r, q
+            for s in range(len(pb.classes[c].layers) + 1 if r else 1):
+                mem = memory_of(pb, pick, frozenset({c}) if r else frozenset(), frozenset(),
+                                frozenset({R}) if q else frozenset(), {c: s} if s else None)
+                yield (base + (again if r else 0) + (chunk_again if q else 0) - s * attention,
+                       mem.peak, r, q)
 
 
 @pytest.mark.parametrize("budget_at", [None, "chunk", "recompute"])

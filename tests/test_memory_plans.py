@@ -27,7 +27,7 @@ from seqshard.models import AXES, build, named_plans
 from seqshard.planner import Plan, plan
 from seqshard.planner.api import plan_captured
 from seqshard.solver import NS, Infeasible, Model, build_problem
-from seqshard.solver.model import chosen_moves, memory_of
+from seqshard.solver.model import chosen_moves, kept_attention, memory_of
 from seqshard.strategies import Costs
 from seqshard.testing import mesh as make_mesh
 from seqshard.testing import record_step
@@ -85,7 +85,8 @@ def run_recomputed(family, config, sizes, named, steps=0, plan_=None, compile_ba
         record_step(worst, step, model, ref, loss, loss_ref, (opt, opt_ref))
     key = max(worst, key=worst.get)
     return dict(err=worst[key], where=key, backward=backward.ops, recompute=pm.plan.recompute,
-                checkpoints=pm.code.count("torch.utils.checkpoint.checkpoint("),
+                checkpoints=pm.code.count("torch.utils.checkpoint.checkpoint(")
+                + pm.code.count("selective_checkpoint("), keep=pm.plan.keep_attention,
                 chunks=pm.plan.chunks, chunked=pm.code.count("recompute_chunked("))
 
 
@@ -95,9 +96,10 @@ def _check(results, layers, chunks=0):
     assert r["err"] <= TOL, f"relative error {r['err']:.2e} at {r['where']}"
     assert len(r["recompute"]) == layers and r["checkpoints"] == layers, r
     assert r["chunked"] == bool(chunks) and [k for _, k in r["chunks"]] == ([chunks] if chunks else []), r
-    # the forward ran again in backward: once per layer, attention's forward op ran there
+    # the forward ran again in backward: once per layer, attention's forward op ran there (but
+    # in a layer that keeps its attention's outputs: runtime/selective.py)
     again = sum(v for k, v in r["backward"].items() if not k.endswith("_backward"))
-    assert again == layers, f"attention ran {again} times in backward: {r['backward']}"
+    assert again == layers - len(r["keep"]), f"attention ran {again} times in backward: {r['backward']}"
 
 
 LLAMA = dict(batch=2, seq=37)
@@ -174,7 +176,8 @@ class Layers(nn.Module):
 
 
 def _brute_force(pb):
-    """Every (strategies, recompute) with the terms counted directly: (objective ns, bytes)."""
+    """Every (strategies, recompute, layers keeping attention's outputs) with the terms counted
+    directly: (objective ns, bytes, recomputed)."""
     nodes = list(pb.strategies)
     (c,) = pb.classes
     for choice in product(*(range(len(pb.strategies[n])) for n in nodes)):
@@ -184,9 +187,12 @@ def _brute_force(pb):
         again = sum(int(round(pb.mult[n] * pb.forward[(n, pick[n])].time_s * NS)) for n in pb.classes[c].nodes)
         again += sum(int(round(pb.tensors[k].mult * pb.move_forward.get((k, i, l), 0) * NS))
                      for (k, i, l), _ in chosen_moves(pb, pick) if pb.tensors[k].cls == c)
-        for r in (False, True):
-            mem = memory_of(pb, pick, frozenset({c}) if r else frozenset())
-            yield base + (again if r else 0), mem.peak, r
+        attention = sum(int(round(k * pb.forward[(n, pick[n])].time_s * NS))
+                        for n, k in kept_attention(pb).get(c, ()))
+        for r, s in [(False, 0)] + [(True, s) for s in range(len(pb.classes[c].layers) + 1)]:
+            mem = memory_of(pb, pick, frozenset({c}) if r else frozenset(), frozenset(), frozenset(),
+                            {c: s} if s else None)
+            yield base + (again if r else 0) - s * attention, mem.peak, r
 
 
 @pytest.mark.parametrize("binding", [False, True])

@@ -22,7 +22,7 @@ from seqshard.models import AXES, build, named_plans
 from seqshard.planner import Plan
 from seqshard.planner.api import plan_captured
 from seqshard.solver import NS, Infeasible, Model, build_problem
-from seqshard.solver.model import chosen_moves, memory_of
+from seqshard.solver.model import chosen_moves, kept_attention, memory_of
 from seqshard.strategies import Costs
 from seqshard.testing import WorkerPool
 from seqshard.testing import record_step
@@ -265,8 +265,8 @@ def test_prefetch_on_cuda(monkeypatch):
 
 # ------------------------------------------------------------------ the formulation
 def _brute_force(pb):
-    """Every (strategies, keep | recompute | offload) counted directly: (objective ns, bytes,
-    mode) of those within the host's room."""
+    """Every (strategies, keep | recompute | offload, layers keeping attention's outputs)
+    counted directly: (objective ns, bytes, mode) of those within the host's room."""
     (c,) = [c for c, lc in pb.classes.items() if lc.kind == "layer"]
     lc = pb.classes[c]
     nodes = list(pb.strategies)
@@ -290,10 +290,15 @@ def _brute_force(pb):
         layer = sum(int(round((k - 1) * pb.mult[n] / len(lc.layers) * pb.node_cost[(n, pick[n])].time_s * NS))
                     for n in lc.nodes)
         fetch = first + max(0, rest - layer)
-        for mode in ("keep", "recompute", "offload"):
+        attention = sum(int(round(k * pb.forward[(n, pick[n])].time_s * NS))
+                        for n, k in kept_attention(pb).get(c, ()))
+        for mode, s in [("keep", 0)] + [(m, s) for m in ("recompute", "offload")
+                                        for s in range(len(lc.layers) + 1)]:
             r = frozenset({c}) if mode != "keep" else frozenset()
-            mem = memory_of(pb, pick, r, r if mode == "offload" else frozenset())
-            t = base + (again if mode != "keep" else 0) + (fetch if mode == "offload" else 0)
+            mem = memory_of(pb, pick, r, r if mode == "offload" else frozenset(), frozenset(),
+                            {c: s} if s else None)
+            t = base + (again if mode != "keep" else 0) + (fetch if mode == "offload" else 0) \
+                - s * attention
             if mem.host <= pb.costs.gpu.host_capacity - pb.host_bytes:
                 yield t, mem.peak, mode
 
@@ -382,10 +387,16 @@ def test_offload_appears_as_the_budget_shrinks(layers_4m):
     assert (recompute.recompute, recompute.offload) == (layers, ())
     assert (tight.recompute, tight.offload) == (layers, layers)
     assert tight.predicted.peak_memory_bytes <= 24.5 * GIB < recompute.predicted.peak_memory_bytes
+    # recomputed, every layer keeps its attention's outputs (2 GiB each: runtime/selective.py);
+    # offloaded, only the last (its output is live in its rerun anyway), so three attentions
+    # run again in backward (their nodes' time)
+    assert (recompute.keep_attention, tight.keep_attention) == (layers, ("layers.3",))
+    again = sum(t.cost.time_s - r.cost.time_s for t, r in zip(tight.nodes, recompute.nodes)
+                if t.algorithm)
     # three layer inputs of 2 GiB (layers.0's is the model's input) copied back at 50 GB/s:
     # layers.3's exposed, the other two prefetched during a layer's backward (75 s)
-    extra = tight.predicted.step_s - recompute.predicted.step_s
-    assert extra == pytest.approx(2 * GIB / 50e9, rel=1e-3), extra
+    extra = tight.predicted.step_s - recompute.predicted.step_s - again
+    assert again > 0 and extra == pytest.approx(2 * GIB / 50e9, rel=1e-3), extra
     with pytest.raises(Infeasible, match="the least memory any plan needs is 26.1 GiB"):
         plan_captured(layers_4m, memory_budget=24.5 * GIB, offload=False, **kw)
     text = str(tight)

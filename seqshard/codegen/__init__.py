@@ -10,7 +10,8 @@ Python source (`pm.code`).
         seed replicated outputs once (scale_grad) and sum parameter gradients (sum_grad)
     chunk_modules(program.gm, ...)                    # token-wise modules (MLPs) in checkpointed token chunks
     recompute_layers(program.gm, plan.recompute)      # each recomputed layer: a checkpointed submodule
-                                                      # (inputs on the host where offloaded)
+                                                      # (inputs on the host where offloaded,
+                                                      # attention kept where selective)
     chunk_losses(program.gm, plan.chunks)             # LM head + loss in checkpointed token chunks
                                                       # (kernels=True: one fused kernel call,
                                                       # unchunked plain losses too)
@@ -54,7 +55,8 @@ def apply_plan(dims: DimAnalysis, plan: Plan, mesh: MeshInfo, *, kernels: bool =
     if plan.chunked_modules:
         chunk_modules(program.gm, _chunked_modules(dims, plan, program))
     if plan.recompute:
-        recompute_layers(program.gm, plan.recompute, plan.offload, tuple(dims.cap.inputs))
+        recompute_layers(program.gm, plan.recompute, plan.offload, tuple(dims.cap.inputs),
+                         plan.keep_attention)
         if plan.chunked_modules:  # chunk loops moved into recomputed layers' submodules
             program.gm.delete_all_unused_submodules()
     chunks = ()

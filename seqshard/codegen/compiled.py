@@ -53,12 +53,13 @@ from torch.utils.checkpoint import checkpoint
 
 from seqshard.runtime import sharding as rt
 from seqshard.runtime.offload import offloaded_checkpoint
+from seqshard.runtime.selective import selective_checkpoint
 
 from .recompute import _gather, fused_chunked, in_layer
 
 __all__ = ["compile_layers", "CompiledLayer", "kernel_notes"]
 
-_CHECKPOINTS = (checkpoint, offloaded_checkpoint)
+_CHECKPOINTS = (checkpoint, offloaded_checkpoint, selective_checkpoint)
 MIN_OPS = 4
 """A layer of fewer ops runs eagerly."""
 

@@ -17,7 +17,11 @@ from outside and whose outputs are the values read after it. The call goes throu
 `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`: the forward keeps only the
 submodule's inputs, and backward runs the submodule again to rebuild what its ops saved. A
 layer the plan offloads calls `seqshard.runtime.offload.offloaded_checkpoint(fn, *inputs)`
-instead: the same checkpoint, its kept inputs in host memory between forward and backward.
+instead: the same checkpoint, its kept inputs in host memory between forward and backward. A
+layer the plan keeps the attention of (`plan.keep_attention`) calls
+`seqshard.runtime.selective.selective_checkpoint(fn, *inputs)` (with `offload=` where offloaded
+too): its attention ops keep their outputs in forward and return them in the rerun, so
+attention runs once per step (selective activation checkpointing).
 
 Collectives and seqshard's custom ops inside a layer run again in backward. That stays matched
 across ranks because every rank runs the same program, and autograd reaches the same layer at
@@ -42,6 +46,7 @@ from torch.utils.checkpoint import checkpoint
 
 from seqshard.runtime import sharding as rt
 from seqshard.runtime.offload import offloaded_checkpoint
+from seqshard.runtime.selective import selective_checkpoint
 from seqshard.strategies import PlanError
 
 __all__ = ["recompute_layers", "in_layer", "chunk_losses", "chunked", "fused_chunked",
@@ -56,10 +61,12 @@ def in_layer(module: str | None, layer: str) -> bool:
 
 
 def recompute_layers(gm: fx.GraphModule, layers: tuple[str, ...],
-                     offload: tuple[str, ...] = (), inputs: tuple[str, ...] = ()) -> fx.GraphModule:
+                     offload: tuple[str, ...] = (), inputs: tuple[str, ...] = (),
+                     keep_attention: tuple[str, ...] = ()) -> fx.GraphModule:
     """`gm` with each of `layers` wrapped in a checkpointed submodule (in place; returned); those
     also in `offload` keep their activations (what they read that an op made from the model's
-    `inputs`, placeholder names) in host memory (`offloaded_checkpoint`)."""
+    `inputs`, placeholder names) in host memory (`offloaded_checkpoint`); those in
+    `keep_attention` keep their attention's outputs (`selective_checkpoint`)."""
     g = gm.graph
     for layer in layers:
         members = [n for n in g.nodes if in_layer(n.meta.get("module"), layer)]
@@ -67,7 +74,8 @@ def recompute_layers(gm: fx.GraphModule, layers: tuple[str, ...],
             raise PlanError(f"the plan recomputes {layer!r}, but this model has no layer "
                             "there (the plan was made for a different model)")
         region = _gather(g, members)
-        _checkpoint(gm, layer, region, _made_from(g, set(inputs)) if layer in offload else None)
+        _checkpoint(gm, layer, region, _made_from(g, set(inputs)) if layer in offload else None,
+                    selective=layer in keep_attention)
     g.lint()
     gm.recompile()
     return gm
@@ -127,9 +135,11 @@ def _made_from(g: fx.Graph, inputs: set[str]) -> set[fx.Node]:
     return {n for n in out if n.op != "placeholder"}
 
 
-def _checkpoint(gm: fx.GraphModule, layer: str, region: list[fx.Node], offload: set | None = None) -> None:
+def _checkpoint(gm: fx.GraphModule, layer: str, region: list[fx.Node], offload: set | None = None,
+                selective: bool = False) -> None:
     """Move `region` (consecutive nodes of gm.graph) into a submodule called through
-    `checkpoint`, or `offloaded_checkpoint` moving its inputs in `offload` to the host."""
+    `checkpoint`, or `offloaded_checkpoint` moving its inputs in `offload` to the host;
+    `selective_checkpoint` (the same, keeping attention's outputs) where `selective`."""
     g = gm.graph
     inside = set(region)
     inputs = list(dict.fromkeys(x for n in region for x in n.all_input_nodes if x not in inside))
@@ -143,10 +153,13 @@ def _checkpoint(gm: fx.GraphModule, layer: str, region: list[fx.Node], offload: 
     gm.add_submodule(name, fx.GraphModule(gm, sub, class_name=name))
     with g.inserting_before(region[0]):
         fn = g.get_attr(name)
-        if offload is None:
+        moved = () if offload is None else tuple(k for k, x in enumerate(inputs) if x in offload)
+        if selective:
+            call = g.call_function(selective_checkpoint, (fn, *inputs),
+                                   {"offload": moved} if offload is not None else {})
+        elif offload is None:
             call = g.call_function(checkpoint, (fn, *inputs), {"use_reentrant": False})
         else:
-            moved = tuple(k for k, x in enumerate(inputs) if x in offload)
             call = g.call_function(offloaded_checkpoint, (fn, *inputs), {"offload": moved})
         call.name = g._graph_namespace.create_name(f"checkpoint_{name[len('recompute_'):]}", None)
         call.meta["module"] = layer

@@ -16,6 +16,8 @@
                  readable wrapper of the same name
     opsupport    what those share: input checks, option defaults, `register_attention_op`
     sharding     redistribution steps (slice / gather / all-to-all a factor) built on collectives
+    offload      a recomputed layer's inputs in host memory between forward and backward
+    selective    a recomputed layer that keeps its attention's outputs (attention runs once)
 
 Tensors are q [b, h, s_local, e], k, v [b, hk, s_local, e]; lse is [b, h, s_local], fp32.
 """

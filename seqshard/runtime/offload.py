@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 __all__ = ["offloaded_checkpoint", "offload_saved", "MIN_BYTES", "stats", "Stats"]
 
@@ -240,8 +240,8 @@ def offload_saved(tensors) -> torch.autograd.graph.saved_tensors_hooks:
         partial(_pack, {id(t) for t in tensors}, _Layer()), _unpack)
 
 
-def offloaded_checkpoint(fn, *args, offload: tuple[int, ...] = ()):
-    """`checkpoint(fn, *args, use_reentrant=False)` whose inputs at positions `offload` live in
-    host memory between the forward and the backward."""
+def offloaded_checkpoint(fn, *args, offload: tuple[int, ...] = (), context_fn=noop_context_fn):
+    """`checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn)` whose inputs at
+    positions `offload` live in host memory between the forward and the backward."""
     with offload_saved([args[i] for i in offload]):
-        return checkpoint(fn, *args, use_reentrant=False)
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn)

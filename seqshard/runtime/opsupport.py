@@ -7,6 +7,8 @@ code and torch.compile see one opaque node per attention call:
     seqshard::<name>_backward(dout, *saved', *options)  -> (dq, dk, dv)
 
 `register_attention_op` writes both ops and their autograd once. Only `out` is differentiable.
+`FORWARD_OPS` lists the forward ops registered so far: what a selective recompute keeps
+(`selective.py`).
 
 Structured masks (masks.py) enter every op as its last options, `positions`, `segments`,
 `key_valid` (Tensor?) and `window` (int?): all None is plain causal or full attention, as before.
@@ -21,7 +23,10 @@ from seqshard.runtime.backends import select_backend
 from seqshard.runtime.layout import check_local_len
 
 __all__ = ["check_attention_inputs", "check_mask_inputs", "resolve_options", "fresh_like",
-           "lse_like", "register_attention_op", "unpack_pair"]
+           "lse_like", "register_attention_op", "unpack_pair", "FORWARD_OPS"]
+
+FORWARD_OPS: list = []
+"""The forward op of every attention algorithm registered (`torch.ops.seqshard.<name>.default`)."""
 
 
 def check_attention_inputs(q, k, v, *, world: int, order: str, seq_len: int | None,
@@ -140,6 +145,8 @@ def register_attention_op(name: str, forward, backward, *, saves: str = "inputs"
         return dq, dk, dv, *unused
 
     op.register_autograd(differentiate, setup_context=setup_context)
+    namespace, op_name = name.split("::")
+    FORWARD_OPS.append(getattr(getattr(torch.ops, namespace), op_name).default)
 
 
 def unpack_pair(pair: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

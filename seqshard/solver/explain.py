@@ -11,7 +11,8 @@ from seqshard.strategies import (Cost, NodePlan, Plan, Predicted, Split, Strateg
 from seqshard.strategies.from_plan import node_keys
 
 from .clusters import layer_of
-from .model import IN_FLIGHT, Solution, chosen_moves, class_figures, fetch_time, region_figures
+from .model import (IN_FLIGHT, Solution, attention_cache_bytes, chosen_moves, class_figures,
+                    fetch_time, kept_attention, region_figures)
 from .problem import CHUNK_BYTES, Problem
 
 __all__ = ["to_plan", "explain_all"]
@@ -38,6 +39,8 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
     # waits for the class's inputs copied back (its own; the others' are prefetched)
     fetch = {pb.classes[c].layers[-1]: fetch_time(pb, sol.choice, c) for c in sol.offload}
     offloaded = {unit for c in sol.offload for unit in pb.classes[c].layers}
+    selective = set(keeping_attention(pb, sol))  # attention runs once, its outputs kept
+    attention = {n for ns in kept_attention(pb).values() for n, _ in ns}
     for layer in recomputed:
         inputs[layer] = sum(pb.costs.bytes(x, _out(strategies[u], idx))
                             for u, idx, x in pb.layer_inputs.get(layer, ()))
@@ -57,6 +60,8 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
         if unit in inputs:
             mem += inputs.pop(unit)
         f = pb.forward[(t, sol.choice[t])] if pb.node_class.get(t) in sol.recompute else Cost()
+        if unit in selective and t in attention:  # kept, not run again
+            f, mem = Cost(), mem + attention_cache_bytes(pb, t, sol.choice[t])
         if pb.node_region.get(t) in sol.chunked:  # its forward again, chunk by chunk
             g = pb.forward[(t, sol.choice[t])]
             f = Cost(f.compute_s + g.compute_s, f.comm_s + g.comm_s, f.redistribute_s + g.redistribute_s)
@@ -83,12 +88,19 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
                 orders=tuple(sorted((f, o) for f, o in orders.items() if f in used)),
                 predicted=predicted, notes=tuple(notes), recompute=layers, chunks=chunks,
                 offload=tuple(layer for layer in layers if layer in offloaded),
+                keep_attention=tuple(layer for layer in layers if layer in selective),
                 chunked_modules=tuple((path, region_chunks(pb, sol, R)) for R in pb.regions
                                       if R in sol.chunked for path in pb.regions[R].paths))
     plan.explanations.update(explain_all(pb, sol))
     plan.explanations.update(explain_recompute(pb, sol))
     plan.explanations.update(explain_regions(pb, sol))
     return plan
+
+
+def keeping_attention(pb: Problem, sol: Solution) -> list[str]:
+    """The layers that keep their attention's outputs: of each class, its last s[c] (their
+    backward runs first, so what they keep is freed soonest)."""
+    return [layer for c, k in (sol.selective or {}).items() for layer in pb.classes[c].layers[-k:]]
 
 
 def chunk_count(pb: Problem, sol: Solution, c: str) -> int:
@@ -158,6 +170,13 @@ def _memory_notes(pb: Problem, sol: Solution) -> list[str]:
                          "more per step (the forward again in backward)")
             if c in sol.offload:
                 notes.append(_offload_note(pb, c, f))
+            kept = (sol.selective or {}).get(c, 0)
+            if kept:
+                notes.append(f"recompute {_layer_span(pb.classes[c].layers[-kept:])} keeping "
+                             f"attention's outputs: each keeps {_gib(f.attention)} more (its "
+                             f"attention's output and lse), {_gib(f.attention * kept)} in all, for "
+                             f"{f.attention_s * kept * 1e3:.1f} ms less per step (attention not run "
+                             "again in backward)")
     return notes
 
 
@@ -290,6 +309,13 @@ def explain_recompute(pb: Problem, sol: Solution) -> dict[str, str]:
                  f"+{(f.forward_s + f.fetch_s) * 1e3:.3f} ms per layer (the forward again and "
                  f"{f.fetch_s * 1e3:.3f} ms waiting for its inputs copied back, on average), {_gib(f.working + IN_FLIGHT * f.inputs)} live"
                  + ("  ← chosen" if c in sol.offload else "")]
+        kept = (sol.selective or {}).get(c, 0)
+        if f.attention:
+            lines.append(f"  selective:        recomputed (or offloaded) keeping attention's outputs "
+                         f"too: +{_gib(f.attention)} per layer kept, -{f.attention_s * 1e3:.3f} ms "
+                         "per layer (attention not run again); "
+                         + (f"{kept} of {k} layers keep them ({_layer_span(lc.layers[-kept:])}, the "
+                            "last: their backward runs first)  ← chosen" if kept else "none chosen"))
         if lc.offload:
             why = "an override asks for it."
         elif c in sol.offload:
@@ -365,6 +391,16 @@ def _span(pb: Problem, c: str) -> str:
     idx = [int(layer.rsplit(".", 1)[1]) for layer in layers]
     if all(layer.rsplit(".", 1)[0] == prefix for layer in layers) and \
             idx == list(range(idx[0], idx[0] + len(idx))):
+        return f"{prefix}.{idx[0]}-{idx[-1]}"
+    return ", ".join(layers)
+
+
+def _layer_span(layers) -> str:
+    """`layers.4-7` for consecutive layers, else them listed."""
+    prefix = layers[0].rsplit(".", 1)[0]
+    idx = [int(layer.rsplit(".", 1)[1]) for layer in layers if layer.rsplit(".", 1)[-1].isdigit()]
+    if len(layers) > 1 and len(idx) == len(layers) and idx == list(range(idx[0], idx[0] + len(idx))) \
+            and all(layer.rsplit(".", 1)[0] == prefix for layer in layers):
         return f"{prefix}.{idx[0]}-{idx[-1]}"
     return ", ".join(layers)
 

@@ -37,6 +37,11 @@ Variables
                            layer classes only, o[c] ≤ r[c]); g[c] = r[c] − o[c] ∈ {0,1}: recomputed
                            with its inputs kept on the GPU (a variable of its own, so that every
                            memory coefficient stays positive)
+    s[c] ∈ [0, |c|]        how many layers of c (its last ones in graph order: their backward
+                           runs first) are recomputed keeping their attention's outputs (selective
+                           recompute: attention runs once; `runtime.selective`); σ[c] = (s[c] ≥ 1)
+    y[n,i] ∈ [0, |c|]      s[c]·x[n,i] for an attention template n of c (A_c: those whose output
+                           autograd keeps, k_n of them a layer; `kept_attention`)
     ρ[n,i,c] ∈ {0,1}       x[n,i] ∧ r[c], made only where a term needs it (time, kept inputs)
     ν[n,i,c] ∈ {0,1}       x[n,i] ∧ ¬r[c]: n's output still kept by c's consumers (memory)
     ρw, νw [t,i,l]         the same for w[t,i,l] and r[κ(t)]
@@ -64,6 +69,7 @@ Objective (integer nanoseconds; every cost from `strategies.Costs` is in seconds
        + Σ_c Σ_{n∈N_c} m_n Σ_i f(n,i)·ρ[n,i,c]  +  Σ_{t: κ(t)≠none} m_t Σ_il f(t,i,l)·ρw[t,i,l]
        + Σ_c Σ_{u∈I_c} k_in(u,c) Σ_i b(u,i)/host_bandwidth·ω[u,i,c]
        + Σ_R Σ_{n∈N_R} m_n Σ_i f(n,i)·(x[n,i] ∧ q[R])
+       − Σ_c Σ_{n∈A_c} k_n Σ_i f(n,i)·y[n,i]                     → `_selective_time`
     t: compute (+ backward when training) and the node's own communication (attention
     algorithms, with their overlap); r: the redistribution (and its adjoint in backward).
     f: the forward alone, run again in backward: compute, the node's own communication (a
@@ -92,6 +98,10 @@ Constraints
                                                                   → `_add_offload` ("host")
     forced   r[c] = 1 where an override says `recompute`; r[c] = 0 for the others when the
              planner may not recompute                            → `_add_recompute`
+    select   s[c] ≤ |c|·r[c]; σ[c] ≤ s[c] ≤ |c|·σ[c]; s[c] = |c| where an override says
+             `recompute:selective`, 0 where it says `recompute` or `offload` alone, for classes
+             without kept attention, or where r[c] is 0        → `_selective_choice` ("selective[c]")
+             y[n,i] ≤ |c|·x[n,i], Σ_i y[n,i] = s[c] (exact: y = s·x)   → `_add_selective`
     chunks   r[c] → no redistribution between two nodes of a chunk region c (one program runs
              per chunk): ¬(x[u,i] ∧ z[t,l] ∧ r[c]) for every move of such a tensor
                                                                   → `_add_recompute` ("whole_chunks[c]")
@@ -139,6 +149,15 @@ Constraints
                + Σ_R Σ_{n∈K_R} k_R(n) Σ_i a(n,i)·(x[n,i] ∧ ¬d[R]) − (the same k_R(n) taken
                  out of n's class term above) + Σ_R Σ_{u∈I_R} k_in(u,R) Σ_i b(u,i)·(x[u,i] ∧ e[R])
                                                                   → `_region_terms`
+               + Σ_c Σ_{n∈A_c} k_n Σ_i κ(n,i)·y[n,i]             → `_selective_terms`
+             κ(n,i): what a selective layer keeps of attention n, every output of its op
+             (`attention_cache_bytes`: out and lse, a(n,i); Ulysses and the hybrid also their
+             head-layout q, k/v, out and lse). They are in A at the backward's start and freed as
+             their layers' backward runs: the last layers' first, so A still falls over the
+             backward and its ends bound the peak. In "working" (W, the last layer's rerun) an
+             attention template's term is a(n,i)·(x[n,i] ∧ ¬σ[c]): a selective layer's rerun
+             does not make its output again (it is in A); Wb is unchanged (the first layer's
+             output is kept, or made again: once either way)
              a: activation bytes kept for backward (training), by the node's output or by the
              redistributed copy a consumer keeps (what autograd keeps, `problem._autograd`: a
              view's base for a view, e.g. v through its transpose; attention's output and fp32
@@ -175,14 +194,19 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from math import prod
+
 from ortools.sat.python import cp_model
 
+from seqshard.costmodel import attention as att_cost
 from seqshard.strategies import PlanError
+from seqshard.strategies.strategy import is_attention
 
 from .problem import CHUNK_BYTES, Problem
 
 __all__ = ["Model", "Solution", "Memory", "ClassFigures", "solve", "Infeasible", "NS",
-           "memory_of", "class_figures", "chosen_moves", "IN_FLIGHT", "fetch_time"]
+           "memory_of", "class_figures", "chosen_moves", "IN_FLIGHT", "fetch_time",
+           "kept_attention", "attention_cache_bytes"]
 
 NS = 1e9
 
@@ -228,6 +252,8 @@ class Solution:
     budget: float | None = None
     offload: frozenset = frozenset()     # of those, the classes whose inputs live on the host
     chunked: frozenset = frozenset()     # names of the token-wise regions run in chunks
+    selective: dict | None = None        # recomputed class → how many of its layers (its last
+    #                                      ones) keep their attention's outputs
 
 
 class Model:
@@ -242,6 +268,9 @@ class Model:
         self.w: dict = {}
         self.r: dict = {}
         self.o: dict = {}
+        self.s: dict = {}       # class → s[c], its layers keeping attention's outputs
+        self.sigma: dict = {}   # class → σ[c] = (s[c] ≥ 1)
+        self.y: dict = {}       # (attention template, i) → y = s[c]·x[n,i]
         self.q: dict = {}
         self.drop: dict = {}
         self.alone: dict = {}
@@ -256,6 +285,7 @@ class Model:
         self._add_choice()
         self._add_tensors()
         self._add_recompute()
+        self._add_selective()
         self._add_regions()
         self._add_offload()
         self.memory_terms = self._memory_terms()
@@ -376,19 +406,30 @@ class Model:
         pb = self.pb
         if not pb.classes:
             return
+        self._attention_of = kept_attention(pb)
+        self._kept_attention = {(n, c) for c, ns in self._attention_of.items() for n, _ in ns}
         for c, lc in pb.classes.items():  # forced: the constant 1; not allowed: 0
             self.r[c] = 1 if lc.forced else self.m.NewBoolVar(f"r[{c}]") if self.allow else 0
             self._offload_choice(c, lc)
+            self._selective_choice(c, lc)
         self._region_choice()
-        one_layer = {c: [] for c in pb.classes}
+        one_layer = {c: [] for c in pb.classes}  # kept or made again (the first layer's backward)
+        top_layer = {c: [] for c in pb.classes}  # made again (the last layer's: kept attention
+        #                                          outputs are in A already where σ[c])
         for (n, i), cost in pb.node_cost.items():
             for c, k in pb.kept_by.get(n, {}).items():
                 if c is not None and cost.memory_bytes:
-                    one_layer[c] += self._layer_live(n, i, c, cost.memory_bytes)
+                    live = self._layer_live(n, i, c, cost.memory_bytes)
+                    one_layer[c] += live
+                    if (n, c) in self._kept_attention and not _off(self.sigma[c]) and len(live) == 1:
+                        x, a = live[0]
+                        live = [(self._lit_and(x, _neg(self.sigma[c]), f"{n.name},{i}∧¬σ[{c}]"), a)]
+                    top_layer[c] += live
         for (key, i, l), w in self.w.items():
             c, kept = pb.tensors[key].cls, pb.move[(key, i, l)][2]
             if c is not None and kept:
                 one_layer[c].append((w, int(_live(pb, c, kept))))
+                top_layer[c].append((w, int(_live(pb, c, kept))))
         # a chunked region runs one program per chunk: no redistribution inside it
         for (key, i, l) in pb.move:
             c = pb.tensors[key].cls
@@ -403,11 +444,11 @@ class Model:
                         .with_name(f"whole_chunks[{c}]")
         flight = {c: self._in_flight(c) for c in pb.classes if not _off(self.o[c])}
         top = max((sum(k for _, k in terms) + sum(k for _, k in flight.get(c, ()))
-                   for c, terms in one_layer.items()), default=0)
+                   for c, terms in top_layer.items()), default=0)
         self.W = self.m.NewIntVar(0, max(top, 0), "W")
         self.Wh = self.m.NewIntVar(0, max(top, 0), "Wh")
         self.ub["W"] = self.ub["Wh"] = max(top, 0)
-        for c, terms in one_layer.items():
+        for c, terms in top_layer.items():
             if terms and not _off(self.r[c]):  # a chunked LM head + loss: Wh (before the layers')
                 W = self.Wh if pb.classes[c].kind == "chunk" else self.W
                 bound = self.m.Add(W >= sum(k * v for v, k in terms)).with_name(f"working[{c}]")
@@ -428,6 +469,69 @@ class Model:
             for c in layers:
                 if one_layer[c]:
                     self.m.Add(self.Wb >= sum(k * v for v, k in one_layer[c])).with_name(f"bottom[{c}]")
+
+    # ------------------------------------------------------------------ selective recompute
+    def _selective_choice(self, c: str, lc):
+        """s[c] ∈ [0, |c|]: how many of c's layers (its last ones) keep their attention's
+        outputs, s[c] ≤ |c|·r[c]; σ[c] = (s[c] ≥ 1). An override fixes it (`recompute:selective`:
+        every layer; `recompute`, `offload`: none); 0 without attention to keep."""
+        count, r = len(lc.layers), self.r[c]
+        if lc.kind != "layer" or _off(r) or not self._attention_of.get(c):
+            self.s[c] = self.sigma[c] = 0
+        elif lc.forced or lc.offload:
+            self.s[c], self.sigma[c] = (count, 1) if lc.selective else (0, 0)
+        else:
+            s = self.s[c] = self.m.NewIntVar(0, count, f"s[{c}]")
+            sigma = self.sigma[c] = self.m.NewBoolVar(f"σ[{c}]")
+            if not isinstance(r, int):
+                self.m.Add(s <= count * r).with_name(f"selective[{c}]")
+            self.m.Add(s >= sigma).with_name(f"selective[{c}]")
+            self.m.Add(s <= count * sigma).with_name(f"selective[{c}]")
+
+    def _add_selective(self):
+        """y[n,i] = s[c]·x[n,i] for each attention template n of c (exact: y ≤ |c|·x[n,i],
+        Σ_i y[n,i] = s[c]), so that kept bytes and saved seconds stay linear."""
+        pb = self.pb
+        for c, ns in getattr(self, "_attention_of", {}).items():
+            s, count = self.s[c], len(pb.classes[c].layers)
+            if _off(s):
+                continue
+            for n, _ in ns:
+                if isinstance(s, int):
+                    for i in range(len(pb.strategies[n])):
+                        self.y[(n, i)] = s * self.x[(n, i)]
+                    continue
+                ys = []
+                for i in range(len(pb.strategies[n])):
+                    y = self.y[(n, i)] = self.m.NewIntVar(0, count, f"y[{n.name},{i}]")
+                    self.m.Add(y <= count * self.x[(n, i)]).with_name(f"selective[{c}]")
+                    ys.append(y)
+                self.m.Add(sum(ys) == s).with_name(f"selective[{c}]")
+
+    def _selective_terms(self) -> list:
+        """(y, bytes): the attention outputs the selective layers keep, k_n·κ(n,i) a layer."""
+        pb, terms, over = self.pb, [], 0
+        for c, ns in getattr(self, "_attention_of", {}).items():
+            most = self.s[c] if isinstance(self.s[c], int) else len(pb.classes[c].layers)
+            for n, k in ns:
+                for i in range(len(pb.strategies[n])):
+                    b = int(k * attention_cache_bytes(pb, n, i))
+                    if (n, i) in self.y and b:
+                        terms.append((self.y[(n, i)], b))
+                        over += b * (most - 1)  # y ≤ most, not 1: for `_peak_ub`
+        self.ub["selective"] = over
+        return terms
+
+    def _selective_time(self) -> list:
+        """Minus each selective layer's attention forward, not run again (k_n·f(n,i)·y[n,i])."""
+        pb, terms = self.pb, []
+        for c, ns in getattr(self, "_attention_of", {}).items():
+            for n, k in ns:
+                for i in range(len(pb.strategies[n])):
+                    t = int(round(k * pb.forward[(n, i)].time_s * NS))
+                    if (n, i) in self.y and t:
+                        terms.append(-t * self.y[(n, i)])
+        return terms
 
     # ------------------------------------------------------------------ token-wise regions
     def _lit_and(self, a, b, key: str):
@@ -565,6 +669,7 @@ class Model:
                             else self._both(self.x[(u, i)], self.g[c], f"{u.name},{i}")
                         (tail if lc.kind == "chunk" else terms).append((kept, b))
         terms += self._region_terms()
+        terms += self._selective_terms()
         self.tail_terms = [(v, c) for v, c in tail if c and not _off(v)]
         return [(v, c) for v, c in terms if c and not _off(v)] + self.tail_terms
 
@@ -662,6 +767,7 @@ class Model:
                 terms.append(t * self._and(w, pb.tensors[k[0]].cls, w.Name()))
         terms += self._fetch_time()
         terms += self._region_time()
+        terms += self._selective_time()
         return sum(terms)
 
     def _fetch_time(self):
@@ -704,13 +810,15 @@ class Model:
         recompute = frozenset(c for c, r in self.r.items() if (r if isinstance(r, int) else solver.Value(r)))
         offload = frozenset(c for c, o in self.o.items() if (o if isinstance(o, int) else solver.Value(o)))
         chunked = frozenset(R for R, q in self.q.items() if (q if isinstance(q, int) else solver.Value(q)))
-        memory = memory_of(self.pb, choice, recompute, offload, chunked)
+        selective = {c: n for c, s in self.s.items()
+                     if (n := s if isinstance(s, int) else solver.Value(s)) and c in recompute}
+        memory = memory_of(self.pb, choice, recompute, offload, chunked, selective)
         # the linearization bounds the direct count: equal, but for W (a bound) and moves
         # whose w is 1 where no consumer needs them (free when their time rounds to 0 ns)
         kept = sum(c * solver.Value(v) for v, c in self.memory_terms)
         assert memory.kept <= kept + len(self.memory_terms) + 1e-9 * kept, (kept, memory)
         return Solution(choice, solver.ObjectiveValue() / NS, memory.peak, name, elapsed,
-                        recompute, memory, self.budget, offload, chunked)
+                        recompute, memory, self.budget, offload, chunked, selective)
 
 
 def _live(pb: Problem, c: str, kept: float) -> float:
@@ -735,6 +843,49 @@ def chosen_moves(pb: Problem, choice: dict):
     for (key, i, l), c in pb.move.items():
         if choice[pb.tensors[key].producer] == i and (key, l) in needed:
             yield (key, i, l), c
+
+
+def kept_attention(pb: Problem) -> dict[str, list]:
+    """class → [(attention template n, members per layer)]: the attention nodes of each layer
+    class whose outputs autograd keeps (they need a gradient), what a selective layer keeps."""
+    out: dict = {}
+    for c, lc in pb.classes.items():
+        if lc.kind != "layer":
+            continue
+        for n in lc.nodes:
+            members = pb.kept_by.get(n, {}).get(c)
+            if members and is_attention(n) and any(
+                    pb.node_cost[(n, i)].memory_bytes for i in range(len(pb.strategies[n]))):
+                out.setdefault(c, []).append((n, members / len(lc.layers)))
+    return out
+
+
+def attention_cache_bytes(pb: Problem, n, i: int) -> float:
+    """What a selective layer keeps of attention node n under strategy i: every output of its op
+    (selective checkpointing keeps them all, `runtime.selective`): out and the fp32 lse (the
+    node's kept bytes), and for Ulysses and the hybrid the head-layout q, k/v, out and lse
+    their backward reads (`runtime.ulysses`: q_h and out_h like q, lse_h like lse, kv_h
+    2·b·m·S·e with m the kv heads each rank holds after the exchange)."""
+    a = pb.node_cost[(n, i)].memory_bytes
+    st = pb.strategies[n][i]
+    if not a or st.algorithm not in ("ulysses", "hybrid"):
+        return a
+    costs, F = pb.costs, pb.dims.F
+    att = pb.dims.attention(n)
+    ins = dict(st.inputs)
+    q_lay, kv_lay = ins[n.args[0]], ins[n.args[1]]
+    q, k = costs.bytes(n.args[0], q_lay), costs.bytes(n.args[1], kv_lay)
+
+    def local(dim, layout):
+        return prod(costs.local(F.find(x), layout) for x in F.atoms_of(dim))
+
+    heads, kv_heads = local(att.heads, q_lay), local(att.kv_heads, kv_lay)
+    seq = {F.find(x) for x in F.atoms_of(att.seq_k)}
+    inner = costs.shape[[j for j, x in enumerate(st.splits) if x in seq][-1]]
+    shape = att_cost.AttentionShape(batch=1, heads=heads, kv_heads=kv_heads, seq=1, head_dim=1,
+                                    dtype_bytes=costs.dtype_bytes, causal=False)
+    kv_h = 2 * k * inner * att_cost.ulysses_kv_heads(shape, inner) / kv_heads
+    return a + 2 * q + kv_h + (a - q)
 
 
 @dataclass
@@ -812,6 +963,10 @@ def class_figures(pb: Problem, choice: dict, chunked=frozenset()) -> dict[str, C
             inputs += count * pb.costs.bytes(x, st.output if idx is None else st.output[idx])
         k = len(lc.layers)
         out[c] = ClassFigures(kept / k, inputs / k, working, fwd / k, fetch_time(pb, choice, c) / k)
+        for n, m in kept_attention(pb).get(c, ()):
+            out[c].attention += m * attention_cache_bytes(pb, n, choice[n])
+            out[c].attention_live += pb.node_cost[(n, choice[n])].memory_bytes
+            out[c].attention_s += m * pb.forward[(n, choice[n])].time_s
     for R, f in region_figures(pb, choice, chunked).items():  # their chunks' checkpoints keep
         c = out[pb.regions[R].cls]                            # only their inputs
         c.kept += f.inputs - f.kept
@@ -861,7 +1016,7 @@ def region_figures(pb: Problem, choice: dict, regions=None) -> dict[str, RegionF
 
 
 def memory_of(pb: Problem, choice: dict, recompute=frozenset(), offload=frozenset(),
-              chunked=frozenset()) -> Memory:
+              chunked=frozenset(), selective=None) -> Memory:
     """The peak the memory constraint sees, counted directly from a choice (the CP-SAT model
     must agree; `Model.solve` asserts it), and where it is reached. `offload` ⊆ `recompute`:
     classes whose inputs are in host memory (IN_FLIGHT layers' worth on the GPU); `chunked`:
@@ -881,6 +1036,9 @@ def memory_of(pb: Problem, choice: dict, recompute=frozenset(), offload=frozense
         f, k = figures[c], len(pb.classes[c].layers)
         kept += (f.inputs - f.kept) * k
         live = f.working
+        if (selective or {}).get(c):  # its last layers keep attention's outputs: not made again
+            kept += selective[c] * f.attention
+            live -= f.attention_live
         if c in offload:
             kept -= f.inputs * k
             host += f.inputs * k

@@ -58,6 +58,8 @@ class LayerClass:
     label: str = ""                # for people: "lm_head + cross_entropy_loss"
     chunks: int | None = None      # a chunk count an override forces (else from CHUNK_BYTES)
     offload: bool = False          # an override says `offload`: recomputed, inputs on the host
+    selective: bool = False        # an override says `recompute:selective`: recomputed, every
+    #                                layer keeping its attention's outputs
     inputs: dict = field(default_factory=dict)
     """(template producer, output index) → (count, representative tensor): the distinct tensors
     made outside a layer and read inside it, over every layer of the class (a tensor read by
@@ -442,7 +444,8 @@ def _add_layer_classes(pb: Problem, nodes, templates, saved, overrides) -> None:
         spec = spec_for(overrides, name) if overrides else None
         pb.classes[name] = LayerClass(name, tuple(layers), [],
                                       forced=bool(spec and spec.recompute),
-                                      offload=bool(spec and spec.offload))
+                                      offload=bool(spec and spec.offload),
+                                      selective=bool(spec and spec.selective))
     for pattern, text in (overrides or {}).items():
         if parse_spec(text).recompute and not any(
                 fnmatch.fnmatchcase(layer, pattern) for c in pb.classes.values() for layer in c.layers):

@@ -20,6 +20,11 @@ it sets. A spec is a list of terms:
     zigzag | contig the order of the split factors of this spec (zigzag balances causal work)
     recompute       on a layer (a module path ending in an index, `layers.3`): keep only its
                     inputs for backward and run its forward again there (activation checkpointing)
+    recompute:selective
+                    on a layer: recompute it, but keep its attention's outputs (out, lse) too, so
+                    attention does not run again in backward (LightSeq's rematerialization-aware
+                    checkpointing); with `offload`, its inputs in host memory as well. Without an
+                    override the planner picks how many layers of each class do this
     offload         on a layer: recompute it, and keep its inputs in host memory until its
                     backward (copied out on a side stream in forward, back in backward)
     chunk | chunk:K on an LM head whose logits feed a cross-entropy (`lm_head`): run the head and
@@ -63,13 +68,15 @@ class Spec:
     recompute: bool | None = None
     chunk: int | None = None       # chunk count; 0: the planner's
     offload: bool | None = None    # recompute, its inputs in host memory
+    selective: bool | None = None  # recompute, keeping attention's outputs
 
     def merged(self, later: "Spec") -> "Spec":
         return Spec(later.splits if later.splits is not None else self.splits,
                     later.algorithm or self.algorithm, later.order or self.order,
                     later.recompute if later.recompute is not None else self.recompute,
                     later.chunk if later.chunk is not None else self.chunk,
-                    later.offload if later.offload is not None else self.offload)
+                    later.offload if later.offload is not None else self.offload,
+                    later.selective if later.selective is not None else self.selective)
 
     def assign(self, axis_names: tuple[str, ...]) -> dict[str, str]:
         """axis → factor name."""
@@ -88,6 +95,7 @@ class Spec:
 
 def parse_spec(text: str) -> Spec:
     splits, algorithm, order, recompute, chunk, offload = None, None, None, None, None, None
+    selective = None
     for term in text.replace(",", " ").split():
         if term.startswith("split:"):
             body = term[len("split:"):]
@@ -103,6 +111,9 @@ def parse_spec(text: str) -> Spec:
             order = term
         elif term == "recompute":
             recompute = True
+            selective = bool(selective)  # plain: attention runs again (unless selective here)
+        elif term == "recompute:selective":
+            recompute = selective = True
         elif term == "offload":
             recompute = offload = True
         elif term == "chunk" or term.startswith("chunk:"):
@@ -113,8 +124,8 @@ def parse_spec(text: str) -> Spec:
         else:
             raise ValueError(f"unknown override term {term!r} in {text!r}; terms are split:F, "
                              f"split:F@AXIS, replicate, {', '.join(NAMES)}, {', '.join(ORDERS)}, "
-                             "recompute, offload, chunk, chunk:K")
-    return Spec(splits, algorithm, order, recompute, chunk, offload)
+                             "recompute, recompute:selective, offload, chunk, chunk:K")
+    return Spec(splits, algorithm, order, recompute, chunk, offload, selective)
 
 
 def spec_for(overrides: dict[str, str], module: str) -> Spec | None:

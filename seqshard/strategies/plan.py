@@ -96,6 +96,8 @@ class Plan:
     offload: tuple[str, ...] = ()                 # recomputed layers whose inputs live on the host
     chunked_modules: tuple[tuple[str, int], ...] = ()  # (module, k): a token-wise module in a
     #                layer (`layers.3.mlp`) run in k chunks of tokens, each recomputed in backward
+    keep_attention: tuple[str, ...] = ()          # recomputed layers that keep their attention's
+    #                outputs (out, lse) for backward: attention is not run again (selective)
 
     def __post_init__(self):
         for f, o in self.orders:
@@ -106,6 +108,11 @@ class Plan:
                 raise ValueError(f"the plan offloads {layer!r} but does not recompute it: "
                                  "offload moves what a recomputed layer keeps (its inputs) to "
                                  "host memory; add it to `recompute`")
+        for layer in self.keep_attention:
+            if layer not in self.recompute:
+                raise ValueError(f"the plan keeps the attention outputs of {layer!r} but does not "
+                                 "recompute it: a layer that is not recomputed keeps them anyway; "
+                                 "add it to `recompute`")
 
     # ------------------------------------------------------------------ access
     @property
@@ -159,7 +166,8 @@ class Plan:
                     recompute=tuple(d.get("recompute", ())),
                     chunks=tuple(tuple(c) for c in d.get("chunks", ())),
                     offload=tuple(d.get("offload", ())),
-                    chunked_modules=tuple(tuple(c) for c in d.get("chunked_modules", ())))
+                    chunked_modules=tuple(tuple(c) for c in d.get("chunked_modules", ())),
+                    keep_attention=tuple(d.get("keep_attention", ())))
 
     def hash(self) -> str:
         """A stable hash of what the plan decides (not of its predictions). The input axes count
@@ -178,6 +186,8 @@ class Plan:
             key["offload"] = list(self.offload)
         if self.chunked_modules:
             key["chunked_modules"] = [list(c) for c in self.chunked_modules]
+        if self.keep_attention:
+            key["keep_attention"] = list(self.keep_attention)
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
     def with_mesh(self, mesh: tuple[tuple[str, int], ...]) -> "Plan":
@@ -234,6 +244,10 @@ class Plan:
         if self.offload:
             text += ("offload (a recomputed layer's inputs in host memory until its backward): "
                      + ", ".join(r[0] for r in _fold([(m,) for m in self.offload])) + "\n")
+        if self.keep_attention:
+            text += ("recompute keeping attention's outputs (attention not run again in "
+                     "backward): " + ", ".join(r[0] for r in _fold([(m,) for m in self.keep_attention]))
+                     + "\n")
         for loss, k in self.chunks:
             text += f"chunked: the LM head and {loss} run in {k} chunks of tokens\n"
         for module, k in _fold([(m, k) for m, k in self.chunked_modules]):
@@ -305,7 +319,8 @@ _PLAN = {"version": (_OneOf((1,)), True), "mesh": ([_Pair("str", "size")], True)
          "predicted": (_PREDICTED, False, "|None"), "notes": (["str"], False),
          "explanations": ({str: "str"}, False), "axes": ([_Pair("str", "str")], False),
          "recompute": (["str"], False), "chunks": ([_Pair("str", "size")], False),
-         "offload": (["str"], False), "chunked_modules": ([_Pair("str", "size")], False)}
+         "offload": (["str"], False), "chunked_modules": ([_Pair("str", "size")], False),
+         "keep_attention": (["str"], False)}
 
 
 def _check_json(d) -> None:
