@@ -457,7 +457,11 @@ def _scaled(table, factor: float):
 # through SDPA at world size 1), not at the d128 table's 517-544 it was priced at (step time
 # 22-30% over the prediction there, 2-10% on the d128 Llama-3-8B rows).
 _CUDNN_HEAD_DIM = ((64.0, (0.750 + 0.810) / 2), (72.0, (0.564 + 0.606) / 2), (128.0, 1.0))
-_FA4_HEAD_DIM = ((64.0, (0.887 + 0.862) / 2), (72.0, (0.768 + 0.728) / 2), (128.0, 1.0))
+# FA4 d96: head dim 72 zero-padded to 96 through the runtime (copies included), the runtime's mode
+# at 72 (bench/results/fa4-20261201-210430.md): 412 and 440 TFLOP/s of d72's FLOPs at 32K and
+# 128K causal, i.e. 549 and 587 at d96's, over d128's 621 and 613 in the same run.
+_FA4_HEAD_DIM = ((64.0, (0.887 + 0.862) / 2), (72.0, (0.768 + 0.728) / 2),
+                 (96.0, (549 / 621 + 587 / 613) / 2), (128.0, 1.0))
 
 # H200 SXM 141 GB. Source: docs/anchors.md (measured), datasheet where marked.
 _H200_GPU = GPU(

@@ -607,18 +607,20 @@ def unsupported_reason(name: str, device, dtype: torch.dtype, head_dim: int) -> 
     return _missing(name)
 
 
-FA4_CHECKED_HEAD_DIMS = (64, 128)
+FA4_CHECKED_HEAD_DIMS = (64, 96, 128)
 """Head dims whose FlashAttention-4 forward and backward were checked against the math reference
-on an H200 (tests/test_fa4.py, GPU tests). At 72, 4.0.0b36's backward returned a wrong dq
-(relative error 1.05 causal, 1.28 full, against ~0.004 for SDPA: bench/results/
-fa4-gpu-tests-20261201-190844.log) while out, dk and dv were right."""
+on an H200 (tests/test_fa4.py, GPU tests; 96 with MHA and GQA: bench/results/
+fa4-20261201-210430.md). At 72 and 80, 4.0.0b36's backward returns a wrong dq (relative error
+1.03 causal, 1.28 full, against ~0.004 for SDPA: the sm90 backward rounds the head dim up to 16,
+its dQ accumulator up to 32) while out, dk and dv are right."""
 
-FA4_PAD_TO = {72: 128}
+FA4_PAD_TO = {72: 96}
 """Head dims FlashAttention-4 runs zero-padded, and the checked head dim each is padded to (see
 "Padded head dims" above); a head dim neither checked nor here is refused, and the next backend
-(cuDNN) runs it. 72: the DiT's. 96 would cost 1.33x the FLOPs instead of 1.78x and its backward
-rounds the head dim alike in the kernel and the accumulators (80 does not: 80 vs 96, as 72);
-bench/fa4.py --set remaining measures 72 padded to 80, 96 and 128, speed and accuracy."""
+(cuDNN) runs it. 72: the DiT's. Measured on an H200 (bench/results/fa4-20261201-210430.md,
+fwd+bwd at d72's useful FLOPs, 32K/128K, causal and full): padded to 96, 412-440 TFLOP/s
+(1.25-1.37x cuDNN's 300-329) and within the bf16 rule; to 128, 357-381 (1.13-1.19x); to 80,
+faster (465-477) but with 72's wrong dq."""
 
 
 def fa4_head_dim(head_dim: int) -> int:

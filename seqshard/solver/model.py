@@ -107,11 +107,11 @@ Constraints
                                                                   → `_add_recompute` ("whole_chunks[c]")
     working  r[c] → W ≥ Σ_{n: k(n,c)>0} Σ_i a(n,i)·x[n,i] + Σ_{t: κ(t)=c} Σ_il a(t,i,l)·w[t,i,l]
              (one layer's activations, live again while it is recomputed; for a chunk region
-             each term is at most CHUNK_BYTES: one chunk's, `_live`; for n ∈ K_R \ I_R of a
+             each term is at most CHUNK_BYTES: one chunk's, `_live`; for n ∈ K_R − I_R of a
              region R of c the term is a(n,i)·(x∧¬q[R]) + min(a(n,i), CHUNK_BYTES)·(x∧q[R]):
              one chunk's when R runs in chunks, `_layer_live`)
                                                                   → `_add_recompute` ("working[c]")
-             q[R] → W ≥ Σ_{n ∈ K_R \ I_R} Σ_i min(a(n,i), CHUNK_BYTES)·x[n,i]
+             q[R] → W ≥ Σ_{n ∈ K_R − I_R} Σ_i min(a(n,i), CHUNK_BYTES)·x[n,i]
              (one chunk's activations, made again in its backward; its input is kept)
                                                                   → `_add_regions` ("working[R]")
     whole    q[R] → no redistribution into or inside R (one program runs per chunk):
