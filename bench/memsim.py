@@ -359,8 +359,8 @@ def simulate(model_key: str, seq: int, system: str, *, budget=None, cluster="h20
 
     pack = _offload._pack
 
-    def host_pack(moved, t):
-        out = pack(moved, t)
+    def host_pack(*args):  # (moved, layer, t): the runtime's signature, passed through
+        out = pack(*args)
         if isinstance(out, _offload._OnHost):
             tracker.to_host(out.host)
         return out
