@@ -107,7 +107,8 @@ def test_cli_default_is_auto(capsys):
 def auto_runs_what_it_planned():
     """parallelize(model_state="auto") under a budget the replicated state (16 bytes a float32
     parameter) does not fit: it shards, and one AdamW step matches the single device. A plan
-    priced with offload is refused under "auto"."""
+    priced with offload is refused under "auto"; a plan priced sharded is refused under the
+    default replicated state (it would run with memory the plan did not price)."""
     import copy
 
     from seqshard.planner import parallelize
@@ -135,12 +136,18 @@ def auto_runs_what_it_planned():
         refused = ""
     except ValueError as e:
         refused = str(e)
-    return (pm.plan.model_state, pm.sharded_layers, err, _note(pm.plan), refused)
+    try:  # a plan priced sharded, run with the default (replicated) state: refused, not run
+        parallelize(ref, inputs, mesh=mesh, plan=pm.plan)
+        mismatch = ""
+    except ValueError as e:
+        mismatch = str(e)
+    return (pm.plan.model_state, pm.sharded_layers, err, _note(pm.plan), refused, mismatch)
 
 
 def test_parallelize_auto_runs_the_chosen_state(pool2):
-    for chosen, layers, err, note, refused in pool2.run(auto_runs_what_it_planned):
+    for chosen, layers, err, note, refused, mismatch in pool2.run(auto_runs_what_it_planned):
         assert chosen == "sharded" and layers == ["layers.0", "layers.1"], (chosen, note)
         assert "replicated: skipped" in note and "offload" not in note, note
         assert err <= 1e-5, err
         assert "priced with model_state='offload', which seqshard does not run" in refused, refused
+        assert "priced with model_state='sharded'" in mismatch and "'auto'" in mismatch, mismatch

@@ -88,7 +88,8 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
         see `planner.state`). The planner prices the one chosen. "auto": the planner plans both
         (sharded only on more than one rank) and the faster feasible one runs (`planner.plan`'s
         "auto" without "offload", which seqshard does not run); with `plan=`, the state the
-        plan was priced for (`plan.model_state`).
+        plan was priced for (`plan.model_state`). A plan priced for sharded or offloaded state
+        is refused under "replicated" (its memory would not hold).
     mixed_precision: with "sharded", a `torch.distributed.fsdp.MixedPrecisionPolicy`, e.g.
         `MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)`: bf16
         compute, fp32 parameters in the optimizer and fp32 gradient reduction.
@@ -161,6 +162,11 @@ def parallelize(model: nn.Module, example_inputs: tuple, *, mesh=None, plan: Pla
         if message[1] is not None:
             raise _rebuild(message[1], 0, "planning")
         plan = Plan.from_json(message[0]).with_axes(axes)
+    if model_state == "replicated" and plan.model_state != "replicated":
+        raise ValueError(f"the plan was priced with model_state={plan.model_state!r}: its memory "
+                         "does not hold with every parameter, gradient and optimizer state on "
+                         "every rank. Pass model_state='auto' to run the state the plan was "
+                         "priced for, or plan again with model_state='replicated'")
     if model_state == "auto":
         model_state = plan.model_state
         if model_state not in state.MODEL_STATES:
