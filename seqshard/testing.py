@@ -25,7 +25,8 @@ import socket
 import traceback
 from typing import Any, Callable
 
-__all__ = ["WorkerPool", "WorkerError", "mesh", "assert_sharded_exact", "rel", "record_step"]
+__all__ = ["WorkerPool", "WorkerError", "mesh", "assert_sharded_exact", "rel", "record_step",
+           "attention_layers"]
 
 
 class WorkerError(RuntimeError):
@@ -169,3 +170,39 @@ def record_step(worst: dict, step: int, model, ref, loss, loss_ref, optimizers) 
         opt.zero_grad()
     for (n, p), (_, pr) in pairs:
         worst[f"param {n}@{step}"] = rel(p.detach(), pr.detach())
+
+
+def attention_layers(n: int, d: int = 256, heads: int = 4):
+    """`n` identical attention blocks `layers.0..n-1` (one layer class; LayerNorm, a fused qkv
+    projection, causal SDPA, an output projection and a residual) ending in x².mean(): the
+    small model the memory-formulation tests (recompute, offload, selective) plan at millions
+    of tokens on the meta device, small enough that brute force can enumerate its plans."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = heads
+            self.norm = nn.LayerNorm(d)
+            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+        def forward(self, x):
+            B, S, D = x.shape
+            qkv = self.qkv(self.norm(x)).view(B, S, 3, self.heads, D // self.heads)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.proj(o.transpose(1, 2).reshape(B, S, D)) + x
+
+    class Layers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block() for _ in range(n)])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x.pow(2).mean()
+
+    return Layers()

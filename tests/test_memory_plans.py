@@ -29,7 +29,7 @@ from seqshard.planner.api import plan_captured
 from seqshard.solver import NS, Infeasible, Model, build_problem
 from seqshard.solver.model import chosen_moves, kept_attention, memory_of
 from seqshard.strategies import Costs
-from seqshard.testing import mesh as make_mesh
+from seqshard.testing import attention_layers, mesh as make_mesh
 from seqshard.testing import record_step
 
 GIB = 2**30
@@ -146,35 +146,6 @@ def test_solver_chosen_recompute_runs_exactly(pool4):
 
 
 # ------------------------------------------------------------------ the formulation
-class Block(nn.Module):
-    def __init__(self, d=256, heads=4):
-        super().__init__()
-        self.heads = heads
-        self.norm = nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-
-    def forward(self, x):
-        B, S, D = x.shape
-        qkv = self.qkv(self.norm(x)).view(B, S, 3, self.heads, D // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, S, D)
-        return self.proj(o) + x
-
-
-class Layers(nn.Module):
-    """Four identical attention blocks `layers.0-3`: one layer class whose template is small
-    enough to enumerate."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList([Block() for _ in range(4)])
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x.pow(2).mean()
-
-
 def _brute_force(pb):
     """Every (strategies, recompute, layers keeping attention's outputs) with the terms counted
     directly: (objective ns, bytes, recomputed)."""
@@ -199,7 +170,7 @@ def _brute_force(pb):
 def test_recompute_optimum_equals_brute_force(binding):
     """The CP-SAT model (products linearized) finds what enumerating every choice finds."""
     with torch.device("meta"):
-        model = Layers().to(torch.bfloat16)
+        model = attention_layers(4).to(torch.bfloat16)
         x = torch.empty(1, 1 << 18, 256, dtype=torch.bfloat16)
     dims = analyze(capture(model, (x,)), axes={"x": "b s d"})
     mesh = (("sp", 8),)

@@ -24,7 +24,7 @@ from seqshard.planner.api import plan_captured
 from seqshard.solver import NS, Infeasible, Model, build_problem
 from seqshard.solver.model import chosen_moves, kept_attention, memory_of
 from seqshard.strategies import Costs
-from seqshard.testing import WorkerPool
+from seqshard.testing import WorkerPool, attention_layers
 from seqshard.testing import record_step
 from seqshard.testing import mesh as make_mesh
 
@@ -303,39 +303,10 @@ def _brute_force(pb):
                 yield t, mem.peak, mode
 
 
-class Block(torch.nn.Module):
-    def __init__(self, d=256, heads=4):
-        super().__init__()
-        self.heads = heads
-        self.norm = torch.nn.LayerNorm(d)
-        self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
-
-    def forward(self, x):
-        B, S, D = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(B, S, 3, self.heads, D // self.heads) \
-            .permute(2, 0, 3, 1, 4).unbind(0)
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(o.transpose(1, 2).reshape(B, S, D)) + x
-
-
-class Layers(torch.nn.Module):
-    """Four identical attention blocks `layers.0-3`: one layer class whose template is small
-    enough to enumerate."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = torch.nn.ModuleList([Block() for _ in range(4)])
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x.pow(2).mean()
-
-
 @pytest.fixture(scope="module")
 def layers_problem():
     with torch.device("meta"):
-        model = Layers().to(torch.bfloat16)
+        model = attention_layers(4).to(torch.bfloat16)
         x = torch.empty(1, 1 << 18, 256, dtype=torch.bfloat16)
     dims = analyze(capture(model, (x,)), axes={"x": "b s d"})
     mesh = (("sp", 8),)
@@ -367,7 +338,7 @@ def test_offload_optimum_equals_brute_force(layers_problem, tightness):
 def layers_4m():
     """The four blocks at 4M tokens: each layer's input is 2 GiB."""
     with torch.device("meta"):
-        model = Layers().to(torch.bfloat16)
+        model = attention_layers(4).to(torch.bfloat16)
         x = torch.empty(1, 1 << 22, 256, dtype=torch.bfloat16)
     return analyze(capture(model, (x,)), axes={"x": "b s d"})
 

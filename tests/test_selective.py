@@ -20,7 +20,7 @@ from seqshard.dims import analyze
 from seqshard.models import AXES, build, named_plans
 from seqshard.planner import Plan
 from seqshard.planner.api import plan_captured
-from seqshard.testing import WorkerPool, record_step
+from seqshard.testing import WorkerPool, attention_layers, record_step
 from seqshard.testing import mesh as make_mesh
 
 GIB = 2**30
@@ -187,39 +187,11 @@ def test_sdpa_runs_once_at_world_size_1(pool1):
 
 
 # ------------------------------------------------------------------ the formulation
-class Block(torch.nn.Module):
-    def __init__(self, d=256, heads=4):
-        super().__init__()
-        self.heads = heads
-        self.norm = torch.nn.LayerNorm(d)
-        self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
-
-    def forward(self, x):
-        B, S, D = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(B, S, 3, self.heads, D // self.heads) \
-            .permute(2, 0, 3, 1, 4).unbind(0)
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(o.transpose(1, 2).reshape(B, S, D)) + x
-
-
-class Layers(torch.nn.Module):
-    """Eight identical attention blocks `layers.0-7`, one layer class."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = torch.nn.ModuleList([Block() for _ in range(8)])
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x.pow(2).mean()
-
-
 @pytest.fixture(scope="module")
 def layers_4m():
     """At 4M tokens each layer's input and its attention output are 2 GiB (lse 64 MiB)."""
     with torch.device("meta"):
-        model = Layers().to(torch.bfloat16)
+        model = attention_layers(8).to(torch.bfloat16)
         x = torch.empty(1, 1 << 22, 256, dtype=torch.bfloat16)
     return analyze(capture(model, (x,)), axes={"x": "b s d"})
 
