@@ -133,3 +133,24 @@ def test_plan_prices_the_compiled_program():
     fast = plan(model, (x, y), cluster="h200x1", memory_budget=1e15, compile="layers", kernels=True)
     assert fast.predicted.step_s < eager.predicted.step_s
     assert any("compiled layers" in note and "fused LM-head loss" in note for note in fast.notes)
+
+
+def test_plan_lists_the_kernels_it_was_priced_for():
+    """A plan priced for compile="layers" and kernels=True says what runs where (Plan.kernels,
+    printed as 'kernel:' lines, kept through JSON, not in the hash); one priced plain says none."""
+    from seqshard.models import AXES, build
+    from seqshard.planner import Plan, plan
+
+    model, inputs = build("llama", "tiny", batch=1, seq=64)
+    kw = dict(mesh=(("sp", 2),), cluster="h200x2", axes=AXES["llama"])
+    built = plan(model, inputs, compile="layers", kernels=True, **kw)
+    lines = [line for line in str(built).splitlines() if line.startswith("kernel:")]
+    assert lines == [
+        "kernel: layers.0-1: compiled template of layers.0 (torch.compile once, run for each of "
+        "its 2 layers)",
+        "kernel: lm_head + cross_entropy_loss: fused linear cross-entropy "
+        "(codegen/kernels/linear_ce.py: the logits in chunks, never whole)"], lines
+    again = Plan.from_json(built.to_json())
+    assert again.kernels == built.kernels and again.hash() == built.hash()
+    plain = plan(model, inputs, **kw)
+    assert plain.kernels == () and "kernel:" not in str(plain)

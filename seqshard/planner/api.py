@@ -142,7 +142,32 @@ def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
     if dims.unsupported:
         notes.append(f"{len(dims.unsupported)} op(s) without a rule run replicated: "
                      + ", ".join(n.name for n in dims.unsupported))
-    return replace(solver.to_plan(pb, sol, orders, notes), model_state=model_state)
+    return replace(solver.to_plan(pb, sol, orders, notes), model_state=model_state,
+                   kernels=_kernels(dims, pb, compile, kernels))
+
+
+def _kernels(dims: DimAnalysis, pb, compile, kernels: bool) -> tuple[tuple[str, str], ...]:
+    """What the program `parallelize(compile=..., kernels=...)` builds runs where, as the plan
+    was priced (`Plan.kernels`): each layer by its class's compiled template, each LM head +
+    cross-entropy `fused_losses` finds by the fused kernel."""
+    from seqshard.solver.clusters import layer_of
+    from seqshard.strategies.costs import fused_losses
+
+    rows = []
+    if compile:
+        for c in pb.classes.values():
+            if layer_of(c.name) == c.name:  # a layer class (not a loss region)
+                rows += [(layer, f"compiled template of {c.name} (torch.compile once, run for "
+                          f"each of its {len(c.layers)} layers)") for layer in c.layers]
+    if kernels:
+        roles = fused_losses(dims)
+        heads = [n for n, r in roles.items() if r == "head"]
+        losses = [n for n, r in roles.items() if r == "loss"]
+        for head, loss in zip(heads, losses):
+            rows.append((f"{dims.cap.module_path(head) or head.name} + {loss.name}",
+                         "fused linear cross-entropy (codegen/kernels/linear_ce.py: the logits "
+                         "in chunks, never whole)"))
+    return tuple(rows)
 
 
 def _least_step_state(dims: DimAnalysis, states: tuple[str, ...], options: dict, t0: float) -> Plan:

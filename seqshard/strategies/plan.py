@@ -98,6 +98,9 @@ class Plan:
     #                layer (`layers.3.mlp`) run in k chunks of tokens, each recomputed in backward
     keep_attention: tuple[str, ...] = ()          # recomputed layers that keep their attention's
     #                outputs (out, lse) for backward: attention is not run again (selective)
+    kernels: tuple[tuple[str, str], ...] = ()     # (module or node, what runs it) where the plan
+    #                was priced for parallelize(compile=..., kernels=...): compiled templates,
+    #                the fused LM-head loss; a build option, not a decision (not in the hash)
 
     def __post_init__(self):
         for f, o in self.orders:
@@ -167,7 +170,8 @@ class Plan:
                     chunks=tuple(tuple(c) for c in d.get("chunks", ())),
                     offload=tuple(d.get("offload", ())),
                     chunked_modules=tuple(tuple(c) for c in d.get("chunked_modules", ())),
-                    keep_attention=tuple(d.get("keep_attention", ())))
+                    keep_attention=tuple(d.get("keep_attention", ())),
+                    kernels=tuple(tuple(k) for k in d.get("kernels", ())))
 
     def hash(self) -> str:
         """A stable hash of what the plan decides (not of its predictions). The input axes count
@@ -253,6 +257,8 @@ class Plan:
         for module, k in _fold([(m, k) for m, k in self.chunked_modules]):
             text += (f"chunked: {module} in {k} chunks of tokens (each recomputed in backward)\n"
                      if k > 1 else f"checkpointed: {module} whole (recomputed in backward)\n")
+        for where, what in _fold(list(self.kernels)):
+            text += f"kernel: {where}: {what}\n"
         for note in self.notes:
             text += f"note: {note}\n"
         return text
@@ -320,7 +326,7 @@ _PLAN = {"version": (_OneOf((1,)), True), "mesh": ([_Pair("str", "size")], True)
          "explanations": ({str: "str"}, False), "axes": ([_Pair("str", "str")], False),
          "recompute": (["str"], False), "chunks": ([_Pair("str", "size")], False),
          "offload": (["str"], False), "chunked_modules": ([_Pair("str", "size")], False),
-         "keep_attention": (["str"], False)}
+         "keep_attention": (["str"], False), "kernels": ([_Pair("str", "str")], False)}
 
 
 def _check_json(d) -> None:
