@@ -55,7 +55,8 @@ from seqshard.runtime import sharding as rt
 from seqshard.runtime.offload import offloaded_checkpoint
 from seqshard.runtime.selective import selective_checkpoint
 
-from .recompute import _gather, fused_chunked, in_layer
+from .recompute import fused_chunked
+from .regions import boundary, gather, in_layer, splice
 
 __all__ = ["compile_layers", "CompiledLayer", "kernel_notes"]
 
@@ -109,23 +110,15 @@ def compile_layers(gm: fx.GraphModule, backend: str = "inductor") -> dict[str, l
                 replaced.add(fn.target)
                 fn.target = _shared(gm, templates, key, template, layer, backend)
             continue
-        region = _gather(g, members)
-        template, key, inputs, outputs = _extract(gm, region)
+        region = gather(g, members)
+        inputs, outputs = boundary(region)
+        template, key = _rebuild(gm, region, inputs, outputs)
         name = _shared(gm, templates, key, template, layer, backend)
-        inside = set(region)
         with g.inserting_before(region[0]):
             call = g.call_module(name, tuple(inputs))
             call.name = g._graph_namespace.create_name(re.sub(r"\W", "_", layer), None)
             call.meta["module"] = layer
-            results = []
-            for k, n in enumerate(outputs):
-                r = g.call_function(operator.getitem, (call, k))
-                r.meta.update(n.meta)
-                results.append(r)
-        for n, r in zip(outputs, results):
-            n.replace_all_uses_with(r, delete_user_cb=lambda u: u not in inside)
-        for n in reversed(region):
-            g.erase_node(n)
+        splice(g, region, call, outputs)
     # (not delete_all_unused_submodules: a template reached by get_attr would lose its children)
     for target in replaced - {n.target for n in g.nodes if n.op == "get_attr"}:
         gm.delete_submodule(target)
@@ -160,22 +153,12 @@ def _parameter_sum(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target is rt.sum_grad and n.args[0].op == "placeholder"
 
 
-def _extract(gm: torch.nn.Module, region: list[fx.Node]):
-    """(template, key, inputs, outputs): `region`'s nodes as a GraphModule with canonical names,
-    its code with its parts' code (the key identical layers share), and the outer values it
-    reads and gives back."""
-    inside = set(region)
-    inputs = list(dict.fromkeys(x for n in region for x in n.all_input_nodes if x not in inside))
-    outputs = [n for n in region if any(u not in inside for u in n.users)]
-    template, key = _rebuild(gm, region, inputs, outputs)
-    return template, key, inputs, outputs
-
-
 def _rebuild(owner: torch.nn.Module, nodes, inputs, outputs,
              single: bool = False) -> tuple[fx.GraphModule, str]:
     """`nodes` copied into a new graph: placeholders in_0.., nodes named after their targets,
     get_attr targets as part_0.. (GraphModules rebuilt the same way); the output a tuple of
-    `outputs`, or with `single` its one value."""
+    `outputs`, or with `single` its one value. Returns the GraphModule (a layer's template) and
+    its code with its parts' code: the key identical layers share."""
     root, sub = torch.nn.Module(), fx.Graph()
     env = {x: sub.placeholder(f"in_{i}") for i, x in enumerate(inputs)}
     parts: dict[str, str] = {}

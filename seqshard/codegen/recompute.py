@@ -49,15 +49,13 @@ from seqshard.runtime.offload import offloaded_checkpoint
 from seqshard.runtime.selective import selective_checkpoint
 from seqshard.strategies import PlanError
 
-__all__ = ["recompute_layers", "in_layer", "chunk_losses", "chunked", "fused_chunked",
+from .regions import boundary, extract, gather, in_layer, splice
+
+__all__ = ["recompute_layers", "chunk_losses", "chunked", "fused_chunked",
            "fusable_losses", "masked_labels",
            "token_count", "ChunkedModule", "chunk_modules", "run_in_chunks"]
 
 aten = torch.ops.aten
-
-
-def in_layer(module: str | None, layer: str) -> bool:
-    return module is not None and (module == layer or module.startswith(layer + "."))
 
 
 def recompute_layers(gm: fx.GraphModule, layers: tuple[str, ...],
@@ -73,56 +71,12 @@ def recompute_layers(gm: fx.GraphModule, layers: tuple[str, ...],
         if not members:
             raise PlanError(f"the plan recomputes {layer!r}, but this model has no layer "
                             "there (the plan was made for a different model)")
-        region = _gather(g, members)
+        region = gather(g, members)
         _checkpoint(gm, layer, region, _made_from(g, set(inputs)) if layer in offload else None,
                     selective=layer in keep_attention)
     g.lint()
     gm.recompile()
     return gm
-
-
-def _gather(g: fx.Graph, members: list[fx.Node]) -> list[fx.Node]:
-    """Make the layer's nodes consecutive in `g` (moving other nodes out of its span where that
-    keeps the order valid, else taking them in) and return them in order."""
-    order = {n: i for i, n in enumerate(g.nodes)}
-    first, last = order[members[0]], order[members[-1]]
-    span = [n for n in g.nodes if first <= order[n] <= last]
-    region = set(members)
-    # taken in: foreign nodes that depend on the region and that the region depends on later
-    while True:
-        after = _reaches_from(span, region)           # depend on the region
-        before = _reaches_to(span, region)            # the region depends on them
-        more = {n for n in span if n not in region and n in after and n in before}
-        if not more:
-            break
-        region |= more
-    outside = [n for n in span if n not in region]
-    anchor = members[0]
-    for n in outside:
-        if n not in after:            # depends on nothing in the region: before it
-            anchor.prepend(n)
-    tail = [n for n in outside if n in after]  # the region does not read them: after it
-    end = span[-1]
-    for n in tail:
-        end.append(n)
-        end = n
-    return [n for n in g.nodes if n in region]
-
-
-def _reaches_from(span: list[fx.Node], region: set) -> set:
-    out = set(region)
-    for n in span:
-        if any(x in out for x in n.all_input_nodes):
-            out.add(n)
-    return out - region
-
-
-def _reaches_to(span: list[fx.Node], region: set) -> set:
-    out = set(region)
-    for n in reversed(span):
-        if any(u in out for u in n.users):
-            out.add(n)
-    return out - region
 
 
 def _made_from(g: fx.Graph, inputs: set[str]) -> set[fx.Node]:
@@ -141,16 +95,9 @@ def _checkpoint(gm: fx.GraphModule, layer: str, region: list[fx.Node], offload: 
     `checkpoint`, or `offloaded_checkpoint` moving its inputs in `offload` to the host;
     `selective_checkpoint` (the same, keeping attention's outputs) where `selective`."""
     g = gm.graph
-    inside = set(region)
-    inputs = list(dict.fromkeys(x for n in region for x in n.all_input_nodes if x not in inside))
-    outputs = [n for n in region if any(u not in inside for u in n.users)]
-    sub = fx.Graph()
-    env = {x: sub.placeholder(x.name) for x in inputs}
-    for n in region:
-        env[n] = sub.node_copy(n, lambda x: env[x])
-    sub.output(tuple(env[n] for n in outputs))
+    inputs, outputs = boundary(region)
     name = "recompute_" + re.sub(r"\W", "_", layer)
-    gm.add_submodule(name, fx.GraphModule(gm, sub, class_name=name))
+    extract(gm, name, region, inputs, outputs)
     with g.inserting_before(region[0]):
         fn = g.get_attr(name)
         moved = () if offload is None else tuple(k for k, x in enumerate(inputs) if x in offload)
@@ -164,15 +111,7 @@ def _checkpoint(gm: fx.GraphModule, layer: str, region: list[fx.Node], offload: 
         call.name = g._graph_namespace.create_name(f"checkpoint_{name[len('recompute_'):]}", None)
         call.meta["module"] = layer
         fn.meta["module"] = layer
-        results = []
-        for k, n in enumerate(outputs):
-            r = g.call_function(operator.getitem, (call, k))
-            r.meta.update(n.meta)
-            results.append(r)
-    for n, r in zip(outputs, results):
-        n.replace_all_uses_with(r, delete_user_cb=lambda u: u not in inside)
-    for n in reversed(region):
-        g.erase_node(n)
+    splice(g, region, call, outputs)
 
 
 # ------------------------------------------------------------------ chunked LM head + loss
@@ -405,23 +344,15 @@ def chunk_modules(gm: fx.GraphModule, modules: list[ChunkedModule]) -> fx.GraphM
             body[0].prepend(n)
         consts = list(dict.fromkeys(x for n in body for x in n.all_input_nodes
                                     if x not in inside and x is not m.input))
-        sub = fx.Graph()
-        env = {m.input: sub.placeholder("tokens")}
-        env.update({x: sub.placeholder(x.name) for x in consts})
-        for n in body:
-            env[n] = sub.node_copy(n, lambda x: env[x])
-        sub.output(env[m.output])
         name = "chunk_" + re.sub(r"\W", "_", m.path)
-        gm.add_submodule(name, fx.GraphModule(gm, sub, class_name=name))
+        extract(gm, name, body, [m.input, *consts], [m.output], single=True)
         with g.inserting_before(body[0]):
             fn = g.get_attr(name)
             call = g.call_function(run_in_chunks, (fn, m.input, m.dim, m.chunks, m.out_dim, *consts))
             call.name = g._graph_namespace.create_name(f"{m.output.name}_chunked", None)
             for n in (fn, call):
                 n.meta.update({k: v for k, v in m.output.meta.items() if k in ("module", "stack_trace")})
-        m.output.replace_all_uses_with(call, delete_user_cb=lambda u: u not in inside)
-        for n in reversed(body):
-            g.erase_node(n)
+        splice(g, body, call, [m.output], single=True)
     g.lint()
     gm.recompile()
     return gm

@@ -15,7 +15,7 @@ FSDP2 unshards a module's parameters in its forward pre-hook, and registers redu
 after backward and the unshard before backward on the forward's inputs and outputs. The
 per-rank program does not call the layers' `forward`: it reads parameters as placeholders and
 runs every layer's ops inline. `wrap_units` therefore moves each layer's nodes into a submodule
-(as `codegen.recompute` does for a recomputed layer) and calls it through a method of the layer
+(`codegen.regions`, as for a recomputed layer) and calls it through a method of the layer
 that `register_fsdp_forward_method` (public FSDP2 API) makes a forward method:
 
     program.gm (replicated)                         program.gm (sharded)
@@ -63,7 +63,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from seqshard.codegen.recompute import _gather, in_layer
+from seqshard.codegen.regions import boundary, extract, gather, in_layer, splice
 from seqshard.runtime import sharding as rt
 from seqshard.solver.clusters import layer_of
 
@@ -140,7 +140,7 @@ def wrap_units(gm: fx.GraphModule, cap, model: nn.Module, layers: list[str]) -> 
         if not members:
             raise ValueError(f"model_state='sharded': the layer {layer!r} has parameters but no "
                              "op of the program lies in it")
-        _unit(gm, layer, _gather(g, members), owner, cap, model)
+        _unit(gm, layer, gather(g, members), owner, cap, model)
     left = []
     for n in list(g.nodes):
         if n.op == "placeholder":
@@ -157,8 +157,7 @@ def wrap_units(gm: fx.GraphModule, cap, model: nn.Module, layers: list[str]) -> 
 def _unit(gm: fx.GraphModule, layer: str, region: list[fx.Node], owner: dict, cap,
           model: nn.Module) -> None:
     g = gm.graph
-    inside = set(region)
-    inputs = list(dict.fromkeys(x for n in region for x in n.all_input_nodes if x not in inside))
+    inputs, outputs = boundary(region)
     foreign = [x for x in inputs if owner.get(x) not in (None, layer)]
     if foreign:
         raise ValueError(f"model_state='sharded': layer {layer!r} reads parameters of another "
@@ -166,14 +165,8 @@ def _unit(gm: fx.GraphModule, layer: str, region: list[fx.Node], owner: dict, ca
                          "weights must belong to the model, outside its layers")
     params = [x for x in inputs if owner.get(x) == layer]
     acts = [x for x in inputs if owner.get(x) != layer]
-    outputs = [n for n in region if any(u not in inside for u in n.users)]
-    sub = fx.Graph()
-    env = {x: sub.placeholder(x.name) for x in params + acts}
-    for n in region:
-        env[n] = sub.node_copy(n, lambda x: env[x])
-    sub.output(tuple(env[n] for n in outputs))
     key = re.sub(r"\W", "_", layer)
-    gm.add_submodule(f"unit_{key}", fx.GraphModule(gm, sub, class_name=f"unit_{key}"))
+    extract(gm, f"unit_{key}", region, params + acts, outputs)
     gm.add_submodule(f"fsdp_{key}", model.get_submodule(layer))
     names = tuple(cap.params[x.name][len(layer) + 1:] for x in params)
     with g.inserting_before(region[0]):
@@ -181,17 +174,9 @@ def _unit(gm: fx.GraphModule, layer: str, region: list[fx.Node], owner: dict, ca
         fn = g.get_attr(f"unit_{key}")
         call = g.call_method("seqshard_unit", (module, fn, names, *acts))
         call.name = g._graph_namespace.create_name(f"run_{key}", None)
-        results = []
-        for k, n in enumerate(outputs):
-            r = g.call_function(operator.getitem, (call, k))
-            r.meta.update(n.meta)
-            results.append(r)
         for n in (module, fn, call):
             n.meta["module"] = layer
-    for n, r in zip(outputs, results):
-        n.replace_all_uses_with(r, delete_user_cb=lambda u: u not in inside)
-    for n in reversed(region):
-        g.erase_node(n)
+    splice(g, region, call, outputs)
 
 
 # ------------------------------------------------------------------ replicated: buckets
