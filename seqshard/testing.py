@@ -26,7 +26,7 @@ import traceback
 from typing import Any, Callable
 
 __all__ = ["WorkerPool", "WorkerError", "mesh", "assert_sharded_exact", "rel", "record_step",
-           "attention_layers"]
+           "attention_layers", "attention_layers_problem"]
 
 
 class WorkerError(RuntimeError):
@@ -177,7 +177,6 @@ def attention_layers(n: int, d: int = 256, heads: int = 4):
     projection, causal SDPA, an output projection and a residual) ending in x².mean(): the
     small model the memory-formulation tests (recompute, offload, selective) plan at millions
     of tokens on the meta device, small enough that brute force can enumerate its plans."""
-    import torch
     import torch.nn.functional as F
     from torch import nn
 
@@ -206,3 +205,24 @@ def attention_layers(n: int, d: int = 256, heads: int = 4):
             return x.pow(2).mean()
 
     return Layers()
+
+
+def attention_layers_problem(n: int = 4, tokens: int = 1 << 18, gpus: int = 8):
+    """The planner's problem (`solver.build_problem`) for `attention_layers(n)` in bf16 at
+    `tokens` on a 1-D mesh of `gpus` H200s, training, replicated state: what the brute-force
+    checks of the memory formulation enumerate."""
+    import torch
+
+    from seqshard.capture import capture
+    from seqshard.costmodel import Cluster
+    from seqshard.dims import analyze
+    from seqshard.solver import build_problem
+    from seqshard.strategies import Costs
+
+    with torch.device("meta"):
+        model = attention_layers(n).to(torch.bfloat16)
+        x = torch.empty(1, tokens, 256, dtype=torch.bfloat16)
+    dims = analyze(capture(model, (x,)), axes={"x": "b s d"})
+    mesh = (("sp", gpus),)
+    costs = Costs(dims, Cluster.preset("h200", gpus=gpus), mesh, training=True, dtype_bytes=2)
+    return build_problem(dims, costs, mesh, None, "replicated")

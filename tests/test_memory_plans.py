@@ -16,8 +16,6 @@ from itertools import product
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from seqshard.capture import capture
@@ -26,10 +24,9 @@ from seqshard.dims import analyze
 from seqshard.models import AXES, build, named_plans
 from seqshard.planner import Plan, plan
 from seqshard.planner.api import plan_captured
-from seqshard.solver import NS, Infeasible, Model, build_problem
+from seqshard.solver import NS, Infeasible, Model
 from seqshard.solver.model import chosen_moves, kept_attention, memory_of
-from seqshard.strategies import Costs
-from seqshard.testing import attention_layers, mesh as make_mesh
+from seqshard.testing import attention_layers_problem, mesh as make_mesh
 from seqshard.testing import record_step
 
 GIB = 2**30
@@ -169,13 +166,7 @@ def _brute_force(pb):
 @pytest.mark.parametrize("binding", [False, True])
 def test_recompute_optimum_equals_brute_force(binding):
     """The CP-SAT model (products linearized) finds what enumerating every choice finds."""
-    with torch.device("meta"):
-        model = attention_layers(4).to(torch.bfloat16)
-        x = torch.empty(1, 1 << 18, 256, dtype=torch.bfloat16)
-    dims = analyze(capture(model, (x,)), axes={"x": "b s d"})
-    mesh = (("sp", 8),)
-    costs = Costs(dims, Cluster.preset("h200", gpus=8), mesh, training=True, dtype_bytes=2)
-    pb = build_problem(dims, costs, mesh, None, "replicated")
+    pb = attention_layers_problem(4)
     assert list(pb.classes) == ["layers.0"] and pb.classes["layers.0"].inputs
     plans = list(_brute_force(pb))
     assert len(plans) >= 64, len(plans)

@@ -21,10 +21,9 @@ from seqshard.dims import analyze
 from seqshard.models import AXES, build, named_plans
 from seqshard.planner import Plan
 from seqshard.planner.api import plan_captured
-from seqshard.solver import NS, Infeasible, Model, build_problem
+from seqshard.solver import NS, Infeasible, Model
 from seqshard.solver.model import chosen_moves, kept_attention, memory_of
-from seqshard.strategies import Costs
-from seqshard.testing import WorkerPool, attention_layers
+from seqshard.testing import WorkerPool, attention_layers, attention_layers_problem
 from seqshard.testing import record_step
 from seqshard.testing import mesh as make_mesh
 
@@ -305,13 +304,7 @@ def _brute_force(pb):
 
 @pytest.fixture(scope="module")
 def layers_problem():
-    with torch.device("meta"):
-        model = attention_layers(4).to(torch.bfloat16)
-        x = torch.empty(1, 1 << 18, 256, dtype=torch.bfloat16)
-    dims = analyze(capture(model, (x,)), axes={"x": "b s d"})
-    mesh = (("sp", 8),)
-    costs = Costs(dims, Cluster.preset("h200", gpus=8), mesh, training=True, dtype_bytes=2)
-    pb = build_problem(dims, costs, mesh, None, "replicated")
+    pb = attention_layers_problem(4)
     return pb, list(_brute_force(pb))
 
 
