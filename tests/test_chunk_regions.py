@@ -28,7 +28,6 @@ from seqshard.planner import Plan, plan
 from seqshard.solver import NS, Model, build_problem, token_regions
 from seqshard.solver.model import chosen_moves, kept_attention, memory_of
 from seqshard.strategies import Costs
-from seqshard.testing import WorkerPool
 from seqshard.testing import record_step
 from seqshard.testing import mesh as make_mesh
 
@@ -38,13 +37,6 @@ VIDEO = dict(batch=2, frames=5, patches=7)
 MLP_OP = {"llama": "silu", "video_dit": "gelu"}   # one per MLP forward
 MLPS = {"llama": "layers.*.mlp", "video_dit": "blocks.*.mlp"}
 LAYERS = {"llama": "layers.*", "video_dit": "blocks.*"}
-
-
-@pytest.fixture(scope="module")
-def pool1():
-    pool = WorkerPool(1)
-    yield pool
-    pool.close()
 
 
 class Ops(TorchDispatchMode):

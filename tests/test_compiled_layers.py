@@ -16,20 +16,12 @@ import copy
 import os
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from seqshard.models import AXES, build, named_plans
-from seqshard.testing import WorkerPool, mesh as make_mesh
+from seqshard.testing import mesh as make_mesh
 
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def pool1():
-    pool = WorkerPool(1)
-    yield pool
-    pool.close()
 
 
 def _rel(a, b):

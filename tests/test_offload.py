@@ -23,7 +23,7 @@ from seqshard.planner import Plan
 from seqshard.planner.api import plan_captured
 from seqshard.solver import NS, Infeasible, Model
 from seqshard.solver.model import chosen_moves, kept_attention, memory_of
-from seqshard.testing import WorkerPool, attention_layers, attention_layers_problem
+from seqshard.testing import attention_layers, attention_layers_problem
 from seqshard.testing import record_step
 from seqshard.testing import mesh as make_mesh
 
@@ -31,13 +31,6 @@ GIB = 2**30
 TOL = 1e-5
 OFFLOAD = {"llama": {"layers.*": "offload"}, "video_dit": {"blocks.*": "offload"}}
 LAYERS = {"llama": 2, "video_dit": 4}
-
-
-@pytest.fixture(scope="module")
-def pool1():
-    pool = WorkerPool(1)
-    yield pool
-    pool.close()
 
 
 

@@ -20,7 +20,7 @@ from seqshard.dims import analyze
 from seqshard.models import AXES, build, named_plans
 from seqshard.planner import Plan
 from seqshard.planner.api import plan_captured
-from seqshard.testing import WorkerPool, attention_layers, record_step
+from seqshard.testing import attention_layers, record_step
 from seqshard.testing import mesh as make_mesh
 
 GIB = 2**30
@@ -29,13 +29,6 @@ LAYER = {"llama": "layers", "video_dit": "blocks"}
 LAYERS = {"llama": 2, "video_dit": 4}
 LLAMA = dict(batch=2, seq=37)
 VIDEO = dict(batch=1, frames=3, patches=5)
-
-
-@pytest.fixture(scope="module")
-def pool1():
-    pool = WorkerPool(1)
-    yield pool
-    pool.close()
 
 
 _RUNS = {"n": 0}

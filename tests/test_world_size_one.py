@@ -10,17 +10,9 @@ import pytest
 import torch
 
 from seqshard.models import AXES, build, named_plans
-from seqshard.testing import WorkerPool
 
 COLLECTIVES = ("all_gather", "all_to_all", "reduce_scatter", "all_reduce", "slice_shard",
                "shard_", "sum_grad", "scale_grad", "_attention(")
-
-
-@pytest.fixture(scope="module")
-def pool1():
-    pool = WorkerPool(1)
-    yield pool
-    pool.close()
 
 
 def one_rank(family, plan_name):
