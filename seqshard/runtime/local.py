@@ -14,6 +14,9 @@ the result straight from the kernel too; others (tiles of a window) merge in fp3
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +27,43 @@ from seqshard.runtime.merge import accumulator
 from seqshard.runtime.opsupport import (check_attention_inputs, check_mask_inputs, lse_like,
                                         register_attention_op, resolve_options)
 
-__all__ = ["local_attention", "whole_forward", "whole_backward"]
+__all__ = ["local_attention", "whole_forward", "whole_backward", "LAYOUT_LOG_ENV", "LAYOUTS",
+           "layout_of"]
+
+log = logging.getLogger(__name__)
+
+LAYOUT_LOG_ENV = "SEQSHARD_ATTN_LAYOUT_LOG"
+"""Set to 1: the local attention ops log the sizes and strides of the tensors entering and
+leaving them, once per distinct layout (logger `seqshard.runtime.local`, warning level), and
+keep each in `LAYOUTS`. Off by default (a debugging switch: what layouts eager and compiled
+programs hand the kernel)."""
+
+LAYOUTS: dict[tuple, dict] = {}
+"""(op, shapes and strides) -> {tensor name: {"shape", "stride", "layout"}}: what was logged."""
+
+
+def layout_of(x: torch.Tensor) -> str:
+    """A tensor's dims from outermost to innermost in memory, named as [b, h, s, e] (4-D) or
+    [b, h, s] (3-D): 'bhse' is head-major (dense [b, h, s, e]), 'bshe' seq-major (a transposed
+    view of dense [b, s, h, e]); a dim of size 1 (any stride) goes before the first larger dim
+    of greater index."""
+    names = "bhse" if x.dim() == 4 else "bhs"[:x.dim()]
+    order = sorted((d for d in range(x.dim()) if x.shape[d] > 1), key=lambda d: (-x.stride(d), d))
+    for d in (d for d in range(x.dim()) if x.shape[d] == 1):
+        order.insert(next((i for i, o in enumerate(order) if o > d), len(order)), d)
+    return "".join(names[d] for d in order)
+
+
+def _log_layouts(op: str, **tensors: torch.Tensor) -> None:
+    if os.environ.get(LAYOUT_LOG_ENV) != "1":
+        return
+    key = (op, *((n, tuple(t.shape), t.stride()) for n, t in tensors.items()))
+    if key in LAYOUTS:
+        return
+    LAYOUTS[key] = {n: dict(shape=tuple(t.shape), stride=t.stride(), layout=layout_of(t))
+                    for n, t in tensors.items()}
+    log.warning("%s: %s", op, "; ".join(f"{n} {tuple(t.shape)} stride {t.stride()} "
+                                        f"({layout_of(t)})" for n, t in tensors.items()))
 
 
 def _single(blocks: list[Block]) -> Block | None:
@@ -101,8 +140,11 @@ def _local_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, s
               scale: float, backend: str, positions: torch.Tensor | None = None,
               segments: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
               window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return whole_forward(q, k, v, causal=causal, seq_len=seq_len, scale=scale, backend=backend,
-                         mask=token_mask(causal, positions, segments, window, key_valid, q.device))
+    out, lse = whole_forward(q, k, v, causal=causal, seq_len=seq_len, scale=scale, backend=backend,
+                             mask=token_mask(causal, positions, segments, window, key_valid,
+                                             q.device))
+    _log_layouts("local_attention", q=q, k=k, v=v, out=out, lse=lse)
+    return out, lse
 
 
 def _local_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -111,9 +153,12 @@ def _local_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        segments: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
                        window: int | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return whole_backward(dout, q, k, v, out, lse, causal=causal, seq_len=seq_len, scale=scale,
-                          backend=backend,
-                          mask=token_mask(causal, positions, segments, window, key_valid, q.device))
+    dq, dk, dv = whole_backward(dout, q, k, v, out, lse, causal=causal, seq_len=seq_len,
+                                scale=scale, backend=backend,
+                                mask=token_mask(causal, positions, segments, window, key_valid,
+                                                q.device))
+    _log_layouts("local_attention_backward", dout=dout, q=q, k=k, v=v, out=out, dq=dq, dk=dk, dv=dv)
+    return dq, dk, dv
 
 
 register_attention_op("seqshard::local_attention", _local_op, _local_backward_op)
