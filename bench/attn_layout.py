@@ -21,7 +21,8 @@ Part "fa4": FlashAttention-4's forward and backward (flash_attn.cute.interface's
 (b 1, s 16K, h 32, kv heads 8, e 64) and the Llama-3-8B shape (s 32K, h 32, kv 8, e 128), causal,
 bf16, with every tensor laid out per LAYOUTS, timed in interleaved rounds (timing.measure with a
 dict, isolated iterations); the outputs compared with the all-seq-major ones (the same kernel:
-differences should be 0).
+differences should be 0). Order: the 1B shape, part "model", then the 8B shape if the run is
+still within --budget-s (70 s).
 
 Part "model": the built-in llama3-1b at 16K tokens (bf16, world size 1, forward + backward of
 the loss) built by parallelize as `seqshard eager+loss` (kernels=True) and `seqshard
@@ -160,14 +161,19 @@ def _laid(shape_bhse, seq_major: bool, device, gen=None):
     return x.transpose(1, 2) if seq_major else x
 
 
-def fa4_part(args, device) -> list[dict]:
+def fa4_part(args, device, shapes) -> list[dict]:
     from seqshard.runtime import backends
 
     module, why = backends._fa4_module() if device == "cuda" else (None, "no GPU (--smoke)")
     if module is None:
-        return [dict(part="fa4", case="all", error=f"skipped: {why}")]
+        return [dict(part="fa4", case=", ".join(shapes), error=f"skipped: {why}")]
     rows = []
-    for shape_name, sh in SHAPES.items():
+    for shape_name in shapes:
+        sh = SHAPES[shape_name]
+        if time.perf_counter() - args.start > args.budget_s:
+            rows.append(dict(part="fa4", case=shape_name,
+                             error=f"skipped: past --budget-s {args.budget_s:.0f} s"))
+            continue
         b, s, h, hk, e = 1, sh["s"], sh["h"], sh["hk"], sh["e"]
         scale = e ** -0.5
         gen = torch.Generator(device=device).manual_seed(0)
@@ -338,7 +344,7 @@ def markdown(doc) -> str:
           f"`{doc['command']}`; torch {doc['torch']}", ""]
     for r in (r for r in doc["rows"] if r["part"] == "fa4"):
         if "error" in r:
-            md += [f"FA4 part: {r['error']}", ""]
+            md += [f"FA4 part ({r['case']}): {r['error']}", ""]
             continue
         md += [f"## FA4 at the {r['shape']} shape (b {r['b']}, s {r['s']}, h {r['h']}, kv {r['hk']}, "
                f"e {r['e']}, causal, bf16)", "",
@@ -402,6 +408,8 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=16384)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--compile-backend", default="inductor")
+    ap.add_argument("--budget-s", type=float, default=70.0,
+                    help="start no FA4 shape after this many seconds of the run")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (part fa4 skipped)")
     ap.add_argument("--out", default=os.environ.get("OUT") or
                     os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -418,11 +426,13 @@ def main() -> int:
         dist.init_process_group("gloo" if args.smoke else "nccl", rank=0, world_size=1)
     if device == "cuda":
         torch.cuda.set_device(0)
-    rows = []
-    if "fa4" in parts:
-        rows += fa4_part(args, device)
+    rows, args.start = [], t0
+    if "fa4" in parts:  # the 1B shape, the program, then the 8B shape while --budget-s lasts
+        rows += fa4_part(args, device, ["1b 16K"])
     if "model" in parts:
         rows += model_part(args, device, dtype)
+    if "fa4" in parts and not args.smoke:
+        rows += fa4_part(args, device, ["8b 32K"])
     doc = dict(benchmark="attn_layout", command=" ".join(sys.argv), torch=torch.__version__,
                python=platform.python_version(),
                device=torch.cuda.get_device_name() if device == "cuda" else "CPU",
