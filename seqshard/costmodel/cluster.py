@@ -162,6 +162,20 @@ class GPU:
     """Fraction of compute throughput lost while a collective runs beside it: NCCL's kernels take
     SMs and memory bandwidth (about 16 of 132 SMs). An overlapped step that computes for c and
     communicates for t takes max(t, c + overlap_slowdown·t)."""
+    fused_bandwidth_efficiency: float = 1.0
+    """Fraction of `hbm_bandwidth` that the fused pointwise chains of a compiled layer reach
+    (Inductor's Triton kernels), on the bytes the cost model counts for them
+    (`strategies.costs._fused_work`: each tensor from outside a chain read once, each output
+    read outside it written once; backward `compute.BACKWARD_FACTOR` × forward). Measured by
+    `seqshard calibrate` (a residual add + RMSNorm and SwiGLU's silu·mul compiled, forward and
+    backward, at a bandwidth-bound size): what it reached over that count, so it also carries
+    what the count misses. Presets: 1.0 (chains priced at the copy bandwidth); may exceed 1."""
+    fused_loss_efficiency: float = 1.0
+    """Speed of the fused LM-head + cross-entropy kernel (`codegen/kernels/linear_ce.py`)
+    relative to its formula (`strategies.costs._fused_loss_work`: three GEMMs at the matmul rate,
+    one pass over the logits at `hbm_bandwidth`): predicted time = formula / this. Measured by
+    `seqshard calibrate` (the kernel forward + backward at the Llama-3.2-1B head at 16K tokens
+    on a GPU); presets 1.0 (the formula as is)."""
     host_bandwidth: float = 50e9
     """Bytes/s between this GPU and pinned host memory, one direction (PCIe Gen5 x16: 64 GB/s
     line rate). Estimate, not measured here; prices optimizer state offloaded to the host."""
@@ -176,7 +190,8 @@ class GPU:
             raise ValueError("GPU.name must be a non-empty string")
         _positive(self, "matmul_bf16", "matmul_fp32", "hbm_bandwidth", "hbm_capacity",
                   "matmul_efficiency", "pointwise_efficiency", "reduction_efficiency",
-                  "attention_block_efficiency")
+                  "attention_block_efficiency", "fused_bandwidth_efficiency",
+                  "fused_loss_efficiency")
         _fraction(self, "matmul_efficiency", "pointwise_efficiency", "reduction_efficiency",
                   "attention_block_efficiency", "overlap_slowdown")
         for name in ("attention_causal", "attention_full", "attention_head_dim"):

@@ -11,18 +11,22 @@ The program priced is eager PyTorch, op by op, unless the plan is made for what
     compiled    each layer compiled by Inductor (`codegen/compiled.py`): its pointwise ops and
                 norms fuse into chains between the ops Inductor leaves to libraries (GEMMs,
                 attention, embeddings); a chain reads each tensor from outside it once and
-                writes what is read outside it once, its FLOPs unchanged (`_fused_work`)
+                writes what is read outside it once, its FLOPs unchanged (`_fused_work`); the
+                bytes move at `GPU.fused_bandwidth_efficiency` × hbm_bandwidth
     fused_loss  an LM head + cross-entropy as the fused kernel (`codegen/kernels/linear_ce.py`):
                 its three GEMMs, and one Triton pass over the logits that reads them twice and
                 writes the gradient over them, in the activation dtype; no fp32 logits, no
-                cast, no separate backward (`_fused_loss_work`)
+                cast, no separate backward (`_fused_loss_work`); the time over
+                `GPU.fused_loss_efficiency`
+
+Both GPU fields are 1.0 in the presets and measured by `seqshard calibrate` (costmodel/calibrate.py).
 """
 
 from __future__ import annotations
 
 import re
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 
 import sympy
@@ -98,6 +102,10 @@ class Costs:
         self.gpu = self.cluster.gpu
         self._edge_cache: dict = {}
         self._chains = fused_chains(self.dims) if self.compiled else {}
+        # a fused chain moves its bytes at the bandwidth a compiled chain reaches (calibrated)
+        eff = self.gpu.fused_bandwidth_efficiency
+        self._fused_gpu = self.gpu if eff == 1 else \
+            replace(self.gpu, hbm_bandwidth=self.gpu.hbm_bandwidth * eff)
         self._loss = fused_losses(self.dims) if self.fused_loss else {}
 
     # ------------------------------------------------------------------ sizes
@@ -152,12 +160,13 @@ class Costs:
             if work is None:
                 return Cost(memory_bytes=mem)
             # the kernel computes the gradient in its forward pass: no backward of its own
-            return Cost(compute_s=work.time(self.gpu), memory_bytes=mem)
+            time, eff = work.time(self.gpu), self.gpu.fused_loss_efficiency
+            return Cost(compute_s=time if eff == 1 else time / eff, memory_bytes=mem)
         if n in self._chains:  # one kernel per chain: the launch floor on its first op alone
             work = self._fused_work(n, st)
             floor = _at_least_a_kernel if self._chains[n][3] else (lambda t: t)
-            time = floor(work.time(self.gpu)) + \
-                (floor(work.backward().time(self.gpu)) if self.training else 0)
+            gpu = self._fused_gpu
+            time = floor(work.time(gpu)) + (floor(work.backward().time(gpu)) if self.training else 0)
             return Cost(compute_s=time, memory_bytes=mem)
         work = self._work(n, st)
         fwd = _at_least_a_kernel(work.time(self.gpu))
