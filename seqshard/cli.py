@@ -202,9 +202,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    from seqshard.codegen.kernels.linear_ce import linear_cross_entropy
     from seqshard.costmodel import calibrate
 
-    return calibrate.main(args.rest)
+    return calibrate.main(args.rest, fused_loss=linear_cross_entropy)
 
 
 def cmd_bench(args) -> int:
@@ -276,7 +277,7 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("calibrate", help="measure this machine into a cluster JSON (options: "
-                       "seqshard calibrate --out FILE [--quick] [--links-from PRESET])", add_help=False)
+                       "seqshard calibrate --out FILE [--quick] [--links-from PRESET] [--fused])", add_help=False)
     p.set_defaults(fn=cmd_calibrate, passes_rest=True)
 
     p = sub.add_parser("bench", help="run a script of bench/ (GPU ones under torchrun)")
