@@ -1,5 +1,5 @@
 """Codegen: captured graph + plan → this rank's program, a `torch.fx.GraphModule` with readable
-Python source (`pm.code`).
+Python source (`pm.code`), made by `apply_plan` (apply.py):
 
     strategies = resolve_plan(dims, plan, sizes)      # names → factors; every node's choice checked
     program = Sharder(dims, strategies, mesh, orders).run()
@@ -20,78 +20,27 @@ Python source (`pm.code`).
 This is emission, not a sequence of graph passes: one walk over the captured graph writes a new
 graph, op by op, into calls of `seqshard.runtime` and local ATen ops (see docs/design.md). The
 graph-to-graph rewrites run earlier, at capture (`capture.canonicalize`).
+
+`kernels/` holds seqshard's own Triton kernels (the fused LM-head loss, the ring's merge and
+add, the layout copies around all-to-alls). The generated program and the runtime both call
+them, so that subpackage is a leaf the runtime may import (tests/test_layering.py): importing it
+loads nothing else of codegen, which is why the names below load on first use.
 """
 
-from __future__ import annotations
-
-from seqshard.dims import DimAnalysis
-from seqshard.strategies import Plan, PlanError, orders_of, resolve_plan
-from seqshard.strategies.from_plan import match_plan
-
-from .compiled import compile_layers
-from .mesh import MeshInfo
-from .recompute import (ChunkedModule, chunk_losses, chunk_modules, fusable_losses,
-                        recompute_layers)
-from .sharder import Program, Sharder
+import importlib
 
 __all__ = ["apply_plan", "MeshInfo", "Program", "PlanError"]
 
-
-def apply_plan(dims: DimAnalysis, plan: Plan, mesh: MeshInfo, *, kernels: bool = False,
-               compile: bool | str = False, backend: str = "inductor",
-               local_attention: str = "captured") -> Program:
-    """This rank's program. kernels: seqshard's own kernels where they apply (an LM head + plain
-    cross-entropy through `kernels/linear_ce.py`, in the plan's chunks or, where the plan keeps
-    it whole, the kernel's); compile: True or "layers" compiles each distinct layer template
-    once with torch.compile(backend=backend) (`compiled.py`), False runs op by op;
-    local_attention: "captured" runs an attention the plan keeps local as the model's own op,
-    "runtime" through `seqshard.runtime.local_attention` (its backend choice, e.g. FA4)."""
-    if tuple(plan.axis_names) != tuple(mesh.names):
-        raise PlanError(f"the plan was made for mesh axes {plan.axis_names}, this mesh has "
-                        f"{mesh.names}: pass mesh=init_device_mesh(device, sizes, "
-                        f"mesh_dim_names={plan.axis_names})")
-    strategies = resolve_plan(dims, plan, mesh.sizes)
-    program = Sharder(dims, strategies, mesh, orders_of(dims, plan), local_attention).run()
-    if plan.chunked_modules:
-        chunk_modules(program.gm, _chunked_modules(dims, plan, program))
-    if plan.recompute:
-        recompute_layers(program.gm, plan.recompute, plan.offload, tuple(dims.cap.inputs),
-                         plan.keep_attention)
-        if plan.chunked_modules:  # chunk loops moved into recomputed layers' submodules
-            program.gm.delete_all_unused_submodules()
-    chunks = ()
-    if plan.chunks:  # the plan names its losses as they were named where it was made
-        names = {np_.node: n.name for n, np_ in match_plan(dims, plan).items()}
-        chunks = tuple((names.get(loss, loss), k) for loss, k in plan.chunks)
-    if kernels:  # the losses the plan keeps whole: the fused kernel too, in its own chunks
-        chunks += _whole_losses(program.gm, chunks)
-    if chunks:
-        chunk_losses(program.gm, chunks, fused=kernels)
-    if compile:
-        compile_layers(program.gm, backend)
-    return program
+_EXPORTS = {"apply_plan": "seqshard.codegen.apply", "MeshInfo": "seqshard.codegen.mesh",
+            "Program": "seqshard.codegen.sharder", "PlanError": "seqshard.strategies"}
+"""Where each public name lives. Loaded on first use, not when the package is imported, so
+that `seqshard.codegen.kernels` (generated kernels the runtime calls: a leaf) loads nothing
+else of codegen or of the compiler stages before it."""
 
 
-def _whole_losses(gm, chunks: tuple) -> tuple[tuple[str, int], ...]:
-    """(loss, 0) for each loss the fused kernel computes that `chunks` does not name."""
-    named = {loss for loss, _ in chunks}
-    return tuple((name, 0) for name in fusable_losses(gm)
-                 if name not in named and name.removesuffix("_share") not in named)
-
-
-def _chunked_modules(dims: DimAnalysis, plan: Plan, program: Program) -> list[ChunkedModule]:
-    """The plan's chunked modules located in this rank's program (their input's and output's
-    values, and the dims that hold the tokens)."""
-    from seqshard.solver import token_regions
-
-    regions = {r.path: r for r in token_regions(dims)}
-    env = program._sharder.env
-    out = []
-    for path, k in plan.chunked_modules:
-        r = regions.get(path)
-        if r is None:
-            raise PlanError(f"the plan runs {path!r} in chunks of tokens, but this model has no "
-                            "module there that treats tokens one by one; such modules here: "
-                            f"{', '.join(list(regions)[:4]) or 'none'}")
-        out.append(ChunkedModule(path, k, env[r.input], r.dim, env[r.output], r.out_dim))
-    return out
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'seqshard.codegen' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
