@@ -136,6 +136,7 @@ def test_calibrate_measures_the_compiled_program(tmp_path, capsys):
     assert gpu.fused_bandwidth_efficiency != 1.0 and gpu.fused_loss_efficiency != 1.0
     log = capsys.readouterr().out
     assert "| fused chains fwd+bwd" in log and "| fused LM-head loss fwd+bwd" in log
+    assert "| fused LM-head loss fwd+bwd" in (tmp_path / "fused.md").read_text()
 
     data = json.loads(out.read_text())
     for key in ("fused_bandwidth_efficiency", "fused_loss_efficiency"):

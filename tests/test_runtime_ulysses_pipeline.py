@@ -245,8 +245,9 @@ def test_default_chunks():
 
 def reorders(interpret: bool) -> None:
     """The run copies of the exchange against cat / index_select, both ways, contig and zigzag,
-    with strided destinations; `interpret`: through the Triton kernel (fused.copy_rows_)."""
-    from seqshard.runtime import fused, layout
+    with strided destinations; `interpret`: through the Triton kernel (kernels/a2a_layout.py)."""
+    from seqshard.codegen.kernels import a2a_layout
+    from seqshard.runtime import layout
     from seqshard.runtime.ulysses import _arrivals_to_positions, _positions_to_arrivals, _runs
 
     n, b, g, s, e = 4, 2, 3, 6, 8
@@ -254,7 +255,7 @@ def reorders(interpret: bool) -> None:
         runs = _runs(order, n, s, tuple(range(n)))
         recv = torch.randn(n, b, g, s, e)
         for dest in (torch.empty(b, g, n * s, e), torch.empty(g, b, n * s, e).transpose(0, 1)):
-            assert fused.copyable(dest[:, :, :s], recv[0]) == interpret
+            assert a2a_layout.triton_usable(dest[:, :, :s], recv[0]) == interpret
             got = _arrivals_to_positions(recv, dest, runs)
             # recv is rank-major; the positions of rank j's local tokens come from the layout
             expected = torch.empty(b, g, n * s, e)

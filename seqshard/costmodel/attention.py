@@ -173,8 +173,8 @@ def _hbm(nbytes, gpu: GPU):
 
 def _merge_bytes(elements, dtype_bytes: int):
     """Memory traffic of merging a block's output into the fp32 accumulator per element, as
-    runtime/fused.py's one-pass kernel does it on a GPU: read the accumulator and the block
-    output, write the accumulator; the lse is E times smaller. (The torch fallback on CPUs makes
+    codegen/kernels/accumulate.py's one-pass kernel does it on a GPU: read the accumulator and
+    the block output, write the accumulator; the lse is E times smaller. (The torch fallback on CPUs makes
     ~3 passes over the fp32 accumulator.)"""
     return elements * (2 * ACC_BYTES + dtype_bytes)
 

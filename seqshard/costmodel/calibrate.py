@@ -37,7 +37,7 @@ What it measures (medians of `repeats` timed runs after `warmup`):
 It runs on CPU too (gloo, small sizes), so the calibration path is testable. Fields it does not
 measure (op-kind efficiencies, overlap slowdown, block efficiency) keep the GPU class defaults;
 with one process the links come from the preset `links_from`, renamed "<link>-preset". At the
-end it prints a table of what it measured.
+end it prints a table of what it measured and writes it beside the JSON (FILE.md).
 """
 
 from __future__ import annotations
@@ -399,7 +399,7 @@ def _measure_fused(gpu: GPU, sizes: Sizes, device, backend: str, fused_loss):
     return replace(gpu, **fields), rows
 
 
-def _print_table(gpu: GPU, sizes: Sizes, fused_rows) -> None:
+def _table(gpu: GPU, sizes: Sizes, fused_rows) -> str:
     """What was measured, as a markdown table."""
     top = gpu.attention_causal[-1]
     rows = [("matmul bf16", f"{sizes.matmul}³", "", "",
@@ -412,7 +412,7 @@ def _print_table(gpu: GPU, sizes: Sizes, fused_rows) -> None:
              f"attention_causal = {top[1] / 1e12:.4g} TFLOP/s"), *fused_rows]
     lines = ["| measured | size | time | cost model's time (defaults) | GPU field |",
              "|---|---|---|---|---|", *(f"| {' | '.join(r)} |" for r in rows)]
-    _log("summary:\n" + "\n".join(lines))
+    return "\n".join(lines)
 
 
 # --- one link ------------------------------------------------------------------------------------
@@ -532,8 +532,11 @@ def calibrate(out_path, *, sizes: Sizes | None = None, links_from: str = "h200",
     if world == 1 or dist.get_rank() == 0:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         cluster.save(out_path)
-        _print_table(gpu, sizes, fused_rows)
-        _log(f"wrote {out_path}: {cluster}")
+        table = _table(gpu, sizes, fused_rows)
+        md = Path(out_path).with_suffix(".md")
+        md.write_text(f"# seqshard calibrate: {cluster}\n\n{table}\n")
+        _log(f"summary:\n{table}")
+        _log(f"wrote {out_path} and {md.name}: {cluster}")
     return cluster
 
 

@@ -4,8 +4,6 @@
                  all-reduce, ring shift)
     backends     local attention kernels behind one (out, lse) interface, and their selection
     merge        numerically stable fp32 merge of partial attention results
-    fused        Triton kernels for the fp32 merge, fp32 += bf16 adds and strided layout copies
-                 (CUDA; torch ops elsewhere)
     peer         Ulysses exchanges by copy engine over symmetric memory (transport='peer')
     layout       contig / zigzag sequence layouts, positions and permutations
     blocks       attention masks as full / causal-square / masked blocks over shards
@@ -20,6 +18,8 @@
     selective    a recomputed layer that keeps its attention's outputs (attention runs once)
 
 Tensors are q [b, h, s_local, e], k, v [b, hk, s_local, e]; lse is [b, h, s_local], fp32.
+The Triton kernels it runs on CUDA (the fp32 merge, fp32 += bf16 adds, Ulysses' layout copies;
+torch ops elsewhere) are seqshard.codegen.kernels, the one part of codegen the runtime imports.
 """
 
 from seqshard.runtime import layout, merge

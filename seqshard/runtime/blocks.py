@@ -57,7 +57,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from seqshard.runtime import backends, fused
+from seqshard.codegen.kernels import accumulate
+from seqshard.runtime import backends
 from seqshard.runtime.layout import local_runs, valid_count
 from seqshard.runtime.masks import TokenMask, global_index
 from seqshard.runtime.merge import merge_
@@ -297,8 +298,8 @@ def add_rows(acc: torch.Tensor, grads, which: str) -> None:
 def _add(acc: torch.Tensor, x: torch.Tensor) -> None:
     """acc += x; fp32 += bf16 on CUDA as one vectorized Triton kernel (torch's mixed-dtype add
     is not vectorized)."""
-    if fused.usable(acc, x):
-        fused.add_rows_(acc, x)
+    if accumulate.usable(acc, x):
+        accumulate.add_rows_(acc, x)
     else:
         acc.add_(x)
 

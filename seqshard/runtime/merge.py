@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from seqshard.runtime import fused
+from seqshard.codegen.kernels import accumulate
 
 __all__ = ["accumulator", "merge", "merge_", "merge_all"]
 
@@ -56,10 +56,11 @@ def merge(out_a, lse_a, out_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
 def merge_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Merge a partial into an accumulator (from `accumulator`, or a row slice of one) in place.
 
-    On CUDA with fp32 accumulators this is one Triton kernel (fused.merge_rows_); elsewhere the
+    On CUDA with fp32 accumulators this is one Triton kernel
+    (seqshard.codegen.kernels.accumulate.merge_rows_); elsewhere the
     torch ops below, which compute the same formulas."""
-    if acc_out.dim() == 4 and acc_lse.dtype == torch.float32 and fused.usable(acc_out, out):
-        fused.merge_rows_(acc_out, acc_lse, out, lse)
+    if acc_out.dim() == 4 and acc_lse.dtype == torch.float32 and accumulate.usable(acc_out, out):
+        accumulate.merge_rows_(acc_out, acc_lse, out, lse)
         return
     lse = lse.to(acc_lse.dtype)
     w_acc, w_new = _sigmoid_weights(acc_lse, lse)

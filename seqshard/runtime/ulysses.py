@@ -68,7 +68,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from seqshard.runtime import fused
+from seqshard.codegen.kernels import a2a_layout
 from seqshard.runtime.collectives import (Pending, resolve_group, start_all_gather,
                                           start_all_to_all_single, start_reduce_scatter)
 from seqshard.runtime.layout import chunk_permutation, sorting_permutations
@@ -233,8 +233,8 @@ def _arrivals_to_positions(recv: torch.Tensor, dest: torch.Tensor, runs) -> torc
     """recv [N, b, g, s, ...] (rank-major) -> dest [b, g, S, ...] (position order).
 
     One strided copy per token run (one for contig, N + 1 for zigzag): on CUDA a Triton kernel
-    with wide loads (fused.copy_rows_; torch's cat and strided copy are not vectorized); elsewhere
-    torch's strided copies."""
+    with wide loads (codegen/kernels/a2a_layout.py; torch's cat and strided copy are not
+    vectorized); elsewhere torch's strided copies."""
     for p, j, t, n, count in runs:
         _copy(dest[:, :, p:p + count * n].unflatten(_SEQ, (count, n)),
               recv[j:j + count, :, :, t:t + n].movedim(0, _SEQ))
@@ -249,11 +249,8 @@ def _positions_to_arrivals(src: torch.Tensor, send: torch.Tensor, runs) -> torch
     return send
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    if fused.copyable(dst, src):
-        fused.copy_rows_(dst, src)
-    else:
-        dst.copy_(src)
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    return a2a_layout.copy_(dst, src)
 
 
 def _then(pending: Pending, finish) -> Pending:
@@ -299,10 +296,11 @@ def _start_to_heads(blocks: torch.Tensor, dest: torch.Tensor, ex: _Exchange) -> 
     if ex.transport != "nccl":  # every run of arrivals straight into place
         return _start_plan(blocks, dest, functools.partial(_heads_plan, ex), ex)
     in_place = _split_seq(dest, ex.group.size())
+    send = a2a_layout.contiguous(blocks)  # the pack: one kernel (a view at batch 1, one chunk)
     if ex.in_order and in_place.is_contiguous():
-        return Pending([start_all_to_all_single(blocks.contiguous(), in_place, ex.group)], dest)
+        return Pending([start_all_to_all_single(send, in_place, ex.group)], dest)
     recv = blocks.new_empty(blocks.shape)
-    return _then(start_all_to_all_single(blocks.contiguous(), recv, ex.group),
+    return _then(start_all_to_all_single(send, recv, ex.group),
                  lambda r: _arrivals_to_positions(r, dest, ex.runs))
 
 
@@ -316,7 +314,8 @@ def _start_to_seq(x_h: torch.Tensor, blocks: torch.Tensor, ex: _Exchange) -> Pen
         send = _positions_to_arrivals(x_h, x_h.new_empty(blocks.shape), ex.runs)
     if blocks.is_contiguous():
         return start_all_to_all_single(send, blocks, ex.group)
-    return _then(start_all_to_all_single(send, torch.empty_like(send), ex.group), blocks.copy_)
+    return _then(start_all_to_all_single(send, torch.empty_like(send), ex.group),
+                 lambda recv: _copy(blocks, recv))  # the unpack: one kernel
 
 
 def _start_kv_piece(k, v, kv_h, piece: int, ex: _Exchange) -> Pending:

@@ -1,4 +1,4 @@
-"""The Triton kernels of fused.py (imported on first use: CPU-only installs need no Triton).
+"""The Triton kernels of accumulate.py (imported on first use: CPU-only installs need no Triton).
 
 Each program handles BLOCK_R rows of the last dim (a row: one (b, h, s) of a [b, h, s, e] view),
 BLOCK_E wide; outer strides are arguments, the last dim has unit stride.
@@ -38,6 +38,7 @@ def merge_kernel(acc_ptr, acc_lse_ptr, out_ptr, lse_ptr, n_rows, H, S, E,
     tl.store(acc_at, w_acc[:, None] * acc + w_new[:, None] * out, mask=mask)
     tl.store(acc_lse_ptr + b * al_b + h * al_h + s * al_s, merged, mask=live)
 
+
 @triton.jit
 def add_kernel(acc_ptr, x_ptr, n_rows, H, S, E, a_b, a_h, a_s, x_b, x_h, x_s,
                BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
@@ -48,13 +49,3 @@ def add_kernel(acc_ptr, x_ptr, n_rows, H, S, E, a_b, a_h, a_s, x_b, x_h, x_s,
     x = tl.load(x_at, mask=mask, other=0.0).to(tl.float32)
     tl.store(acc_at, acc + x, mask=mask)
 
-
-@triton.jit
-def copy_kernel(dst_ptr, src_ptr, n_rows, B, C, D, E, d_a, d_b, d_c, d_d, s_a, s_b, s_c, s_d,
-                BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
-    # rows over [a, b, c, d]: (b, c) of the helper's [b, h, s] split of the flat index by C·D
-    ab, c, d, live, cols, mask = _rows(n_rows, C, D, E, BLOCK_R, BLOCK_E)
-    a, b = ab // B, ab % B
-    src_at = src_ptr + (a * s_a + b * s_b + c * s_c + d * s_d)[:, None] + cols[None, :]
-    dst_at = dst_ptr + (a * d_a + b * d_b + c * d_c + d * d_d)[:, None] + cols[None, :]
-    tl.store(dst_at, tl.load(src_at, mask=mask), mask=mask)

@@ -1,21 +1,21 @@
 """Triton kernels for the ring's fp32 bookkeeping: one pass where torch takes several.
 
-    merge_rows_(acc_out, acc_lse, out, lse)   merge.merge_ in one kernel: read the accumulator
-                                              and the partial once, write the accumulator once
+    merge_rows_(acc_out, acc_lse, out, lse)   runtime.merge.merge_ in one kernel: read the
+                                              accumulator and the partial once, write the
+                                              accumulator once
     add_rows_(acc, x)                         acc += x (fp32 += bf16), vectorized
-    copy_rows_(dst, src)                      dst.copy_(src) for strided views, vectorized
 
 Why: in torch the merge is ~5 passes over the fp32 accumulator (weights, scale, product, sum,
-lse), the mixed-dtype add is not vectorized, and Ulysses' layout copies (arrivals of the
-all-to-all into position order) run as non-vectorized strided copy or cat kernels; at long
-sequences these show in the step time (docs/runtime-measurements.md).
+lse) and the mixed-dtype add is not vectorized; at long sequences these show in the step time
+(docs/runtime-measurements.md). (The strided copies of Ulysses' exchange are a2a_layout.py's.)
 
 Tensors are [b, h, s, e] views with a unit stride over e (row slices of contiguous accumulators,
 kernel outputs); lse is [b, h, s]. Other strides are passed to the kernel, so slices need no copy.
 Offsets are 64-bit. `usable(...)` says when the kernels apply (CUDA, or any device under
-TRITON_INTERPRET=1 for tests; fp32 accumulators; Triton importable); merge.py falls back to torch
-otherwise. Numerics are merge.py's: weights from the lse difference via sigmoid, logaddexp via
-log(1 + t), a row no key reached (both lse -inf) stays out 0, lse -inf.
+TRITON_INTERPRET=1 for tests; fp32 accumulators; Triton importable); runtime/merge.py and
+runtime/blocks.py fall back to torch otherwise. Numerics are runtime/merge.py's: weights from the
+lse difference via sigmoid, logaddexp via log(1 + t), a row no key reached (both lse -inf) stays
+out 0, lse -inf.
 """
 
 from __future__ import annotations
@@ -25,17 +25,17 @@ import os
 
 import torch
 
-__all__ = ["usable", "copyable", "merge_rows_", "add_rows_", "copy_rows_"]
+__all__ = ["usable", "merge_rows_", "add_rows_"]
 
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
     """The kernel module, or None without Triton."""
     try:
-        from seqshard.runtime import _fused_kernels
+        from seqshard.codegen.kernels import _accumulate_kernel
     except ImportError:
         return None
-    return _fused_kernels
+    return _accumulate_kernel
 
 
 def usable(acc: torch.Tensor, *others: torch.Tensor) -> bool:
@@ -43,18 +43,6 @@ def usable(acc: torch.Tensor, *others: torch.Tensor) -> bool:
     if acc.dtype != torch.float32 or acc.stride(-1) != 1 or any(t.stride(-1) != 1 for t in others):
         return False
     if not (acc.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    return _kernels() is not None
-
-
-def copyable(dst: torch.Tensor, src: torch.Tensor) -> bool:
-    """copy_rows_ applies: views of 1 to 5 dims of one dtype and shape, unit stride over the
-    last, CUDA (or the interpreter)."""
-    if not 1 <= dst.dim() <= 5 or dst.shape != src.shape or dst.dtype != src.dtype:
-        return False
-    if dst.stride(-1) != 1 or src.stride(-1) != 1 or dst.numel() == 0:
-        return False
-    if not (dst.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return False
     return _kernels() is not None
 
@@ -68,8 +56,8 @@ def _launch(n_rows: int, e: int):
 
 def merge_rows_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor,
                 lse: torch.Tensor) -> None:
-    """merge.merge_ fused: (acc_out, acc_lse) ⊕= (out, lse), in place. acc_out, out [b, h, s, e]
-    (acc fp32), acc_lse, lse [b, h, s]."""
+    """runtime.merge.merge_ fused: (acc_out, acc_lse) ⊕= (out, lse), in place. acc_out, out
+    [b, h, s, e] (acc fp32), acc_lse, lse [b, h, s]."""
     assert acc_out.shape == out.shape and acc_lse.shape == lse.shape == out.shape[:-1], \
         (acc_out.shape, out.shape, acc_lse.shape, lse.shape)
     if out.numel() == 0:
@@ -93,18 +81,3 @@ def add_rows_(acc: torch.Tensor, x: torch.Tensor) -> None:
     _kernels().add_kernel[grid](
         acc, x, n_rows, h, s, e, *acc.stride()[:3], *x.stride()[:3],
         BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4)
-
-
-def copy_rows_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """dst.copy_(src) for views of up to 5 dims with any strides except a unit stride over the
-    last: one launch, rows of the last dim moved with wide loads. Returns dst."""
-    assert dst.shape == src.shape and dst.dtype == src.dtype, (dst.shape, src.shape)
-    while dst.dim() < 5:
-        dst, src = dst.unsqueeze(0), src.unsqueeze(0)
-    a, b, c, d, e = src.shape
-    n_rows = a * b * c * d
-    block_r, block_e, grid = _launch(n_rows, e)
-    _kernels().copy_kernel[grid](
-        dst, src, n_rows, b, c, d, e, *dst.stride()[:4], *src.stride()[:4],
-        BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4)
-    return dst
