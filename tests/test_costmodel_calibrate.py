@@ -62,7 +62,7 @@ CT, CD, CF, CV = 32768, 2048, 8192, 4096
 
 
 class _Chains(nn.Module):
-    """The calibration's two chains inside a layer, and an LM head + cross-entropy on y."""
+    """The calibration's two chains, as a layer (`layers.0`: compile="layers" fuses inside one)."""
 
     def __init__(self):
         super().__init__()
@@ -74,6 +74,8 @@ class _Chains(nn.Module):
 
 
 class _Model(nn.Module):
+    """The chains' layer, and an LM head + cross-entropy on its y (the fused loss kernel's)."""
+
     def __init__(self):
         super().__init__()
         self.layers = nn.ModuleList([_Chains()])
