@@ -26,7 +26,8 @@ import torch
 from seqshard.codegen.kernels import a2a_layout as L
 
 TRITON = TRITON_FLAG
-assert L.triton_usable(torch.empty(2, 2), torch.empty(2, 2), rope=True) == TRITON
+dev = torch.device(DEVICE)
+assert L.triton_usable(*[torch.empty(2, 2, device=dev)] * 2, rope=True) == TRITON
 NEAREST = not (TRITON and os.environ.get("TRITON_INTERPRET") == "1")
 
 def faithful(got, ref, scale):
@@ -52,13 +53,13 @@ gen = torch.Generator().manual_seed(0)
 pos = torch.tensor([3, 4, 11, 12, 40])      # a zigzag shard's tokens: the tables are per token
 inv = 1.0 / (10000 ** (torch.arange(0, e, 2, dtype=torch.float64) / e))
 ang = torch.cat([pos[:, None] * inv, pos[:, None] * inv], -1)
-COS, SIN = ang.cos()[None, None], ang.sin()[None, None]     # HF's [1, 1, s, e]
+COS, SIN = (t[None, None].to(dev) for t in (ang.cos(), ang.sin()))   # HF's [1, 1, s, e]
 worst = {}
 # q and GQA K/V (12:4 heads) at P = 2 and 4 (3 and 1 heads a rank for P = 4), each dtype twice
 for heads, p, dt in ((12, 2, torch.float32), (12, 4, torch.bfloat16), (4, 2, torch.bfloat16),
                      (4, 4, torch.float32)):
-    base = torch.randn(b, s, heads, e, generator=gen)
-    grad = torch.randn(b, s, heads, e, generator=gen)
+    base = torch.randn(b, s, heads, e, generator=gen).to(dev)
+    grad = torch.randn(b, s, heads, e, generator=gen).to(dev)
     cos, sin = COS.to(dt), SIN.to(dt)
     x = base.to(dt).transpose(1, 2)         # [b, h, s, e], strided as a model's q
     # plain pack / unpack: exact both ways, and each other's backward
@@ -107,12 +108,12 @@ for heads, p, dt in ((12, 2, torch.float32), (12, 4, torch.bfloat16), (4, 2, tor
 
 # copy_ on strided views on both sides (a chunk's heads of a [b, h, s, e] tensor into a
 # transposed buffer), 5 dims, plain and rotated
-src = torch.randn(3, 2, 4, 5, 72, generator=gen)[:, :, 1:3]
-dst = torch.empty(2, 3, 2, 5, 72).transpose(0, 1)
+src = torch.randn(3, 2, 4, 5, 72, generator=gen).to(dev)[:, :, 1:3]
+dst = torch.empty(2, 3, 2, 5, 72, device=dev).transpose(0, 1)
 assert torch.equal(L.copy_(dst, src), src)
 # tables whose halves differ (the formulas hold per column): the rotation and its transpose
 # x·cos - rotate_half(x·sin), the adjoint, against float64
-cos_r, sin_r = torch.randn(2, 5, 72, generator=gen).double()
+cos_r, sin_r = torch.randn(2, 5, 72, generator=gen).double().to(dev)
 L.copy_(dst, src, cos_r.float(), sin_r.float())
 assert rel(dst, hf_rope(src.double(), cos_r, sin_r)) <= 1e-6
 L.copy_(dst, src, cos_r.float(), sin_r.float(), transpose=True)
@@ -126,7 +127,7 @@ def test_a2a_layout_kernel_exact_under_the_interpreter():
     the kernel is defined)."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    code = _CHECK.replace("TRITON_FLAG", "True")
+    code = _CHECK.replace("TRITON_FLAG", "True").replace("DEVICE", '"cpu"')
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -135,7 +136,7 @@ def test_a2a_layout_kernel_exact_under_the_interpreter():
 def test_a2a_layout_torch_path_exact(monkeypatch):
     """The same checks on the torch path (devices Triton does not run on, installs without it)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    exec(_CHECK.replace("TRITON_FLAG", "False"), {})
+    exec(_CHECK.replace("TRITON_FLAG", "False").replace("DEVICE", '"cpu"'), {})
 
 
 def test_a2a_layout_rejects_bad_tables_and_heads():
@@ -158,5 +159,4 @@ def test_a2a_layout_rejects_bad_tables_and_heads():
 def test_a2a_layout_on_cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    exec(_CHECK.replace("TRITON_FLAG", "True").replace("torch.empty(2, 2)",
-                                                       "torch.empty(2, 2, device='cuda')"), {})
+    exec(_CHECK.replace("TRITON_FLAG", "True").replace("DEVICE", '"cuda"'), {})

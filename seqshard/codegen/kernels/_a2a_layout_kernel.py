@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "B", "C", "D"])  # sizes: one compile for all lengths
 def layout_kernel(dst_ptr, src_ptr, cos_ptr, sin_ptr, n_rows, B, C, D, E,
                   d_a, d_b, d_c, d_d, s_a, s_b, s_c, s_d, cos_d, sin_d,
                   BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, ROPE: tl.constexpr,
