@@ -24,9 +24,10 @@ submodule becomes the template: the compiled code runs inside the checkpoint, ag
 backward, its saved tensors going through the offload hooks. Chunk loops (`run_in_chunks`)
 unroll inside a template.
 
-No graph breaks at distributed attention: each algorithm's runtime entry point
-(`strategies.algorithms`: `ring_attention`, `ulysses_attention`, ...) is argument checks around
-one custom op, and Dynamo cannot trace its `_resolve_process_group` (a pybind function), which
+No graph breaks at attention: each algorithm's runtime entry point (`strategies.algorithms`:
+`ring_attention`, `ulysses_attention`, ...; and `local_attention`, which a program built with
+local_attention="runtime" calls) is argument checks around one custom op, and Dynamo cannot
+trace its `_resolve_process_group` (a pybind function) or the backend choice's logging, which
 would split the template there. `compile_layers` marks those entry points
 `torch.compiler.allow_in_graph`: Dynamo puts the call in the graph whole and AOTAutograd traces
 it down to the custom op. (A process-wide mark; it helps torch.compile of a whole program too.)
@@ -135,6 +136,10 @@ def _allow_attention_in_graph() -> None:
     for algorithm in ALGORITHMS.values():
         if algorithm.runtime is not None:
             torch.compiler.allow_in_graph(getattr(seqshard.runtime, algorithm.runtime))
+    # attention kept local through the runtime (local_attention="runtime": FA4): Dynamo would
+    # trace into select_backend and break the template at its logging call, splitting the layer
+    # into three graphs (before, the op alone, after) with the op's dout forced contiguous
+    torch.compiler.allow_in_graph(seqshard.runtime.local_attention)
 
 
 def _shared(gm, templates: dict, key: str, template: fx.GraphModule, layer: str,
