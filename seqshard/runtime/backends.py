@@ -53,8 +53,9 @@ it produced; the ring needs a backward from a merged lse, so this backend calls 
 under it, `flash_attn.cute.interface._flash_attn_fwd` and `_flash_attn_bwd` (written against
 flash-attn-4 4.0.0b36; another version that changed them fails with an error naming the function
 and the installed version). Conventions, from its source: tensors [b, s, h, e] (ours are
-[b, h, s, e]: passed as transposed views, no copy; out, dq, dk, dv are allocated [b, h, s, e] and
-handed over transposed, so they come back dense in our layout); lse fp32 [b, h, s] in natural log
+[b, h, s, e]: passed as transposed views, no copy; out, dq, dk, dv are allocated in its layout,
+dense [b, s, h, e], and come back as transposed views: seq-major, what the layer's projections
+read without a copy, see `seq_major`); lse fp32 [b, h, s] in natural log
 (the kernel computes (max·scale·log2 e + log2 sum) · ln 2; the backward's preprocess multiplies
 it by log2 e again), so no conversion; `softmax_scale` multiplies q·k as ours; causal is aligned
 bottom-right, the same as top-left on the square blocks this interface passes; K/V at their own
@@ -96,6 +97,8 @@ __all__ = [
     "unsupported_reason",
     "describe",
     "fa4_head_dim",
+    "seq_major",
+    "empty_seq_major",
 ]
 
 log = logging.getLogger(__name__)
@@ -386,9 +389,17 @@ def _fa4_call(name: str, *args, **kwargs):
                            f"{type(e).__name__}: {e}") from e
 
 
-def _bshe(shape, like: torch.Tensor) -> torch.Tensor:
-    """A dense [b, h, s, e] tensor, seen as FA4's [b, s, h, e] (a transposed view)."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device).transpose(1, 2)
+def empty_seq_major(shape, like: torch.Tensor) -> torch.Tensor:
+    """An empty [b, h, s, e] tensor of `like`'s dtype and device laid out seq-major: dense
+    [b, s, h, e] seen through a transpose (FA4's own layout, and the one a projection's output
+    [b, s, h·e] has)."""
+    b, h, s, e = shape
+    return torch.empty((b, s, h, e), dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def seq_major(x: torch.Tensor) -> torch.Tensor:
+    """x [b, h, s, e] laid out seq-major (`empty_seq_major`): x itself if it is, else a copy."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _fa4_forward(q, k, v, causal, scale):
@@ -396,8 +407,8 @@ def _fa4_forward(q, k, v, causal, scale):
     if run != e:  # q, k, v: [b, h, s, e] -> [b, h, s, run], zero columns (see "Padded head dims")
         q, k, v = (F.pad(x, (0, run - e)) for x in (q, k, v))
         out, lse = _fa4_forward(q, k, v, causal, scale)
-        return out[..., :e].contiguous(), lse
-    out = _bshe(q.shape, q)
+        return seq_major(out[..., :e]), lse
+    out = empty_seq_major(q.shape, q).transpose(1, 2)  # [b, s, h, e], dense
     res = _fa4_call("_flash_attn_fwd", q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                     softmax_scale=scale, causal=causal, return_lse=True, out=out)
     lse = res[1] if isinstance(res, (tuple, list)) and len(res) >= 2 else None
@@ -416,8 +427,8 @@ def _fa4_backward(dout, q, k, v, out, lse, causal, scale):
     e, run = q.shape[-1], fa4_head_dim(q.shape[-1])
     if run != e:  # everything at the padded head dim; the padded columns of dq, dk, dv dropped
         padded = (F.pad(x.to(q.dtype), (0, run - e)) for x in (dout, q, k, v, out))
-        return tuple(g[..., :e].contiguous() for g in _fa4_backward(*padded, lse, causal, scale))
-    dq, dk, dv = _bshe(q.shape, q), _bshe(k.shape, k), _bshe(v.shape, v)
+        return tuple(seq_major(g[..., :e]) for g in _fa4_backward(*padded, lse, causal, scale))
+    dq, dk, dv = (empty_seq_major(x.shape, x).transpose(1, 2) for x in (q, k, v))  # [b, s, h, e]
     res = _fa4_call("_flash_attn_bwd", q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                     out.to(q.dtype).transpose(1, 2), dout.to(q.dtype).transpose(1, 2),
                     lse.float().contiguous(), softmax_scale=scale, causal=causal, dq=dq, dk=dk, dv=dv)

@@ -20,7 +20,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from seqshard.runtime.backends import attention_backward, attention_forward
+from seqshard.runtime.backends import (attention_backward, attention_forward, empty_seq_major,
+                                       seq_major)
 from seqshard.runtime.blocks import Block, block_grads, pair_blocks, run_backward, run_forward
 from seqshard.runtime.masks import TokenMask, token_mask
 from seqshard.runtime.merge import accumulator
@@ -134,6 +135,14 @@ def whole_backward(dout, q, k, v, out, lse, *, causal: bool, seq_len: int | None
 
 # ---------------------------------------------------------------------------------------------
 # Custom ops
+#
+# Layout rule (what the fake implementations promise, and Inductor plans and asserts around):
+# out, dq, dk, dv are seq-major - dense [b, s, h, e] seen as [b, h, s, e] (backends.seq_major) -
+# and lse is dense [b, h, s]. Seq-major is FA4's own layout (it writes them so, no copy) and the
+# layout of a projection's output [b, s, h·e] viewed as heads: `out.transpose(1, 2).reshape(b,
+# s, h·e)` before o_proj, and dq, dk, dv on their way into the q/k/v projections' backward GEMMs,
+# are views, not copies. Kernels that return another layout (CPU flash: dk, dv under GQA; math;
+# padded or masked blocks) are copied into it here.
 # ---------------------------------------------------------------------------------------------
 
 def _local_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, seq_len: int | None,
@@ -143,6 +152,7 @@ def _local_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, s
     out, lse = whole_forward(q, k, v, causal=causal, seq_len=seq_len, scale=scale, backend=backend,
                              mask=token_mask(causal, positions, segments, window, key_valid,
                                              q.device))
+    out, lse = seq_major(out), lse.contiguous()
     _log_layouts("local_attention", q=q, k=k, v=v, out=out, lse=lse)
     return out, lse
 
@@ -157,11 +167,21 @@ def _local_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                                 scale=scale, backend=backend,
                                 mask=token_mask(causal, positions, segments, window, key_valid,
                                                 q.device))
+    dq, dk, dv = seq_major(dq), seq_major(dk), seq_major(dv)
     _log_layouts("local_attention_backward", dout=dout, q=q, k=k, v=v, out=out, dq=dq, dk=dk, dv=dv)
     return dq, dk, dv
 
 
-register_attention_op("seqshard::local_attention", _local_op, _local_backward_op)
+def _fake_out_lse(q, k, v, *options):
+    return empty_seq_major(q.shape, q), lse_like(q)
+
+
+def _fake_grads(dout, q, k, v, *options):
+    return tuple(empty_seq_major(x.shape, x) for x in (q, k, v))
+
+
+register_attention_op("seqshard::local_attention", _local_op, _local_backward_op,
+                      fake=_fake_out_lse, backward_fake=_fake_grads)
 
 
 def local_attention(q, k, v, *, causal: bool = True, seq_len: int | None = None,
