@@ -58,7 +58,10 @@ tokens (x [T, d] and W [V, d] leaves requiring grad; labels with 1% ignored):
 Each: the step (forward + backward; 1 warm-up, 5 isolated iterations, median), the extra peak
 memory (the peak during a step minus what was allocated before it: inputs and weights are not
 counted, the gradients are), the loss and the relative error of dx and dW against plain at 32K
-(at 128K plain runs out of memory: against `fused`).
+(at 128K plain runs out of memory: against `fused`). Then the systems of LOSS_INTERLEAVED
+(fused and Liger: the issue's "same run" comparison) timed again in interleaved rounds at each
+token count (timing.measure with a dict: one fused step, one Liger step, and so on; 1 warm-up,
+max(10, --repeats) rounds, medians), so a drift of the GPU clocks does not favour either.
 
 Part "8b": the issue's one-GPU anchor, the Llama-3-8B shape at 32K tokens, trained (AdamW) by
 bench/memory.py's systems, each in its own process (bench/memory.py `run_config`: a timeout kills
@@ -100,6 +103,8 @@ GIB = 2**30
 INTERLEAVED = ("seqshard eager", "seqshard layers+loss", "seqshard layers+loss chunk=1024",
                "seqshard program+loss", "seqshard layers+loss cdt", "seqshard layers+loss cudnn")
 PROFILED = ("seqshard eager", "seqshard layers+loss", "seqshard layers+loss cudnn")
+LOSS_INTERLEAVED = ("fused", "liger")
+"""Loss systems timed again in interleaved rounds at each token count (the issue's comparison)."""
 CONFIGS_8B = ("8b:32K:liger-compiled", "8b:32K:seqshard-compiled", "8b:32K:seqshard",
               "8b:32K:liger")
 """Most wanted first: a configuration that does not fit the budget left is not started."""
@@ -367,6 +372,7 @@ def loss_part(args, device, dtype) -> list[dict]:
         y = torch.randint(0, V, (T,), device=device, generator=gen)
         y[torch.randperm(T, device=device, generator=gen)[: T // 100]] = -100
         ref = None  # (loss, dx, dW) of plain, else of fused
+        kept = {}  # the steps of LOSS_INTERLEAVED that ran
         for label, fn in systems.items():
             if args.only and label not in args.only:
                 continue
@@ -377,7 +383,7 @@ def loss_part(args, device, dtype) -> list[dict]:
                 rows.append(row)
                 continue
 
-            def step():
+            def step(fn=fn):
                 x.grad = w.grad = None
                 loss = fn(x, w, y)
                 loss.backward()
@@ -415,6 +421,8 @@ def loss_part(args, device, dtype) -> list[dict]:
                     row["chunk"] = int(label.split("=")[1]) if "chunk=" in label else \
                         linear_ce.default_chunk(T, V, x.element_size(), d)
                     row["triton"] = linear_ce.triton_usable(x)
+                if label in LOSS_INTERLEAVED:
+                    kept[label] = (step, row)
             except Exception as e:  # noqa: BLE001 - recorded per case (out of memory, ...)
                 row["error"] = _error(e)
                 if not isinstance(e, torch.OutOfMemoryError):
@@ -422,6 +430,20 @@ def loss_part(args, device, dtype) -> list[dict]:
             x.grad = w.grad = None
             rows.append(row)
             print(f"[loss] {label} T={T}: {_short(row)}", flush=True)
+        if len(kept) > 1:
+            print(f"[loss] interleaved T={T}: {', '.join(kept)} ...", flush=True)
+            try:
+                _free(device)
+                timed = measure({k: step for k, (step, _) in kept.items()}, warmup=1,
+                                repeats=max(10, args.repeats), device=device)
+                for k, (_, row) in kept.items():
+                    row["interleaved_ms"] = timed[k].median_ms
+                    row["interleaved_times_ms"] = timed[k].times_ms
+            except Exception as e:  # noqa: BLE001 - the separate timings stand
+                rows.append(dict(part="loss", case="interleaved", tokens=T, error=_error(e)))
+                traceback.print_exc()
+            x.grad = w.grad = None
+        kept.clear()
         del x, w, y, ref
     return rows
 
@@ -512,6 +534,23 @@ def markdown(doc) -> str:
                 note = (note + f" chunk {r['chunk']}, triton {r.get('triton')}").strip()
             md.append(f"| {r['tokens']} | {r['case']} | {_f(r, 'step_ms', '{:.1f} ms')} | "
                       f"{_f(r, 'extra_peak_gib', '{:.2f} GiB')} | {_f(r, 'loss', '{:.5f}')} | {err} | {note} |")
+        pairs = {}  # tokens -> {case: row} of the interleaved rounds
+        for r in loss:
+            if "interleaved_ms" in r:
+                pairs.setdefault(r["tokens"], {})[r["case"]] = r
+        if pairs:
+            md += ["", f"Interleaved rounds ({' and '.join(LOSS_INTERLEAVED)} in turn, medians of "
+                   f"{max(len(r['interleaved_times_ms']) for p in pairs.values() for r in p.values())} "
+                   "rounds; extra peak from the rows above):", "",
+                   "| tokens | " + " | ".join(LOSS_INTERLEAVED) + " | fused / liger time | "
+                   "fused / liger extra peak |", "|---|" + "---|" * (len(LOSS_INTERLEAVED) + 2)]
+            for T, p in pairs.items():
+                cells = [_f(p.get(c, {}), "interleaved_ms", "{:.1f} ms") for c in LOSS_INTERLEAVED]
+                f, g = p.get("fused", {}), p.get("liger", {})
+                ratio = f"{f['interleaved_ms'] / g['interleaved_ms']:.3f}" if f and g else "-"
+                mem = f"{f['extra_peak_gib'] / g['extra_peak_gib']:.3f}" if \
+                    f.get("extra_peak_gib") and g.get("extra_peak_gib") else "-"
+                md.append(f"| {T} | " + " | ".join(cells) + f" | {ratio} | {mem} |")
     return "\n".join(md) + "\n"
 
 
