@@ -10,7 +10,10 @@ against 158.5 ms. Two explanations are checked here:
   layouts   the tensors reaching FA4 (and the projection GEMMs) are laid out differently under
             Inductor: q, k, v, out, dout, dq, dk, dv seq-major ([b, s, h, e] in memory, FA4's own
             layout, seen by seqshard as a transposed [b, h, s, e] view) or head-major (dense
-            [b, h, s, e]);
+            [b, h, s, e]). Before 13f6516 a compiled layer broke at local_attention (three
+            graphs; dout made contiguous, head-major, between them), and before 57e8ba6 FA4's
+            out and grads were head-major (a copy before o_proj and of dv in backward); since,
+            both programs hand FA4 seq-major tensors throughout;
   clocks    the compiled step, without eager's memory-bound pointwise kernels between the
             compute-bound ones, runs the GPU at its power limit, so the SM clock drops and every
             compute-bound kernel runs slower (the GPU's SM clock and power are sampled while
@@ -67,9 +70,10 @@ SHAPES = {"1b 16K": dict(s=16 * K, h=32, hk=8, e=64), "8b 32K": dict(s=32 * K, h
 LAYOUTS = {  # tensor group -> seq-major (True) or head-major (False)
     "all seq-major": dict(qkv=True, out=True, dout=True, grads=True),
     "all head-major": dict(qkv=False, out=False, dout=False, grads=False),
-    "eager today (inputs seq-major, out and grads head-major)":
+    "inputs seq-major, out and grads head-major (eager before 57e8ba6)":
         dict(qkv=True, out=False, dout=True, grads=False),
-    "compiled today (dout head-major too)": dict(qkv=True, out=False, dout=False, grads=False),
+    "as above, dout head-major too (compiled before 13f6516)":
+        dict(qkv=True, out=False, dout=False, grads=False),
     "inputs head-major, outputs seq-major": dict(qkv=False, out=True, dout=False, grads=True),
 }
 COPY_WORDS = ("copy", "clone", "contiguous")
