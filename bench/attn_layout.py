@@ -1,7 +1,8 @@
 """Why the compiled program's FA4 and GEMM kernels ran slower than eager's (issue 15), in one call.
 
     python bench/attn_layout.py --out $OUT     # < 90 s on one H200 (needs flash-attn-4)
-    python bench/attn_layout.py --smoke        # CPU, tiny sizes: checks the script (part a skipped)
+    python bench/attn_layout.py --smoke        # CPU, tiny sizes, aot_eager: checks the script
+                                               # (part fa4 skipped; --compile-backend inductor)
 
 bench/results/codegen-20261201-212528.md: in `seqshard layers+loss` the same FA4 kernels took
 37.7 ms forward / 89.2 ms backward for 16 calls against eager's 32.4 / 84.8, and the GEMMs 170.0
@@ -411,7 +412,9 @@ def main() -> int:
     ap.add_argument("--parts", default="fa4,model")
     ap.add_argument("--seq", type=int, default=16384)
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--compile-backend", default="inductor")
+    ap.add_argument("--compile-backend", default=None,
+                    help="inductor (default; --smoke: aot_eager, as Inductor compiles C++ for "
+                         "~70 s on a small CPU)")
     ap.add_argument("--budget-s", type=float, default=70.0,
                     help="start no FA4 shape after this many seconds of the run")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (part fa4 skipped)")
@@ -420,6 +423,7 @@ def main() -> int:
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
+    args.compile_backend = args.compile_backend or ("aot_eager" if args.smoke else "inductor")
     if args.smoke:
         args.repeats = min(args.repeats, 2)
     parts = args.parts.split(",")
