@@ -17,14 +17,16 @@ def layout_kernel(dst_ptr, src_ptr, cos_ptr, sin_ptr, n_rows, B, C, D, E,
                   TRANSPOSE: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = rows < n_rows
-    if ROPE:
-        # token-major: a program's rows share their token, so its cos/sin rows are read once
-        # from memory and then from cache, whatever the size of the tables
-        per_token = n_rows // D
-        d, r = rows // per_token, rows % per_token
-        c, ab = r % C, r // C
-    else:  # the view's own order: consecutive rows are neighbours in memory
-        d, c, ab = rows % D, (rows // D) % C, rows // (C * D)
+    # token-major: consecutive rows are one token's heads (d outer). The layouts this moves are
+    # [b, s, h, e] on one side (a token's heads adjacent) and head blocks of [s, e] on the
+    # other; token-major reads (or writes) whole tokens on the first and runs h sequential
+    # streams on the second. The view's own order (d inner) instead strides through the
+    # token-major side h times, 256 B per token each time: 0.1x torch's copy from 64K tokens on
+    # (bench/results/kernels-20261201-232207.md). With ROPE a program's rows also share their
+    # token, so its cos/sin rows are read once from memory and then from cache.
+    per_token = n_rows // D
+    d, r = rows // per_token, rows % per_token
+    c, ab = r % C, r // C
     a, b = ab // B, ab % B
     src_row = (a * s_a + b * s_b + c * s_c + d * s_d)[:, None]
     dst_row = (a * d_a + b * d_b + c * d_c + d * d_d)[:, None]
