@@ -720,7 +720,8 @@ def versions() -> dict:
 
     # no CUDA call here: a context in this process would take GPU memory from the children
     out = dict(python=platform.python_version(), torch=torch.__version__,
-               cuda=torch.version.cuda, host=platform.node())
+               cuda=torch.version.cuda, host=platform.node(),
+               alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default"))
     for mod in ("triton", "liger_kernel", "ortools"):
         try:
             m = __import__(mod)
@@ -744,7 +745,8 @@ def markdown(doc: dict) -> str:
     md = [f"# Memory plans on one GPU ({device})", "",
           f"`{doc['command']}`", "",
           f"torch {doc['versions']['torch']}, liger {doc['versions']['liger_kernel']}, ortools "
-          f"{doc['versions']['ortools']}; bf16 parameters, one sequence, fused AdamW (bf16 state). "
+          f"{doc['versions']['ortools']}; allocator {doc['versions'].get('alloc_conf', '?')}; "
+          "bf16 parameters, one sequence, fused AdamW (bf16 state). "
           f"{doc['definitions']}", "",
           "| config | status | step | warm-up / timed | tokens/s | MFU | peak (all / timed) | "
           "reserved | predicted peak | peak ratio | predicted step | step ratio | memory plan |",
