@@ -45,13 +45,14 @@ def _layouts(tensors):
     return [(tuple(t.shape), t.stride()) for t in tensors]
 
 
-@pytest.mark.parametrize("backend,seq_major_in,seq_len", [
-    ("flash_cpu", True, None), ("flash_cpu", False, 11), ("math", True, None),
-    ("fa4", True, None), ("fa4", False, 11)])
-def test_local_op_real_and_fake_layouts_agree(monkeypatch, backend, seq_major_in, seq_len):
+@pytest.mark.parametrize("backend,seq_major_in,seq_len,e", [
+    ("flash_cpu", True, None, 8), ("flash_cpu", False, 11, 8), ("math", True, None, 8),
+    ("fa4", True, None, 8), ("fa4", False, 11, 8), ("fa4", True, None, 72)])
+def test_local_op_real_and_fake_layouts_agree(monkeypatch, backend, seq_major_in, seq_len, e):
+    """GQA; seq_len 11: a padded row (out 0, F.pad); head dim 72: FA4 zero-padded to 96."""
     if backend == "fa4":
         monkeypatch.setattr(backends, "_fa4_module", lambda: (_stand_in(), "4.0.0b36"))
-    b, h, hk, s, e = 2, 4, 2, 12, 8  # GQA; seq_len 11: a padded row (out 0, F.pad)
+    b, h, hk, s = 2, 4, 2, 12
     gen = torch.Generator().manual_seed(0)
 
     def make(heads):
@@ -76,6 +77,19 @@ def test_local_op_real_and_fake_layouts_agree(monkeypatch, backend, seq_major_in
     ref = backends.attention_backward(dout, q, k, v, ref_out, ref_lse, causal=True, kv_len=seq_len,
                                       backend="math")
     assert all(torch.allclose(g, r, atol=1e-5, rtol=1e-5) for g, r in zip(grads, ref))
+
+
+def test_fa4_writes_seq_major_only_when_asked(monkeypatch):
+    """backends' fa4 path: seq_major=True hands FA4 dense [b, s, h, e] buffers (no copy after);
+    by default dense [b, h, s, e] ones, which Ulysses' all-to-all sends as they are."""
+    monkeypatch.setattr(backends, "_fa4_module", lambda: (_stand_in(), "4.0.0b36"))
+    q, k, v, dout = (torch.randn(1, n, 10, 8) for n in (4, 2, 2, 4))
+    for seq_major, layout in ((True, "bshe"), (False, "bhse")):
+        out, lse = backends.attention_forward(q, k, v, causal=True, backend="fa4",
+                                              seq_major=seq_major)
+        grads = backends.attention_backward(dout, q, k, v, out, lse, causal=True, backend="fa4",
+                                            seq_major=seq_major)
+        assert [layout_of(x) for x in (out, *grads)] == [layout] * 4, seq_major
 
 
 def compiled_local_attention(backend):

@@ -53,9 +53,10 @@ it produced; the ring needs a backward from a merged lse, so this backend calls 
 under it, `flash_attn.cute.interface._flash_attn_fwd` and `_flash_attn_bwd` (written against
 flash-attn-4 4.0.0b36; another version that changed them fails with an error naming the function
 and the installed version). Conventions, from its source: tensors [b, s, h, e] (ours are
-[b, h, s, e]: passed as transposed views, no copy; out, dq, dk, dv are allocated in its layout,
-dense [b, s, h, e], and come back as transposed views: seq-major, what the layer's projections
-read without a copy, see `seq_major`); lse fp32 [b, h, s] in natural log
+[b, h, s, e]: passed as transposed views, no copy; out, dq, dk, dv are allocated dense
+[b, h, s, e] and handed over transposed, so they come back dense in our layout - or, with
+`seq_major=True`, allocated in its own layout, dense [b, s, h, e], and returned as transposed
+views, which a layer's projections read without a copy); lse fp32 [b, h, s] in natural log
 (the kernel computes (max·scale·log2 e + log2 sum) · ln 2; the backward's preprocess multiplies
 it by log2 e again), so no conversion; `softmax_scale` multiplies q·k as ours; causal is aligned
 bottom-right, the same as top-left on the square blocks this interface passes; K/V at their own
@@ -97,7 +98,7 @@ __all__ = [
     "unsupported_reason",
     "describe",
     "fa4_head_dim",
-    "seq_major",
+    "as_seq_major",
     "empty_seq_major",
 ]
 
@@ -397,18 +398,27 @@ def empty_seq_major(shape, like: torch.Tensor) -> torch.Tensor:
     return torch.empty((b, s, h, e), dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-def seq_major(x: torch.Tensor) -> torch.Tensor:
+def as_seq_major(x: torch.Tensor) -> torch.Tensor:
     """x [b, h, s, e] laid out seq-major (`empty_seq_major`): x itself if it is, else a copy."""
     return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _fa4_forward(q, k, v, causal, scale):
+def _fa4_outputs(like: tuple[torch.Tensor, ...], seq_major: bool) -> tuple[torch.Tensor, ...]:
+    """Empty results of FA4's [b, s, h, e] shape for tensors `like` [b, h, s, e]: dense in it
+    (`seq_major`), else transposed views of dense [b, h, s, e] tensors."""
+    if seq_major:
+        return tuple(empty_seq_major(x.shape, x).transpose(1, 2) for x in like)
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format).transpose(1, 2)
+                 for x in like)
+
+
+def _fa4_forward(q, k, v, causal, scale, seq_major=False):
     e, run = q.shape[-1], fa4_head_dim(q.shape[-1])
     if run != e:  # q, k, v: [b, h, s, e] -> [b, h, s, run], zero columns (see "Padded head dims")
         q, k, v = (F.pad(x, (0, run - e)) for x in (q, k, v))
         out, lse = _fa4_forward(q, k, v, causal, scale)
-        return seq_major(out[..., :e]), lse
-    out = empty_seq_major(q.shape, q).transpose(1, 2)  # [b, s, h, e], dense
+        return (as_seq_major if seq_major else torch.Tensor.contiguous)(out[..., :e]), lse
+    out, = _fa4_outputs((q,), seq_major)
     res = _fa4_call("_flash_attn_fwd", q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                     softmax_scale=scale, causal=causal, return_lse=True, out=out)
     lse = res[1] if isinstance(res, (tuple, list)) and len(res) >= 2 else None
@@ -423,12 +433,13 @@ def _fa4_forward(q, k, v, causal, scale):
     return out.transpose(1, 2), lse
 
 
-def _fa4_backward(dout, q, k, v, out, lse, causal, scale):
+def _fa4_backward(dout, q, k, v, out, lse, causal, scale, seq_major=False):
     e, run = q.shape[-1], fa4_head_dim(q.shape[-1])
     if run != e:  # everything at the padded head dim; the padded columns of dq, dk, dv dropped
         padded = (F.pad(x.to(q.dtype), (0, run - e)) for x in (dout, q, k, v, out))
-        return tuple(seq_major(g[..., :e]) for g in _fa4_backward(*padded, lse, causal, scale))
-    dq, dk, dv = (empty_seq_major(x.shape, x).transpose(1, 2) for x in (q, k, v))  # [b, s, h, e]
+        dense = as_seq_major if seq_major else torch.Tensor.contiguous
+        return tuple(dense(g[..., :e]) for g in _fa4_backward(*padded, lse, causal, scale))
+    dq, dk, dv = _fa4_outputs((q, k, v), seq_major)
     res = _fa4_call("_flash_attn_bwd", q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                     out.to(q.dtype).transpose(1, 2), dout.to(q.dtype).transpose(1, 2),
                     lse.float().contiguous(), softmax_scale=scale, causal=causal, dq=dq, dk=dk, dv=dv)
@@ -517,42 +528,62 @@ def _kernel(backend: str, n_q: int, n_k: int) -> str:
     return "math" if backend == "cudnn" and n_q == n_k == 1 else backend
 
 
+def _layout_option(name: str, seq_major: bool) -> dict:
+    """The kernel's keyword for `seq_major`: FA4 writes that layout itself; the others' results
+    are copied into it after (`as_seq_major`)."""
+    return {"seq_major": True} if seq_major and name == "fa4" else {}
+
+
 def attention_forward(q, k, v, *, causal: bool = False, scale: float | None = None,
                       kv_len: int | None = None, backend: str = "math",
-                      mask: torch.Tensor | None = None):
-    """Local attention: `(out, lse)` for q [b, h, sq, e] against k, v [b, hk, sk, e]."""
+                      mask: torch.Tensor | None = None, seq_major: bool = False):
+    """Local attention: `(out, lse)` for q [b, h, sq, e] against k, v [b, hk, sk, e].
+    `seq_major`: out laid out seq-major (`as_seq_major`; FA4 writes it so, no copy); else as
+    the kernel returns it."""
     scale, n_q, n_k = _extents(q, k, v, causal, scale, kv_len, backend, mask)
     if n_k == 0:
         lse_dtype = torch.promote_types(q.dtype, torch.float32)
-        return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), dtype=lse_dtype, device=q.device)
-    if mask is not None:
+        out = torch.zeros_like(q)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=lse_dtype, device=q.device)
+    elif mask is not None:
         forward, _ = _masked_kernels(backend, n_q, n_k, q)
-        return forward(q, k[:, :, :n_k], v[:, :, :n_k], mask[..., :n_k], scale)
-    forward, _ = _KERNELS[_kernel(backend, n_q, n_k)]
-    out, lse = forward(q[:, :, :n_q], k[:, :, :n_k], v[:, :, :n_k], causal, scale)
-    return _pad_rows(out, q.shape[2], 0.0), _pad_rows(lse, q.shape[2], float("-inf"))
+        out, lse = forward(q, k[:, :, :n_k], v[:, :, :n_k], mask[..., :n_k], scale)
+    else:
+        name = _kernel(backend, n_q, n_k)
+        forward, _ = _KERNELS[name]
+        out, lse = forward(q[:, :, :n_q], k[:, :, :n_k], v[:, :, :n_k], causal, scale,
+                           **_layout_option(name, seq_major))
+        out, lse = _pad_rows(out, q.shape[2], 0.0), _pad_rows(lse, q.shape[2], float("-inf"))
+    return (as_seq_major(out) if seq_major else out), lse
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False, scale: float | None = None,
                        kv_len: int | None = None, backend: str = "math",
-                       mask: torch.Tensor | None = None):
-    """Gradients of local attention given the (possibly globally merged) `out` and `lse`."""
+                       mask: torch.Tensor | None = None, seq_major: bool = False):
+    """Gradients of local attention given the (possibly globally merged) `out` and `lse`.
+    `seq_major`: dq, dk, dv laid out seq-major, as `attention_forward`'s out."""
     scale, n_q, n_k = _extents(q, k, v, causal, scale, kv_len, backend, mask)
     if n_k == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    # A row that saw no key (lse = -inf, out = 0) must contribute nothing: P = exp(s - inf) = 0.
-    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
-    if mask is not None:
+        grads = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    elif mask is not None:
+        # a row that saw no key (lse = -inf, out = 0) must contribute nothing: P = exp(s - inf) = 0
+        lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
         _, backward = _masked_kernels(backend, n_q, n_k, q)
         dq, dk, dv = backward(dout.to(q.dtype), q, k[:, :, :n_k], v[:, :, :n_k], out, lse,
                               mask[..., :n_k], scale)
-        return (dq.to(q.dtype), _pad_rows(dk, k.shape[2], 0.0).to(k.dtype),
-                _pad_rows(dv, v.shape[2], 0.0).to(v.dtype))
-    _, backward = _KERNELS[_kernel(backend, n_q, n_k)]
-    dq, dk, dv = backward(dout[:, :, :n_q].to(q.dtype), q[:, :, :n_q], k[:, :, :n_k], v[:, :, :n_k],
-                          out[:, :, :n_q], lse[:, :, :n_q], causal, scale)
-    return (_pad_rows(dq, q.shape[2], 0.0).to(q.dtype), _pad_rows(dk, k.shape[2], 0.0).to(k.dtype),
-            _pad_rows(dv, v.shape[2], 0.0).to(v.dtype))
+        grads = (dq.to(q.dtype), _pad_rows(dk, k.shape[2], 0.0).to(k.dtype),
+                 _pad_rows(dv, v.shape[2], 0.0).to(v.dtype))
+    else:
+        lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # as above
+        name = _kernel(backend, n_q, n_k)
+        _, backward = _KERNELS[name]
+        dq, dk, dv = backward(dout[:, :, :n_q].to(q.dtype), q[:, :, :n_q], k[:, :, :n_k],
+                              v[:, :, :n_k], out[:, :, :n_q], lse[:, :, :n_q], causal, scale,
+                              **_layout_option(name, seq_major))
+        grads = (_pad_rows(dq, q.shape[2], 0.0).to(q.dtype),
+                 _pad_rows(dk, k.shape[2], 0.0).to(k.dtype),
+                 _pad_rows(dv, v.shape[2], 0.0).to(v.dtype))
+    return tuple(as_seq_major(g) for g in grads) if seq_major else grads
 
 
 # ---------------------------------------------------------------------------------------------

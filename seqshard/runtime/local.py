@@ -20,8 +20,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from seqshard.runtime.backends import (attention_backward, attention_forward, empty_seq_major,
-                                       seq_major)
+from seqshard.runtime.backends import (as_seq_major, attention_backward, attention_forward,
+                                       empty_seq_major)
 from seqshard.runtime.blocks import Block, block_grads, pair_blocks, run_backward, run_forward
 from seqshard.runtime.masks import TokenMask, token_mask
 from seqshard.runtime.merge import accumulator
@@ -81,9 +81,10 @@ def _disjoint(blocks: list[Block], side: str) -> bool:
 
 
 def whole_forward(q, k, v, *, causal: bool, seq_len: int | None, scale: float, backend: str,
-                  mask: TokenMask | None = None):
+                  mask: TokenMask | None = None, seq_major: bool = False):
     """(out, lse) of q [b, g, S, e] over the whole sequence held here, in position order: the
-    single block of a one-rank ring (blocks.pair_blocks), straight from the kernel."""
+    single block of a one-rank ring (blocks.pair_blocks), straight from the kernel. `seq_major`:
+    the kernel asked for a seq-major out (backends.attention_forward), where one block runs."""
     blocks = pair_blocks("contig", causal, 0, 0, 1, q.shape[2], seq_len, mask)
     block = _single(blocks)
     if block is None:
@@ -99,7 +100,7 @@ def whole_forward(q, k, v, *, causal: bool, seq_len: int | None, scale: float, b
         return out.to(q.dtype), lse
     out, lse = attention_forward(q[:, :, :block.q1], k[:, :, :block.k1], v[:, :, :block.k1],
                                  causal=block.causal, scale=scale, backend=backend,
-                                 mask=block.mask)
+                                 mask=block.mask, seq_major=seq_major)
     pad = q.shape[2] - block.q1  # padded query rows: out 0, lse -inf
     if pad:
         out, lse = F.pad(out, (0, 0, 0, pad)), F.pad(lse, (0, pad), value=float("-inf"))
@@ -107,8 +108,8 @@ def whole_forward(q, k, v, *, causal: bool, seq_len: int | None, scale: float, b
 
 
 def whole_backward(dout, q, k, v, out, lse, *, causal: bool, seq_len: int | None, scale: float,
-                   backend: str, mask: TokenMask | None = None):
-    """dq, dk, dv of `whole_forward` (padded rows get 0)."""
+                   backend: str, mask: TokenMask | None = None, seq_major: bool = False):
+    """dq, dk, dv of `whole_forward` (padded rows get 0; `seq_major` as there)."""
     blocks = pair_blocks("contig", causal, 0, 0, 1, q.shape[2], seq_len, mask)
     block = _single(blocks)
     if block is None and _disjoint(blocks, "q") and _disjoint(blocks, "k"):
@@ -125,7 +126,7 @@ def whole_backward(dout, q, k, v, out, lse, *, causal: bool, seq_len: int | None
     n, m = block.q1, block.k1
     grads = attention_backward(dout[:, :, :n], q[:, :, :n], k[:, :, :m], v[:, :, :m],
                                out[:, :, :n], lse[:, :, :n], causal=block.causal, scale=scale,
-                               backend=backend, mask=block.mask)
+                               backend=backend, mask=block.mask, seq_major=seq_major)
     if n == m == q.shape[2]:
         return grads
     dq, dk, dv = grads  # padded rows get 0
@@ -137,12 +138,13 @@ def whole_backward(dout, q, k, v, out, lse, *, causal: bool, seq_len: int | None
 # Custom ops
 #
 # Layout rule (what the fake implementations promise, and Inductor plans and asserts around):
-# out, dq, dk, dv are seq-major - dense [b, s, h, e] seen as [b, h, s, e] (backends.seq_major) -
-# and lse is dense [b, h, s]. Seq-major is FA4's own layout (it writes them so, no copy) and the
+# out, dq, dk, dv are seq-major - dense [b, s, h, e] seen as [b, h, s, e] (backends.as_seq_major)
+# - and lse is dense [b, h, s]. Seq-major is FA4's own layout (it writes them so, no copy) and the
 # layout of a projection's output [b, s, h·e] viewed as heads: `out.transpose(1, 2).reshape(b,
 # s, h·e)` before o_proj, and dq, dk, dv on their way into the q/k/v projections' backward GEMMs,
 # are views, not copies. Kernels that return another layout (CPU flash: dk, dv under GQA; math;
-# padded or masked blocks) are copied into it here.
+# padded or masked blocks) are copied into it. (Ulysses, which calls whole_forward itself, keeps
+# FA4's head-major results: its all-to-all sends them without a copy.)
 # ---------------------------------------------------------------------------------------------
 
 def _local_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, seq_len: int | None,
@@ -151,8 +153,8 @@ def _local_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, s
               window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = whole_forward(q, k, v, causal=causal, seq_len=seq_len, scale=scale, backend=backend,
                              mask=token_mask(causal, positions, segments, window, key_valid,
-                                             q.device))
-    out, lse = seq_major(out), lse.contiguous()
+                                             q.device), seq_major=True)
+    out, lse = as_seq_major(out), lse.contiguous()
     _log_layouts("local_attention", q=q, k=k, v=v, out=out, lse=lse)
     return out, lse
 
@@ -166,8 +168,8 @@ def _local_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     dq, dk, dv = whole_backward(dout, q, k, v, out, lse, causal=causal, seq_len=seq_len,
                                 scale=scale, backend=backend,
                                 mask=token_mask(causal, positions, segments, window, key_valid,
-                                                q.device))
-    dq, dk, dv = seq_major(dq), seq_major(dk), seq_major(dv)
+                                                q.device), seq_major=True)
+    dq, dk, dv = as_seq_major(dq), as_seq_major(dk), as_seq_major(dv)
     _log_layouts("local_attention_backward", dout=dout, q=q, k=k, v=v, out=out, dq=dq, dk=dk, dv=dv)
     return dq, dk, dv
 
