@@ -25,8 +25,12 @@ Part "fa4": FlashAttention-4's forward and backward (flash_attn.cute.interface's
 (b 1, s 16K, h 32, kv heads 8, e 64) and the Llama-3-8B shape (s 32K, h 32, kv 8, e 128), causal,
 bf16, with every tensor laid out per LAYOUTS, timed in interleaved rounds (timing.measure with a
 dict, isolated iterations); the outputs compared with the all-seq-major ones (the same kernel:
-differences should be 0). Order: the 1B shape, part "model", then the 8B shape if the run is
-still within --budget-s (70 s).
+differences should be 0). Order: the 1B shape, parts "power" and "model", then the 8B shape if
+the run is still within --budget-s (70 s).
+
+Part "power": a GEMM (the 1B MLP's up projection) and FA4's 1B forward, each timed alone after
+PAUSE_MS of near-idle GPU and after PAUSE_MS of back-to-back GEMMs, alternating (20 each): does a
+compute-bound kernel run slower when it starts at the power limit? (`power_part`.)
 
 Part "model": the built-in llama3-1b at 16K tokens (bf16, world size 1, forward + backward of
 the loss) built by parallelize as `seqshard eager+loss` (kernels=True) and `seqshard
@@ -35,6 +39,12 @@ layers+loss` (compile="layers", kernels=True), with runtime/local.py's layout lo
 dv entering and leaving the attention op in each program; then both timed in interleaved rounds,
 a torch.profiler kernel table of one step of each (bench/codegen.py's `profile`, and the
 copy kernels counted), and the SM clock and power during 5 back-to-back steps of each.
+
+First run (bench/results/attn_layout-20261201-231630.md, before 13f6516 and 57e8ba6): FA4's
+times are within 1% across the five layouts at both shapes, so layouts do not explain the
+slower kernels; in the programs the forward and backward saw identical q, k, v layouts, yet
+FA4's forward took 2.30 ms a call compiled against 2.10 eager (= its time alone) - the
+question part "power" asks.
 
 Writes attn_layout-<stamp>.json and .md under --out ($OUT, else bench/results). Each case runs
 in its own try: a failure is recorded and the run goes on.
@@ -85,7 +95,7 @@ class Clocks:
     """SM clock (MHz) and power (W) of GPU 0 sampled every `period` s while the block runs:
     pynvml if importable, else `nvidia-smi`; nothing (and `why`) if neither works."""
 
-    def __init__(self, period: float = 0.05):
+    def __init__(self, period: float = 0.02):
         self.period, self.samples, self.why = period, [], None
 
     def __enter__(self):
@@ -244,6 +254,74 @@ def fa4_part(args, device, shapes) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------ part "power"
+PAUSE_MS = 8.0
+"""What precedes each timed kernel in part "power": this long of near-idle GPU, or of GEMMs."""
+
+
+def power_part(args, device) -> list[dict]:
+    """Is a compute-bound kernel slower when it follows compute-bound work than after a pause?
+    Each kernel (a GEMM of the 1B MLP's up projection, 16K x 2048 @ 2048 x 8192; FA4's forward
+    at the 1B shape) is timed alone (a CUDA event pair around it) 20 times in each of two
+    conditions, alternating: after PAUSE_MS of `torch.cuda._sleep` (one thread spinning: the GPU
+    near idle power), and after PAUSE_MS of back-to-back GEMMs (at the power limit). Slower after
+    GEMMs, with the same inputs and layouts: the kernel's speed depends on the power state it
+    starts in - what the compiled program changes by dropping eager's memory-bound kernels
+    between its GEMMs and attention."""
+    if device != "cuda":
+        return [dict(part="power", case="all", error="skipped: no GPU (--smoke)")]
+    from seqshard.runtime import backends
+
+    rows, rounds = [], 20
+    x = torch.randn(16 * K, 2048, device=device, dtype=torch.bfloat16)
+    w = torch.randn(8192, 2048, device=device, dtype=torch.bfloat16)
+
+    def gemm():
+        return x @ w.T
+    kernels = {"gemm 16K x 2048 x 8192": gemm}
+    module, why = backends._fa4_module()
+    if module is not None:
+        q = torch.randn(1, 16 * K, 32, 64, device=device, dtype=torch.bfloat16)
+        kv = torch.randn(1, 16 * K, 8, 64, device=device, dtype=torch.bfloat16)
+        out = torch.empty_like(q)
+        kernels["fa4 fwd 1B 16K"] = lambda: backends._fa4_call(
+            "_flash_attn_fwd", q, kv, kv, softmax_scale=0.125, causal=True, return_lse=True,
+            out=out)
+    else:
+        rows.append(dict(part="power", case="fa4 fwd 1B 16K", error=f"skipped: {why}"))
+    per_gemm = measure(gemm, warmup=3, repeats=5, device=device).median_ms
+    busy = max(1, round(PAUSE_MS / per_gemm))
+    cycles = int(PAUSE_MS * 1e-3 * 1.98e9)  # at the H200's boost clock, 1980 MHz
+    before = {"after a pause": lambda: torch.cuda._sleep(cycles),
+              "after GEMMs": lambda: [gemm() for _ in range(busy)]}
+    for name, fn in kernels.items():
+        row = dict(part="power", case=name, rounds=rounds, pause_ms=PAUSE_MS, busy_gemms=busy)
+        try:
+            fn()
+            marks = {cond: [] for cond in before}
+
+            def run():
+                for _ in range(rounds):
+                    for cond, lead_in in before.items():
+                        lead_in()
+                        pair = (torch.cuda.Event(enable_timing=True),
+                                torch.cuda.Event(enable_timing=True))
+                        pair[0].record()
+                        fn()
+                        pair[1].record()
+                        marks[cond].append(pair)
+            row["clocks"] = _clocked(device, run)
+            row["ms"] = {cond: statistics.median(a.elapsed_time(b) for a, b in pairs)
+                         for cond, pairs in marks.items()}
+            row["slowdown_after_gemms"] = row["ms"]["after GEMMs"] / row["ms"]["after a pause"]
+        except Exception as e:  # noqa: BLE001 - recorded per kernel
+            row["error"] = _error(e)
+            traceback.print_exc()
+        rows.append(row)
+        print(f"[power] {name}: {row.get('ms')} {row.get('error', '')}", flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------ part "model"
 def model_part(args, device, dtype) -> list[dict]:
     from codegen import profile
@@ -366,6 +444,22 @@ def markdown(doc) -> str:
         for name, err in r["errors"].items():
             md.append(f"\nerror {name}: {err}")
         md.append("")
+    power = [r for r in doc["rows"] if r["part"] == "power"]
+    if power:
+        md += ["## A kernel after a pause vs after GEMMs (part power)", "",
+               "| kernel | after a pause | after GEMMs | slowdown | SM clock median / min | "
+               "power median / max | note |", "|---|---|---|---|---|---|---|"]
+        for r in power:
+            ms, c = r.get("ms") or {}, r.get("clocks") or {}
+            clock = f"{c['sm_mhz_median']:.0f} / {c['sm_mhz_min']:.0f} MHz" \
+                if "sm_mhz_median" in c else c.get("why", "-")
+            watts = f"{c['power_w_median']:.0f} / {c['power_w_max']:.0f} W" \
+                if "power_w_median" in c else "-"
+            cell = lambda k: f"{ms[k]:.3f} ms" if k in ms else "-"  # noqa: E731
+            md.append(f"| {r['case']} | {cell('after a pause')} | {cell('after GEMMs')} | "
+                      f"{_f(r, 'slowdown_after_gemms', '{:.3f}')} | {clock} | {watts} | "
+                      f"{r.get('error', '')} |")
+        md.append("")
     model = [r for r in doc["rows"] if r["part"] == "model"]
     if model:
         md += ["## llama3-1b program, eager vs compiled", "",
@@ -409,7 +503,7 @@ def _f(row, key, fmt):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="fa4,model")
+    ap.add_argument("--parts", default="fa4,power,model")
     ap.add_argument("--seq", type=int, default=16384)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--compile-backend", default=None,
@@ -435,8 +529,10 @@ def main() -> int:
     if device == "cuda":
         torch.cuda.set_device(0)
     rows, args.start = [], t0
-    if "fa4" in parts:  # the 1B shape, the program, then the 8B shape while --budget-s lasts
+    if "fa4" in parts:  # the 1B shape, power, the program, the 8B shape while --budget-s lasts
         rows += fa4_part(args, device, ["1b 16K"])
+    if "power" in parts:
+        rows += power_part(args, device)
     if "model" in parts:
         rows += model_part(args, device, dtype)
     if "fa4" in parts and not args.smoke:
