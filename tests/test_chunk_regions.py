@@ -10,7 +10,7 @@ checkpoint)."""
 
 import copy
 from contextlib import nullcontext
-from itertools import product
+from itertools import combinations, product
 
 import pytest
 import torch
@@ -189,35 +189,35 @@ def test_a_sequence_mixing_module_is_not_chunked():
 
 # ------------------------------------------------------------------ the formulation
 def _brute_force(pb):
-    """Every (strategies, recompute, chunked, layers keeping attention's outputs) with the terms
-    counted directly."""
+    """Every (strategies, recompute, chunked regions, layers keeping attention's outputs) with
+    the terms counted directly: any set of regions of which no two share ops (a module and the
+    chain around it, `token_chains`). Yields (time, peak, r, whether some region is chunked)."""
     nodes = list(pb.strategies)
     (c,) = pb.classes
-    (R,) = pb.regions
+    sets = [Q for k in range(len(pb.regions) + 1) for Q in combinations(pb.regions, k)
+            if not any(R2 in pb.regions[R1].excludes for R1, R2 in combinations(Q, 2))]
     for choice in product(*(range(len(pb.strategies[n])) for n in nodes)):
         pick = dict(zip(nodes, choice))
-        if any(pb.node_region.get(v) == R and (key, pick[key[0]], l) in pb.move
-               for (key, v, j), l in pb.need.items() if pick[v] == j):
-            redistributes = True  # into or inside the region: it cannot run in chunks
-        else:
-            redistributes = False
+        redistributes = {R for R in pb.regions  # into or inside it: it cannot run in chunks
+                         if any(R in pb.node_regions.get(v, ()) and (key, pick[key[0]], l) in pb.move
+                                for (key, v, j), l in pb.need.items() if pick[v] == j)}
         base = sum(int(round(pb.mult[n] * pb.node_cost[(n, i)].time_s * NS)) for n, i in pick.items())
         base += sum(int(round(pb.tensors[k].mult * s * NS)) for (k, _, _), (s, _, _) in chosen_moves(pb, pick))
         again = sum(int(round(pb.mult[n] * pb.forward[(n, pick[n])].time_s * NS)) for n in pb.classes[c].nodes)
         again += sum(int(round(pb.tensors[k].mult * pb.move_forward.get((k, i, l), 0) * NS))
                      for (k, i, l), _ in chosen_moves(pb, pick) if pb.tensors[k].cls == c)
-        chunk_again = sum(int(round(pb.mult[n] * pb.forward[(n, pick[n])].time_s * NS))
-                          for n in pb.regions[R].nodes)
+        chunk_again = {R: sum(int(round(pb.mult[n] * pb.forward[(n, pick[n])].time_s * NS))
+                              for n in pb.regions[R].nodes) for R in pb.regions}
         attention = sum(int(round(k * pb.forward[(n, pick[n])].time_s * NS))
                         for n, k in kept_attention(pb).get(c, ()))
-        for r, q in product((False, True), (False, True)):
-            if q and redistributes:
-                continue
+        for r, Q in product((False, True), sets):
+            if set(Q) & redistributes or not r and any(pb.regions[R].chain for R in Q):
+                continue  # (a chain runs in chunks in a recomputed layer only)
             for s in range(len(pb.classes[c].layers) + 1 if r else 1):
                 mem = memory_of(pb, pick, frozenset({c}) if r else frozenset(), frozenset(),
-                                frozenset({R}) if q else frozenset(), {c: s} if s else None)
-                yield (base + (again if r else 0) + (chunk_again if q else 0) - s * attention,
-                       mem.peak, r, q)
+                                frozenset(Q), {c: s} if s else None)
+                yield (base + (again if r else 0) + sum(chunk_again[R] for R in Q) - s * attention,
+                       mem.peak, r, bool(Q))
 
 
 @pytest.mark.parametrize("budget_at", [None, "chunk", "recompute"])
@@ -234,7 +234,8 @@ def test_chunk_optimum_equals_brute_force(budget_at):
     # the layer's other ops forced (split s), so that every choice can be enumerated
     overrides = {"": "split:s", "layers.?": "split:s ring", "layers.?.[qkv]": "split:s"}
     pb = build_problem(dims, costs, mesh, overrides, "replicated", offload=False)
-    assert list(pb.regions) == ["layers.0.mlp"] and pb.regions["layers.0.mlp"].inputs
+    assert list(pb.regions) == ["layers.0.mlp", "layers.0.silu+q+k+v", "layers.0.add+mlp"]
+    assert pb.regions["layers.0.mlp"].inputs and pb.regions["layers.0.mlp"].excludes == ("layers.0.add+mlp",)
     plans = list(_brute_force(pb))
     assert len(plans) >= 50, len(plans)
     least = {(r, q): min(m for _, m, r_, q_ in plans if (r_, q_) == (r, q))

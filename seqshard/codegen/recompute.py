@@ -298,41 +298,52 @@ def token_count(labels: torch.Tensor, ignore: int, groups: tuple, like: torch.Te
 
 # ------------------------------------------------------------------ token-wise modules in chunks
 class ChunkedModule(NamedTuple):
-    """A token-wise module (`solver.token_regions`) to run in chunks, located in this rank's
-    program: its input's and its output's values there, and the dims holding the tokens."""
+    """A token-wise region (a module, `solver.token_regions`, or a chain of ops across modules,
+    `solver.token_chains`) to run in chunks, located in this rank's program: the values it
+    reads with the tokens and the values read after it, each with the dim holding the tokens."""
 
-    path: str                      # "layers.3.mlp"
+    path: str                      # "layers.3.mlp", "layers.3.attn.o_proj+add+mlp_norm+mlp"
     chunks: int
-    input: fx.Node
-    dim: int
-    output: fx.Node
-    out_dim: int
+    inputs: tuple                  # ((value, token dim), ...): split into the chunks
+    outputs: tuple                 # ((value, token dim), ...): the chunks' pieces concatenated
 
 
 def chunk_modules(gm: fx.GraphModule, modules: list[ChunkedModule]) -> fx.GraphModule:
-    """`gm` with each token-wise module run in chunks of tokens (in place; returned):
+    """`gm` with each token-wise region run in chunks of tokens (in place; returned):
 
         linear_4 = aten.linear(rms_norm_1, w_gate)       chunk_layers_0_mlp = self.chunk_layers_0_mlp
         silu = aten.silu(linear_4)                  →    linear_6 = run_in_chunks(chunk_layers_0_mlp,
         ...                                                  rms_norm_1, 1, 4, 1, w_gate, w_up, w_down)
         linear_6 = aten.linear(mul_4, w_down)
 
-    The module's ops that depend on its input move into a submodule `chunk_<module>` run by
-    `run_in_chunks` on each piece of the input's token dim under `checkpoint`, the pieces of
-    the output concatenated; its other ops (a parameter's shard) run once, before. Runs before
-    `recompute_layers`: in a recomputed layer the loop lands inside the layer's checkpointed
-    submodule (nested checkpoints)."""
+    The region's ops are those made from its inputs that its outputs are made from; they move
+    into a submodule `chunk_<region>` run by `run_in_chunks` on each piece of the inputs' token
+    dims under `checkpoint`, the pieces of each output concatenated (several inputs and outputs:
+    tuples of them, `run_in_chunks(fn, (reshape, add_1), (1, 1), 4, 1, ...)`); the other ops its
+    ops read (a parameter's shard) run once, before. Runs before `recompute_layers`: in a
+    recomputed layer the loop lands inside the layer's checkpointed submodule (nested
+    checkpoints)."""
     g = gm.graph
+    now: dict = {}  # an earlier region's output → what stands for it after its splice
     for m in modules:
-        members = [n for n in g.nodes if in_layer(n.meta.get("module"), m.path)]
-        body, hoisted = [], []
-        for n in members:
-            (body if any(x is m.input or x in body for x in n.all_input_nodes) else hoisted).append(n)
-        inside = set(body)
+        ins, outs = [now.get(x, x) for x, _ in m.inputs], [y for y, _ in m.outputs]
+        order = {n: i for i, n in enumerate(g.nodes)}
         where = f"the plan runs {m.path!r} in chunks of tokens"
-        if m.output not in inside or any(u not in inside for n in body if n is not m.output
-                                         for u in n.users):
-            raise PlanError(f"{where}, but here its ops are not one input → one output (the "
+        above, todo = set(), list(outs)  # what the outputs are made from, up to the inputs
+        while todo:
+            n = todo.pop()
+            if n in above or n in ins or n.op != "call_function":
+                continue
+            above.add(n)
+            todo += n.all_input_nodes
+        body = []
+        for n in sorted(above, key=order.get):
+            if any(x in ins or x in body for x in n.all_input_nodes):
+                body.append(n)
+        inside = set(body)
+        if any(y not in inside for y in outs) or any(
+                u not in inside for n in body if n not in outs for u in n.users):
+            raise PlanError(f"{where}, but here its ops are not its inputs → its outputs (the "
                             "plan was made for a different model?)")
         for n in body:
             module = getattr(n.target, "__module__", "") or ""
@@ -340,28 +351,40 @@ def chunk_modules(gm: fx.GraphModule, modules: list[ChunkedModule]) -> fx.GraphM
                 raise PlanError(f"{where}, but {n.name} ({n.target}) communicates inside it: "
                                 "a redistribution there would see one chunk. Plan without "
                                 "chunking it")
-        for n in hoisted:
-            body[0].prepend(n)
+        for n in sorted(above - inside, key=order.get):  # made without the tokens: before it
+            if order[n] > order[body[0]]:
+                body[0].prepend(n)
         consts = list(dict.fromkeys(x for n in body for x in n.all_input_nodes
-                                    if x not in inside and x is not m.input))
+                                    if x not in inside and x not in ins))
         name = "chunk_" + re.sub(r"\W", "_", m.path)
-        extract(gm, name, body, [m.input, *consts], [m.output], single=True)
+        single = len(outs) == 1
+        extract(gm, name, body, [*ins, *consts], outs, single=single)
+        one = len(ins) == 1
         with g.inserting_before(body[0]):
             fn = g.get_attr(name)
-            call = g.call_function(run_in_chunks, (fn, m.input, m.dim, m.chunks, m.out_dim, *consts))
-            call.name = g._graph_namespace.create_name(f"{m.output.name}_chunked", None)
+            call = g.call_function(run_in_chunks, (
+                fn, ins[0] if one else tuple(ins), m.inputs[0][1] if one else tuple(d for _, d in m.inputs),
+                m.chunks, m.outputs[0][1] if single else tuple(d for _, d in m.outputs), *consts))
+            call.name = g._graph_namespace.create_name(
+                f"{outs[0].name}_chunked" if single else f"{name}_pieces", None)
             for n in (fn, call):
-                n.meta.update({k: v for k, v in m.output.meta.items() if k in ("module", "stack_trace")})
-        splice(g, body, call, [m.output], single=True)
+                n.meta.update({k: v for k, v in outs[0].meta.items() if k in ("module", "stack_trace")})
+        now.update(zip(outs, splice(g, body, call, outs, single=single)))
     g.lint()
     gm.recompile()
     return gm
 
 
-def run_in_chunks(fn, x: torch.Tensor, dim: int, chunks: int, out_dim: int, *consts) -> torch.Tensor:
+def run_in_chunks(fn, x, dim, chunks: int, out_dim, *consts):
     """fn(x, *consts) made `chunks` pieces at a time along x's `dim` (the first ones one token
     larger where it does not divide; empty ones where there are fewer tokens), each under
     `checkpoint`, and the pieces concatenated along the output's `out_dim`: one piece's
-    intermediates live at a time, in the forward and again in backward."""
-    return torch.cat([checkpoint(fn, piece, *consts, use_reentrant=False)
-                      for piece in x.tensor_split(chunks, dim)], out_dim)
+    intermediates live at a time, in the forward and again in backward. Several inputs: x and
+    dim are tuples, each input split along its own dim (the same tokens in each piece);
+    several outputs: out_dim is a tuple, and so is the result."""
+    xs, dims = (x, dim) if isinstance(x, tuple) else ((x,), (dim,))
+    parts = [checkpoint(fn, *piece, *consts, use_reentrant=False)
+             for piece in zip(*(t.tensor_split(chunks, d) for t, d in zip(xs, dims)))]
+    if isinstance(out_dim, int):
+        return torch.cat(parts, out_dim)
+    return tuple(torch.cat([p[j] for p in parts], d) for j, d in enumerate(out_dim))

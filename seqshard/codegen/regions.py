@@ -106,10 +106,11 @@ def extract(gm: fx.GraphModule, name: str, region: list[fx.Node], inputs: list[f
 
 
 def splice(g: fx.Graph, region: list[fx.Node], call: fx.Node, outputs: list[fx.Node],
-           single: bool = False) -> None:
+           single: bool = False) -> list[fx.Node]:
     """Replace `region` by `call` (the caller's node before it, which computes it): each of
     `outputs` read after the region becomes call[k] (a getitem after `call`, with the output's
-    meta), or with `single` the one output becomes `call`; the region's nodes are erased."""
+    meta), or with `single` the one output becomes `call`; the region's nodes are erased.
+    Returns what stands for each output now."""
     inside = set(region)
     if single:
         results = [call]
@@ -124,3 +125,4 @@ def splice(g: fx.Graph, region: list[fx.Node], call: fx.Node, outputs: list[fx.N
         n.replace_all_uses_with(r, delete_user_cb=lambda u: u not in inside)
     for n in reversed(region):
         g.erase_node(n)
+    return results

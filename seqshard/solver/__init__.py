@@ -9,7 +9,7 @@ memory budget.
 
 from .explain import explain_all, to_plan
 from .model import NS, Infeasible, Model, Solution, solve
-from .problem import Problem, Tensor, TokenRegion, build_problem, token_regions
+from .problem import Problem, Tensor, TokenRegion, build_problem, token_chains, token_regions
 
 __all__ = ["build_problem", "solve", "to_plan", "explain_all", "Model", "Solution", "Problem",
-           "Tensor", "Infeasible", "NS", "token_regions", "TokenRegion"]
+           "Tensor", "Infeasible", "NS", "token_regions", "token_chains", "TokenRegion"]

@@ -62,7 +62,7 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
         f = pb.forward[(t, sol.choice[t])] if pb.node_class.get(t) in sol.recompute else Cost()
         if unit in selective and t in attention:  # kept, not run again
             f, mem = Cost(), mem + attention_cache_bytes(pb, t, sol.choice[t])
-        if pb.node_region.get(t) in sol.chunked:  # its forward again, chunk by chunk
+        if any(R in sol.chunked for R in pb.node_regions.get(t, ())):  # its forward again, by chunks
             g = pb.forward[(t, sol.choice[t])]
             f = Cost(f.compute_s + g.compute_s, f.comm_s + g.comm_s, f.redistribute_s + g.redistribute_s)
         cost = Cost(c.compute_s + f.compute_s, c.comm_s + f.comm_s + fetch.pop(unit, 0.0),
@@ -183,8 +183,8 @@ def _memory_notes(pb: Problem, sol: Solution) -> list[str]:
 def _chunked_away(pb: Problem, sol: Solution, n) -> bool:
     """Is node n's output kept only by a region's ops, made inside that region, and the region
     chunked? (Its input stays: the chunks' checkpoints keep it.)"""
-    R = pb.saving_region.get(n)
-    return R in sol.chunked and pb.node_region.get(pb.template[n]) == R
+    return any(R in sol.chunked and R in pb.node_regions.get(pb.template[n], ())
+               for R in pb.saving_region.get(n, ()))
 
 
 def region_chunks(pb: Problem, sol: Solution, R: str) -> int:
@@ -262,9 +262,9 @@ def explain_regions(pb: Problem, sol: Solution) -> dict[str, str]:
             why = "the plan fits without it, and one pass is faster."
         lines.append(f"  chosen: {'chunked' if chosen else 'whole'} - {why}")
         text = "\n".join(lines)
-        for p in reg.paths:
-            if p in firsts:
-                out[firsts[p]] = text
+        for p, head in zip(reg.paths, reg.heads):  # a chain has no module: its first op
+            key = firsts.get(p, head)
+            out[key] = out[key] + "\n" + text if key in out else text
     return out
 
 

@@ -21,10 +21,14 @@ Sets
                stream, rotary tables; not parameters or user inputs, which live anyway),
                grouped by template producer u: k_in(u,c) of them
     R ∈ 𝓡      token-wise regions (`problem.token_regions`: a module inside a layer whose ops
-               treat the sequence token by token, like `layers.3.mlp`), one per layer class c(R)
-               and module position, N_R ⊂ N_c(R) its template nodes. K_R: the nodes whose
-               output only R's ops keep, k_R(n) of n's members (counted in k(n,c(R)) too);
-               I_R ⊂ K_R: those made outside R (its input), k_in(u,R) of them
+               treat the sequence token by token, like `layers.3.mlp`; `problem.token_chains`:
+               a chain of such ops across modules, like `layers.3.attn.o_proj+add+mlp_norm+mlp`),
+               one per layer class c(R) and position, N_R ⊂ N_c(R) its template nodes. K_R: the
+               nodes whose output only R's ops keep, k_R(n) of n's members (counted in
+               k(n,c(R)) too); I_R ⊂ K_R: those made outside R (its input), k_in(u,R) of them.
+               A module's region lies inside the chain around it (they share ops: R ~ R'); a
+               node kept by the ops of both is in K_R and K_R' (S(n): the regions keeping it,
+               grouped in `Problem.kept_in`); the module's input is made inside the chain
 
 Variables
     x[n,i] ∈ {0,1}         n uses strategy i
@@ -49,7 +53,8 @@ Variables
     q[R] ∈ {0,1}           R runs in chunks of tokens, each chunk under its own checkpoint (in a
                            recomputed layer, nested in the layer's): its intermediates exist one
                            chunk at a time, in forward and again in backward
-    d[R] = r[c(R)] ∨ q[R]  R's activations are not kept (three clauses, exact)
+    d[S] = r[c] ∨ ⋁_{R∈S} q[R]   what the regions S keep alone is not kept (exact: a clause
+                           each way; `_drop`), q[S] = ⋁_{R∈S} q[R] (`_chunked`)
     e[R] = q[R] ∧ ¬r[c(R)] chunked in a layer that keeps its activations: the chunks'
                            checkpoints keep R's input
     x∧q, x∧¬q, x∧¬d, x∧e   products with x[n,i], exact, made where a term needs them (`_lit_and`)
@@ -108,12 +113,18 @@ Constraints
     working  r[c] → W ≥ Σ_{n: k(n,c)>0} Σ_i a(n,i)·x[n,i] + Σ_{t: κ(t)=c} Σ_il a(t,i,l)·w[t,i,l]
              (one layer's activations, live again while it is recomputed; for a chunk region
              each term is at most CHUNK_BYTES: one chunk's, `_live`; for n ∈ K_R − I_R of a
-             region R of c the term is a(n,i)·(x∧¬q[R]) + min(a(n,i), CHUNK_BYTES)·(x∧q[R]):
-             one chunk's when R runs in chunks, `_layer_live`)
+             region R of c the term is a(n,i)·(x∧¬q[S]) + Σ_{R∈S} min(a(n,i), CHUNK_BYTES)·(x∧q[R])
+             with S the regions keeping n and making it: one chunk's when one of them runs in
+             chunks, `_layer_live`)
                                                                   → `_add_recompute` ("working[c]")
              q[R] → W ≥ Σ_{n ∈ K_R − I_R} Σ_i min(a(n,i), CHUNK_BYTES)·x[n,i]
              (one chunk's activations, made again in its backward; its input is kept)
                                                                   → `_add_regions` ("working[R]")
+    one loop q[R] + q[R'] ≤ 1 for regions sharing ops (a module and its chain)
+                                                                  → `_region_choice` ("one_loop[R]")
+             q[R] ≤ r[c(R)] for a chain no override chunks: chains run in chunks only in
+             recomputed layers (measured on GPU so far: modules alone)
+                                                                  → `_region_choice` ("chain_in_recompute[R]")
     whole    q[R] → no redistribution into or inside R (one program runs per chunk):
              ¬(x[v,j] ∧ x[u,i] ∧ q[R]) for v ∈ N_R whose strategy j reads u's output moved
                                                                   → `_add_regions` ("whole_chunks[R]")
@@ -146,7 +157,7 @@ Constraints
              A = Σ_n Σ_i a(n,i)·(k(n,none)·x[n,i] + Σ_c k(n,c)·ν[n,i,c])
                + Σ_t m_t Σ_il a(t,i,l)·(w[t,i,l] if κ(t) = none else νw[t,i,l])
                + Σ_c Σ_{u∈I_c} k_in(u,c) Σ_i b(u,i)·γ[u,i,c]      → `_add_memory` ("memory")
-               + Σ_R Σ_{n∈K_R} k_R(n) Σ_i a(n,i)·(x[n,i] ∧ ¬d[R]) − (the same k_R(n) taken
+               + Σ_n Σ_S k_S(n) Σ_i a(n,i)·(x[n,i] ∧ ¬d[S]) − (the same k_S(n) taken
                  out of n's class term above) + Σ_R Σ_{u∈I_R} k_in(u,R) Σ_i b(u,i)·(x[u,i] ∧ e[R])
                                                                   → `_region_terms`
                + Σ_c Σ_{n∈A_c} k_n Σ_i κ(n,i)·y[n,i]             → `_selective_terms`
@@ -546,52 +557,87 @@ class Model:
         return self.lits[key]
 
     def _region_choice(self):
-        """q[R] per region (forced by an override, or off when the planner may not recompute),
-        d[R] = r[L] ∨ q[R] (its activations are not kept) and e[R] = q[R] ∧ ¬r[L] (chunked
-        in a layer that keeps its activations: the chunks' checkpoints keep its input)."""
-        for name, reg in self.pb.regions.items():
-            r = self.r[reg.cls]
-            q = self.q[name] = 1 if reg.forced else self.m.NewBoolVar(f"q[{name}]") if self.allow else 0
-            if isinstance(q, int) or isinstance(r, int):
-                self.drop[name] = q if isinstance(r, int) and not r else r if isinstance(q, int) and not q else 1
-            else:
-                d = self.drop[name] = self.m.NewBoolVar(f"d[{name}]")
-                self.m.AddBoolOr([r, q, d.Not()]).with_name(f"drop[{name}]")
-                self.m.AddImplication(r, d).with_name(f"drop[{name}]")
-                self.m.AddImplication(q, d).with_name(f"drop[{name}]")
-            self.alone[name] = self._lit_and(q, _neg(r), f"e[{name}]")
+        """q[R] per region (forced by an override, or off when the planner may not recompute;
+        off too where a region sharing its ops is forced; a chain only in a recomputed layer,
+        q[R] ≤ r[c], unless forced: "chain_in_recompute[R]"), at most one of the regions sharing
+        ops in chunks (a module and the chain around it: "one_loop[R]"), and e[R] = q[R] ∧
+        ¬r[L] (chunked in a layer that keeps its activations: the chunks' checkpoints keep its
+        input). d[S] = r[L] ∨ q[R] for any R ∈ S (`_drop`) says what a region keeps is not."""
+        pb = self.pb
+        for name, reg in pb.regions.items():
+            blocked = any(pb.regions[R].forced for R in reg.excludes)
+            self.q[name] = 1 if reg.forced else self.m.NewBoolVar(f"q[{name}]") \
+                if self.allow and not blocked else 0
+        for name, reg in pb.regions.items():
+            if reg.chain and not reg.forced and not _off(self.q[name]):  # in a recomputed layer
+                r = self.r[reg.cls]
+                if _off(r):
+                    self.q[name] = 0
+                elif not isinstance(r, int):
+                    self.m.AddImplication(self.q[name], r).with_name(f"chain_in_recompute[{name}]")
+        for name, reg in pb.regions.items():
+            for R in reg.excludes:
+                if name < R and not _off(self.q[name]) and not _off(self.q[R]):
+                    self.m.Add(self.q[name] + self.q[R] <= 1).with_name(f"one_loop[{name}]")
+            self.alone[name] = self._lit_and(self.q[name], _neg(self.r[reg.cls]), f"e[{name}]")
+
+    def _any(self, lits: list, key: str):
+        """The OR of literals or the constants 0, 1 (exact: one clause each way), made once per
+        key."""
+        lits = [v for v in lits if not _off(v)]
+        if any(isinstance(v, int) for v in lits):
+            return 1
+        if len(lits) <= 1:
+            return lits[0] if lits else 0
+        if key not in self.lits:
+            v = self.lits[key] = self.m.NewBoolVar(f"or[{key}]")
+            self.m.AddBoolOr([*lits, v.Not()]).with_name(f"or[{key}]")
+            for a in lits:
+                self.m.AddImplication(a, v).with_name(f"or[{key}]")
+        return self.lits[key]
+
+    def _drop(self, S: tuple, cls: str):
+        """d[S] = r[cls] ∨ q[R] for some R ∈ S: what the regions S keep alone is not kept."""
+        return self._any([self.r[cls], *(self.q[R] for R in S)], f"d[{','.join(S)}]")
+
+    def _chunked(self, S: tuple):
+        """q[R] for some R ∈ S (regions sharing ops: at most one of them)."""
+        return self._any([self.q[R] for R in S], f"q[{','.join(S)}]")
 
     def _layer_live(self, n, i, c: str, a: float) -> list:
         """(literal, bytes) of template n's kept output live again while a layer of class c is
         recomputed: all of it, or one chunk's (at most CHUNK_BYTES) when a region of c that
         keeps it runs in chunks (its input: all of it, the chunks' checkpoints keep it)."""
         pb, x = self.pb, self.x[(n, i)]
-        region = next((R for R in pb.region_kept.get(n, ()) if pb.regions[R].cls == c), None)
-        if region is None or _off(self.q[region]):
+        inner = tuple(R for R in pb.region_kept.get(n, ()) if pb.regions[R].cls == c and
+                      R in pb.node_regions.get(n, ()) and not _off(self.q[R]))  # made inside
+        if not inner:
             return [(x, int(_live(pb, c, a)))]
-        q, live = self.q[region], a if pb.node_region.get(n) != region else min(a, CHUNK_BYTES)
-        return [(self._lit_and(x, _neg(q), f"{n.name},{i}∧¬q[{region}]"), int(a)),
-                (self._lit_and(x, q, f"{n.name},{i}∧q[{region}]"), int(live))]
+        q = self._chunked(inner)
+        return [(self._lit_and(x, _neg(q), f"{n.name},{i}∧¬q[{','.join(inner)}]"), int(a))] + \
+            [(self._lit_and(x, self.q[R], f"{n.name},{i}∧q[{R}]"), int(min(a, CHUNK_BYTES)))
+             for R in inner]
 
     def _region_kept(self, n, cls) -> int:
         """How many of template n's members kept by class cls only a region that may run in
         chunks keeps (their terms are `_region_terms`')."""
-        return sum(k for R, k in self.pb.region_kept.get(n, {}).items()
-                   if cls is not None and self.pb.regions[R].cls == cls and not _off(self.q[R]))
+        return sum(k for S, k in self.pb.kept_in.get(n, {}).items() if cls is not None and
+                   self.pb.regions[S[0]].cls == cls and not all(_off(self.q[R]) for R in S))
 
     def _region_terms(self) -> list:
         """Kept bytes of regions that may run in chunks: what only their ops keep, unless the
         layer recomputes or they run in chunks (¬d[R]), and their input, kept by the chunks'
         checkpoints when the layer does not recompute (e[R])."""
         pb, terms = self.pb, []
-        for n, counts in pb.region_kept.items():
-            for R, k in counts.items():
-                if _off(self.q[R]):
+        for n, groups in pb.kept_in.items():
+            for S, k in groups.items():
+                if all(_off(self.q[R]) for R in S):
                     continue
+                d = self._drop(S, pb.regions[S[0]].cls)
                 for i in range(len(pb.strategies[n])):
                     a = pb.node_cost[(n, i)].memory_bytes
                     if a:
-                        v = self._lit_and(self.x[(n, i)], _neg(self.drop[R]), f"{n.name},{i}∧¬d[{R}]")
+                        v = self._lit_and(self.x[(n, i)], _neg(d), f"{n.name},{i}∧¬d[{','.join(S)}]")
                         terms.append((v, int(k * a)))
         for R, reg in pb.regions.items():
             for (u, idx), (count, x) in reg.inputs.items():
@@ -607,15 +653,15 @@ class Model:
         again: W ≥ one chunk's ("working")."""
         pb = self.pb
         for (key, v, j), l in pb.need.items():
-            R = pb.node_region.get(v)
-            if R is None or _off(self.q[R]):
-                continue
-            q = self.q[R]
-            for i in range(len(pb.strategies[key[0]])):
-                if (key, i, l) in pb.move:
-                    self.m.AddBoolOr([self.x[(v, j)].Not(), self.x[(key[0], i)].Not()]
-                                     + ([] if isinstance(q, int) else [q.Not()])) \
-                        .with_name(f"whole_chunks[{R}]")
+            for R in pb.node_regions.get(v, ()):
+                if _off(self.q[R]):
+                    continue
+                q = self.q[R]
+                for i in range(len(pb.strategies[key[0]])):
+                    if (key, i, l) in pb.move:
+                        self.m.AddBoolOr([self.x[(v, j)].Not(), self.x[(key[0], i)].Not()]
+                                         + ([] if isinstance(q, int) else [q.Not()])) \
+                            .with_name(f"whole_chunks[{R}]")
         for R, reg in pb.regions.items():
             if _off(self.q[R]):
                 continue
@@ -682,7 +728,7 @@ class Model:
         if c is not None and pb.classes[c].kind == "chunk":
             q = self.r.get(c, 0)
         elif pb.node_region.get(n) is not None:
-            q = self.q.get(pb.node_region[n], 0)
+            q = self._chunked(pb.node_regions[n])
         if q is None or whole == chunk or _off(q):
             return int(whole), int(whole), None
         if isinstance(q, int):  # always in chunks
@@ -999,7 +1045,7 @@ def region_figures(pb: Problem, choice: dict, regions=None) -> dict[str, RegionF
                 a = pb.node_cost[(n, choice[n])].memory_bytes
                 kept += counts[R] * a
                 whole += a
-                if pb.node_region.get(n) == R:
+                if R in pb.node_regions.get(n, ()):
                     chunk += min(a, CHUNK_BYTES)
                 else:
                     outer += a
@@ -1097,7 +1143,7 @@ def _in_chunks(pb: Problem, n, recompute, chunked) -> bool:
     c = pb.node_class.get(n)
     if c is not None and pb.classes[c].kind == "chunk":
         return c in recompute
-    return pb.node_region.get(n) in chunked if pb.node_region.get(n) is not None else False
+    return any(R in chunked for R in pb.node_regions.get(n, ()))
 
 
 def solve(pb: Problem, budget: float | None, *, seconds: float = 60.0, workers: int = 8,

@@ -1,7 +1,8 @@
 """The problem the CP-SAT model is built from: template nodes with their candidate strategies and
 costs, clustered tensors with the layouts their consumers need, the redistribution prices, and
 the layer classes with what recomputing one costs (forward seconds) and keeps (its inputs), and
-the token-wise regions inside layers that may run in chunks of tokens (`token_regions`).
+the token-wise regions inside layers that may run in chunks of tokens (`token_regions`: modules;
+`token_chains`: chains of ops across modules, between attention and the views to heads).
 `model.py` states the formulation over these sets."""
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from seqshard.strategies.strategy import is_attention
 from .clusters import cluster_layers, layer_classes, layer_of
 
 __all__ = ["Problem", "Tensor", "LayerClass", "Region", "TokenRegion", "StateComm", "build_problem",
-           "loss_regions", "token_regions", "CHUNK_BYTES"]
+           "loss_regions", "token_regions", "token_chains", "CHUNK_BYTES"]
 
 aten = torch.ops.aten
 
@@ -96,10 +97,16 @@ class Problem:
     offload_allowed: bool = True                     # False: only forced classes offload
     # token-wise regions inside layers, run in chunks (training only; `_add_regions`)
     regions: dict = field(default_factory=dict)      # region name → Region
-    node_region: dict = field(default_factory=dict)  # template → the region it lies in
+    node_region: dict = field(default_factory=dict)  # template → the innermost region it lies in
+    node_regions: dict = field(default_factory=dict)  # template → every region it lies in (a
+    #                module's and the chain around it, `token_chains`), innermost first; at
+    #                most one of them runs in chunks
     region_kept: dict = field(default_factory=dict)  # template → {region: members kept by its
     #                consumers alone}: dropped when the region runs in chunks
-    saving_region: dict = field(default_factory=dict)  # node → the region keeping its output
+    kept_in: dict = field(default_factory=dict)      # template → {(regions, innermost first):
+    #                members kept by the consumers of each of those alone}: region_kept grouped
+    saving_region: dict = field(default_factory=dict)  # node → the regions keeping its output
+    #                (their ops alone), innermost first
     # what autograd keeps and makes (training; `_autograd`)
     needs_grad: set = field(default_factory=set)     # nodes whose output needs a gradient
     kept_pos: set = field(default_factory=set)       # (consumer, position among its tensor
@@ -466,7 +473,7 @@ def _add_layer_classes(pb: Problem, nodes, templates, saved, overrides) -> None:
         for n in region:
             unit[n] = ce.name
     heads = [dims.cap.module_path(region[0]) for _, region in loss_regions(dims)]
-    tiles = [r.path for r in token_regions(dims)] if overrides else []
+    tiles = [r.path for r in token_regions(dims) + token_chains(dims)] if overrides else []
     for pattern, text in (overrides or {}).items():
         if parse_spec(text).chunk is not None and not any(fnmatch.fnmatchcase(m, pattern)
                                                           for m in heads + tiles):
@@ -550,15 +557,30 @@ def _some_layers(pb: Problem) -> str:
 # ------------------------------------------------------------------ token-wise regions in layers
 @dataclass(frozen=True)
 class TokenRegion:
-    """A module inside a layer that treats the sequence token by token (`token_regions`): run on
-    any piece of the tokens of its input, it makes that piece of its output."""
+    """Ops inside a layer that treat the sequence token by token (`token_regions`: a module;
+    `token_chains`: a chain of ops across modules): run on any piece of the tokens of its
+    inputs, they make that piece of each output."""
 
-    path: str                      # "layers.3.mlp"
+    path: str                      # "layers.3.mlp"; a chain: "layers.3.attn.o_proj+add+mlp_norm+mlp"
     nodes: tuple                   # its ops (tuple indexing too), in graph order
-    input: fx.Node                 # the one tensor with the sequence it reads from outside
-    output: fx.Node                # the one tensor read after it
-    dim: int                       # the dim of `input` it runs in chunks along
-    out_dim: int                   # that dim in `output`
+    inputs: tuple                  # ((tensor read from outside, its token dim), ...): the pieces
+    outputs: tuple                 # ((tensor read after it, its token dim), ...): concatenated
+
+    @property
+    def input(self) -> fx.Node:
+        return self.inputs[0][0]
+
+    @property
+    def dim(self) -> int:
+        return self.inputs[0][1]
+
+    @property
+    def output(self) -> fx.Node:
+        return self.outputs[0][0]
+
+    @property
+    def out_dim(self) -> int:
+        return self.outputs[0][1]
 
 
 def token_regions(dims: DimAnalysis) -> list[TokenRegion]:
@@ -649,13 +671,206 @@ def _token_region(dims: DimAnalysis, path: str, nodes: list, seq: set) -> TokenR
     out_sig = [tuple(F.find(a) for a in d) for d in dims.atoms(y)]
     if chunk not in out_sig:
         return None
-    return TokenRegion(path, tuple(nodes), x, y, dim, out_sig.index(chunk))
+    return TokenRegion(path, tuple(nodes), ((x, dim),), ((y, out_sig.index(chunk)),))
+
+
+def token_chains(dims: DimAnalysis) -> list[TokenRegion]:
+    """Chains of token-wise ops across the modules of a layer, between the ops that mix tokens
+    or take a shape (attention, the views to and from heads): the largest connected sets of ops
+    of one layer that each treat every sequence atom locally, so that running them in chunks of
+    tokens is exact. A Llama layer has two: `attn_norm+attn.q_proj+attn.k_proj+attn.v_proj`
+    (the norm and the projections: three outputs) and `attn.o_proj+add+mlp_norm+mlp` (the
+    output projection, the residual add, the norm, the MLP and the second add: its inputs the
+    attention's output and the layer's input). Chunked, they drop what a module region keeps
+    at its edge (the norms' outputs, the residual between attention and the MLP). Like
+    `token_regions`' modules, but with several inputs and outputs, each holding the chunk
+    factors as one dim wherever it is; and:
+
+    - each op holds a sequence atom, none in a role (it mixes no tokens), takes no shape, has
+      one output and reads a tensor (an arange made inside would be whole in every chunk);
+    - every tensor read from outside with the chunk factors is split (the others pass whole),
+      every tensor read after it holds them, and none of those leads back into it;
+    - some tensor made inside is kept for backward by its ops alone (else chunking drops
+      nothing), and it is not one module's region (`token_regions` has that one).
+
+    A region's name lists the modules it covers whole, below the layer, and the op of each op
+    outside those (`add`: a residual add in the layer itself). A module region lies inside at
+    most one chain; the solver runs at most one of the two in chunks."""
+    seq = set()
+    for n in dims.cap.nodes():
+        if dims.attention(n) is not None:
+            seq |= dims.seq_atoms(n)
+    if not seq:
+        return []
+    F, module = dims.F, dims.cap.module_path
+    tensor = lambda x: isinstance(dims.sigs.get(x), tuple)  # noqa: E731 - one tensor output
+    atoms = lambda x: {F.find(a) for d in dims.sigs[x] for a in F.atoms_of(d)}  # noqa: E731
+    _, kept_pos, _ = _autograd(dims)
+    modules = {r.path for r in token_regions(dims)}
+
+    def tokenwise(v) -> bool:
+        if v.op != "call_function" or v.target is operator.getitem or v in dims.unsupported \
+                or dims.attention(v) is not None or not tensor(v) or not atoms(v) & seq:
+            return False
+        if {F.find(a) for a in dims.roles.get(v, {})} & seq:
+            return False
+        if not any(tensor(x) and atoms(x) & seq for x in v.all_input_nodes):
+            return False
+        val = v.meta.get("val")
+        ndim = val.dim() if isinstance(val, torch.Tensor) else None
+        return not any(isinstance(a, (list, tuple)) and len(a) == ndim and
+                       all(isinstance(i, (int, torch.SymInt)) for i in a) for a in v.args)
+
+    order = {n: i for i, n in enumerate(dims.cap.nodes())}
+    layer = {n: layer_of(module(n)) for n in dims.cap.nodes() if n.op == "call_function"}
+    under: dict[str, list] = {}  # a module below a layer → its ops
+    for n, lay in layer.items():
+        m = module(n)
+        if lay is not None and m != lay:
+            parts = m[len(lay) + 1:].split(".")
+            for j in range(1, len(parts) + 1):
+                under.setdefault(".".join([lay] + parts[:j]), []).append(n)
+    # components of token-wise ops joined by their edges, within one layer
+    parent: dict = {}
+
+    def find(v):
+        while parent[v] is not v:
+            parent[v] = parent[parent[v]]
+            v = parent[v]
+        return v
+
+    for v in dims.cap.nodes():
+        if layer.get(v) is None or not tokenwise(v):
+            continue
+        parent[v] = v
+        for x in v.all_input_nodes:
+            if x in parent and layer.get(x) == layer[v]:
+                parent[find(x)] = find(v)
+    groups: dict = {}
+    for v in parent:
+        groups.setdefault(find(v), []).append(v)
+    out = []
+    for group in groups.values():
+        for nodes in _one_way(group, order):
+            if len(nodes) < 2:
+                continue
+            r = _token_chain(dims, layer[nodes[0]], nodes, seq, under, kept_pos, order)
+            if r is not None and r.path not in modules:
+                out.append(r)
+    return sorted(out, key=lambda r: order[r.nodes[0]])
+
+
+def _one_way(nodes: list, order: dict) -> list[list]:
+    """`nodes` (connected) in parts that no path leaves and enters again: the ops that a path
+    from the part's outputs through other ops reaches (past attention) split from the others,
+    each part again in connected pieces, until none is reached. (A transformers RMSNorm's
+    no-op cast of the layer's input feeds the residual add after attention: one component,
+    two chains.)"""
+    members = set(nodes)
+    last = max(order[n] for n in nodes)
+    after, seen = set(), set()
+    todo = [u for y in nodes for u in y.users if u not in members]
+    while todo:
+        u = todo.pop()
+        if u in seen or order.get(u, last + 1) > last:
+            continue
+        seen.add(u)
+        if u in members:
+            after.add(u)
+        todo += list(u.users)
+    if not after:
+        return [sorted(nodes, key=order.get)]
+    out = []
+    for part in (members - after, after):
+        parent = {v: v for v in part}
+
+        def find(v):
+            while parent[v] is not v:
+                parent[v] = parent[parent[v]]
+                v = parent[v]
+            return v
+
+        for v in part:
+            for x in v.all_input_nodes:
+                if x in parent:
+                    parent[find(x)] = find(v)
+        pieces: dict = {}
+        for v in part:
+            pieces.setdefault(find(v), []).append(v)
+        for piece in pieces.values():
+            out += _one_way(piece, order)
+    return out
+
+
+def _token_chain(dims: DimAnalysis, lay: str, nodes: list, seq: set, under: dict, kept_pos: set,
+                 order: dict) -> TokenRegion | None:
+    """`token_chains`' checks on one component, and its region (None where one fails)."""
+    F, module = dims.F, dims.cap.module_path
+    members = set(nodes)
+    tensor = lambda x: isinstance(dims.sigs.get(x), tuple)  # noqa: E731
+    outside = list(dict.fromkeys(x for n in nodes for x in n.all_input_nodes if x not in members))
+    carrying = [x for x in outside if tensor(x) and
+                {F.find(a) for d in dims.sigs[x] for a in F.atoms_of(d)} & seq]
+    leaving = [n for n in nodes if any(u not in members for u in n.users)]
+    if not carrying or not leaving:
+        return None
+    sig = dims.atoms(carrying[0])
+    with_seq = [i for i, d in enumerate(sig) if {F.find(a) for a in d} & seq]
+    chunk = tuple(F.find(a) for a in sig[max(with_seq, key=lambda i: F.dim_size(dims.sigs[carrying[0]][i]))])
+
+    def place(x) -> int | None:  # the one dim holding the chunk factors; -1: none; None: split up
+        s = [tuple(F.find(a) for a in d) for d in dims.atoms(x)]
+        at = [i for i, d in enumerate(s) if d == chunk]
+        if sum(a in chunk for d in s for a in d) == 0:
+            return -1
+        return at[0] if len(at) == 1 and sum(a in chunk for d in s for a in d) == len(chunk) else None
+
+    for v in nodes:
+        if any(place(x) is None for x in [v] + [u for u in v.all_input_nodes if tensor(u)]):
+            return None
+        if {F.find(a) for a in dims.roles.get(v, {})} & set(chunk):
+            return None
+    ins = [(x, place(x)) for x in outside if tensor(x) and place(x) >= 0]
+    outs = [(y, place(y)) for y in leaving]
+    if any(d < 0 for _, d in outs):
+        return None
+    reached = {x for x, _ in ins}  # every op holding the chunk factors is made from the pieces
+    for v in nodes:
+        if any(x in reached for x in v.all_input_nodes):
+            reached.add(v)
+        elif place(v) >= 0:
+            return None
+    last, seen = order[nodes[-1]], set()  # no tensor read after it leads back into it
+    todo = [u for y in leaving for u in y.users if u not in members]
+    while todo:
+        u = todo.pop()
+        if u in seen or order.get(u, last + 1) > last:
+            continue
+        seen.add(u)
+        if u in members or any(u is x for x, _ in ins):
+            return None
+        todo += list(u.users)
+    saved = {_base(u) for v in nodes for k, u in enumerate(
+        x for x in v.all_input_nodes if isinstance(dims.sigs.get(x), tuple)) if (v, k) in kept_pos}
+    if not any(x in members and x not in leaving for x in saved):
+        return None
+    parts = []
+    for v in nodes:
+        m = module(v)
+        rel = m[len(lay) + 1:] if m != lay else ""
+        covered = next((p for p in (".".join(rel.split(".")[:j]) for j in range(1, rel.count(".") + 2))
+                        if rel and all(n in members or n.target is operator.getitem
+                                       for n in under[f"{lay}.{p}"])), None)
+        op = getattr(v.target, "__name__", str(v.target)).split(".")[0]
+        parts.append(covered if covered is not None else f"{rel}.{op}" if rel else op)
+    path = f"{lay}." + "+".join(dict.fromkeys(parts))
+    return TokenRegion(path, tuple(nodes), tuple(ins), tuple(outs))
 
 
 @dataclass
 class Region:
-    """A token-wise region (`token_regions`) in every layer of a layer class, decided once:
-    whole, or in chunks of tokens, each chunk recomputed in backward."""
+    """A token-wise region (`token_regions`, `token_chains`) in every layer of a layer class,
+    decided once: whole, or in chunks of tokens, each chunk recomputed in backward."""
 
     name: str                      # its path in the class's template layer ("layers.0.mlp")
     cls: str                       # the layer class
@@ -666,15 +881,24 @@ class Region:
     inputs: dict = field(default_factory=dict)
     """(template producer, output index) → (count, representative tensor): the tensors entering
     it that only its ops keep; chunked, the checkpoints keep them instead."""
+    chain: bool = False            # a chain of ops across modules (`token_chains`): chunked
+    #                                only in a recomputed layer, unless an override says so
+    heads: tuple[str, ...] = ()    # its first op in every layer (where `explain` finds it)
+    excludes: tuple[str, ...] = ()  # the regions sharing ops with it (a module and the chain
+    #                                 around it): at most one of them runs in chunks
 
 
 def _add_regions(pb: Problem, nodes, overrides) -> None:
-    """The token-wise regions of every layer class, which template nodes lie in each, and which
-    outputs only a region's ops keep (what chunking it drops, unless it is its input)."""
+    """The token-wise regions of every layer class (modules and chains), which template nodes
+    lie in each, and which outputs only a region's ops keep (what chunking it drops, unless it
+    is its input). A module's region and the chain around it overlap: the outputs kept by the
+    module's ops alone are kept by the chain's alone too, and the module's input is made inside
+    the chain (`kept_in` groups them)."""
     dims = pb.dims
-    module = dims.cap.module_path
     layer_cls = {layer: c for c, lc in pb.classes.items() if lc.kind == "layer" for layer in lc.layers}
-    for r in token_regions(dims):
+    members: dict = {}  # region → its template nodes
+    chains = token_chains(dims)
+    for r in token_regions(dims) + chains:
         layer = layer_of(r.path)
         c = layer_cls.get(layer)
         if c is None:
@@ -682,33 +906,53 @@ def _add_regions(pb: Problem, nodes, overrides) -> None:
         spec = spec_for(overrides, r.path) if overrides else None
         forced, k = bool(spec and spec.chunk is not None), (spec.chunk or None) if spec else None
         name = c + r.path[len(layer):]
-        reg = pb.regions.setdefault(name, Region(name, c, (), forced=forced, chunks=k))
+        reg = pb.regions.setdefault(name, Region(name, c, (), forced=forced, chunks=k,
+                                                 chain=r in chains))
         if (reg.forced, reg.chunks) != (forced, k):
             raise ValueError(f"overrides chunk {r.path!r} unlike {reg.paths[0]!r}, but their "
                              f"layers are planned alike (class {c}): override the module in "
                              "every layer alike, or an op inside it too")
         reg.paths += (r.path,)
+        reg.heads += (r.nodes[0].name,)
+        if layer == c:
+            members[name] = {pb.template.get(n) for n in r.nodes}
     if not pb.regions:
         return
     for t in (t for lc in pb.classes.values() for t in lc.nodes):
-        m = module(t)
-        for name in pb.regions:
-            if m == name or m.startswith(name + "."):
-                pb.node_region[t] = name
-                pb.regions[name].nodes.append(t)
-    region_of = lambda v: pb.node_region.get(pb.template[v])  # noqa: E731
-    keepers = _keepers(pb, nodes, region_of)
+        for name, reg in pb.regions.items():
+            if t in members.get(name, ()):
+                reg.nodes.append(t)
+                pb.node_regions[t] = pb.node_regions.get(t, ()) + (name,)
+    size = lambda R: len(pb.regions[R].nodes)  # noqa: E731 - innermost first
+    for t, names in pb.node_regions.items():
+        pb.node_regions[t] = tuple(sorted(names, key=size))
+        pb.node_region[t] = pb.node_regions[t][0]
+    for name, reg in pb.regions.items():
+        reg.excludes = tuple(R for R in pb.regions if R != name and members.get(R, set()) & members.get(name, set()))
+        both = [R for R in reg.excludes if reg.forced and pb.regions[R].forced]
+        if both:
+            raise ValueError(f"overrides chunk both {reg.paths[0]!r} and {pb.regions[both[0]].paths[0]!r}, "
+                             "which share ops: one chunk loop runs them; chunk one of the two")
+    keepers = _keepers(pb, nodes, lambda v: pb.template[v])
     for x in nodes:
-        owners = keepers.get(x, {None})
-        if len(owners) != 1 or None in owners:
+        ks = keepers.get(x)
+        if not ks:
             continue
-        name = next(iter(owners))
-        if pb.saving_class.get(x) != pb.regions[name].cls:
+        first, t = next(iter(ks)), pb.template[x]
+        # (an output of a region its own ops keep is not dropped with it: the concatenated
+        # copy lives on, in the checkpoints of a region reading it in chunks)
+        S = tuple(R for R in pb.node_regions.get(first, ()) if pb.regions[R].cls == pb.saving_class.get(x)
+                  and all(k in members[R] for k in ks) and not (
+                      t in members[R] and any(pb.template.get(u) not in members[R] for u in x.users)))
+        if not S:
             continue
-        pb.saving_region[x] = name
-        counts = pb.region_kept.setdefault(pb.template[x], {})
-        counts[name] = counts.get(name, 0) + 1
-        if region_of(x) != name:  # it enters the region: the checkpoints keep it
-            reg = pb.regions[name]
-            count, rep = reg.inputs.get((pb.template[x], None), (0, x))
-            reg.inputs[(pb.template[x], None)] = (count + 1, rep)
+        pb.saving_region[x] = S
+        groups = pb.kept_in.setdefault(t, {})
+        groups[S] = groups.get(S, 0) + 1
+        counts = pb.region_kept.setdefault(t, {})
+        for name in S:
+            counts[name] = counts.get(name, 0) + 1
+            if t not in members[name]:  # it enters the region: the checkpoints keep it
+                reg = pb.regions[name]
+                count, rep = reg.inputs.get((t, None), (0, x))
+                reg.inputs[(t, None)] = (count + 1, rep)
