@@ -360,7 +360,8 @@ def slice_overrides(full_plan, slice_layers: int, full_layers: int) -> tuple[dic
     model: slice layer 0 takes full layer 0's choices, the others full layer `full_layers - 1`'s
     (the last layer, whose backward comes first): recompute / offload of the layer (keeping its
     attention's outputs: `recompute:selective`), a region
-    inside it run in k chunks (`layers.31.mlp` k → `layers.1.mlp: chunk:k`); the chunked loss
+    inside it run in k chunks (`layers.31.mlp` k → `layers.1.mlp: chunk:k`; a chain across
+    modules alike, `layers.31.attn.o_proj+add+mlp_norm+mlp`); the chunked loss
     keeps its chunk count. Returns (overrides, what of the plan could not be carried)."""
     per_layer: dict = {}  # full layer → set of terms
     inner: dict = {}      # full layer → {module suffix: chunk count}
