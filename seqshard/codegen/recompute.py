@@ -60,20 +60,40 @@ aten = torch.ops.aten
 
 def recompute_layers(gm: fx.GraphModule, layers: tuple[str, ...],
                      offload: tuple[str, ...] = (), inputs: tuple[str, ...] = (),
-                     keep_attention: tuple[str, ...] = ()) -> fx.GraphModule:
+                     keep_attention: tuple[str, ...] = (),
+                     groups: tuple[tuple[str, ...], ...] = ()) -> fx.GraphModule:
     """`gm` with each of `layers` wrapped in a checkpointed submodule (in place; returned); those
     also in `offload` keep their activations (what they read that an op made from the model's
     `inputs`, placeholder names) in host memory (`offloaded_checkpoint`); those in
-    `keep_attention` keep their attention's outputs (`selective_checkpoint`)."""
+    `keep_attention` keep their attention's outputs (`selective_checkpoint`). Each of `groups`
+    (consecutive layers of `layers`) is then wrapped once more, its layers' checkpoint calls in
+    one checkpointed submodule `recompute_group_<first layer>`: it keeps the group's inputs
+    alone (offloaded where its layers are in `offload`), and its rerun in backward makes its
+    layers' inputs again (the layers inside are never offloaded: the rerun makes their inputs)::
+
+        checkpoint_group_layers_0 = checkpoint(recompute_group_layers_0, embedding, cos, sin, ...)
+            # recompute_group_layers_0: checkpoint(recompute_layers_0, ...); checkpoint(recompute_layers_1, ...)
+    """
     g = gm.graph
+    inner = {layer for group in groups for layer in group}
     for layer in layers:
         members = [n for n in g.nodes if in_layer(n.meta.get("module"), layer)]
         if not members:
             raise PlanError(f"the plan recomputes {layer!r}, but this model has no layer "
                             "there (the plan was made for a different model)")
         region = gather(g, members)
-        _checkpoint(gm, layer, region, _made_from(g, set(inputs)) if layer in offload else None,
+        moved = layer in offload and layer not in inner
+        _checkpoint(gm, layer, region, _made_from(g, set(inputs)) if moved else None,
                     selective=layer in keep_attention)
+    for group in groups:
+        members = [n for n in g.nodes if any(in_layer(n.meta.get("module"), x) for x in group)]
+        if not members or any(x not in layers for x in group):
+            raise PlanError(f"the plan groups {list(group)}, which are not layers it recomputes "
+                            "in this model (the plan was made for a different model)")
+        region = gather(g, members)
+        _checkpoint(gm, group[0], region,
+                    _made_from(g, set(inputs)) if group[0] in offload else None,
+                    prefix="recompute_group_")
     g.lint()
     gm.recompile()
     return gm
@@ -90,13 +110,14 @@ def _made_from(g: fx.Graph, inputs: set[str]) -> set[fx.Node]:
 
 
 def _checkpoint(gm: fx.GraphModule, layer: str, region: list[fx.Node], offload: set | None = None,
-                selective: bool = False) -> None:
+                selective: bool = False, prefix: str = "recompute_") -> None:
     """Move `region` (consecutive nodes of gm.graph) into a submodule called through
     `checkpoint`, or `offloaded_checkpoint` moving its inputs in `offload` to the host;
-    `selective_checkpoint` (the same, keeping attention's outputs) where `selective`."""
+    `selective_checkpoint` (the same, keeping attention's outputs) where `selective`. The
+    submodule is `<prefix><layer>`, its call `checkpoint_<...>` (a group's: `checkpoint_group_`)."""
     g = gm.graph
     inputs, outputs = boundary(region)
-    name = "recompute_" + re.sub(r"\W", "_", layer)
+    name = prefix + re.sub(r"\W", "_", layer)
     extract(gm, name, region, inputs, outputs)
     with g.inserting_before(region[0]):
         fn = g.get_attr(name)

@@ -10,6 +10,7 @@ from seqshard.strategies import (Cost, NodePlan, Plan, Predicted, Split, Strateg
                                  plan_nodes)
 from seqshard.strategies.from_plan import node_keys
 
+from . import groups as G
 from .clusters import layer_of
 from .model import (IN_FLIGHT, Solution, attention_cache_bytes, chosen_moves, class_figures,
                     fetch_time, kept_attention, region_figures)
@@ -28,23 +29,31 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
         t = pb.tensors[key]
         v = next(v for v, k in t.consumers
                  if pb.need[(key, v, sol.choice[v])] == l)
-        r = redistribute.setdefault(v, [0.0, 0.0, 0.0])
+        r = redistribute.setdefault(v, [0.0, 0.0, 0.0, 0.0])
         share = t.mult / pb.mult[v]
         again = t.cls in sol.recompute
         r[0] += (secs + (pb.move_forward.get((key, i, l), 0.0) if again else 0.0)) * share
         r[1] += sent * share
         r[2] += 0.0 if again else kept * share
+        r[3] += pb.move_forward.get((key, i, l), 0.0) * share if again else 0.0
+    # groups (`groups.py`): each layer of a group but its last runs its forward once more (the
+    # group's rerun); a group keeps its first layer's inputs alone; offloaded units are the
+    # earliest (groups or layers) of their class: whole groups
+    grouped = plan_groups(pb, sol)
+    rerun = {layer for group in grouped for layer in group[:-1]}
+    inner = {layer for group in grouped for layer in group[1:]}
     inputs = {}  # the first node of a recomputed layer is charged the tensors the layer keeps
     # ...or, offloaded, nothing; the last layer of a class is charged the seconds backward
     # waits for the class's inputs copied back (its own; the others' are prefetched)
-    fetch = {pb.classes[c].layers[-1]: fetch_time(pb, sol.choice, c) for c in sol.offload}
-    offloaded = {unit for c in sol.offload for unit in pb.classes[c].layers}
+    offloaded = set(offloaded_layers(pb, sol))
+    fetch = {pb.classes[c].layers[-1]: fetch_time(pb, sol.choice, c, _offload_count(pb, sol, c))
+             for c in sol.offload}
     selective = set(keeping_attention(pb, sol))  # attention runs once, its outputs kept
     attention = {n for ns in kept_attention(pb).values() for n, _ in ns}
     for layer in recomputed:
         inputs[layer] = sum(pb.costs.bytes(x, _out(strategies[u], idx))
                             for u, idx, x in pb.layer_inputs.get(layer, ()))
-        if layer in offloaded:
+        if layer in offloaded or layer in inner:
             inputs[layer] = 0.0
     nodes, total_comm, compute_s, comm_s = [], 0.0, 0.0, 0.0
     keys = node_keys(dims)
@@ -52,7 +61,7 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
         t = pb.template[n]
         st = strategies[t]
         c = pb.node_cost[(t, sol.choice[t])]
-        r = redistribute.get(t, [0.0, 0.0, 0.0])
+        r = redistribute.get(t, [0.0, 0.0, 0.0, 0.0])
         module = dims.cap.module_path(n)
         mem = 0.0 if pb.saving_class.get(n) in sol.recompute or _chunked_away(pb, sol, n) \
             else c.memory_bytes
@@ -65,6 +74,10 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
         if any(R in sol.chunked for R in pb.node_regions.get(t, ())):  # its forward again, by chunks
             g = pb.forward[(t, sol.choice[t])]
             f = Cost(f.compute_s + g.compute_s, f.comm_s + g.comm_s, f.redistribute_s + g.redistribute_s)
+        if unit in rerun:  # the group's rerun: its forward once more, attention too
+            g = pb.forward[(t, sol.choice[t])]
+            f = Cost(f.compute_s + g.compute_s, f.comm_s + g.comm_s,
+                     f.redistribute_s + g.redistribute_s + r[3])
         cost = Cost(c.compute_s + f.compute_s, c.comm_s + f.comm_s + fetch.pop(unit, 0.0),
                     c.redistribute_s + f.redistribute_s + r[0], mem + r[2], c.comm_bytes + r[1],
                     c.transient_bytes)
@@ -89,12 +102,41 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
                 predicted=predicted, notes=tuple(notes), recompute=layers, chunks=chunks,
                 offload=tuple(layer for layer in layers if layer in offloaded),
                 keep_attention=tuple(layer for layer in layers if layer in selective),
+                recompute_groups=tuple(grouped),
                 chunked_modules=tuple((path, region_chunks(pb, sol, R)) for R in pb.regions
                                       if R in sol.chunked for path in pb.regions[R].paths))
     plan.explanations.update(explain_all(pb, sol))
     plan.explanations.update(explain_recompute(pb, sol))
     plan.explanations.update(explain_regions(pb, sol))
     return plan
+
+
+def plan_groups(pb: Problem, sol: Solution) -> list[tuple[str, ...]]:
+    """The nested checkpoint groups of the solution: each grouped class's layers in consecutive
+    groups of its size (the last one shorter; a last group of one layer is no group)."""
+    return [grp for c, g in (sol.groups or {}).items() if c in sol.recompute
+            for grp in G.groups_of(pb.classes[c].layers, g) if len(grp) > 1]
+
+
+def _offload_count(pb: Problem, sol: Solution, c: str) -> int:
+    """How many kept-input units of class c the solution offloads (its earliest)."""
+    k = sol.offload.get(c, 0) if isinstance(sol.offload, dict) else None
+    return G.units(pb, c, (sol.groups or {}).get(c, 1)) if k is None else k
+
+
+def offloaded_layers(pb: Problem, sol: Solution) -> list[str]:
+    """The layers whose checkpoint's inputs live on the host: of each class, its earliest k units
+    (their backward runs last: by then the GPU has freed the inputs kept above them, and their
+    copies back are prefetched during the backward of the units above), every layer of an
+    offloaded group (its outer checkpoint keeps the group's input)."""
+    out = []
+    for c in sol.offload:
+        k = _offload_count(pb, sol, c)
+        g = (sol.groups or {}).get(c, 1)
+        units = G.groups_of(pb.classes[c].layers, g) if G.unit_split(pb, c)[1] else \
+            [tuple(pb.classes[c].layers)]
+        out += [layer for grp in units[:k] for layer in grp]
+    return out
 
 
 def keeping_attention(pb: Problem, sol: Solution) -> list[str]:
@@ -168,8 +210,10 @@ def _memory_notes(pb: Problem, sol: Solution) -> list[str]:
                          f"instead of {_gib(f.kept)} of activations, saving "
                          f"{_gib((f.kept - f.inputs) * k)} in all, for {f.forward_s * k * 1e3:.1f} ms "
                          "more per step (the forward again in backward)")
+            if (sol.groups or {}).get(c):
+                notes.append(_group_note(pb, sol, c, f))
             if c in sol.offload:
-                notes.append(_offload_note(pb, c, f))
+                notes.append(_offload_note(pb, sol, c, f))
             kept = (sol.selective or {}).get(c, 0)
             if kept:
                 notes.append(f"recompute {_layer_span(pb.classes[c].layers[-kept:])} keeping "
@@ -268,16 +312,41 @@ def explain_regions(pb: Problem, sol: Solution) -> dict[str, str]:
     return out
 
 
-def _offload_note(pb: Problem, c: str, f) -> str:
-    k = len(pb.classes[c].layers)
-    return (f"offload {_span(pb, c)}: their inputs ({_gib(f.inputs)} each) live in host memory "
-            f"until their backward: {_gib(f.inputs * k)} less on the GPU (but for "
-            f"{IN_FLIGHT} layers' worth being copied), {_gib(f.inputs * k)} of host memory, for "
-            f"{f.fetch_s * k * 1e3:.1f} ms more per step (copied back in backward at "
-            f"{pb.costs.gpu.host_bandwidth / 1e9:.0f} GB/s: the first layer's before its rerun, "
-            "each other's prefetched on a side stream during the backward of the layer above it, "
-            "exposed only where the copy takes longer; the copy out in forward overlaps compute "
-            "on a side stream)")
+def _offload_note(pb: Problem, sol: Solution, c: str, f) -> str:
+    k, g = _offload_count(pb, sol, c), (sol.groups or {}).get(c, 1)
+    n = G.units(pb, c, g)
+    _, host, _ = G.kept_units(pb, sol.choice, c, g, k)
+    secs = fetch_time(pb, sol.choice, c, k)
+    if k == n and g == 1:
+        span, what = _span(pb, c), f"their inputs ({_gib(f.inputs)} each)"
+    elif k == n:
+        span, what = _span(pb, c), f"their groups' inputs ({_gib(f.unit)} each)"
+    else:
+        mine = set(pb.classes[c].layers)
+        span = _layer_span([layer for layer in offloaded_layers(pb, sol) if layer in mine])
+        what = (f"the inputs of the earliest {k} of its {n} {'groups' if g > 1 else 'layers'} (the "
+                "earliest: their backward runs last, when the inputs kept above them are freed, "
+                "and the units above them give their copies back time to land)")
+    return (f"offload {span}: {what} live in host memory until their backward: {_gib(host)} less "
+            f"on the GPU (but for {IN_FLIGHT} layers' worth being copied), {_gib(host)} of host "
+            f"memory, for {secs * 1e3:.1f} ms more per step (copied back in backward at "
+            f"{pb.costs.gpu.host_bandwidth / 1e9:.0f} GB/s: the first one backward needs before "
+            "its rerun, each other's prefetched on a side stream during the backward of the one "
+            "above it, exposed only where the copy takes longer; the copy out in forward overlaps "
+            "compute on a side stream)")
+
+
+def _group_note(pb: Problem, sol: Solution, c: str, f) -> str:
+    g = sol.groups[c]
+    K, n = len(pb.classes[c].layers), G.units(pb, c, g)
+    groups = [grp for grp in G.groups_of(pb.classes[c].layers, g)]
+    return (f"recompute {_span(pb, c)} in {n} nested groups of {g} ("
+            + ", ".join(_layer_span(list(grp)) for grp in groups[:3]) + (", ..." if n > 3 else "")
+            + f"): each group keeps its first layer's inputs alone ({_gib(f.unit)} a group), "
+            f"{_gib((K - n) * f.unit)} less kept, its {g - 1} inner layers' inputs made again "
+            f"while it runs backward (+{_gib((g - 1) * f.unit)} then), for "
+            f"{f.forward_s * (K - n) * 1e3:.1f} ms more per step (each group's forward again, "
+            "but its last layer's, before each layer's own backward)")
 
 
 def explain_recompute(pb: Problem, sol: Solution) -> dict[str, str]:
@@ -296,9 +365,15 @@ def explain_recompute(pb: Problem, sol: Solution) -> dict[str, str]:
         if lc.kind == "chunk":
             out[lc.nodes[0].name] = _explain_chunk(pb, sol, c, f)
             continue
+        g = (sol.groups or {}).get(c, 1) if chosen else 1
+        count = _offload_count(pb, sol, c) if c in sol.offload else 0
+        units = G.units(pb, c, g)
         lines = [f"{_span(pb, c)} ({k} layer(s) alike): "
                  + ("recomputed" if chosen else "activations kept")
-                 + (", inputs in host memory" if c in sol.offload else ""),
+                 + (f" in nested groups of {g}" if g > 1 else "")
+                 + ((", inputs in host memory" if count == units else
+                     f", the inputs of the earliest {count} of {units} {'groups' if g > 1 else 'layers'}"
+                     " in host memory") if count else ""),
                  f"  keep activations: {_gib(f.kept)} per layer ({_gib(f.kept * k)} in all)"
                  + ("" if chosen else "  ← chosen"),
                  f"  recompute:        {_gib(f.inputs)} per layer kept (its inputs), "
@@ -316,12 +391,27 @@ def explain_recompute(pb: Problem, sol: Solution) -> dict[str, str]:
                          "per layer (attention not run again); "
                          + (f"{kept} of {k} layers keep them ({_layer_span(lc.layers[-kept:])}, the "
                             "last: their backward runs first)  ← chosen" if kept else "none chosen"))
+        sizes = G.group_sizes(pb, c)
+        for size in sizes[1:] if len(sizes) > 1 or g > 1 else ():
+            n = G.units(pb, c, size)
+            lines.append(f"  groups of {size}:      nested checkpoints ({n} groups): "
+                         f"{_gib(f.first + (n - 1) * f.unit)} of inputs kept instead of "
+                         f"{_gib(f.inputs * k)}, +{_gib((size - 1) * f.unit)} live in a group's "
+                         f"backward, +{f.forward_s * (k - n) * 1e3:.1f} ms per step (each group's "
+                         "forward again but its last layer's)" + ("  ← chosen" if size == g else ""))
+        if count and count < units:
+            lines.append(f"  offloaded:        the earliest {count} of {units} kept inputs (their "
+                         "backward runs last: the GPU has freed the inputs kept above them, and "
+                         "their copies back are prefetched meanwhile), within the host's room "
+                         "beside the optimizer state  ← chosen")
         if lc.offload:
             why = "an override asks for it."
         elif c in sol.offload:
             why = (f"the memory budget ({_gib(budget)}) needs it: recomputing with the inputs on "
                    f"the GPU does not fit; the predicted peak is {_gib(sol.memory_bytes)} with it."
                    if budget else "it is in the plan.")
+        elif lc.forced and g > 1 and not lc.group:
+            why = "an override asks to recompute; the memory budget needs the groups."
         elif lc.forced:
             why = "an override asks for it."
         elif chosen:
@@ -332,7 +422,12 @@ def explain_recompute(pb: Problem, sol: Solution) -> dict[str, str]:
         else:
             why = (f"the plan fits the budget ({_gib(budget)}; peak {_gib(sol.memory_bytes)}) "
                    "without it, and keeping is faster." if budget else "keeping is faster.")
-        lines.append(f"  chosen: {'offload' if c in sol.offload else 'recompute' if chosen else 'keep'} - {why}")
+        how = ("offload" if c in sol.offload else "recompute" if chosen else "keep") + \
+            (f" in groups of {g}" if g > 1 else "")
+        if g > 1 and not lc.group and (budget or c not in sol.offload):
+            why += (f" Groups of {g}: layer by layer (its inputs on the GPU or in host memory) "
+                    "does not fit, or fits only slower than a group's forward again.")
+        lines.append(f"  chosen: {how} - {why}")
         text = "\n".join(lines)
         for layer in lc.layers:
             if layer in firsts:

@@ -41,6 +41,13 @@ Variables
                            layer classes only, o[c] ≤ r[c]); g[c] = r[c] − o[c] ∈ {0,1}: recomputed
                            with its inputs kept on the GPU (a variable of its own, so that every
                            memory coefficient stays positive)
+    h[c,g], k'[c], m[c]    recomputed in nested checkpoint groups of g (one-hot, Σ_g h = r[c]),
+                           and how many of its kept-input units (layers, or groups) live on the
+                           host, its earliest: o[c] = (any does), k'[c] typical units on the host,
+                           m[c] on the GPU; exact products with x; their memory and time terms
+                           (W, Wb ≥ ... + (g − 1) inner inputs, E[c] the groups' reruns, the
+                           copies back) in `groups.py`'s docstring, which supersedes o[c] as
+                           all-or-nothing below
     s[c] ∈ [0, |c|]        how many layers of c (its last ones in graph order: their backward
                            runs first) are recomputed keeping their attention's outputs (selective
                            recompute: attention runs once; `runtime.selective`); σ[c] = (s[c] ≥ 1)
@@ -205,7 +212,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from math import prod
+from math import ceil, prod
 
 from ortools.sat.python import cp_model
 
@@ -213,6 +220,7 @@ from seqshard.costmodel import attention as att_cost
 from seqshard.strategies import PlanError
 from seqshard.strategies.strategy import is_attention
 
+from . import groups as G
 from .problem import CHUNK_BYTES, Problem
 
 __all__ = ["Model", "Solution", "Memory", "ClassFigures", "solve", "Infeasible", "NS",
@@ -261,10 +269,13 @@ class Solution:
     recompute: frozenset = frozenset()   # names of the layer classes recomputed
     memory: Memory | None = None
     budget: float | None = None
-    offload: frozenset = frozenset()     # of those, the classes whose inputs live on the host
+    offload: dict | frozenset = frozenset()  # of those, class → how many of its kept-input
+    #                                      units (layers, or groups) live on the host, its earliest
     chunked: frozenset = frozenset()     # names of the token-wise regions run in chunks
     selective: dict | None = None        # recomputed class → how many of its layers (its last
     #                                      ones) keep their attention's outputs
+    groups: dict | None = None           # recomputed class → its group size, where more than 1
+    #                                      (nested checkpoint groups, `groups.py`)
 
 
 class Model:
@@ -282,6 +293,11 @@ class Model:
         self.s: dict = {}       # class → s[c], its layers keeping attention's outputs
         self.sigma: dict = {}   # class → σ[c] = (s[c] ≥ 1)
         self.y: dict = {}       # (attention template, i) → y = s[c]·x[n,i]
+        self.h: dict = {}       # class → {group size g: h[c,g]} (one-hot; Σ = r[c])
+        self.kt: dict = {}      # class → k'[c]: typical units on the host (`groups.py`)
+        self.km: dict = {}      # class → m[c]: typical units on the GPU
+        self.e2: dict = {}      # class → (k' ≥ 1): two units or more offloaded
+        self.counted: dict = {}  # (class, "kt" | "km") → {(u, i): count·x[u,i]}
         self.q: dict = {}
         self.drop: dict = {}
         self.alone: dict = {}
@@ -392,17 +408,159 @@ class Model:
         return out
 
     def _offloaded(self):
-        """(ω[u,i,c], bytes): the inputs of every offloadable class held in host memory."""
+        """(literal or count, bytes): the kept inputs of every offloadable class held in host
+        memory: unit 0's where o[c], k'[c] typical units (`groups.py`)."""
         pb, out = self.pb, []
         for c, lc in pb.classes.items():
             if _off(self.o[c]):
                 continue
-            for (u, idx), (count, x) in lc.inputs.items():
-                for i, st in enumerate(pb.strategies[u]):
-                    b = int(count * pb.costs.bytes(x, st.output if idx is None else st.output[idx]))
-                    if b:
-                        out.append((self._both(self.x[(u, i)], self.o[c], f"{u.name},{i}"), b))
+            first, typical = G.unit_bytes(pb, c)
+            for (u, i), b in first.items():
+                if int(b):
+                    out.append((self._both(self.x[(u, i)], self.o[c], f"{u.name},{i}"), int(b)))
+            for (u, i), v in self._counted(c, "kt").items():
+                if int(typical[(u, i)]) and not _off(v):
+                    out.append((v, int(typical[(u, i)])))
         return out
+
+    # ------------------------------------------------------------------ kept-input units
+    def _add_if(self, bound, name: str, *lits):
+        """Add `bound` only where every literal holds (a constant 1 drops out; a constant 0
+        never holds: nothing is added)."""
+        if any(_off(v) for v in lits):
+            return None
+        ct = self.m.Add(bound).with_name(name)
+        lits = [v for v in lits if not isinstance(v, int)]
+        if lits:
+            ct.only_enforce_if(lits)
+        return ct
+
+    def _units_choice(self, c: str, lc):
+        """h[c,g] (the group size, one-hot, Σ_g h[c,g] = r[c]), k'[c] and m[c] (typical units on
+        the host and on the GPU, k' + m = Σ_g (n_g − 1)·h[c,g], k' ≤ (n − 1)·o[c]: the earliest
+        units go first) and e2[c] = (k' ≥ 1) (`groups.py`)."""
+        pb, r = self.pb, self.r[c]
+        self.kt[c] = self.km[c] = self.e2[c] = 0
+        if lc.kind != "layer" or _off(r):
+            self.h[c] = {1: r}
+            return
+        sizes = G.group_sizes(pb, c)
+        if len(sizes) == 1:
+            h = {sizes[0]: r}
+        else:
+            h = {g: self.m.NewBoolVar(f"h[{c},{g}]") for g in sizes}
+            self.m.Add(sum(h.values()) == r).with_name(f"group[{c}]")
+        self.h[c] = h
+        most = max(G.units(pb, c, g) for g in sizes) - 1
+        if not most:
+            return
+        total = sum((G.units(pb, c, g) - 1) * v for g, v in h.items())
+        o = self.o[c]
+
+        def count(name, expr):
+            if isinstance(expr, int):
+                return expr
+            v = self.m.NewIntVar(0, most, f"{name}[{c}]")
+            self.m.Add(v == expr).with_name(f"units[{c}]")
+            return v
+
+        if _off(o):
+            self.km[c] = count("m", total)
+        elif lc.offload:  # every unit offloaded
+            self.kt[c] = count("k'", total)
+        else:
+            kt = self.kt[c] = self.m.NewIntVar(0, most, f"k'[{c}]")
+            km = self.km[c] = self.m.NewIntVar(0, most, f"m[{c}]")
+            self.m.Add(kt + km == total).with_name(f"units[{c}]")
+            self.m.Add(kt <= most * o).with_name(f"units[{c}]")
+        kt = self.kt[c]
+        if isinstance(kt, int):
+            self.e2[c] = int(kt >= 1)
+        else:
+            e2 = self.e2[c] = self.m.NewBoolVar(f"e2[{c}]")
+            self.m.Add(kt >= e2).with_name(f"units[{c}]")
+            self.m.Add(kt <= most * e2).with_name(f"units[{c}]")
+
+    def _counted(self, c: str, which: str) -> dict:
+        """(u, i) → count·x[u,i] for the typical units of c (which: "kt" on the host, "km" on
+        the GPU), exact: y ≤ most·x[u,i], Σ_i y = count (as y = s·x); a constant count
+        times x, or count·(x ∧ r[c]) where the count is (n − 1)·r[c] (one group size, no
+        offload), without new variables."""
+        key = (c, which)
+        if key in self.counted:
+            return self.counted[key]
+        pb, count = self.pb, (self.kt if which == "kt" else self.km)[c]
+        typical = G.unit_bytes(pb, c)[1]
+        out: dict = {}
+        h = self.h.get(c, {})
+        plain = which == "km" and _off(self.kt[c]) and len(h) == 1
+        by_u: dict = {}
+        for (u, i) in typical:
+            by_u.setdefault(u, []).append(i)
+        for u, idx in by_u.items():
+            if _off(count):
+                out.update({(u, i): 0 for i in idx})
+            elif isinstance(count, int):
+                out.update({(u, i): count * self.x[(u, i)] for i in idx})
+            elif plain and not isinstance(self.r[c], int):
+                n = G.units(pb, c, next(iter(h))) - 1
+                out.update({(u, i): n * self._and(self.x[(u, i)], c, f"{u.name},{i}") for i in idx})
+            else:
+                most = max(G.units(pb, c, g) for g in h) - 1
+                ys = []
+                for i in idx:
+                    y = out[(u, i)] = self.m.NewIntVar(0, most, f"{which}·x[{c},{u.name},{i}]")
+                    self.m.Add(y <= most * self.x[(u, i)]).with_name(f"units[{c}]")
+                    ys.append(y)
+                self.m.Add(sum(ys) == count).with_name(f"units[{c}]")
+        self.counted[key] = out
+        return out
+
+    def _input_terms(self, c: str) -> list:
+        """(literal or count, bytes): class c's kept inputs on the GPU: unit 0's where g[c],
+        m[c] typical units (`groups.py`). A typical unit's bytes round up, so that the direct
+        count (`memory_of`) is never above this."""
+        pb, out = self.pb, []
+        first, typical = G.unit_bytes(pb, c)
+        for (u, i), b in first.items():
+            out.append((self._both(self.x[(u, i)], self.g[c], f"{u.name},{i}"), int(b)))
+        most = max(G.units(pb, c, g) for g in self.h.get(c, {1: 0})) - 1
+        for (u, i), v in self._counted(c, "km").items():
+            if isinstance(v, int) and v == 0:
+                continue
+            out.append((v, ceil(typical[(u, i)])))
+            self.ub["units"] = self.ub.get("units", 0) + ceil(typical[(u, i)]) * most  # v ≤ most
+        return out
+
+    def _group_terms(self, c: str) -> dict:
+        """g → (x[u,i], bytes) of the g − 1 inner inputs live again in a group's backward."""
+        pb, typical = self.pb, G.unit_bytes(self.pb, c)[1]
+        return {g: [(self.x[(u, i)], int((g - 1) * b)) for (u, i), b in typical.items() if int(b)]
+                for g in self.h.get(c, {1: 0}) if g > 1}
+
+    def _group_time(self) -> list:
+        """E[c] ≥ the K − n_g layer forwards that groups of g add, where h[c,g]."""
+        pb, terms = self.pb, []
+        for c, h in self.h.items():
+            K = len(pb.classes[c].layers)
+            E = None
+            for g, v in h.items():
+                n = G.units(pb, c, g)
+                if g <= 1 or n == K or _off(v):
+                    continue
+                share = (K - n) / K
+                expr = [(int(round(share * pb.mult[t] * pb.forward[(t, i)].time_s * NS)), self.x[(t, i)])
+                        for t in pb.classes[c].nodes for i in range(len(pb.strategies[t]))]
+                expr += [(int(round(share * pb.tensors[k[0]].mult * f * NS)), self.w[k])
+                         for k, f in pb.move_forward.items() if pb.tensors[k[0]].cls == c]
+                if E is None:  # at most every term (the largest share: g's n_g only falls)
+                    E = self.m.NewIntVar(0, sum(t for t, _ in expr) * K + 1, f"E[{c}]")
+                    terms.append(E)
+                expr = sum(t * x for t, x in expr if t)
+                bound = self.m.Add(E >= expr).with_name(f"group_time[{c}]")
+                if not isinstance(v, int):
+                    bound.only_enforce_if(v)
+        return terms
 
     def _add_offload(self):
         """The host memory that offloaded inputs take, beside the optimizer state kept there."""
@@ -423,6 +581,7 @@ class Model:
             self.r[c] = 1 if lc.forced else self.m.NewBoolVar(f"r[{c}]") if self.allow else 0
             self._offload_choice(c, lc)
             self._selective_choice(c, lc)
+            self._units_choice(c, lc)
         self._region_choice()
         one_layer = {c: [] for c in pb.classes}  # kept or made again (the first layer's backward)
         top_layer = {c: [] for c in pb.classes}  # made again (the last layer's: kept attention
@@ -454,7 +613,9 @@ class Model:
                     self.m.AddBoolOr([self.x[(key[0], i)].Not(), self.z[(key, l)].Not(), r.Not()]) \
                         .with_name(f"whole_chunks[{c}]")
         flight = {c: self._in_flight(c) for c in pb.classes if not _off(self.o[c])}
+        inner = {c: self._group_terms(c) for c in pb.classes}  # g − 1 inner inputs, by g
         top = max((sum(k for _, k in terms) + sum(k for _, k in flight.get(c, ()))
+                   + max((sum(k for _, k in t) for t in inner[c].values()), default=0)
                    for c, terms in top_layer.items()), default=0)
         self.W = self.m.NewIntVar(0, max(top, 0), "W")
         self.Wh = self.m.NewIntVar(0, max(top, 0), "Wh")
@@ -465,21 +626,28 @@ class Model:
                 bound = self.m.Add(W >= sum(k * v for v, k in terms)).with_name(f"working[{c}]")
                 if not isinstance(self.r[c], int):
                     bound.only_enforce_if(self.r[c])
+            for g, more in inner[c].items():  # a group's backward: its inner inputs made again
+                self._add_if(self.W >= sum(k * v for v, k in terms + more), f"working[{c},{g}]", self.h[c][g])
             if c in flight:
                 bound = self.m.Add(self.W >= sum(k * v for v, k in terms + flight[c])) \
                     .with_name(f"in_flight[{c}]")
                 if not isinstance(self.o[c], int):
                     bound.only_enforce_if(self.o[c])
+                for g, more in inner[c].items():
+                    self._add_if(self.W >= sum(k * v for v, k in terms + flight[c] + more), f"in_flight[{c},{g}]", self.o[c], self.h[c][g])
         # the first layer's backward: one layer's activations live, kept or made again (its
         # input among them; offloaded, nothing more is in flight: no layer is left to fetch)
         layers = [c for c, lc in pb.classes.items() if lc.kind == "layer"]
         if layers:
-            most = max(sum(k for _, k in one_layer[c]) for c in layers)
+            most = max(sum(k for _, k in one_layer[c])
+                       + max((sum(k for _, k in t) for t in inner[c].values()), default=0) for c in layers)
             self.Wb = self.m.NewIntVar(0, max(most, 0), "Wb")
             self.ub["Wb"] = max(most, 0)
             for c in layers:
                 if one_layer[c]:
                     self.m.Add(self.Wb >= sum(k * v for v, k in one_layer[c])).with_name(f"bottom[{c}]")
+                for g, more in inner[c].items():  # the first group's inner inputs, again
+                    self._add_if(self.Wb >= sum(k * v for v, k in one_layer[c] + more), f"bottom[{c},{g}]", self.h[c][g])
 
     # ------------------------------------------------------------------ selective recompute
     def _selective_choice(self, c: str, lc):
@@ -706,14 +874,15 @@ class Model:
             v = w if t.cls is None else self._and_not(w, t.cls, w.Name())
             terms.append((v, int(t.mult * kept)))
         for c, lc in pb.classes.items():
+            if lc.kind == "layer":  # unit 0 and m[c] typical units (`groups.py`)
+                terms += [(v, b) for v, b in self._input_terms(c) if b]
+                continue
             for (u, idx), (count, x) in lc.inputs.items():
                 for i, st in enumerate(pb.strategies[u]):
                     out = st.output if idx is None else st.output[idx]
                     b = int(count * pb.costs.bytes(x, out))
                     if b:
-                        kept = self._and(self.x[(u, i)], c, f"{u.name},{i}") if _off(self.o[c]) \
-                            else self._both(self.x[(u, i)], self.g[c], f"{u.name},{i}")
-                        (tail if lc.kind == "chunk" else terms).append((kept, b))
+                        tail.append((self._and(self.x[(u, i)], c, f"{u.name},{i}"), b))
         terms += self._region_terms()
         terms += self._selective_terms()
         self.tail_terms = [(v, c) for v, c in tail if c and not _off(v)]
@@ -812,31 +981,60 @@ class Model:
                 w = self.w[k]
                 terms.append(t * self._and(w, pb.tensors[k[0]].cls, w.Name()))
         terms += self._fetch_time()
+        terms += self._group_time()
         terms += self._region_time()
         terms += self._selective_time()
         return sum(terms)
 
     def _fetch_time(self):
-        """Offloaded inputs copied back in backward (`fetch_time`): per class, the last layer's
-        copies, exposed (the first backward needs), and F[c], what the other layers' copies,
-        each prefetched while the layer above runs its backward, take longer than those."""
+        """Offloaded units copied back in backward (`groups.py`, "time"; `fetch_time` counts the
+        same): FIRST[c], the first one backward needs, exposed (unit 0's where it is the only
+        one, else a typical unit's); each further one prefetched during the backward of the
+        unit above (one layer's forward and backward, T), exposed for what its copy takes
+        longer: (k − 2)·P[c] + P0[c], P = max(0, B/bw − T), P0 = max(0, B0/bw − T)."""
         pb, terms = self.pb, []
         for c in pb.classes:
-            if _off(self.o[c]):
+            o, e2, kt = self.o[c], self.e2[c], self.kt[c]
+            if _off(o):
                 continue
-            rest, ub = [], 0
-            for (u, i), (first, others) in _fetch_seconds(pb, c).items():
-                v = self._both(self.x[(u, i)], self.o[c], f"{u.name},{i}")
-                terms.append(int(round(first * NS)) * v)
-                rest.append(int(round(others * NS)) * v)
-                ub += int(round(others * NS))
-            k = _fetched_layers(pb, c)
-            if ub and k > 1:
-                F = self.m.NewIntVar(0, ub, f"F[{c}]")
-                overlap = [int(round((k - 1) * pb.mult[n] / len(pb.classes[c].layers) * pb.node_cost[(n, i)].time_s * NS))
-                           * self.x[(n, i)] for n in pb.classes[c].nodes for i in range(len(pb.strategies[n]))]
-                self.m.Add(F >= sum(rest) - sum(overlap)).with_name(f"fetch[{c}]")
-                terms.append(F)
+            first, typical = G.copy_ns(pb, c)
+            c0 = [(t, self.x[k]) for k, t in first.items() if t]
+            ct = [(t, self.x[k]) for k, t in typical.items() if t]
+            T = [(t, self.x[k]) for k, t in G.layer_ns(pb, c).items() if t]
+            # FIRST as products x ∧ (o ∧ ¬e2), x ∧ e2, not a variable bounded where e2 holds
+            # (CP-SAT 9.15's presolve dropped the optimum of that one here)
+            one = self._lit_and(o, _neg(e2), f"o∧¬e2[{c}]")
+            for (u, i), t in first.items():
+                if t and not _off(one):
+                    terms.append(t * self._lit_and(self.x[(u, i)], one, f"{u.name},{i}∧o∧¬e2[{c}]"))
+            if _off(e2) or not ct:
+                continue
+            for (u, i), t in typical.items():
+                if t:
+                    terms.append(t * self._lit_and(self.x[(u, i)], e2, f"{u.name},{i}∧e2[{c}]"))
+            lay = sum(t * x for t, x in T)
+            P = self.m.NewIntVar(0, sum(t for t, _ in ct), f"P[{c}]")
+            self.m.Add(P >= sum(t * x for t, x in ct) - lay).with_name(f"fetch[{c}]")
+            if c0:  # P0 ≥ c0·e2 − T: max(0, B0/bw − T) where e2, else 0
+                P0 = self.m.NewIntVar(0, sum(t for t, _ in c0), f"P0[{c}]")
+                self.m.Add(P0 >= sum(t * self._lit_and(self.x[(u, i)], e2, f"{u.name},{i}∧e2[{c}]")
+                                     for (u, i), t in first.items() if t) - lay).with_name(f"fetch[{c}]")
+                terms.append(P0)
+            most = max(G.units(pb, c, g) for g in self.h[c]) - 1
+            if isinstance(kt, int):
+                terms.append(max(kt - 1, 0) * P)
+                continue
+            # Q ≥ (k' − e2)·P, linear: one-hot b_j = (k' − e2 = j), Q ≥ j·P where b_j (CP-SAT
+            # 9.15's presolve dropped the optimum of a multiplication equality here)
+            b = [self.m.NewBoolVar(f"k'-1={j}[{c}]") for j in range(most)]
+            self.m.AddExactlyOne(b).with_name(f"fetch[{c}]")
+            self.m.Add(sum(j * v for j, v in enumerate(b)) == kt - e2).with_name(f"fetch[{c}]")
+            Q = self.m.NewIntVar(0, most * sum(t for t, _ in ct), f"Q[{c}]")
+            for j, v in enumerate(b[2:], start=2):  # j = 1: Q ≥ P below; j = 0: Q ≥ 0
+                self.m.Add(Q >= j * P).only_enforce_if(v).with_name(f"fetch[{c}]")
+            if most > 1:
+                self.m.Add(Q >= P).only_enforce_if(b[1]).with_name(f"fetch[{c}]")
+            terms.append(Q)
         return terms
 
     def solve(self, objective, seconds: float, workers: int, gap: float = 1e-4) -> Solution:
@@ -845,6 +1043,12 @@ class Model:
         solver.parameters.max_time_in_seconds = seconds
         solver.parameters.num_workers = workers
         solver.parameters.relative_gap_limit = gap
+        if any(not isinstance(v, int) for v in self.o.values()):
+            # CP-SAT 9.15's inclusion detection in presolve dropped the optimum of the offload
+            # terms (tests/test_groups.py: a plan it proved optimal was 21 µs slower than one
+            # it found with presolve off); only where offload is a decision, since without it
+            # the search stops elsewhere within the gap
+            solver.parameters.presolve_inclusion_work_limit = 0
         t0 = time.perf_counter()
         status = solver.Solve(self.m)
         elapsed = time.perf_counter() - t0
@@ -854,17 +1058,19 @@ class Model:
         choice = {n: next(i for i in range(len(sts)) if solver.Value(self.x[(n, i)]))
                   for n, sts in self.pb.strategies.items()}
         recompute = frozenset(c for c, r in self.r.items() if (r if isinstance(r, int) else solver.Value(r)))
-        offload = frozenset(c for c, o in self.o.items() if (o if isinstance(o, int) else solver.Value(o)))
+        value = lambda v: v if isinstance(v, int) else solver.Value(v)  # noqa: E731
+        offload = {c: 1 + value(self.kt.get(c, 0)) for c, o in self.o.items() if value(o)}
+        groups = {c: g for c, h in self.h.items() for g, v in h.items() if g > 1 and value(v)}
         chunked = frozenset(R for R, q in self.q.items() if (q if isinstance(q, int) else solver.Value(q)))
         selective = {c: n for c, s in self.s.items()
                      if (n := s if isinstance(s, int) else solver.Value(s)) and c in recompute}
-        memory = memory_of(self.pb, choice, recompute, offload, chunked, selective)
+        memory = memory_of(self.pb, choice, recompute, offload, chunked, selective, groups)
         # the linearization bounds the direct count: equal, but for W (a bound) and moves
         # whose w is 1 where no consumer needs them (free when their time rounds to 0 ns)
         kept = sum(c * solver.Value(v) for v, c in self.memory_terms)
         assert memory.kept <= kept + len(self.memory_terms) + 1e-9 * kept, (kept, memory)
         return Solution(choice, solver.ObjectiveValue() / NS, memory.peak, name, elapsed,
-                        recompute, memory, self.budget, offload, chunked, selective)
+                        recompute, memory, self.budget, offload, chunked, selective, groups)
 
 
 def _live(pb: Problem, c: str, kept: float) -> float:
@@ -948,38 +1154,19 @@ class ClassFigures:
     #                              outputs (`attention_cache_bytes`)
     attention_live: float = 0.0  # of `working`, attention's out and lse: not made again there
     attention_s: float = 0.0     # attention's forward (communication included), not run again
+    first: float = 0.0  # of the inputs (all layers'), what the first layer's checkpoint keeps
+    unit: float = 0.0   # ...and each other's (`groups.unit_split`): what a group keeps, and
+    #                     each of its inner layers makes again in the group's backward
 
 
-def fetch_time(pb: Problem, choice: dict, c: str) -> float:
-    """Seconds a step waits for class c's offloaded inputs copied back in backward: the last
-    layer's copies (backward needs them before anything can overlap), and for the others, each
-    prefetched while the layer above runs its backward (its forward and backward's time), what
-    the copies take longer (`Model._fetch_time`, the same sum)."""
-    lc, first, rest = pb.classes[c], 0.0, 0.0
-    for (u, i), (f, r) in _fetch_seconds(pb, c).items():
-        if choice[u] == i:
-            first, rest = first + f, rest + r
-    layer = sum(pb.mult[n] * pb.node_cost[(n, choice[n])].time_s for n in lc.nodes) / len(lc.layers)
-    return first + max(0.0, rest - (_fetched_layers(pb, c) - 1) * layer)
-
-
-def _fetch_seconds(pb: Problem, c: str) -> dict:
-    """(u, i) → (last, others): seconds of copying back from the host class c's inputs that u
-    makes with strategy i, the last layer's and the other layers'."""
-    lc, out = pb.classes[c], {}
-    last = {(u, idx) for u, idx, _ in pb.layer_inputs.get(lc.layers[-1], ())}
-    for (u, idx), (count, x) in lc.inputs.items():
-        n = int((u, idx) in last)
-        for i, st in enumerate(pb.strategies[u]):
-            s = pb.costs.bytes(x, st.output if idx is None else st.output[idx]) / pb.costs.gpu.host_bandwidth
-            f, r = out.get((u, i), (0.0, 0.0))
-            out[(u, i)] = (f + n * s, r + (count - n) * s)
-    return out
-
-
-def _fetched_layers(pb: Problem, c: str) -> int:
-    """How many of class c's layers have inputs to copy back (not one reading the model's input)."""
-    return sum(1 for layer in pb.classes[c].layers if pb.layer_inputs.get(layer))
+def fetch_time(pb: Problem, choice: dict, c: str, units: int | None = None) -> float:
+    """Seconds a step waits for class c's offloaded inputs copied back in backward, with its
+    earliest `units` kept-input units offloaded (default: all of them, layer by layer): the
+    first one backward needs, exposed; each next one prefetched while the unit above runs its
+    backward (one layer's forward and backward), exposed for what its copy takes longer
+    (`groups.fetch_ns`; `Model._fetch_time`, the same terms)."""
+    k = G.units(pb, c, 1) if units is None else units
+    return G.fetch_ns(pb, choice, c, k) / NS
 
 
 def class_figures(pb: Problem, choice: dict, chunked=frozenset()) -> dict[str, ClassFigures]:
@@ -1009,6 +1196,10 @@ def class_figures(pb: Problem, choice: dict, chunked=frozenset()) -> dict[str, C
             inputs += count * pb.costs.bytes(x, st.output if idx is None else st.output[idx])
         k = len(lc.layers)
         out[c] = ClassFigures(kept / k, inputs / k, working, fwd / k, fetch_time(pb, choice, c) / k)
+        if lc.kind == "layer":
+            first, typical = G.unit_bytes(pb, c)
+            out[c].first = sum(b for (u, i), b in first.items() if choice[u] == i)
+            out[c].unit = sum(b for (u, i), b in typical.items() if choice[u] == i)
         for n, m in kept_attention(pb).get(c, ()):
             out[c].attention += m * attention_cache_bytes(pb, n, choice[n])
             out[c].attention_live += pb.node_cost[(n, choice[n])].memory_bytes
@@ -1062,11 +1253,15 @@ def region_figures(pb: Problem, choice: dict, regions=None) -> dict[str, RegionF
 
 
 def memory_of(pb: Problem, choice: dict, recompute=frozenset(), offload=frozenset(),
-              chunked=frozenset(), selective=None) -> Memory:
+              chunked=frozenset(), selective=None, groups=None) -> Memory:
     """The peak the memory constraint sees, counted directly from a choice (the CP-SAT model
     must agree; `Model.solve` asserts it), and where it is reached. `offload` ⊆ `recompute`:
-    classes whose inputs are in host memory (IN_FLIGHT layers' worth on the GPU); `chunked`:
-    token-wise regions run in chunks."""
+    classes whose inputs are in host memory (IN_FLIGHT layers' worth on the GPU), all of their
+    kept-input units, or {class: how many, its earliest}; `chunked`: token-wise regions run in
+    chunks; `groups`: {class: g} recomputed in nested groups of g (`groups.py`)."""
+    groups = groups or {}
+    if not isinstance(offload, dict):
+        offload = {c: G.units(pb, c, groups.get(c, 1)) for c in offload}
     kept = sum(pb.mult[n] * pb.node_cost[(n, i)].memory_bytes for n, i in choice.items())
     kept += sum(pb.tensors[key].mult * b for (key, _, _), (_, _, b) in chosen_moves(pb, choice))
     figures = class_figures(pb, choice, chunked) if pb.classes else {}
@@ -1080,14 +1275,19 @@ def memory_of(pb: Problem, choice: dict, recompute=frozenset(), offload=frozense
             working, where = f.chunk, R
     for c in recompute:
         f, k = figures[c], len(pb.classes[c].layers)
-        kept += (f.inputs - f.kept) * k
         live = f.working
+        if pb.classes[c].kind == "layer":  # unit 0 and the typical units, some on the host
+            g = groups.get(c, 1)
+            gpu, on_host, unit = G.kept_units(pb, choice, c, g, offload.get(c, 0))
+            kept += gpu - f.kept * k
+            host += on_host
+            live += (g - 1) * unit  # a group's inner inputs, made again in its backward
+        else:
+            kept += (f.inputs - f.kept) * k
         if (selective or {}).get(c):  # its last layers keep attention's outputs: not made again
             kept += selective[c] * f.attention
             live -= f.attention_live
-        if c in offload:
-            kept -= f.inputs * k
-            host += f.inputs * k
+        if offload.get(c):
             live += IN_FLIGHT * f.inputs
         if pb.classes[c].kind == "chunk":
             if live > head or head_where is None:
@@ -1121,7 +1321,9 @@ def memory_of(pb: Problem, choice: dict, recompute=frozenset(), offload=frozense
         phases.append(Memory(state, 0.0, 0.0, 0.0, None, None, host, grads=pb.grad_bytes,
                              phase="bottom"))
     else:  # the first layer's backward: every gradient made, one layer's activations live
-        live, first = max(((figures[c].working, c) for c in layers), key=lambda p: p[0])
+        live, first = max(((figures[c].working + (groups.get(c, 1) - 1) * figures[c].unit
+                            if c in recompute else figures[c].working, c) for c in layers),
+                          key=lambda p: p[0])
         phases.append(Memory(state, 0.0, live, x_layer[0], first,
                              x_layer[1] if x_layer[0] else None, host, grads=pb.grad_bytes,
                              phase="bottom"))

@@ -61,6 +61,7 @@ class LayerClass:
     offload: bool = False          # an override says `offload`: recomputed, inputs on the host
     selective: bool = False        # an override says `recompute:selective`: recomputed, every
     #                                layer keeping its attention's outputs
+    group: int | None = None       # an override says `group:G`: recomputed in nested groups of G
     inputs: dict = field(default_factory=dict)
     """(template producer, output index) → (count, representative tensor): the distinct tensors
     made outside a layer and read inside it, over every layer of the class (a tensor read by
@@ -452,7 +453,8 @@ def _add_layer_classes(pb: Problem, nodes, templates, saved, overrides) -> None:
         pb.classes[name] = LayerClass(name, tuple(layers), [],
                                       forced=bool(spec and spec.recompute),
                                       offload=bool(spec and spec.offload),
-                                      selective=bool(spec and spec.selective))
+                                      selective=bool(spec and spec.selective),
+                                      group=spec.group if spec else None)
     for pattern, text in (overrides or {}).items():
         if parse_spec(text).recompute and not any(
                 fnmatch.fnmatchcase(layer, pattern) for c in pb.classes.values() for layer in c.layers):

@@ -26,7 +26,16 @@ it sets. A spec is a list of terms:
                     checkpointing); with `offload`, its inputs in host memory as well. Without an
                     override the planner picks how many layers of each class do this
     offload         on a layer: recompute it, and keep its inputs in host memory until its
-                    backward (copied out on a side stream in forward, back in backward)
+                    backward (copied out on a side stream in forward, back in backward). Without
+                    an override the planner picks how many layers of each class do this (the
+                    earliest: their backward runs last)
+    group:G         on layers (`layers.*`): recompute them in nested groups of G consecutive
+                    layers of each class (the last group shorter where G does not divide them):
+                    each group keeps only its first layer's inputs, and in backward runs its
+                    forward again (but for its last layer) before each layer's own backward
+                    (`solver/groups.py`); with `offload`, the groups' inputs in host memory;
+                    group:1 is plain `recompute`. Without an override the planner picks G per
+                    class from `solver.groups.GROUP_SIZES`
     chunk | chunk:K on an LM head whose logits feed a cross-entropy (`lm_head`): run the head and
                     the loss in chunks of tokens (K of them; default: the planner sizes them);
                     on a token-wise module inside a layer (`layers.*.mlp`, see
@@ -69,6 +78,7 @@ class Spec:
     chunk: int | None = None       # chunk count; 0: the planner's
     offload: bool | None = None    # recompute, its inputs in host memory
     selective: bool | None = None  # recompute, keeping attention's outputs
+    group: int | None = None       # recompute in nested groups of this many layers
 
     def merged(self, later: "Spec") -> "Spec":
         return Spec(later.splits if later.splits is not None else self.splits,
@@ -76,7 +86,8 @@ class Spec:
                     later.recompute if later.recompute is not None else self.recompute,
                     later.chunk if later.chunk is not None else self.chunk,
                     later.offload if later.offload is not None else self.offload,
-                    later.selective if later.selective is not None else self.selective)
+                    later.selective if later.selective is not None else self.selective,
+                    later.group if later.group is not None else self.group)
 
     def assign(self, axis_names: tuple[str, ...]) -> dict[str, str]:
         """axis → factor name."""
@@ -95,7 +106,7 @@ class Spec:
 
 def parse_spec(text: str) -> Spec:
     splits, algorithm, order, recompute, chunk, offload = None, None, None, None, None, None
-    selective = None
+    selective = group = None
     for term in text.replace(",", " ").split():
         if term.startswith("split:"):
             body = term[len("split:"):]
@@ -116,6 +127,12 @@ def parse_spec(text: str) -> Spec:
             recompute = selective = True
         elif term == "offload":
             recompute = offload = True
+        elif term.startswith("group:"):
+            count = term[len("group:"):]
+            if not count.isdigit() or int(count) < 1:
+                raise ValueError(f"override term {term!r}: write group:G with G >= 1")
+            recompute, group = True, int(count)
+            selective = bool(selective)
         elif term == "chunk" or term.startswith("chunk:"):
             count = term[len("chunk:"):] if term != "chunk" else "0"
             if not count.isdigit() or (term != "chunk" and int(count) < 1):
@@ -124,8 +141,8 @@ def parse_spec(text: str) -> Spec:
         else:
             raise ValueError(f"unknown override term {term!r} in {text!r}; terms are split:F, "
                              f"split:F@AXIS, replicate, {', '.join(NAMES)}, {', '.join(ORDERS)}, "
-                             "recompute, recompute:selective, offload, chunk, chunk:K")
-    return Spec(splits, algorithm, order, recompute, chunk, offload, selective)
+                             "recompute, recompute:selective, offload, group:G, chunk, chunk:K")
+    return Spec(splits, algorithm, order, recompute, chunk, offload, selective, group)
 
 
 def spec_for(overrides: dict[str, str], module: str) -> Spec | None:

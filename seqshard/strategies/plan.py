@@ -98,6 +98,10 @@ class Plan:
     #                layer (`layers.3.mlp`) run in k chunks of tokens, each recomputed in backward
     keep_attention: tuple[str, ...] = ()          # recomputed layers that keep their attention's
     #                outputs (out, lse) for backward: attention is not run again (selective)
+    recompute_groups: tuple[tuple[str, ...], ...] = ()  # consecutive recomputed layers under one
+    #                more checkpoint: a group keeps its first layer's inputs alone, and in backward
+    #                runs its forward again (but its last layer's) before each layer's own
+    #                (`solver/groups.py`); offloaded groups list every layer in `offload`
     kernels: tuple[tuple[str, str], ...] = ()     # (module or node, what runs it) where the plan
     #                was priced for parallelize(compile=..., kernels=...): compiled templates,
     #                the fused LM-head loss; a build option, not a decision (not in the hash)
@@ -111,6 +115,16 @@ class Plan:
                 raise ValueError(f"the plan offloads {layer!r} but does not recompute it: "
                                  "offload moves what a recomputed layer keeps (its inputs) to "
                                  "host memory; add it to `recompute`")
+        seen: set = set()
+        for group in self.recompute_groups:
+            if len(group) < 2 or any(layer not in self.recompute or layer in seen for layer in group):
+                raise ValueError(f"the plan groups {list(group)}: a group is two or more recomputed "
+                                 "layers (each in `recompute`), in no other group")
+            if len({layer in self.offload for layer in group}) > 1:
+                raise ValueError(f"the plan offloads part of the group {list(group)}: a group keeps "
+                                 "one input (its first layer's), offloaded or not; list every layer "
+                                 "of it in `offload`, or none")
+            seen.update(group)
         for layer in self.keep_attention:
             if layer not in self.recompute:
                 raise ValueError(f"the plan keeps the attention outputs of {layer!r} but does not "
@@ -171,6 +185,7 @@ class Plan:
                     offload=tuple(d.get("offload", ())),
                     chunked_modules=tuple(tuple(c) for c in d.get("chunked_modules", ())),
                     keep_attention=tuple(d.get("keep_attention", ())),
+                    recompute_groups=tuple(tuple(g) for g in d.get("recompute_groups", ())),
                     kernels=tuple(tuple(k) for k in d.get("kernels", ())))
 
     def hash(self) -> str:
@@ -192,6 +207,8 @@ class Plan:
             key["chunked_modules"] = [list(c) for c in self.chunked_modules]
         if self.keep_attention:
             key["keep_attention"] = list(self.keep_attention)
+        if self.recompute_groups:
+            key["recompute_groups"] = [list(g) for g in self.recompute_groups]
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
     def with_mesh(self, mesh: tuple[tuple[str, int], ...]) -> "Plan":
@@ -252,6 +269,10 @@ class Plan:
             text += ("recompute keeping attention's outputs (attention not run again in "
                      "backward): " + ", ".join(r[0] for r in _fold([(m,) for m in self.keep_attention]))
                      + "\n")
+        if self.recompute_groups:
+            text += ("recompute in groups (one checkpoint around each, keeping its first layer's "
+                     "inputs; its forward again in backward): "
+                     + ", ".join(_span(g) for g in self.recompute_groups) + "\n")
         for loss, k in self.chunks:
             text += f"chunked: the LM head and {loss} run in {k} chunks of tokens\n"
         for module, k in _fold([(m, k) for m, k in self.chunked_modules]):
@@ -326,7 +347,8 @@ _PLAN = {"version": (_OneOf((1,)), True), "mesh": ([_Pair("str", "size")], True)
          "explanations": ({str: "str"}, False), "axes": ([_Pair("str", "str")], False),
          "recompute": (["str"], False), "chunks": ([_Pair("str", "size")], False),
          "offload": (["str"], False), "chunked_modules": ([_Pair("str", "size")], False),
-         "keep_attention": (["str"], False), "kernels": ([_Pair("str", "str")], False)}
+         "keep_attention": (["str"], False), "kernels": ([_Pair("str", "str")], False),
+         "recompute_groups": ([["str"]], False)}
 
 
 def _check_json(d) -> None:
@@ -421,6 +443,16 @@ def _fold(rows: list[tuple]) -> list[tuple]:
             out.append(((_INDEX.sub(span, r[0], count=1) if j > i + 1 else r[0]),) + r[1:])
         i = j
     return out
+
+
+def _span(layers) -> str:
+    """`layers.0-1` for a group of consecutive layers, else them joined by '+'."""
+    first, last = layers[0], layers[-1]
+    m, n = _INDEX.search(first), _INDEX.search(last)
+    if m and n and first[:m.start()] == last[:n.start()] and \
+            int(n.group(1)) - int(m.group(1)) == len(layers) - 1:
+        return f"{first[:m.start()]}.{m.group(1)}-{n.group(1)}"
+    return "+".join(layers)
 
 
 def _layer_of(module: str) -> str:
