@@ -359,7 +359,8 @@ def slice_overrides(full_plan, slice_layers: int, full_layers: int) -> tuple[dic
     """Overrides that give a `slice_layers`-layer model the per-layer memory plan of the whole
     model: slice layer 0 takes full layer 0's choices, the others full layer `full_layers - 1`'s
     (the last layer, whose backward comes first): recompute / offload of the layer (keeping its
-    attention's outputs: `recompute:selective`), a region
+    attention's outputs: `recompute:selective`; in nested groups, every slice layer takes the
+    last layer's and `group:G`, G the last group's size, at most the slice's), a region
     inside it run in k chunks (`layers.31.mlp` k → `layers.1.mlp: chunk:k`; a chain across
     modules alike, `layers.31.attn.o_proj+add+mlp_norm+mlp`); the chunked loss
     keeps its chunk count. Returns (overrides, what of the plan could not be carried)."""
@@ -368,7 +369,8 @@ def slice_overrides(full_plan, slice_layers: int, full_layers: int) -> tuple[dic
     lost = []
     term_of = {"recompute": "recompute", "offload": "offload", "offloaded": "offload",
                "keep_attention": "selective"}
-    skip = {"mesh", "nodes", "orders", "predicted", "notes", "explanations", "axes", "chunks"}
+    skip = {"mesh", "nodes", "orders", "predicted", "notes", "explanations", "axes", "chunks",
+            "recompute_groups"}
     for f in dataclasses.fields(full_plan):
         value = getattr(full_plan, f.name)
         if f.name in skip or not value:
@@ -387,12 +389,18 @@ def slice_overrides(full_plan, slice_layers: int, full_layers: int) -> tuple[dic
         else:
             lost.append(f"{f.name}={_short(value)}")
     ov = {}
+    # nested groups (`recompute_groups`): the slice is the whole model's last group (its
+    # backward runs first, at the peak), its layers alike (one class: a group is one class's
+    # layers) with the last layer's choices, e.g. layers.30-31 → layers.0-1: offload group:2
+    groups = getattr(full_plan, "recompute_groups", ())
+    g = min(len(groups[-1]), slice_layers) if groups else 1
     for i in range(slice_layers):
-        src = f"layers.{0 if i == 0 else full_layers - 1}"
+        src = f"layers.{full_layers - 1 if g > 1 or i else 0}"
         terms = per_layer.get(src, set())
         if terms:
             ov[f"layers.{i}"] = ("offload" if "offload" in terms else "recompute") + \
-                (" recompute:selective" if "selective" in terms else "")
+                (" recompute:selective" if "selective" in terms else "") + \
+                (f" group:{g}" if g > 1 else "")
         for suffix, k in inner.get(src, {}).items():
             ov[f"layers.{i}.{suffix}"] = f"chunk:{k}"
     for node, k in full_plan.chunks:
