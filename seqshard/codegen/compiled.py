@@ -107,6 +107,9 @@ def compile_layers(gm: fx.GraphModule, backend: str = "inductor") -> dict[str, l
         if calls:  # recomputed: the checkpointed submodule is the template, compiled inside
             for call in calls:
                 fn = call.args[0]
+                if fn.target.startswith("recompute_group_"):  # a nested group (recompute.py)
+                    continue  # stays eager: its layers compiled inside its rerun fail the
+                    #           checkpoint's saved-tensor check (pytorch#166926)
                 template, key = _canonical(_fetch(gm, fn.target))
                 replaced.add(fn.target)
                 fn.target = _shared(gm, templates, key, template, layer, backend)
