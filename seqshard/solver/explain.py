@@ -37,10 +37,11 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
         r[2] += 0.0 if again else kept * share
         r[3] += pb.move_forward.get((key, i, l), 0.0) * share if again else 0.0
     # groups (`groups.py`): each layer of a group but its last runs its forward once more (the
-    # group's rerun); a group keeps its first layer's inputs alone; offloaded units are the
-    # earliest (groups or layers) of their class: whole groups
+    # group's rerun), charged evenly to the group's layers (alike layers keep one table row);
+    # a group keeps its first layer's inputs alone; offloaded units are the earliest (groups or
+    # layers) of their class: whole groups
     grouped = plan_groups(pb, sol)
-    rerun = {layer for group in grouped for layer in group[:-1]}
+    rerun = {layer: (len(group) - 1) / len(group) for group in grouped for layer in group}
     inner = {layer for group in grouped for layer in group[1:]}
     inputs = {}  # the first node of a recomputed layer is charged the tensors the layer keeps
     # ...or, offloaded, nothing; the last layer of a class is charged the seconds backward
@@ -75,9 +76,9 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
             g = pb.forward[(t, sol.choice[t])]
             f = Cost(f.compute_s + g.compute_s, f.comm_s + g.comm_s, f.redistribute_s + g.redistribute_s)
         if unit in rerun:  # the group's rerun: its forward once more, attention too
-            g = pb.forward[(t, sol.choice[t])]
-            f = Cost(f.compute_s + g.compute_s, f.comm_s + g.comm_s,
-                     f.redistribute_s + g.redistribute_s + r[3])
+            g, share = pb.forward[(t, sol.choice[t])], rerun[unit]
+            f = Cost(f.compute_s + share * g.compute_s, f.comm_s + share * g.comm_s,
+                     f.redistribute_s + share * (g.redistribute_s + r[3]))
         cost = Cost(c.compute_s + f.compute_s, c.comm_s + f.comm_s + fetch.pop(unit, 0.0),
                     c.redistribute_s + f.redistribute_s + r[0], mem + r[2], c.comm_bytes + r[1],
                     c.transient_bytes)
