@@ -395,7 +395,7 @@ def explain_recompute(pb: Problem, sol: Solution) -> dict[str, str]:
         sizes = G.group_sizes(pb, c)
         for size in sizes[1:] if len(sizes) > 1 or g > 1 else ():
             n = G.units(pb, c, size)
-            lines.append(f"  groups of {size}:      nested checkpoints ({n} groups): "
+            lines.append(f"  groups of {size}:      nested checkpoints ({n} group{'s' * (n > 1)}): "
                          f"{_gib(f.first + (n - 1) * f.unit)} of inputs kept instead of "
                          f"{_gib(f.inputs * k)}, +{_gib((size - 1) * f.unit)} live in a group's "
                          f"backward, +{f.forward_s * (k - n) * 1e3:.1f} ms per step (each group's "

@@ -27,6 +27,14 @@ group shorter when g does not divide K), and pays K − n_g more layer forwards 
     memory   GPU: B0·(x ∧ g[c]) + B·m;  host: B0·(x ∧ o[c]) + B·k'
              during a group's backward its g − 1 inner inputs are live again: W, Wb ≥ ... +
              (g − 1)·B(x) where h[c,g]
+             offloaded units on the GPU while copied: IN_FLIGHT layers' worth in W wherever
+             k ≥ 1 (exact when every unit is offloaded; with some kept on the GPU the copies
+             land after the kept inputs above were freed, so this over-counts by up to
+             IN_FLIGHT units: the conservative side)
+    selective  a layer keeping attention's outputs inside a group keeps them through the
+             group's checkpoint (the inner checkpoint's cache holds them, not a saved tensor:
+             counted on CPU), and the group's rerun runs its attention again (a full forward,
+             priced in E[c]); each layer's own rerun still does not
     time     group reruns: E[c] ≥ (K − n_g)/K · (the class's forward, again) where h[c,g]
              copies back (`fetch`): FIRST ≥ B0/bw where k = 1, ≥ B/bw where k ≥ 2 (e2[c]);
              each further unit prefetched during the backward of the one above (one layer's
