@@ -23,7 +23,10 @@ SYSTEM one of
               compiled once (codegen/compiled.py), the LM head + loss through the fused kernel
               (codegen/kernels/linear_ce.py) in the plan's chunks or its own
     slice     the issue's capacity check past one timed step: plan the whole model at SEQ on the
-              meta device, then run a 2-layer slice (same width, heads, vocabulary) with the
+              meta device (model_state="auto": the whole model may need its optimizer state on
+              the host, which the slice, whose state is small, does not carry; priced at the
+              attention kernel the runtime picks here, as parallelize prices the slice),
+              then run a 2-layer slice (same width, heads, vocabulary) with the
               per-layer plan of the whole model's first and last layer; measured peak against
               the slice's predicted peak
 
@@ -473,8 +476,9 @@ def run_child(cfg: Config, row_path: str, args) -> int:
         ids_m = torch.zeros(1, cfg.seq, dtype=torch.long, device="meta")
         try:
             t0 = time.perf_counter()
-            fp = make_plan(full, (ids_m, ids_m), cluster=args.cluster, memory_budget=budget,
-                           optimizer="adamw-pure")
+            fp = make_plan(full, (ids_m, ids_m), cluster=_slice_cluster(args.cluster, device, dtype,
+                                                                         full_cfg),
+                           memory_budget=budget, optimizer="adamw-pure", model_state="auto")
         except Infeasible as e:
             row.set(status="infeasible", reason=f"the whole model's plan: {e}")
             return 0
@@ -660,6 +664,25 @@ def run_child(cfg: Config, row_path: str, args) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _slice_cluster(name: str, device: str, dtype, cfg):
+    """The cluster the whole model's plan behind a slice is priced on: the one `parallelize`
+    prices the slice on (local attention at the kernel the runtime picks on this device: fa4 on
+    an H200 with flash-attn-4), so that both plans see the same per-layer costs."""
+    cluster = _cluster(name)
+    if device != "cuda":
+        return cluster
+    import torch
+
+    from seqshard.runtime import backends
+
+    e = cfg.dim // cfg.heads
+    kernel = backends.select_backend(torch.device("cuda"), dtype, e)
+    known = {cluster.gpu.attention_backend, *(k[0] for k in cluster.gpu.attention_kernels)}
+    if kernel in known and kernel != cluster.gpu.attention_backend and backends.fa4_head_dim(e) == e:
+        cluster = cluster.with_attention_backend(kernel)
+    return cluster
 
 
 def _cluster(name):
