@@ -329,7 +329,8 @@ def _offload_note(pb: Problem, sol: Solution, c: str, f) -> str:
                 "earliest: their backward runs last, when the inputs kept above them are freed, "
                 "and the units above them give their copies back time to land)")
     return (f"offload {span}: {what} live in host memory until their backward: {_gib(host)} less "
-            f"on the GPU (but for {IN_FLIGHT} layers' worth being copied), {_gib(host)} of host "
+            f"on the GPU (but for {f'{IN_FLIGHT} layers' if k >= 2 else 'one layer'}"
+            f"{chr(39) if k >= 2 else chr(39) + 's'} worth being copied), {_gib(host)} of host "
             f"memory, for {secs * 1e3:.1f} ms more per step (copied back in backward at "
             f"{pb.costs.gpu.host_bandwidth / 1e9:.0f} GB/s: the first one backward needs before "
             "its rerun, each other's prefetched on a side stream during the backward of the one "

@@ -27,10 +27,17 @@ group shorter when g does not divide K), and pays K − n_g more layer forwards 
     memory   GPU: B0·(x ∧ g[c]) + B·m;  host: B0·(x ∧ o[c]) + B·k'
              during a group's backward its g − 1 inner inputs are live again: W, Wb ≥ ... +
              (g − 1)·B(x) where h[c,g]
-             offloaded units on the GPU while copied: IN_FLIGHT layers' worth in W wherever
-             k ≥ 1 (exact when every unit is offloaded; with some kept on the GPU the copies
-             land after the kept inputs above were freed, so this over-counts by up to
-             IN_FLIGHT units: the conservative side)
+             offloaded units on the GPU while copied: IN_FLIGHT layers' worth in W where
+             k ≥ 2 (the unit fetched back and the next one prefetched), one where k = 1 (no
+             other unit to prefetch: `fetch`). Without groups the fetched unit is the layer's
+             own input, which its working set counts too (left so: the GPU measured 8B at 256K,
+             every layer offloaded, at 117.8 GiB, 118.7 predicted); in a group it is the group's
+             input, the layer's own one of the g − 1 inner ones. bench/memsim.py, 8B slices at
+             1M tokens, counted / predicted: 2 layers in one offloaded group 1.013 (0.927 when
+             k = 1 counted a prefetch too), 2 layers offloaded alone 1.010, 4 layers in 2
+             offloaded groups 1.011. With some units kept on the GPU the copies land after the
+             kept inputs above were freed, so this over-counts by up to IN_FLIGHT units: the
+             conservative side
     selective  a layer keeping attention's outputs inside a group keeps them through the
              group's checkpoint (the inner checkpoint's cache holds them, not a saved tensor:
              counted on CPU), and the group's rerun runs its attention again (a full forward,

@@ -140,8 +140,9 @@ Constraints
              forward runs again once in all) and memory only falls with it, so the rule states
              the only trade-off left, kernel efficiency on small chunks, as a
              size floor
-             o[c] → W ≥ the same + IN_FLIGHT · Σ_{u∈I_c} k_in(u,c)/|c| Σ_i b(u,i)·x[u,i]
-             (offloaded inputs on the GPU while copied: the layer being recomputed and one more)
+             o[c] → W ≥ the same + (IN_FLIGHT − 1 + e2[c]) · Σ_{u∈I_c} k_in(u,c)/|c| Σ_i b(u,i)·x[u,i]
+             (offloaded inputs on the GPU while copied: the unit fetched back, and the next one
+             prefetched where another is offloaded, e2[c]; with groups, + the g − 1 inner inputs)
                                                                   → `_add_recompute` ("in_flight[c]")
     memory   the peak is the largest of three phases of the backward, each ≤ budget:
                P + O + G_head + A − A_tail + W  + X_L    its start, in the last layer
@@ -397,12 +398,13 @@ class Model:
                 g = self.g[c] = self.m.NewBoolVar(f"g[{c}]")
                 self.m.Add(g + o == r).with_name(f"offload[{c}]")
 
-    def _in_flight(self, c: str):
-        """(x[u,i], bytes): IN_FLIGHT layers' worth of c's inputs, on the GPU while copied."""
+    def _in_flight(self, c: str, layers: int = IN_FLIGHT):
+        """(x[u,i], bytes): `layers` layers' worth of c's inputs, on the GPU while copied (the
+        unit fetched back, and the next one prefetched where another is offloaded: e2[c])."""
         pb, lc, out = self.pb, self.pb.classes[c], []
         for (u, idx), (count, x) in lc.inputs.items():
             for i, st in enumerate(pb.strategies[u]):
-                b = int(IN_FLIGHT * count / len(lc.layers) * pb.costs.bytes(x, st.output if idx is None else st.output[idx]))
+                b = int(layers * count / len(lc.layers) * pb.costs.bytes(x, st.output if idx is None else st.output[idx]))
                 if b:
                     out.append((self.x[(u, i)], b))
         return out
@@ -613,6 +615,7 @@ class Model:
                     self.m.AddBoolOr([self.x[(key[0], i)].Not(), self.z[(key, l)].Not(), r.Not()]) \
                         .with_name(f"whole_chunks[{c}]")
         flight = {c: self._in_flight(c) for c in pb.classes if not _off(self.o[c])}
+        flight1 = {c: self._in_flight(c, IN_FLIGHT - 1) for c in flight}
         inner = {c: self._group_terms(c) for c in pb.classes}  # g − 1 inner inputs, by g
         top = max((sum(k for _, k in terms) + sum(k for _, k in flight.get(c, ()))
                    + max((sum(k for _, k in t) for t in inner[c].values()), default=0)
@@ -628,13 +631,13 @@ class Model:
                     bound.only_enforce_if(self.r[c])
             for g, more in inner[c].items():  # a group's backward: its inner inputs made again
                 self._add_if(self.W >= sum(k * v for v, k in terms + more), f"working[{c},{g}]", self.h[c][g])
-            if c in flight:
-                bound = self.m.Add(self.W >= sum(k * v for v, k in terms + flight[c])) \
-                    .with_name(f"in_flight[{c}]")
-                if not isinstance(self.o[c], int):
-                    bound.only_enforce_if(self.o[c])
-                for g, more in inner[c].items():
-                    self._add_if(self.W >= sum(k * v for v, k in terms + flight[c] + more), f"in_flight[{c},{g}]", self.o[c], self.h[c][g])
+            if c in flight:  # the unit fetched back; the next one prefetched where e2[c]
+                for fl, lits in ((flight1[c], ()), (flight[c], (self.e2[c],))):
+                    self._add_if(self.W >= sum(k * v for v, k in terms + fl), f"in_flight[{c}]",
+                                 self.o[c], *lits)
+                    for g, more in inner[c].items():
+                        self._add_if(self.W >= sum(k * v for v, k in terms + fl + more),
+                                     f"in_flight[{c},{g}]", self.o[c], self.h[c][g], *lits)
         # the first layer's backward: one layer's activations live, kept or made again (its
         # input among them; offloaded, nothing more is in flight: no layer is left to fetch)
         layers = [c for c, lc in pb.classes.items() if lc.kind == "layer"]
@@ -1291,8 +1294,8 @@ def memory_of(pb: Problem, choice: dict, recompute=frozenset(), offload=frozense
         if (selective or {}).get(c):  # its last layers keep attention's outputs: not made again
             kept += selective[c] * f.attention
             live -= f.attention_live
-        if offload.get(c):
-            live += IN_FLIGHT * f.inputs
+        if offload.get(c):  # the unit fetched back, and the next one where another is offloaded
+            live += (IN_FLIGHT if offload[c] >= 2 else IN_FLIGHT - 1) * f.inputs
         if pb.classes[c].kind == "chunk":
             if live > head or head_where is None:
                 head, head_where = live, c
