@@ -21,8 +21,12 @@ A parameter's `sum_grad` stays where it was (bucketed later, `planner.state`). A
 layer (`recompute_layers` ran first) keeps its eager `checkpoint(recompute_layers_3, ...)` (or
 `offloaded_checkpoint`: Dynamo does not trace saved-tensor hooks) and the checkpointed
 submodule becomes the template: the compiled code runs inside the checkpoint, again in
-backward, its saved tensors going through the offload hooks. Chunk loops (`run_in_chunks`)
-unroll inside a template.
+backward, its saved tensors going through the offload hooks. A nested group's submodule
+(`recompute_group_layers_0`: its layers' checkpoint calls) is one template likewise, the inner
+checkpoints traced by Dynamo. The rerun must run the graph the forward ran (the checkpoint
+compares what the two saved, pytorch#166926): a checkpoint whose inputs went through the
+offload hooks gets them back as new plain tensors, so a template is called with parameters as
+plain tensors in forward too (`_plain`). Chunk loops (`run_in_chunks`) unroll inside a template.
 
 No graph breaks at attention: each algorithm's runtime entry point (`strategies.algorithms`:
 `ring_attention`, `ulysses_attention`, ...; and `local_attention`, which a program built with
@@ -81,10 +85,22 @@ class CompiledLayer(torch.nn.Module):
         if self._compiled is None:  # a function, not a module: not registered as a submodule
             self._compiled = torch.compile(self.template.forward, backend=self.backend,
                                            dynamic=False)
-        return self._compiled(*args)
+        return self._compiled(*map(_plain, args))
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, layers={self.layers}"
+
+
+def _plain(x):
+    """A parameter as a plain tensor (a view of it: its gradient flows to the parameter), so
+    that a template's compiled graph sees the same types in its checkpoint's rerun as in
+    forward. A checkpoint whose saved inputs go through saved-tensor hooks (`offloaded_checkpoint`
+    around a layer or a group) hands its rerun new `torch.Tensor`s (autograd unpacks a hooked
+    saved tensor as a new tensor), not the `Parameter`s the forward was called with (where no
+    `sum_grad` stands between: 1 rank). Dynamo guards on the type: the rerun compiled and ran a
+    second graph, which saved other tensors than the forward's, and the checkpoint's check
+    refused them (pytorch#166926; a selective layer's cache missed)."""
+    return x.view_as(x) if isinstance(x, torch.nn.Parameter) else x
 
 
 def compile_layers(gm: fx.GraphModule, backend: str = "inductor") -> dict[str, list[str]]:
@@ -107,9 +123,6 @@ def compile_layers(gm: fx.GraphModule, backend: str = "inductor") -> dict[str, l
         if calls:  # recomputed: the checkpointed submodule is the template, compiled inside
             for call in calls:
                 fn = call.args[0]
-                if fn.target.startswith("recompute_group_"):  # a nested group (recompute.py)
-                    continue  # stays eager: its layers compiled inside its rerun fail the
-                    #           checkpoint's saved-tensor check (pytorch#166926)
                 template, key = _canonical(_fetch(gm, fn.target))
                 replaced.add(fn.target)
                 fn.target = _shared(gm, templates, key, template, layer, backend)
