@@ -67,6 +67,24 @@ def triton_usable(dst: torch.Tensor, src: torch.Tensor, rope: bool = False) -> b
     return _kernels() is not None
 
 
+COPY_MIN_BYTES = 48 * 2**20
+"""A plain copy (no rotation) smaller than this goes to torch's copy kernel: below it the Triton
+launch costs about what it saves (Llama-3-8B k/v, 8 heads of 128: 0.62-0.77x torch's copy at
+8K tokens, 4 MiB; 0.94-1.11x at 16K, 32 MiB; 1.29-1.45x at 32K, 64 MiB)."""
+
+
+def _copy_pays(src: torch.Tensor) -> bool:
+    """Does the kernel beat torch's copy for a plain move of `src` (bench/results/
+    kernels-20261202-002544.md, one H200)? Rows whose width is a multiple of 16 elements
+    (aligned wide loads: head dim 128, 1.3-2.3x torch from 64 MiB on; the arrivals' reorder
+    with one kv head a rank is the exception, 0.7-0.8x) and at least
+    COPY_MIN_BYTES; not a head dim such as 72, where the row tile is 128 wide and the loads
+    cannot be vectorized (0.17-0.21x torch). Off CUDA (Triton's interpreter: tests) always."""
+    if not src.is_cuda:
+        return True
+    return src.shape[-1] % 16 == 0 and src.numel() * src.element_size() >= COPY_MIN_BYTES
+
+
 def _launch(n_rows: int, width: int, rope: bool):
     """(block_r, block_e, grid): tiles of ~4K elements; BLOCK_E the next power of two >= the
     row (half a row with rope, where a program reads both halves)."""
@@ -123,7 +141,7 @@ def copy_(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor | None = None,
         cos, sin = _tables(cos, sin, src.shape[-2], src.shape[-1])
     if dst.numel() == 0:
         return dst
-    if not triton_usable(dst, src, rope):
+    if not triton_usable(dst, src, rope) or (not rope and not _copy_pays(src)):
         return dst.copy_(rope_reference(src, cos, sin, transpose) if rope else src)
     while dst.dim() < 5:
         dst, src = dst.unsqueeze(0), src.unsqueeze(0)
