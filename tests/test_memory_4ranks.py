@@ -114,8 +114,7 @@ def test_video_dit_dsp_offload_chunked_mlp_4_ranks(pool4):
     "DSP + a DiT chain in chunks is Infeasible: each chain reads the block's input (the residual "
     "stream), which DSP redistributes at every block boundary (frames split <-> patches split), "
     "and solver/model.py `_add_regions` forbids a redistribution into a chunked region "
-    "(whole_chunks); the error then blames host memory for offloaded layers (model.py "
-    "`solve`: 'only the host family binds without a budget'), even with none offloaded"))
+    "(whole_chunks): `test_dsp_chain_refusal_names_the_chunked_regions`"))
 def test_video_dit_dsp_chain_4_ranks(pool4):
     """As `test_video_dit_dsp_offload_chunked_mlp_4_ranks`, each block's mul+add+norm2+mlp
     chain (the gated attention output and residual add, the norm, the MLP) in 3 chunks instead
@@ -124,3 +123,16 @@ def test_video_dit_dsp_chain_4_ranks(pool4):
     chains = tuple((DIT_CHAIN.replace("*", str(i)), 3) for i in range(4))
     _check(pool4.run(run_composed, "video_dit", "tiny", dict(batch=2, frames=5, patches=7), "dsp",
                      ov, True), (), ("blocks.0", "blocks.1"), chains, 4)
+
+
+def test_dsp_chain_refusal_names_the_chunked_regions():
+    """Planning alone (no ranks): DSP + a DiT chain forced into chunks is refused with an error
+    that names the chunked regions as the likely cause (it used to blame host memory alone)."""
+    from seqshard.planner import plan
+    from seqshard.solver import Infeasible
+
+    model, inputs = build("video_dit", "tiny", batch=2, frames=5, patches=7)
+    named, _ = named_plans("video_dit", "tiny")["dsp"]
+    with pytest.raises(Infeasible, match=r"regions an override runs in chunks \(blocks\.0\.mul"):
+        plan(model, inputs, mesh=(("sp", 4),), axes=AXES["video_dit"],
+             overrides={**named, **DSP_PARTIAL, DIT_CHAIN: "chunk:3"}, time_limit=10)

@@ -1388,12 +1388,21 @@ def solve(pb: Problem, budget: float | None, *, seconds: float = 60.0, workers: 
     if sol.status == "INFEASIBLE" and budget is not None:
         least = Model(pb, None)
         floor = least.solve(least.peak_var(), seconds, workers)
-        if not floor.choice:  # only the "host" family binds without a budget
-            raise Infeasible(
-                "the inputs of the layers an override offloads do not fit in host memory beside "
-                f"the optimizer state kept there ({pb.host_bytes / 2**30:.1f} GiB of "
-                f"{pb.costs.gpu.host_capacity / 2**30:.1f} GiB per GPU, GPU.host_capacity): "
-                "offload fewer layers, or use more GPUs")
+        if not floor.choice:  # without a budget: host memory, or what overrides force
+            chunked = sorted([R for R, reg in pb.regions.items() if reg.forced]
+                             + [c for c, lc in pb.classes.items() if lc.kind == "chunk" and lc.forced])
+            why = [f"the inputs of the layers an override offloads "
+                   f"{'may not' if chunked else 'do not'} fit in host memory "
+                   f"beside the optimizer state kept there ({pb.host_bytes / 2**30:.1f} GiB of "
+                   f"{pb.costs.gpu.host_capacity / 2**30:.1f} GiB per GPU, GPU.host_capacity): "
+                   "offload fewer layers, or use more GPUs"]
+            if chunked:  # a chunked region runs one program per chunk: no redistribution inside
+                why.insert(0, f"the regions an override runs in chunks ({', '.join(chunked)}) "
+                              "may need a redistribution inside them under the splits chosen (a "
+                              "region runs in chunks only where its tensors keep one layout; "
+                              "under DSP the block input's layout changes at every block): "
+                              "drop the chunk override there, or force splits that keep it")
+            raise Infeasible("no plan satisfies the overrides: " + "; or ".join(why))
         how = ("" if not pb.classes else ", recomputing the layers where that saves memory"
                + (" and keeping their inputs in host memory" if pb.offload_allowed else "")
                if pb.recompute_allowed else ", without recompute")
