@@ -308,3 +308,21 @@ def test_group_offload_peak_against_a_counted_step(layers, seq):
     assert abs(predicted / counted - 1) <= 0.05, (predicted / 2**30, counted / 2**30,
                                                    row["predicted"]["note"], row["composition"])
     assert row["host_offloaded"] > 0, row["host_offloaded"]
+
+
+def test_a_lone_group_override_is_said():
+    """`layers.*: group:2` with `layers.0: offload` on a 2-layer model: layers.0 and layers.1 are
+    different classes, each alone, so neither can form a group; the plan says so (a note per
+    layer) instead of narrowing the override in silence."""
+    from seqshard.planner import plan
+
+    model, inputs = build("llama", "tiny", batch=1, seq=37)
+    p = plan(model, inputs, mesh=(("sp", 1),), axes=AXES["llama"], memory_budget=1e15,
+             overrides={"layers.*": "group:2", "layers.0": "offload"})
+    assert not p.recompute_groups
+    lone = [n for n in p.notes if "alone in its layer class" in n]
+    assert len(lone) == 2 and any("group:2 asked for layers.0" in n for n in lone), p.notes
+    p = plan(model, inputs, mesh=(("sp", 1),), axes=AXES["llama"], memory_budget=1e15,
+             overrides={"layers.*": "group:2"})
+    assert p.recompute_groups == (("layers.0", "layers.1"),)
+    assert not [n for n in p.notes if "alone in its layer class" in n]

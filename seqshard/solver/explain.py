@@ -97,7 +97,7 @@ def to_plan(pb: Problem, sol: Solution, orders: dict[str, str], notes=()) -> Pla
                    if layer in recomputed)
     chunks = tuple((c, chunk_count(pb, sol, c)) for c in pb.classes
                    if c in sol.recompute and pb.classes[c].kind == "chunk")
-    notes = list(notes) + _memory_notes(pb, sol) + _region_notes(pb, sol)
+    notes = list(notes) + _memory_notes(pb, sol) + _region_notes(pb, sol) + _lone_groups(pb)
     plan = Plan(mesh=pb.mesh, nodes=tuple(nodes),
                 orders=tuple(sorted((f, o) for f, o in orders.items() if f in used)),
                 predicted=predicted, notes=tuple(notes), recompute=layers, chunks=chunks,
@@ -435,6 +435,18 @@ def explain_recompute(pb: Problem, sol: Solution) -> dict[str, str]:
             if layer in firsts:
                 out[firsts[layer]] = text
     return out
+
+
+def _lone_groups(pb: Problem) -> list[str]:
+    """A note for each layer an override asks to group (`group:G`, G > 1) that is alone in its
+    layer class (other overrides made the layers around it differ): it runs as a group of one,
+    and the plan says so rather than narrowing the override silently."""
+    lone = [(lc.layers[0], lc.group) for lc in pb.classes.values()
+            if lc.kind == "layer" and (lc.group or 1) > 1 and len(lc.layers) == 1]
+    return [f"group:{g} asked for {layer}, but it is alone in its layer class (another override "
+            "makes the layers around it differ, e.g. offload on it alone): it is recomputed on "
+            "its own, a group of 1; give a group's layers the same memory terms"
+            for layer, g in lone]
 
 
 def _explain_chunk(pb: Problem, sol: Solution, c: str, f) -> str:
