@@ -20,7 +20,7 @@ from seqshard.planner import Plan
 from seqshard.solver import NS, Model
 from seqshard.solver import groups as G
 from seqshard.solver.model import chosen_moves, kept_attention, memory_of
-from seqshard.testing import attention_layers_problem, record_step
+from seqshard.testing import record_step
 from seqshard.testing import mesh as make_mesh
 
 TOL = 1e-5
@@ -223,19 +223,6 @@ def test_groups_and_offload_count_equal_brute_force(grouped_problem):
 
 
 # ------------------------------------------------------------------ plans
-@pytest.fixture(scope="module")
-def layers_4m():
-    """`attention_layers(4)` at 4M tokens (each layer's input 2 GiB), captured on meta."""
-    from seqshard.capture import capture
-    from seqshard.dims import analyze
-    from seqshard.testing import attention_layers
-
-    with torch.device("meta"):
-        model = attention_layers(4).to(torch.bfloat16)
-        x = torch.empty(1, 1 << 22, 256, dtype=torch.bfloat16)
-    return analyze(capture(model, (x,)), axes={"x": "b s d"})
-
-
 def test_groups_appear_as_the_budget_shrinks(layers_4m):
     """One H200 with 1 GiB of host memory (no layer's input fits there): with memory to spare no
     groups; at 25 GiB the layers recompute in two nested groups of 2 (each keeps one 2 GiB input,

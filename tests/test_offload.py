@@ -15,15 +15,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from seqshard.capture import capture
 from seqshard.costmodel import Cluster
-from seqshard.dims import analyze
 from seqshard.models import AXES, build, named_plans
 from seqshard.planner import Plan
 from seqshard.planner.api import plan_captured
 from seqshard.solver import NS, Infeasible, Model
 from seqshard.solver.model import chosen_moves, kept_attention, memory_of
-from seqshard.testing import attention_layers, attention_layers_problem
+from seqshard.testing import attention_layers_problem
 from seqshard.testing import record_step
 from seqshard.testing import mesh as make_mesh
 
@@ -320,15 +318,6 @@ def test_offload_optimum_equals_brute_force(layers_problem, tightness):
 
 
 # ------------------------------------------------------------------ plans
-@pytest.fixture(scope="module")
-def layers_4m():
-    """The four blocks at 4M tokens: each layer's input is 2 GiB."""
-    with torch.device("meta"):
-        model = attention_layers(4).to(torch.bfloat16)
-        x = torch.empty(1, 1 << 22, 256, dtype=torch.bfloat16)
-    return analyze(capture(model, (x,)), axes={"x": "b s d"})
-
-
 def test_offload_appears_as_the_budget_shrinks(layers_4m):
     """One H200: with memory to spare every activation is kept (54 GiB: 12 GiB a layer, the qkv
     projection's whole output kept through the q, k, v views, and attention's backward 8 GiB);
