@@ -356,7 +356,8 @@ def model_part(args, device, dtype) -> list[dict]:
         counters.clear()
         try:
             t0 = time.perf_counter()
-            pm = parallel.parallelize(model, inputs, axes=AXES["llama"], **kw)
+            pm = parallel.parallelize(model, inputs, axes=AXES["llama"],
+                                      **{"compile": False, "kernels": False, **kw})
             row["loss"] = step_of(pm)().item()
             if device == "cuda":
                 torch.cuda.synchronize()

@@ -148,7 +148,8 @@ def model_part(args, device, dtype) -> list[dict]:
         return step
 
     def build_pm(**kw):
-        return parallelize(model, inputs, axes=AXES["llama"], **kw)
+        return parallelize(model, inputs, axes=AXES["llama"], **{"compile": False, "kernels": False,
+                                                                  **kw})
 
     def compiled_program(pm):
         """The whole per-rank program under one torch.compile (world size 1: no collectives)."""

@@ -67,7 +67,7 @@ def main() -> int:
     ids = torch.randint(0, cfg.vocab_size, (1, args.seq), device=args.device,
                         generator=torch.Generator(args.device).manual_seed(1))
 
-    pm = parallelize(model, (ids, ids))
+    pm = parallelize(model, (ids, ids), compile=False, kernels=False)
     attention = sorted({f"{n.algorithm} [{n.split_str()}]" for n in pm.plan.attention()})
     print(f"plan {pm.plan.hash()}: attention {attention}; notes: {pm.plan.notes}", flush=True)
 

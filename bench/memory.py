@@ -549,10 +549,11 @@ def run_child(cfg: Config, row_path: str, args) -> int:
             try:
                 if cfg.system == "slice":
                     pm = parallelize(model, (ids, labels), cluster=args.cluster, overrides=overrides,
-                                     memory_budget=1e15, optimizer="adamw-pure")
+                                     memory_budget=1e15, optimizer="adamw-pure",
+                                     compile=False, kernels=False)
                 else:
                     compiled = dict(compile="layers", kernels=True, compile_backend=backend) \
-                        if cfg.system == "seqshard-compiled" else {}
+                        if cfg.system == "seqshard-compiled" else dict(compile=False, kernels=False)
                     pm = parallelize(model, (ids, labels), cluster=args.cluster,
                                      memory_budget=budget, optimizer="adamw-pure", **compiled)
             except Infeasible as e:

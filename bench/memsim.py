@@ -322,7 +322,8 @@ def simulate(model_key: str, seq: int, system: str, *, budget=None, cluster="h20
             os.environ.setdefault("MASTER_PORT", str(29700 + os.getpid() % 1000))
             dist.init_process_group("gloo", rank=0, world_size=1)
         pm = parallelize(model, (ids, labels), cluster=cluster, memory_budget=budget,
-                         optimizer="adamw-pure", check_inputs=False, overrides=overrides)
+                         optimizer="adamw-pure", check_inputs=False, overrides=overrides,
+                         compile=False, kernels=False)
         pm._check_indices = lambda inputs: None  # reads token values: none on the meta device
         plan = pm.plan
         fn = pm

@@ -65,7 +65,7 @@ def run_case(family, config, sizes, plan_name, cluster, device="cuda", repeats=5
     model, inputs = build(family, config, device=device, dtype=dtype, **sizes)
     inputs = cast(inputs, dtype)
     pm = parallelize(model, inputs, plan=p, mesh=make_mesh((world,), ("sp",)), axes=AXES[family],
-                     check_inputs=False)
+                     check_inputs=False, compile=False, kernels=False)
     for _ in range(2):  # warm-up (allocations, kernel selection, NCCL channels)
         pm(*inputs).backward()
     for q in model.parameters():

@@ -71,7 +71,8 @@ def run(args) -> dict:
     for mode, spec in MODES.items():
         from seqshard.planner.parallel import parallelize
         pm = parallelize(model, (ids, labels), mesh=mesh, axes=AXES["llama"],
-                         overrides={"layers.*": spec}, optimizer="adamw-pure")
+                         overrides={"layers.*": spec}, optimizer="adamw-pure",
+                         compile=False, kernels=False)
 
         def step():
             for p in model.parameters():

@@ -195,11 +195,12 @@ def run_mode(mode: str, cfg, seq: int, args, mesh, device) -> dict:
         row["params"] = sum(q.numel() for q in model.parameters())
         t0 = time.perf_counter()
         if mode == "replicated":
-            pm = parallelize(model, (ids, labels), mesh=mesh, plan=p, model_state="replicated")
+            pm = parallelize(model, (ids, labels), mesh=mesh, plan=p, model_state="replicated",
+                             compile=False, kernels=False)
         else:
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             pm = parallelize(model, (ids, labels), mesh=mesh, plan=p, model_state="sharded",
-                             mixed_precision=policy)
+                             mixed_precision=policy, compile=False, kernels=False)
         row["parallelize_s"] = time.perf_counter() - t0
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
         losses = []

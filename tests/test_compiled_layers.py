@@ -124,3 +124,15 @@ def test_compiled_offloaded_layers_exact_1_rank(pool1):
                            "SEQSHARD_INDUCTOR_TESTS=1 runs it")
 def test_compiled_layers_inductor_exact_1_rank(pool1):
     _check(pool1.run(run_compiled, True, "layers", "inductor"))
+
+
+def test_auto_compiles_on_cuda_only():
+    """parallelize's default compile="auto", kernels="auto": the compiled program and the fused
+    loss on a CUDA mesh (where bench/results/ measured them faster), op by op elsewhere; an
+    explicit choice is kept."""
+    from seqshard.planner.parallel import resolve_auto
+
+    assert resolve_auto("auto", "auto", "cuda") == ("layers", True)
+    assert resolve_auto("auto", "auto", "cpu") == (False, False)
+    assert resolve_auto(False, True, "cuda") == (False, True)
+    assert resolve_auto("layers", "auto", "cpu") == ("layers", False)

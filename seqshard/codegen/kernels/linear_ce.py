@@ -13,7 +13,8 @@ them by the incoming gradient:
                                                   over BLOCK_V tiles, the row's loss, and x
                                                   overwritten by scale·(softmax(x) - onehot)
         dh[c] = x @ weight                        written in place into dh
-        dW   += x.T @ hidden[c]                   cuBLAS addmm in place (fp32 inside the GEMM)
+        dW   += x.T @ hidden[c]                   cuBLAS addmm in place (fp32 inside the GEMM;
+                                                  the first chunk writes dW: no zero fill)
     backward: dh, dW scaled by the incoming gradient (skipped when it is 1: one host sync)
 
 Why this design over recomputing in backward: three GEMMs per token (forward logits, dh, dW) —
@@ -128,7 +129,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             scale = scale / divisor.to(torch.float32)
         rows = torch.empty(T, dtype=torch.float32, device=hidden.device)
         dh = torch.empty_like(hidden) if want_h else None
-        dw = torch.zeros(V, d, dtype=accumulate or weight.dtype, device=weight.device) \
+        dw = torch.empty(V, d, dtype=accumulate or weight.dtype, device=weight.device) \
             if want_w else None
         for start in range(0, T, chunk):
             end = min(T, start + chunk)
@@ -138,7 +139,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if dh is not None:
                 torch.mm(x, weight, out=dh[start:end])
             if dw is not None:
-                _accumulate(dw, x.t(), h)
+                if start == 0 and dw.dtype == x.dtype:  # the first chunk writes dW: no zeros
+                    torch.mm(x.t(), h, out=dw)         # to fill, none to read back (-2 GiB
+                else:                                  # of traffic at V 128256 × d 4096)
+                    if start == 0:
+                        dw.zero_()
+                    _accumulate(dw, x.t(), h)
             del x
         loss = rows.sum()
         if divisor is not None:
