@@ -9,6 +9,7 @@ Python source (`pm.code`), made by `apply_plan` (apply.py):
         replace attention            (the plan's distributed algorithm, from its registry entry)
         seed replicated outputs once (scale_grad) and sum parameter gradients (sum_grad)
     chunk_modules(program.gm, ...)                    # token-wise modules (MLPs) in checkpointed token chunks
+    fuse_rope(program)                                # kernels=True: q's, k's RoPE into Ulysses' pack (rope.py)
     recompute_layers(program.gm, plan.recompute)      # each recomputed layer: a checkpointed submodule
                                                       # (inputs on the host where offloaded,
                                                       # attention kept where selective)

@@ -8,6 +8,7 @@ from seqshard.strategies.from_plan import match_plan
 
 from .compiled import compile_layers
 from .mesh import MeshInfo
+from .rope import fuse_rope
 from .recompute import (ChunkedModule, chunk_losses, chunk_modules, fusable_losses,
                         recompute_layers)
 from .sharder import Program, Sharder
@@ -20,8 +21,9 @@ def apply_plan(dims: DimAnalysis, plan: Plan, mesh: MeshInfo, *, kernels: bool =
                local_attention: str = "captured") -> Program:
     """This rank's program. kernels: seqshard's own kernels where they apply (an LM head + plain
     cross-entropy through `kernels/linear_ce.py`, in the plan's chunks or, where the plan keeps
-    it whole, the kernel's); compile: True or "layers" compiles each distinct layer template
-    once with torch.compile(backend=backend) (`compiled.py`), False runs op by op;
+    it whole, the kernel's; q's and k's rotary embedding before a Ulysses attention in its
+    pack, `rope.py`); compile: True or "layers" compiles each distinct layer template once
+    with torch.compile(backend=backend) (`compiled.py`), False runs op by op;
     local_attention: "captured" runs an attention the plan keeps local as the model's own op,
     "runtime" through `seqshard.runtime.local_attention` (its backend choice, e.g. FA4)."""
     if tuple(plan.axis_names) != tuple(mesh.names):
@@ -32,6 +34,8 @@ def apply_plan(dims: DimAnalysis, plan: Plan, mesh: MeshInfo, *, kernels: bool =
     program = Sharder(dims, strategies, mesh, orders_of(dims, plan), local_attention).run()
     if plan.chunked_modules:
         chunk_modules(program.gm, _chunked_modules(dims, plan, program))
+    if kernels:  # q, k rotated just before a Ulysses attention: rotated in its pack
+        fuse_rope(program)
     if plan.recompute:
         recompute_layers(program.gm, plan.recompute, plan.offload, tuple(dims.cap.inputs),
                          plan.keep_attention, plan.recompute_groups)

@@ -62,6 +62,7 @@ from seqshard.runtime.selective import selective_checkpoint
 
 from .recompute import fused_chunked
 from .regions import boundary, gather, in_layer, splice
+from .rope import rope_notes
 
 __all__ = ["compile_layers", "CompiledLayer", "kernel_notes"]
 
@@ -254,7 +255,8 @@ def kernel_notes(gm: fx.GraphModule, name: str | None = None) -> list[str]:
             f"chunks of up to {CHUNK_BYTES / 2**30:g} GiB of logits"
         out.append(f"{n.name}: fused LM head + cross-entropy (codegen/kernels/linear_ce.py, "
                    f"Triton on CUDA) over {weight}, {chunks}")
-    return out
+    templates = {m.template: m.layers for m in gm.modules() if isinstance(m, CompiledLayer)}
+    return out + rope_notes(gm, name, templates)
 
 
 def _parameter(x: fx.Node) -> str:

@@ -142,8 +142,9 @@ def plan_captured(dims: DimAnalysis, *, mesh=None, overrides=None, cluster=None,
     if dims.unsupported:
         notes.append(f"{len(dims.unsupported)} op(s) without a rule run replicated: "
                      + ", ".join(n.name for n in dims.unsupported))
-    return replace(solver.to_plan(pb, sol, orders, notes), model_state=model_state,
-                   kernels=_kernels(dims, pb, compile, kernels))
+    made = solver.to_plan(pb, sol, orders, notes)
+    return replace(made, model_state=model_state,
+                   kernels=_kernels(dims, pb, compile, kernels) + _rope_rows(dims, made, kernels))
 
 
 def _kernels(dims: DimAnalysis, pb, compile, kernels: bool) -> tuple[tuple[str, str], ...]:
@@ -168,6 +169,20 @@ def _kernels(dims: DimAnalysis, pb, compile, kernels: bool) -> tuple[tuple[str, 
                          "fused linear cross-entropy (codegen/kernels/linear_ce.py: the logits "
                          "in chunks, never whole)"))
     return tuple(rows)
+
+
+def _rope_rows(dims: DimAnalysis, plan: Plan, kernels: bool) -> tuple[tuple[str, str], ...]:
+    """(attention module, "rope fused into ulysses pack ...") for each attention the plan runs
+    with Ulysses whose q and k the model rotates just before (`codegen/rope.py`; not priced)."""
+    if not kernels:
+        return ()
+    from seqshard.codegen.rope import NOTE, rotated_before
+
+    nodes = {n.name: n for n in dims.cap.nodes()}
+    return tuple((n.module or n.node, f"{NOTE} (codegen/rope.py, codegen/kernels/a2a_layout.py; "
+                  "not priced)") for n in plan.attention()
+                 if n.algorithm == "ulysses" and n.node in nodes
+                 and rotated_before(dims, nodes[n.node]))
 
 
 def _least_step_state(dims: DimAnalysis, states: tuple[str, ...], options: dict, t0: float) -> Plan:

@@ -54,6 +54,15 @@ Saved for backward: the head-layout q, packed K/V, out and lse (the same bytes a
 shards), so the backward spends one all-to-all on dout and one on dq per chunk, and two on dk, dv
 per K/V piece.
 
+The rotary embedding in the pack (`cos`, `sin`). Given the tables of this rank's tokens, q and k
+arrive before their rotation and are rotated while their send buffers are written (one kernel,
+codegen/kernels/a2a_layout.py, where torch runs a copy and ~5 elementwise passes); the rows of a
+block are this rank's tokens, so the tables are indexed by the local token on every route (the
+all-gather routes rotate K while stacking it with V). The backward rotates dq and dk by the
+transpose while unpacking the arrivals of the way back (dk of the all-gather routes after the
+reduce-scatter, in fp32). The saved q_h, kv_h are the rotated ones. The generated program passes
+the tables where the model rotates q and k just before a Ulysses attention (codegen/rope.py).
+
 Structured masks (masks.py): the per-token tensors cover the whole sequence and are the same on
 every rank, so nothing about them is exchanged. After the exchange a Ulysses rank holds whole
 sequences of its heads and builds its blocks from the full tensors (local.whole_forward); the
@@ -145,6 +154,7 @@ def pipelined_chunks(batch: int, heads: int, seq: int, world: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 _Run = tuple[int, int, int, int, int]  # (position, first rank, local token, tokens, ranks)
+_Rope = tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin) [s, e] of the local tokens, or None
 
 
 @dataclass(frozen=True)
@@ -249,8 +259,16 @@ def _positions_to_arrivals(src: torch.Tensor, send: torch.Tensor, runs) -> torch
     return send
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    return a2a_layout.copy_(dst, src)
+def _copy(dst: torch.Tensor, src: torch.Tensor, rope: _Rope = None, *,
+          transpose: bool = False) -> torch.Tensor:
+    """dst <- src, rotated by `rope` (transpose: by its transpose) where given."""
+    return a2a_layout.copy_(dst, src, *(rope or (None, None)), transpose=transpose)
+
+
+def _rotated(blocks: torch.Tensor, rope: _Rope) -> torch.Tensor:
+    """blocks [N, b, g, s, e] rotated into a new contiguous buffer: the pack with the rotary
+    embedding (one kernel); `blocks` itself without `rope`."""
+    return blocks if rope is None else _copy(blocks.new_empty(blocks.shape), blocks, rope)
 
 
 def _then(pending: Pending, finish) -> Pending:
@@ -290,9 +308,11 @@ def _start_plan(stage: torch.Tensor, dest: torch.Tensor, plan_of, ex: _Exchange)
     return start_pull(stage, pulls, ex.group, dest, ex.transport)
 
 
-def _start_to_heads(blocks: torch.Tensor, dest: torch.Tensor, ex: _Exchange) -> Pending:
-    """Post blocks [N, b, g, s, ...] (block j to rank j); the arrivals land in dest [b, g, S, ...] in
-    position order. Result: dest."""
+def _start_to_heads(blocks: torch.Tensor, dest: torch.Tensor, ex: _Exchange,
+                    rope: _Rope = None) -> Pending:
+    """Post blocks [N, b, g, s, ...] (block j to rank j), rotated by `rope` on the way; the
+    arrivals land in dest [b, g, S, ...] in position order. Result: dest."""
+    blocks = _rotated(blocks, rope)
     if ex.transport != "nccl":  # every run of arrivals straight into place
         return _start_plan(blocks, dest, functools.partial(_heads_plan, ex), ex)
     in_place = _split_seq(dest, ex.group.size())
@@ -304,30 +324,43 @@ def _start_to_heads(blocks: torch.Tensor, dest: torch.Tensor, ex: _Exchange) -> 
                  lambda r: _arrivals_to_positions(r, dest, ex.runs))
 
 
-def _start_to_seq(x_h: torch.Tensor, blocks: torch.Tensor, ex: _Exchange) -> Pending:
+def _start_to_seq(x_h: torch.Tensor, blocks: torch.Tensor, ex: _Exchange,
+                  rope: _Rope = None) -> Pending:
     """Post head-layout x_h [b, g, S, ...] back to the sequence split; the arrivals land in blocks
-    [N, b, g, s, ...], a view into the sequence-layout result. Result: blocks."""
+    [N, b, g, s, ...], a view into the sequence-layout result, rotated by the transpose of
+    `rope` (the gradient of a rotation done by `_start_to_heads`). Result: blocks."""
     if ex.transport != "nccl":  # this rank's tokens, from every peer's x_h, straight into place
-        return _start_plan(x_h, blocks, functools.partial(_seq_plan, ex), ex)
+        if rope is None:
+            return _start_plan(x_h, blocks, functools.partial(_seq_plan, ex), ex)
+        return _then(_start_plan(x_h, blocks.new_empty(blocks.shape),
+                                 functools.partial(_seq_plan, ex), ex),
+                     lambda recv: _copy(blocks, recv, rope, transpose=True))
     send = _split_seq(x_h, ex.group.size())
     if not (ex.in_order and send.is_contiguous()):
         send = _positions_to_arrivals(x_h, x_h.new_empty(blocks.shape), ex.runs)
+    if rope is not None:  # the unpack with the transposed rotation: one kernel
+        return _then(start_all_to_all_single(send, torch.empty_like(send), ex.group),
+                     lambda recv: _copy(blocks, recv, rope, transpose=True))
     if blocks.is_contiguous():
         return start_all_to_all_single(send, blocks, ex.group)
     return _then(start_all_to_all_single(send, torch.empty_like(send), ex.group),
                  lambda recv: _copy(blocks, recv))  # the unpack: one kernel
 
 
-def _start_kv_piece(k, v, kv_h, piece: int, ex: _Exchange) -> Pending:
-    """Post K/V piece `piece` towards heads, landing in kv_h [2, b, m, S, e]; on the all-gather
-    routes the whole K/V (the only piece) into a new buffer. Result: kv_h."""
+def _start_kv_piece(k, v, kv_h, piece: int, ex: _Exchange, rope: _Rope = None) -> Pending:
+    """Post K/V piece `piece` towards heads (K rotated by `rope`), landing in kv_h [2, b, m, S,
+    e]; on the all-gather routes the whole K/V (the only piece) into a new buffer. Result: kv_h."""
     if ex.route != "scatter":
         def keep(kv):
             return _reorder(kv.index_select(_HEADS + 1, ex.kv_index), ex.perm, _SEQ + 1)
-        return _then(start_all_gather(torch.stack([k, v]), _SEQ + 1, ex.group), keep)
+        kv = k.new_empty((2, *k.shape))  # torch.stack([rope(k), v]), the rotation on the way
+        _copy(kv[0], k, rope)
+        kv[1].copy_(v)
+        return _then(start_all_gather(kv, _SEQ + 1, ex.group), keep)
     n, rows = ex.group.size(), _rows(piece, kv_h.shape[2] // ex.pieces)
     blocks = (_head_blocks(x, n, ex.pieces, ex.pieces, piece) for x in (k, v))
-    return Pending([_start_to_heads(x, kv_h[i][:, rows], ex) for i, x in enumerate(blocks)], kv_h)
+    return Pending([_start_to_heads(x, kv_h[i][:, rows], ex, rope if i == 0 else None)
+                    for i, x in enumerate(blocks)], kv_h)
 
 
 def _kv_reduce_scatter(dkv_h: torch.Tensor, ex: _Exchange) -> torch.Tensor:
@@ -404,10 +437,11 @@ def _plan_exchange(ulysses_group, ring_group, b, h, hk, order, s, device, chunks
 
 def hybrid_forward(q, k, v, ring_group, ulysses_group, *, causal: bool, order: str,
                    seq_len: int | None, scale: float, backend: str, chunks: int = 1,
-                   transport: str = "nccl", mask: TokenMask | None = None):
+                   transport: str = "nccl", mask: TokenMask | None = None, rope: _Rope = None):
     """(out, lse, q_h, kv_h, out_h, lse_h): the result and what the backward needs, with the
     exchanges pipelined over `chunks` head chunks (module docstring; 0: the default for the
-    transport)."""
+    transport). `rope`: (cos, sin) [s, e] rotating q and k in the packs (module docstring); the
+    saved q_h, kv_h are the rotated ones."""
     b, h, s, e = q.shape
     n = ulysses_group.size()
     ex = _plan_exchange(ulysses_group, ring_group, b, h, k.shape[1], order, s, q.device, chunks,
@@ -427,9 +461,9 @@ def hybrid_forward(q, k, v, ring_group, ulysses_group, *, causal: bool, order: s
     q_in, kv_in = [], []
     for c in range(chunks):
         blocks = _head_blocks(q, n, ex.pieces, chunks, c)
-        q_in.append(_start_to_heads(blocks, q_h[:, _rows(c, g)], ex))
+        q_in.append(_start_to_heads(blocks, q_h[:, _rows(c, g)], ex, rope))
         if c % per_piece == 0:
-            kv_in.append(_start_kv_piece(k, v, kv_h, c // per_piece, ex))
+            kv_in.append(_start_kv_piece(k, v, kv_h, c // per_piece, ex, rope))
 
     back = []
     for c in range(chunks):
@@ -449,7 +483,9 @@ def hybrid_forward(q, k, v, ring_group, ulysses_group, *, causal: bool, order: s
 
 def hybrid_backward(dout, q_h, kv_h, out_h, lse_h, kv_heads: int, ring_group, ulysses_group, *,
                     causal: bool, order: str, seq_len: int | None, scale: float, backend: str,
-                    chunks: int = 1, transport: str = "nccl", mask: TokenMask | None = None):
+                    chunks: int = 1, transport: str = "nccl", mask: TokenMask | None = None,
+                    rope: _Rope = None):
+    """(dq, dk, dv) of `hybrid_forward`'s inputs (before the rotation by `rope`)."""
     b, h, s, e = dout.shape
     n = ulysses_group.size()
     ex = _plan_exchange(ulysses_group, ring_group, b, h, kv_heads, order, s, dout.device, chunks,
@@ -474,7 +510,7 @@ def hybrid_backward(dout, q_h, kv_h, out_h, lse_h, kv_heads: int, ring_group, ul
         k_c, v_c = _take_heads(kv_h[0], slot), _take_heads(kv_h[1], slot)
         dq_c, dk_c, dv_c = attend_backward(dout_in[c].wait(), q_h[:, rows], k_c, v_c,
                                            out_h[:, rows], lse_h[:, rows])
-        back.append(_start_to_seq(dq_c, _head_blocks(dq, n, ex.pieces, chunks, c), ex))
+        back.append(_start_to_seq(dq_c, _head_blocks(dq, n, ex.pieces, chunks, c), ex, rope))
         piece = c // per_piece
         if acc is None:
             dkv_piece = (dk_c, dv_c)
@@ -483,10 +519,16 @@ def hybrid_backward(dout, q_h, kv_h, out_h, lse_h, kv_heads: int, ring_group, ul
             _add_heads(acc[1], slot, dv_c)
             done = scatter and (c + 1) % per_piece == 0  # the piece's last chunk: send its sum
             dkv_piece = [a[:, _rows(piece, m // ex.pieces)].to(kv_h.dtype) for a in acc] if done else []
-        back += [_start_to_seq(d, _head_blocks(x, n, ex.pieces, ex.pieces, piece), ex)
+        back += [_start_to_seq(d, _head_blocks(x, n, ex.pieces, ex.pieces, piece), ex,
+                               rope if x is dk else None)
                  for d, x in zip(dkv_piece, (dk, dv))]
     if not scatter:
-        dk, dv = unpack_pair(_kv_reduce_scatter(acc, ex), kv_h.dtype)
+        dkv = _kv_reduce_scatter(acc, ex)
+        if rope is None:
+            dk, dv = unpack_pair(dkv, kv_h.dtype)
+        else:  # dk's transposed rotation, in fp32, then rounded once
+            dk = _copy(torch.empty_like(dkv[0]), dkv[0], rope, transpose=True).to(kv_h.dtype)
+            dv = dkv[1].to(kv_h.dtype)
     for pending in back:
         pending.wait()
     return dq, dk, dv
@@ -518,11 +560,13 @@ def _ulysses_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: s
                 order: str, seq_len: int | None, scale: float, backend: str, chunks: int = 1,
                 transport: str = "nccl", positions: torch.Tensor | None = None,
                 segments: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
-                window: int | None = None) -> _SavedOutputs:
+                window: int | None = None, cos: torch.Tensor | None = None,
+                sin: torch.Tensor | None = None) -> _SavedOutputs:
     return hybrid_forward(q, k, v, None, resolve_group(group_name), causal=causal, order=order,
                           seq_len=seq_len, scale=scale, backend=backend, chunks=chunks,
                           transport=transport,
-                          mask=token_mask(causal, positions, segments, window, key_valid, q.device))
+                          mask=token_mask(causal, positions, segments, window, key_valid, q.device),
+                          rope=_rope(cos, sin, q))
 
 
 def _ulysses_backward_op(dout: torch.Tensor, q_h: torch.Tensor, kv_h: torch.Tensor,
@@ -531,13 +575,20 @@ def _ulysses_backward_op(dout: torch.Tensor, q_h: torch.Tensor, kv_h: torch.Tens
                          chunks: int = 1, transport: str = "nccl",
                          positions: torch.Tensor | None = None,
                          segments: torch.Tensor | None = None,
-                         key_valid: torch.Tensor | None = None, window: int | None = None
+                         key_valid: torch.Tensor | None = None, window: int | None = None,
+                         cos: torch.Tensor | None = None, sin: torch.Tensor | None = None
                          ) -> _Grads:
     return hybrid_backward(dout, q_h, kv_h, out_h, lse_h, kv_heads, None, resolve_group(group_name),
                            causal=causal, order=order, seq_len=seq_len, scale=scale, backend=backend,
                            chunks=chunks, transport=transport,
                            mask=token_mask(causal, positions, segments, window, key_valid,
-                                           dout.device))
+                                           dout.device),
+                           rope=_rope(cos, sin, dout))
+
+
+def _rope(cos, sin, q) -> _Rope:
+    """(cos, sin) as [s, e] tables of q's local tokens, or None."""
+    return None if cos is None else a2a_layout.rope_tables(cos, sin, q.shape[2], q.shape[3])
 
 
 def _ulysses_fake(q, k, v, group_name, *options):
@@ -571,14 +622,19 @@ def ulysses_attention(q, k, v, group=None, *, causal: bool = True, order: str = 
                       backend: str | None = None, chunks: int | None = None,
                       transport: str = "nccl", return_lse: bool = False,
                       positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
-                      window: int | None = None, key_valid: torch.Tensor | None = None):
+                      window: int | None = None, key_valid: torch.Tensor | None = None,
+                      cos: torch.Tensor | None = None, sin: torch.Tensor | None = None):
     """Exact attention of sequence-sharded q, k, v by the Ulysses all-to-all (heads must divide).
 
     `chunks`: pipeline the exchanges with the attention over this many head chunks per rank (it
     must divide the heads per rank); None picks `default_chunks` (1 unless the transport is
     'peer'). `transport`: 'nccl' (all-to-all), or 'peer' (copy engines over symmetric memory,
-    one host; see peer.py). Otherwise the same arguments (structured masks included) and result
-    as `ring_attention`.
+    one host; see peer.py). `cos`, `sin`: the rotary embedding's tables for this rank's tokens,
+    [s, e] with leading dims of 1 allowed (HF's [1, 1, s, e]), constants: q and k are rotated in
+    the sequence → heads pack (Llama/HF's `x·cos + rotate_half(x)·sin`, in fp32, rounded once;
+    codegen/kernels/a2a_layout.py) and dq, dk by the transpose on the way back, so q and k are
+    passed before their rotation. Otherwise the same arguments (structured masks included) and
+    result as `ring_attention`.
     """
     pg = resolve_group(group)
     check_attention_inputs(q, k, v, world=pg.size(), order=order, seq_len=seq_len,
@@ -588,6 +644,7 @@ def ulysses_attention(q, k, v, group=None, *, causal: bool = True, order: str = 
         window=window, key_valid=key_valid, algorithm="ulysses_attention")
     _check_heads(q, k, pg.size(), "ulysses_attention")
     check_transport(transport)
+    a2a_layout.rope_tables(cos, sin, q.shape[2], q.shape[3])  # ValueError naming the fix
     if chunks is None:
         chunks = 0  # resolved with the transport, inside the op
     else:
@@ -595,7 +652,8 @@ def ulysses_attention(q, k, v, group=None, *, causal: bool = True, order: str = 
     scale, backend = resolve_options(q, scale, backend)
     out, lse, *_ = torch.ops.seqshard.ulysses_attention(q, k, v, pg.group_name, causal, order,
                                                         seq_len, scale, backend, chunks, transport,
-                                                        positions, segments, key_valid, window)
+                                                        positions, segments, key_valid, window,
+                                                        cos, sin)
     return (out, lse) if return_lse else out
 
 

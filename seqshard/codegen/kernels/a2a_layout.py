@@ -37,7 +37,8 @@ import os
 
 import torch
 
-__all__ = ["pack", "unpack", "copy_", "contiguous", "triton_usable", "rope_reference"]
+__all__ = ["pack", "unpack", "copy_", "contiguous", "triton_usable", "rope_reference",
+           "rope_tables"]
 
 _ROPE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -93,7 +94,7 @@ def _launch(n_rows: int, width: int, rope: bool):
     return block_r, block_e, (-(-n_rows // block_r),)
 
 
-def _tables(cos, sin, s: int, e: int):
+def rope_tables(cos, sin, s: int, e: int):
     """cos, sin as [s, e] views with a unit stride over e (HF's [b or 1, 1, s, e] with leading
     dims of 1 too), or a ValueError."""
     if (cos is None) != (sin is None):
@@ -138,7 +139,7 @@ def copy_(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor | None = None,
     assert dst.shape == src.shape, (dst.shape, src.shape)
     rope = cos is not None
     if rope:
-        cos, sin = _tables(cos, sin, src.shape[-2], src.shape[-1])
+        cos, sin = rope_tables(cos, sin, src.shape[-2], src.shape[-1])
     if dst.numel() == 0:
         return dst
     if not triton_usable(dst, src, rope) or (not rope and not _copy_pays(src)):
@@ -206,7 +207,7 @@ def pack(x: torch.Tensor, world: int, cos: torch.Tensor | None = None,
     if x.dim() != 4 or x.shape[1] % world:
         raise ValueError(f"pack takes x [b, h, s, e] with h divisible by world={world}, "
                          f"got {tuple(x.shape)}")
-    cos, sin = _tables(cos, sin, x.shape[2], x.shape[3])
+    cos, sin = rope_tables(cos, sin, x.shape[2], x.shape[3])
     return _run(x, world, cos, sin, True, inverse)
 
 
@@ -217,7 +218,7 @@ def unpack(send: torch.Tensor, cos: torch.Tensor | None = None,
     its backward is `pack` with the rotation transposed."""
     if send.dim() != 5:
         raise ValueError(f"unpack takes send [N, b, g, s, e], got {tuple(send.shape)}")
-    cos, sin = _tables(cos, sin, send.shape[3], send.shape[4])
+    cos, sin = rope_tables(cos, sin, send.shape[3], send.shape[4])
     return _run(send, send.shape[0], cos, sin, False, inverse)
 
 
