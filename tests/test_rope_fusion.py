@@ -12,6 +12,9 @@ gradient within 1e-5 of the single-device model, and the program really calls Ul
 tables (pm.code) and says so ("rope fused into ulysses pack": pm.code's kernel notes and the
 plan's 'kernel:' rows).
 
+The match (`rotated_before`, no ranks): the exact rotation of both q and k is matched; q alone,
+a rotated k read again, tables from a parameter, the halves swapped are not.
+
 A failure in the runtime cases only on one route points at runtime/ulysses.py's `_start_kv_piece`
 / the dk of `hybrid_backward` on that route; only with 'emulated' at `_start_to_seq`'s pull
 path. "not fused" in a model test: codegen/rope.py's `_match` stopped recognising the model's
@@ -139,3 +142,47 @@ def test_llama_rope_fused_compiled_recomputed_exact_2_ranks(pool2):
 
 def test_hf_llama_rope_fused_exact_2_ranks(pool2):
     _check(pool2.run(run_fused, "hf"), 2)
+
+
+class Rotated(torch.nn.Module):
+    """Attention after a rotation of q and k, in the form `variant` names."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.qkv = torch.nn.Linear(16, 48, bias=False)
+        self.freq = torch.nn.Parameter(torch.rand(8, 4), requires_grad=variant == "learned")
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        emb = torch.cat((self.freq, self.freq), -1)[:s]
+        cos, sin = emb.cos(), emb.sin()
+        half = lambda t: torch.cat((-t[..., 4:], t[..., :4]), -1)  # noqa: E731
+        if self.variant == "halves swapped":
+            half = lambda t: torch.cat((t[..., 4:], -t[..., :4]), -1)  # noqa: E731
+        q = q * cos + half(q) * sin
+        if self.variant != "q only":
+            k = k * cos + half(k) * sin
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.variant == "rotated k read again":
+            out = out + k.mean()
+        return out.sum()
+
+
+def test_the_match_is_conservative():
+    """codegen/rope.py matches only the exact rotation of both q and k with constant tables and
+    no other reader of the rotated values (`rotated_before`: the same matcher on the captured
+    graph)."""
+    from seqshard.capture import capture
+    from seqshard.codegen.rope import rotated_before
+    from seqshard.dims import analyze
+
+    expected = {"both": True, "q only": False, "rotated k read again": False, "learned": False,
+                "halves swapped": False}
+    got = {}
+    for variant in expected:
+        dims = analyze(capture(Rotated(variant), (torch.randn(1, 8, 16),)), axes={"x": "b s d"})
+        (attention,) = [n for n in dims.cap.nodes() if dims.attention(n) is not None]
+        got[variant] = rotated_before(dims, attention)
+    assert got == expected
