@@ -66,6 +66,7 @@ def fuse_rope(program) -> list[fx.Node]:
 
     def local(v):  # (local shape, dtype, the captured node) of generated value v
         return _local(v, sh, values)
+
     fused = []
     for n in list(gm.graph.nodes):
         if n.op != "call_function" or n.target is not ulysses_attention \
@@ -105,12 +106,12 @@ def _operands(node: fx.Node, target):
     return node.args
 
 
-def _half(node, x_dim: int):
+def _half(node):
     """(x, start, end) of `x[..., start:end]` on dim 3 (of a 4-D x) with step 1, else None."""
     if not _is(node, aten.slice.Tensor) or node.kwargs:
         return None
     x, dim, start, end, step = (*node.args, *(0, None, None, 1)[len(node.args) - 1:])
-    if step != 1 or not isinstance(dim, int) or dim % x_dim != 3:
+    if step != 1 or not isinstance(dim, int) or dim % 4 != 3:
         return None
     return x, start or 0, end
 
@@ -160,7 +161,7 @@ def _rotate_half(cat, x, shape_of):
     if len(parts) != 2 or not isinstance(dim, int) or dim % 4 != 3 or e % 2 or \
             not _is(parts[0], aten.neg.default):
         return None
-    upper, lower = _half(parts[0].args[0], 4), _half(parts[1], 4)
+    upper, lower = _half(parts[0].args[0]), _half(parts[1])
     if upper is None or lower is None or upper[0] is not x or lower[0] is not x:
         return None
     if (lower[1], lower[2]) != (0, e // 2) or upper[1] != e // 2 or \
