@@ -200,7 +200,10 @@ def resolve_auto(compile, kernels, device_type: str) -> tuple:
     Why on for CUDA (one H200, bench/results/): the compiled program with the fused loss ran the
     Llama-3.2-1B shape at 16K 1.158x faster than eager, its first step (compiling included)
     12.5 s (codegen-20261202-002633), and the 8B shape at 32K at 52.7% MFU against eager's
-    48.6% (codegen-20261201-211644). Why off elsewhere: on CPU Inductor compiles C++ for
+    48.6% (codegen-20261201-211644); on every memory-plan path (recompute, selective, offload,
+    nested groups, chunked loss and token chains; 4 layers of the 1B shape at 16K) 1.14-1.46x
+    faster with 4.9-9.2 GiB peaks against eager's 6.7-32.1 and gradients as accurate against
+    fp32 (compile_paths-20261202-015154). Why off elsewhere: on CPU Inductor compiles C++ for
     minutes, for no measured gain, and CPU (gloo) is where the tests check exactness."""
     on = device_type == "cuda"
     if compile == "auto":
