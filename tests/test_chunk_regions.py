@@ -198,8 +198,10 @@ def _brute_force(pb):
             if not any(R2 in pb.regions[R1].excludes for R1, R2 in combinations(Q, 2))]
     for choice in product(*(range(len(pb.strategies[n])) for n in nodes)):
         pick = dict(zip(nodes, choice))
-        redistributes = {R for R in pb.regions  # into or inside it: it cannot run in chunks
+        # between two of its ops: it cannot run in chunks (its input's runs before the loop)
+        redistributes = {R for R in pb.regions
                          if any(R in pb.node_regions.get(v, ()) and (key, pick[key[0]], l) in pb.move
+                                and (key[0], key[1], v) in pb.regions[R].inner
                                 for (key, v, j), l in pb.need.items() if pick[v] == j)}
         base = sum(int(round(pb.mult[n] * pb.node_cost[(n, i)].time_s * NS)) for n, i in pick.items())
         base += sum(int(round(pb.tensors[k].mult * s * NS)) for (k, _, _), (s, _, _) in chosen_moves(pb, pick))

@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from seqshard.models import AXES, build, named_plans
 from seqshard.testing import mesh as make_mesh
-from seqshard.testing import WorkerError, record_step
+from seqshard.testing import record_step
 
 TOL = 1e-5
 
@@ -110,29 +110,36 @@ def test_video_dit_dsp_offload_chunked_mlp_4_ranks(pool4):
                      ov, True), (), ("blocks.0", "blocks.1"), mlps, 4)
 
 
-@pytest.mark.xfail(raises=WorkerError, strict=True, reason=(
-    "DSP + a DiT chain in chunks is Infeasible: each chain reads the block's input (the residual "
-    "stream), which DSP redistributes at every block boundary (frames split <-> patches split), "
-    "and solver/model.py `_add_regions` forbids a redistribution into a chunked region "
-    "(whole_chunks): `test_dsp_chain_refusal_names_the_chunked_regions`"))
 def test_video_dit_dsp_chain_4_ranks(pool4):
     """As `test_video_dit_dsp_offload_chunked_mlp_4_ranks`, each block's mul+add+norm2+mlp
     chain (the gated attention output and residual add, the norm, the MLP) in 3 chunks instead
-    of its MLP; 3 SGD steps with momentum (as there)."""
+    of its MLP; 3 SGD steps with momentum (as there). The chain reads the block's input, which
+    DSP redistributes at every block boundary (frames split <-> patches split): the all-to-all
+    runs once, on the whole tensor, before the chunk loop (its backward after the loop's), and
+    the loop cuts the patches of the layout the block runs in (temporal blocks: 2 local
+    patches of 8, pieces of 1, 1, 0). Fails: codegen/apply.py `_chunked_modules` (the loop's
+    inputs are the redistributed values) or codegen/recompute.py `chunk_modules` (the
+    collective hoisted before the loop)."""
     ov = {**DSP_PARTIAL, DIT_CHAIN: "chunk:3"}
     chains = tuple((DIT_CHAIN.replace("*", str(i)), 3) for i in range(4))
     _check(pool4.run(run_composed, "video_dit", "tiny", dict(batch=2, frames=5, patches=7), "dsp",
                      ov, True), (), ("blocks.0", "blocks.1"), chains, 4)
 
 
-def test_dsp_chain_refusal_names_the_chunked_regions():
-    """Planning alone (no ranks): DSP + a DiT chain forced into chunks is refused with an error
-    that names the chunked regions as the likely cause (it used to blame host memory alone)."""
+def test_a_redistribution_inside_a_chunked_chain_is_refused():
+    """Planning alone (no ranks): DSP with the spatial blocks' MLPs forced to split patches
+    while the rest of those blocks split frames puts an all-to-all between two ops of the
+    chain (the norm's modulated output into the MLP, the MLP's output into the gate); forced
+    into chunks, that chain is refused with an error naming both edges and what to change (a
+    redistribution into a chunked region, of its input, runs before its loop:
+    `test_video_dit_dsp_chain_4_ranks`)."""
     from seqshard.planner import plan
     from seqshard.solver import Infeasible
 
     model, inputs = build("video_dit", "tiny", batch=2, frames=5, patches=7)
     named, _ = named_plans("video_dit", "tiny")["dsp"]
-    with pytest.raises(Infeasible, match=r"regions an override runs in chunks \(blocks\.0\.mul"):
-        plan(model, inputs, mesh=(("sp", 4),), axes=AXES["video_dit"],
-             overrides={**named, **DSP_PARTIAL, DIT_CHAIN: "chunk:3"}, time_limit=10)
+    ov = {**named, DIT_CHAIN: "chunk:3", "blocks.[02].mlp.*": "split:p"}
+    edges = (r"between two of its ops .*\(blocks\.0\.mul\+add\+norm2\+mlp: blocks\.0 → "
+             r"blocks\.0\.mlp\.0 .*blocks\.0\.mlp\.2 → blocks\.0 .*force the region's ops to one split")
+    with pytest.raises(Infeasible, match=edges):
+        plan(model, inputs, mesh=(("sp", 4),), axes=AXES["video_dit"], overrides=ov, time_limit=10)

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from seqshard.capture import capture
 from seqshard.dims import analyze
-from seqshard.models import AXES, build
+from seqshard.models import AXES, build, named_plans
 from seqshard.planner import Plan, plan
 from seqshard.solver import token_chains
 from seqshard.testing import mesh as make_mesh
@@ -27,6 +27,7 @@ from seqshard.testing import record_step
 TOL = 1e-5
 QKV = "layers.*.attn_norm+attn.q_proj+attn.k_proj+attn.v_proj"
 MLP = "layers.*.attn.o_proj+add+mlp_norm+mlp"
+DIT_CHAIN = "blocks.*.mul+add+norm2+mlp"
 
 
 def test_the_chains_of_a_llama_layer():
@@ -60,6 +61,28 @@ def test_chains_appear_when_the_mlp_alone_is_not_enough():
     assert q.chunked_modules == chain.chunked_modules and q.hash() == chain.hash() != mlp.hash()
     assert f"chunked: {MLP.replace('*', '0-1')} in 5 chunks" in str(chain), str(chain)
     assert "in 5 chunks of tokens" in chain.explain("layers.1.attn.o_proj")
+
+
+def test_dsp_chains_appear_under_a_tight_budget():
+    """The tiny video DiT at 32M tokens (512 frames × 65536 patches) on 4 GPUs under DSP's
+    splits, the memory plan the planner's own (no chunk, recompute or offload override): with
+    memory to spare nothing is chunked; at 0.34 of that peak every block is recomputed with its
+    mul+add+norm2+mlp chain in chunks, 2.10 s a step (while DSP's all-to-all at each block's
+    input ruled chains out: the MLPs in chunks and inputs offloaded, 2.13 s); at 0.30 the
+    chains are what fits (the least memory any plan needs was 33.6 GiB, now 31.1). Fails:
+    solver/model.py `_add_regions` refusing a redistribution into a region (only one between
+    two of its ops is refused, `Region.inner`)."""
+    big, inputs = build("video_dit", "tiny", device="meta", batch=1, frames=512, patches=65536)
+    kw = dict(mesh=(("sp", 4),), axes=AXES["video_dit"],
+              overrides=named_plans("video_dit", "tiny")["dsp"][0])
+    roomy = plan(big, inputs, **kw)
+    tight, tighter = (plan(big, inputs, **kw, memory_budget=f * roomy.predicted.peak_memory_bytes)
+                      for f in (0.34, 0.30))
+    chains = {DIT_CHAIN.replace("*", str(i)) for i in range(4)}
+    assert roomy.chunked_modules == () and roomy.recompute == ()
+    assert {r for r, _ in tight.chunked_modules} == chains and len(tight.recompute) == 4, tight
+    assert chains <= {r for r, _ in tighter.chunked_modules}, tighter.chunked_modules
+    assert {n.split_str() for n in tight.nodes if n.algorithm} == {"t@sp", "p@sp"}
 
 
 def run_chains(family, named_overrides, steps=3, compile=False):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from seqshard.dims import DimAnalysis
-from seqshard.strategies import Plan, PlanError, orders_of, resolve_plan
+from seqshard.strategies import Plan, PlanError, Shard, orders_of, resolve_plan
 from seqshard.strategies.from_plan import match_plan
 
 from .compiled import compile_layers
@@ -62,12 +62,26 @@ def _whole_losses(gm, chunks: tuple) -> tuple[tuple[str, int], ...]:
 
 
 def _chunked_modules(dims: DimAnalysis, plan: Plan, program: Program) -> list[ChunkedModule]:
-    """The plan's chunked modules located in this rank's program (their input's and output's
-    values, and the dims that hold the tokens)."""
+    """The plan's chunked modules located in this rank's program (the values of their inputs
+    as their ops read them and of their outputs, and the dims that hold the tokens). An input
+    its ops read redistributed (DSP's residual stream: frames split → patches split at a block's
+    input) enters as the redistributed value: the collective runs once, on the whole tensor,
+    before the chunk loop, and the loop cuts the tokens of the layout the region runs in."""
     from seqshard.solver import token_chains, token_regions
 
     regions = {r.path: r for r in token_regions(dims) + token_chains(dims)}
-    env = program._sharder.env
+    sh = program._sharder
+    env = sh.env
+
+    def read(r, x, d):  # x as r's ops read it (itself, or redistributed) and how its tokens split
+        lays = dict.fromkeys(lay for v in r.nodes if v in sh.strategies
+                             for u, lay in sh.strategies[v].inputs if u is x) or [sh.layout[x]]
+        atoms = sh.sig_atoms(x)[d]
+        split = lambda lay: tuple((i, p.atom) for i, p in enumerate(lay)  # noqa: E731
+                                  if isinstance(p, Shard) and p.atom in atoms)
+        return [(env[x] if lay == sh.layout[x] else sh.cache[(x, lay)], d, split(lay))
+                for lay in lays]
+
     out = []
     for path, k in plan.chunked_modules:
         r = regions.get(path)
@@ -75,6 +89,10 @@ def _chunked_modules(dims: DimAnalysis, plan: Plan, program: Program) -> list[Ch
             raise PlanError(f"the plan runs {path!r} in chunks of tokens, but this model has no "
                             "module there that treats tokens one by one; such modules here: "
                             f"{', '.join(list(regions)[:4]) or 'none'}")
-        out.append(ChunkedModule(path, k, tuple((env[x], d) for x, d in r.inputs),
+        ins = [v for x, d in r.inputs for v in read(r, x, d)]
+        # each piece holds the same tokens of every input: their token dims split alike (the
+        # solver keeps redistributions out of the region, so its ops read one layout of them)
+        assert len({split for *_, split in ins}) == 1, f"{path}: inputs split unlike {ins}"
+        out.append(ChunkedModule(path, k, tuple((v, d) for v, d, _ in ins),
                                  tuple((env[y], d) for y, d in r.outputs)))
     return out

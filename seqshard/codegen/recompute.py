@@ -341,7 +341,9 @@ def chunk_modules(gm: fx.GraphModule, modules: list[ChunkedModule]) -> fx.GraphM
     into a submodule `chunk_<region>` run by `run_in_chunks` on each piece of the inputs' token
     dims under `checkpoint`, the pieces of each output concatenated (several inputs and outputs:
     tuples of them, `run_in_chunks(fn, (reshape, add_1), (1, 1), 4, 1, ...)`); the other ops its
-    ops read (a parameter's shard) run once, before. Runs before `recompute_layers`: in a
+    ops read (a parameter's shard) run once, before, and so does a redistribution of an input
+    (DSP's all-to-all at a block's input: the loop reads the redistributed value, `apply.py`),
+    on the whole tensor, its backward after the loop's. Runs before `recompute_layers`: in a
     recomputed layer the loop lands inside the layer's checkpointed submodule (nested
     checkpoints)."""
     g = gm.graph
@@ -369,10 +371,20 @@ def chunk_modules(gm: fx.GraphModule, modules: list[ChunkedModule]) -> fx.GraphM
         for n in body:
             module = getattr(n.target, "__module__", "") or ""
             if module.startswith("seqshard.runtime") or str(n.target).startswith("seqshard."):
-                raise PlanError(f"{where}, but {n.name} ({n.target}) communicates inside it: "
-                                "a redistribution there would see one chunk. Plan without "
-                                "chunking it")
-        for n in sorted(above - inside, key=order.get):  # made without the tokens: before it
+                raise PlanError(f"{where}, but {n.name} ({n.target}) communicates inside it, "
+                                "between two of its ops: a redistribution there would see one "
+                                "chunk (one of its input runs before the loop). Plan without "
+                                "chunking it, or with one split for all of its ops")
+        # made without the tokens (a parameter's shard), and what its inputs are made from
+        # after its first op (a redistribution of an input, emitted at the op reading it): before it
+        early, todo = set(above - inside), list(ins)
+        while todo:
+            n = todo.pop()
+            if n not in early and n.op == "call_function" and order[n] > order[body[0]]:
+                early.add(n)
+                todo += n.all_input_nodes
+        assert not early & inside, f"{where}: an input is made from the region's own ops"
+        for n in sorted(early, key=order.get):
             if order[n] > order[body[0]]:
                 body[0].prepend(n)
         consts = list(dict.fromkeys(x for n in body for x in n.all_input_nodes

@@ -132,9 +132,16 @@ Constraints
              q[R] ≤ r[c(R)] for a chain no override chunks: chains run in chunks only in
              recomputed layers (measured on GPU so far: modules alone)
                                                                   → `_region_choice` ("chain_in_recompute[R]")
-    whole    q[R] → no redistribution into or inside R (one program runs per chunk):
-             ¬(x[v,j] ∧ x[u,i] ∧ q[R]) for v ∈ N_R whose strategy j reads u's output moved
+    whole    q[R] → no redistribution inside R (one program runs per chunk):
+             ¬(x[v,j] ∧ x[u,i] ∧ q[R]) for v ∈ N_R whose strategy j reads moved what u, an op
+             of R in the same layer, makes (`Region.inner`)
                                                                   → `_add_regions` ("whole_chunks[R]")
+             A redistribution into R (its input's: DSP's residual stream, frames split →
+             patches split at a block's input) runs once, on the whole tensor, before the chunk
+             loop (its backward after the loop's), priced as at any edge (w[t,i,l], in the
+             consumers' class; its kept copy in A as any move's); the loop cuts the chunk
+             factor of the layout R runs in, which its ops treat token by token whatever
+             splits it. Overrides that leave only such moves: `inner_moves` names them
     chunk k  not a variable: the smallest k whose largest kept tensor of R is ≤ CHUNK_BYTES (or
              an override's `chunk:K`; `explain.region_chunks`). Time does not depend on k (the
              forward runs again once in all) and memory only falls with it, so the rule states
@@ -819,13 +826,14 @@ class Model:
         return terms
 
     def _add_regions(self):
-        """A chunked region runs one program per chunk: no redistribution into or inside it
-        ("whole_chunks"); while one chunk is recomputed in backward its activations are live
-        again: W ≥ one chunk's ("working")."""
+        """A chunked region runs one program per chunk: no redistribution between two of its ops
+        ("whole_chunks"; one into it, of its input, runs once on the whole tensor before the
+        chunk loop, priced as at any edge); while one chunk is recomputed in backward its
+        activations are live again: W ≥ one chunk's ("working")."""
         pb = self.pb
         for (key, v, j), l in pb.need.items():
             for R in pb.node_regions.get(v, ()):
-                if _off(self.q[R]):
+                if _off(self.q[R]) or (key[0], key[1], v) not in pb.regions[R].inner:
                     continue
                 q = self.q[R]
                 for i in range(len(pb.strategies[key[0]])):
@@ -1049,11 +1057,12 @@ class Model:
         solver.parameters.max_time_in_seconds = seconds
         solver.parameters.num_workers = workers
         solver.parameters.relative_gap_limit = gap
-        if any(not isinstance(v, int) for v in self.o.values()):
+        if any(not isinstance(v, int) for v in [*self.o.values(), *self.q.values()]):
             # CP-SAT 9.15's inclusion detection in presolve dropped the optimum of the offload
             # terms (tests/test_groups.py: a plan it proved optimal was 21 µs slower than one
-            # it found with presolve off); only where offload is a decision, since without it
-            # the search stops elsewhere within the gap
+            # it found with presolve off), and of the chunk terms (test_chunk_regions.py's brute
+            # force, once a region's input may be redistributed: 7 µs); only where offload or
+            # chunking is a decision, since without it the search stops elsewhere within the gap
             solver.parameters.presolve_inclusion_work_limit = 0
         t0 = time.perf_counter()
         status = solver.Solve(self.m)
@@ -1084,6 +1093,52 @@ def _live(pb: Problem, c: str, kept: float) -> float:
     """What of a tensor is live again while a class is recomputed: all of it for a layer, one
     chunk (at most CHUNK_BYTES) for a chunked region."""
     return min(kept, CHUNK_BYTES) if pb.classes[c].kind == "chunk" else kept
+
+
+def _refuse_overrides(pb: Problem):
+    """Raise `Infeasible` for a model that no plan satisfies without a memory budget: what the
+    overrides force (a redistribution inside a chunked region), or host memory."""
+    chunked = sorted([R for R, reg in pb.regions.items() if reg.forced]
+                     + [c for c, lc in pb.classes.items() if lc.kind == "chunk" and lc.forced])
+    inner = inner_moves(pb)
+    if inner:  # a chunked region runs one program per chunk: no redistribution inside
+        raise Infeasible(
+            "no plan satisfies the overrides: a region an override runs in chunks needs a "
+            "redistribution between two of its ops under every split the overrides leave "
+            f"({'; '.join(inner)}), and one program runs per chunk (a redistribution of its "
+            "input runs once, before the loop, but not one inside): drop the chunk override "
+            "there, or force the region's ops to one split")
+    why = [f"the inputs of the layers an override offloads {'may not' if chunked else 'do not'} "
+           f"fit in host memory beside the optimizer state kept there ({pb.host_bytes / 2**30:.1f} "
+           f"GiB of {pb.costs.gpu.host_capacity / 2**30:.1f} GiB per GPU, GPU.host_capacity): "
+           "offload fewer layers, or use more GPUs"]
+    if chunked:
+        why.insert(0, f"the regions an override runs in chunks ({', '.join(chunked)}) may need a "
+                      "redistribution between two of their ops under the splits chosen (one "
+                      "program runs per chunk; a redistribution of a region's input runs "
+                      "before its loop): "
+                      "drop the chunk override there, or force the region's ops to one split")
+    raise Infeasible("no plan satisfies the overrides: " + "; or ".join(why))
+
+
+def inner_moves(pb: Problem) -> list[str]:
+    """For each region an override runs in chunks, the tensors made by one of its ops and read
+    by another in a layout that no strategy the overrides leave makes: a redistribution inside
+    it, which `whole_chunks` refuses ("region: producer → consumer (op names)")."""
+    out = []
+    for R, reg in pb.regions.items():
+        if not reg.forced:
+            continue
+        for (key, v, j), l in pb.need.items():
+            u = key[0]
+            if j or (u, key[1], v) not in reg.inner:
+                continue
+            if all((key, i, pb.need[(key, v, jj)]) in pb.move
+                   for i in range(len(pb.strategies[u])) for jj in range(len(pb.strategies[v]))):
+                module = pb.dims.cap.module_path
+                out.append(f"{reg.paths[0]}: {module(u) or u.name} → {module(v) or v.name} "
+                           f"({u.name} → {v.name})")
+    return list(dict.fromkeys(out))
 
 
 def _neg(v):
@@ -1385,24 +1440,13 @@ def solve(pb: Problem, budget: float | None, *, seconds: float = 60.0, workers: 
             least.budget = budget
             return least
         return sol
-    if sol.status == "INFEASIBLE" and budget is not None:
-        least = Model(pb, None)
-        floor = least.solve(least.peak_var(), seconds, workers)
-        if not floor.choice:  # without a budget: host memory, or what overrides force
-            chunked = sorted([R for R, reg in pb.regions.items() if reg.forced]
-                             + [c for c, lc in pb.classes.items() if lc.kind == "chunk" and lc.forced])
-            why = [f"the inputs of the layers an override offloads "
-                   f"{'may not' if chunked else 'do not'} fit in host memory "
-                   f"beside the optimizer state kept there ({pb.host_bytes / 2**30:.1f} GiB of "
-                   f"{pb.costs.gpu.host_capacity / 2**30:.1f} GiB per GPU, GPU.host_capacity): "
-                   "offload fewer layers, or use more GPUs"]
-            if chunked:  # a chunked region runs one program per chunk: no redistribution inside
-                why.insert(0, f"the regions an override runs in chunks ({', '.join(chunked)}) "
-                              "may need a redistribution inside them under the splits chosen (a "
-                              "region runs in chunks only where its tensors keep one layout; "
-                              "under DSP the block input's layout changes at every block): "
-                              "drop the chunk override there, or force splits that keep it")
-            raise Infeasible("no plan satisfies the overrides: " + "; or ".join(why))
+    if sol.status == "INFEASIBLE":
+        floor = None
+        if budget is not None:
+            least = Model(pb, None)
+            floor = least.solve(least.peak_var(), seconds, workers)
+        if floor is None or not floor.choice:  # without a budget: host memory, or overrides
+            _refuse_overrides(pb)
         how = ("" if not pb.classes else ", recomputing the layers where that saves memory"
                + (" and keeping their inputs in host memory" if pb.offload_allowed else "")
                if pb.recompute_allowed else ", without recompute")

@@ -888,6 +888,11 @@ class Region:
     heads: tuple[str, ...] = ()    # its first op in every layer (where `explain` finds it)
     excludes: tuple[str, ...] = ()  # the regions sharing ops with it (a module and the chain
     #                                 around it): at most one of them runs in chunks
+    inner: set = field(default_factory=set)
+    """(template producer, output index, template consumer) of each tensor one of its ops makes
+    and another reads in the same layer: a redistribution there would see one chunk (refused,
+    `model._add_regions`). Its other reads are its inputs: a redistribution of one runs once,
+    on the whole tensor, before the chunk loop."""
 
 
 def _add_regions(pb: Problem, nodes, overrides) -> None:
@@ -918,6 +923,12 @@ def _add_regions(pb: Problem, nodes, overrides) -> None:
         reg.heads += (r.nodes[0].name,)
         if layer == c:
             members[name] = {pb.template.get(n) for n in r.nodes}
+        inside = set(r.nodes)
+        for v in r.nodes:
+            for x in v.all_input_nodes:
+                u, idx = (x.args[0], x.args[1]) if x.target is operator.getitem else (x, None)
+                if u in inside and u in pb.template and v in pb.template:
+                    reg.inner.add((pb.template[u], idx, pb.template[v]))
     if not pb.regions:
         return
     for t in (t for lc in pb.classes.values() for t in lc.nodes):
