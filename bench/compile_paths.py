@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import os
 import platform
 import sys
@@ -39,6 +38,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from codegen import _free, _sync  # noqa: E402
 from report import stamp, write_json_and_markdown  # noqa: E402
 from timing import measure  # noqa: E402
 
@@ -55,17 +55,6 @@ PATHS = {  # name -> overrides (on top of the planner's own choices)
     "chunked loss + chains": {"layers.*": "recompute", "lm_head": "chunk:8", QKV: "chunk:4",
                               MLP: "chunk:4"},
 }
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _free(device):
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
 
 def grads_error(model, ref: dict) -> tuple[float, str, float]:
