@@ -17,6 +17,10 @@ them by the incoming gradient:
                                                   the first chunk writes dW: no zero fill)
     backward: dh, dW scaled by the incoming gradient (skipped when it is 1: one host sync)
 
+Tried and measured slower: each chunk's dh GEMM on a side stream beside its dW GEMM (the two
+contend for the SMs: 1.004 and 1.014 of Liger's time at 32K and 128K where this loop ran 0.998
+and 1.002 in the same run, bench/results/codegen-20261202-015800.md).
+
 Why this design over recomputing in backward: three GEMMs per token (forward logits, dh, dW) —
 what an unfused LM head costs — where recomputing the logits in backward adds a fourth (+33%).
 The softmax/gradient step is one Triton kernel reading each logit twice and writing it once, in
