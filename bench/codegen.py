@@ -54,8 +54,6 @@ tokens (x [T, d] and W [V, d] leaves requiring grad; labels with 1% ignored):
                           4096 at 128K), dW accumulated in bf16 (as Liger)
     fused fp32-acc        the same with an fp32 dW accumulator (accumulate=torch.float32)
     fused chunk=N         the default with N-token chunks (1024, 2048, 4096)
-    fused overlap         the default with each chunk's dh GEMM on a side stream beside its dW
-                          GEMM (linear_cross_entropy(overlap=True))
 
 Each: the step (forward + backward; 1 warm-up, 5 isolated iterations, median), the extra peak
 memory (the peak during a step minus what was allocated before it: inputs and weights are not
@@ -105,7 +103,7 @@ GIB = 2**30
 INTERLEAVED = ("seqshard eager", "seqshard layers+loss", "seqshard layers+loss chunk=1024",
                "seqshard program+loss", "seqshard layers+loss cdt", "seqshard layers+loss cudnn")
 PROFILED = ("seqshard eager", "seqshard layers+loss", "seqshard layers+loss cudnn")
-LOSS_INTERLEAVED = ("fused", "liger", "fused overlap")
+LOSS_INTERLEAVED = ("fused", "liger")
 """Loss systems timed again in interleaved rounds at each token count (the issue's comparison)."""
 CONFIGS_8B = ("8b:32K:liger-compiled", "8b:32K:seqshard-compiled", "8b:32K:seqshard",
               "8b:32K:liger")
@@ -360,7 +358,6 @@ def loss_part(args, device, dtype) -> list[dict]:
         "fused chunk=1024": lambda x, w, y: linear_ce.linear_cross_entropy(x, w, y, chunk=1024),
         "fused chunk=2048": lambda x, w, y: linear_ce.linear_cross_entropy(x, w, y, chunk=2048),
         "fused chunk=4096": lambda x, w, y: linear_ce.linear_cross_entropy(x, w, y, chunk=4096),
-        "fused overlap": lambda x, w, y: linear_ce.linear_cross_entropy(x, w, y, overlap=True),
     }
     liger_error = None
     try:
@@ -550,10 +547,8 @@ def markdown(doc) -> str:
                    "fused / liger extra peak |", "|---|" + "---|" * (len(LOSS_INTERLEAVED) + 2)]
             for T, p in pairs.items():
                 cells = [_f(p.get(c, {}), "interleaved_ms", "{:.1f} ms") for c in LOSS_INTERLEAVED]
-                f, g, o = p.get("fused", {}), p.get("liger", {}), p.get("fused overlap", {})
+                f, g = p.get("fused", {}), p.get("liger", {})
                 ratio = f"{f['interleaved_ms'] / g['interleaved_ms']:.3f}" if f and g else "-"
-                if o and g:
-                    ratio += f" (overlap: {o['interleaved_ms'] / g['interleaved_ms']:.3f})"
                 mem = f"{f['extra_peak_gib'] / g['extra_peak_gib']:.3f}" if \
                     f.get("extra_peak_gib") and g.get("extra_peak_gib") else "-"
                 md.append(f"| {T} | " + " | ".join(cells) + f" | {ratio} | {mem} |")

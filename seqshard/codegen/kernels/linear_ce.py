@@ -91,15 +91,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          divisor: torch.Tensor | None = None, chunk: int | None = None,
                          accumulate: torch.dtype | None = None,
                          out_dtype: torch.dtype = torch.float32,
-                         block_v: int | None = None, overlap: bool = False) -> torch.Tensor:
+                         block_v: int | None = None) -> torch.Tensor:
     """F.cross_entropy(hidden @ weight.T, labels, ignore_index=..., reduction=...) computed in
     chunks of `chunk` tokens (default `default_chunk`), the logits in fp32 inside the kernel.
 
     hidden [T, d], weight [V, d], labels [T] (int); reduction "mean" (over the tokens not
     ignored, or `divisor`) or "sum". accumulate: dW's accumulator dtype (None: the weight's).
-    out_dtype: the loss's dtype. block_v: the kernel's tile over V (tests). overlap: on CUDA, a
-    chunk's dh GEMM runs on a side stream beside its dW GEMM (no memory more: the next chunk
-    waits for both)."""
+    out_dtype: the loss's dtype. block_v: the kernel's tile over V (tests)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1] \
@@ -113,20 +111,19 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     T, V = hidden.shape[0], weight.shape[0]
     chunk = chunk or default_chunk(T, V, hidden.element_size(), hidden.shape[1])
     return _run(hidden, weight, labels, divisor, ignore_index, chunk, accumulate, out_dtype,
-                block_v, overlap)
+                block_v)
 
 
 @torch.compiler.disable
-def _run(hidden, weight, labels, divisor, ignore_index, chunk, accumulate, out_dtype, block_v,
-         overlap):
+def _run(hidden, weight, labels, divisor, ignore_index, chunk, accumulate, out_dtype, block_v):
     return _LinearCrossEntropy.apply(hidden.contiguous(), weight, labels.contiguous(), divisor,
-                                     ignore_index, chunk, accumulate, out_dtype, block_v, overlap)
+                                     ignore_index, chunk, accumulate, out_dtype, block_v)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, divisor, ignore_index, chunk, accumulate, out_dtype,
-                block_v, overlap):
+                block_v):
         T, d = hidden.shape
         V = weight.shape[0]
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -138,19 +135,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh = torch.empty_like(hidden) if want_h else None
         dw = torch.empty(V, d, dtype=accumulate or weight.dtype, device=weight.device) \
             if want_w else None
-        main = side = None
-        if overlap and hidden.is_cuda and dh is not None and dw is not None:
-            main, side = torch.cuda.current_stream(), torch.cuda.Stream()
         for start in range(0, T, chunk):
             end = min(T, start + chunk)
             h = hidden[start:end]
             x = torch.mm(h, weight.t())                                # [c, V]
             _rows(x, labels[start:end], rows[start:end], scale, ignore_index, grad, block_v)
-            if side is not None:
-                side.wait_stream(main)
-                with torch.cuda.stream(side):
-                    torch.mm(x, weight, out=dh[start:end])
-            elif dh is not None:
+            if dh is not None:
                 torch.mm(x, weight, out=dh[start:end])
             if dw is not None:
                 if start == 0 and dw.dtype == x.dtype:  # the first chunk writes dW: no zeros
@@ -159,8 +149,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     if start == 0:
                         dw.zero_()
                     _accumulate(dw, x.t(), h)
-            if side is not None:  # x and the next chunk's buffer: after both GEMMs read it
-                main.wait_stream(side)
             del x
         loss = rows.sum()
         if divisor is not None:
@@ -180,7 +168,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for t in (dh, dw):
                 if t is not None:
                     _scale_(t, g)
-        return dh, dw, None, None, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None
 
 
 def _rows(x: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor,
