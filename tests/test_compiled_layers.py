@@ -136,3 +136,22 @@ def test_auto_compiles_on_cuda_only():
     assert resolve_auto("auto", "auto", "cpu") == (False, False)
     assert resolve_auto(False, True, "cuda") == (False, True)
     assert resolve_auto("layers", "auto", "cpu") == ("layers", False)
+
+
+def test_a_plan_near_the_gpu_warns_without_expandable_segments(monkeypatch):
+    """A CUDA plan past half the GPU warns unless the allocator has expandable segments (the 8B
+    shape at 128K ran out of memory on fragmentation under the default allocator)."""
+    import warnings
+
+    from seqshard.planner.parallel import _warn_fragmentation
+
+    gib = 2**30
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")
+    with pytest.warns(UserWarning, match="expandable_segments:True"):
+        assert _warn_fragmentation(108 * gib, 140 * gib)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not _warn_fragmentation(30 * gib, 140 * gib)            # far from the capacity
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        assert not _warn_fragmentation(108 * gib, 140 * gib)           # the allocator copes
