@@ -604,18 +604,7 @@ def run_child(cfg: Config, row_path: str, args) -> int:
             repeats = 1 if first > 20 and not cfg.system.endswith("-compiled") else args.repeats
         else:
             repeats = 1
-            # AdamW makes its state in its first step: make it now (zero gradients, lr 0: no
-            # parameter moves), so that the one timed step's peak is a steady step's, with the
-            # optimizer state alive through backward as the planner counts it
-            for p in model.parameters():
-                p.grad = torch.zeros_like(p)
-            lr = [g["lr"] for g in opt.param_groups]
-            for g in opt.param_groups:
-                g["lr"] = 0.0
-            opt.step()
-            for g, x in zip(opt.param_groups, lr):
-                g["lr"] = x
-            opt.zero_grad(set_to_none=True)
+            make_optimizer_state(model, opt)
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -665,6 +654,23 @@ def run_child(cfg: Config, row_path: str, args) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def make_optimizer_state(model, opt) -> None:
+    """AdamW makes its state in its first step: make it now (zero gradients, lr 0: no parameter
+    moves), so that a cold timed step's peak is a steady step's, with the optimizer state alive
+    through backward as the planner counts it."""
+    import torch
+
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    lr = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    opt.step()
+    for g, x in zip(opt.param_groups, lr):
+        g["lr"] = x
+    opt.zero_grad(set_to_none=True)
 
 
 def _slice_cluster(name: str, device: str, dtype, cfg):
