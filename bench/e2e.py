@@ -791,7 +791,9 @@ def main(argv=None) -> int:
                 continue
             est = estimate_s(ctx, seq)
             steps = 1 if est > args.cold_s else 1 + args.repeats
-            need = (30 if system == "native" else 90) * (not args.smoke) + steps * est
+            # start-up: native's prediction (rank 0 plans) and FSDP2; seqshard's plan,
+            # parallelize and the compile of its first step
+            need = (60 if system == "native" else 90) * (not args.smoke) + steps * est
             remaining = left()
             if remaining < need and not args.plan_only:
                 doc["not_run"].append(f"{system} {_count_str(seq)} (estimate {need:.0f} s)")
@@ -830,6 +832,7 @@ def main(argv=None) -> int:
     if rank == 0:
         print(markdown(doc), flush=True)
         _say(f"wrote {out}/{stem}.md and .json")
+    dist.barrier()  # leave together: a rank that tears gloo down first can abort another's exit
     dist.destroy_process_group()
     return 0
 
