@@ -126,7 +126,6 @@ import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import traceback  # noqa: E402
@@ -665,14 +664,6 @@ def versions() -> dict:
 
 
 # ------------------------------------------------------------------ the driver
-def launch(args, argv) -> int:
-    """Not under torchrun: run this script under `torch.distributed.run` with --ranks ranks."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={args.ranks}", os.path.abspath(__file__), *argv]
-    print(" ".join(cmd), flush=True)
-    return subprocess.call(cmd)
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -712,7 +703,8 @@ def main(argv=None) -> int:
     if args.smoke and args.budget_gib is None:
         args.budget_gib = SMOKE_BUDGET_MIB.get(args.ranks, 0.8) / 1024
     if "RANK" not in os.environ:
-        return launch(args, argv)
+        from state import relaunch
+        return relaunch(__file__, args.ranks, argv)
 
     import torch
     import torch.distributed as dist

@@ -118,6 +118,17 @@ def init_world(cuda: bool):
     return init_device_mesh("cuda" if cuda else "cpu", (1,), mesh_dim_names=("sp",))
 
 
+def relaunch(script: str, ranks: int, argv: list[str]) -> int:
+    """Run `script` with `argv` under `torch.distributed.run` with `ranks` ranks (for a bench
+    script started without torchrun); returns its exit status."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={ranks}", os.path.abspath(script), *argv]
+    print(" ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
 def state_bytes(model, opt) -> dict:
     """Bytes of parameters, gradients and optimizer state held now (each storage once; a DTensor
     by its local shard)."""

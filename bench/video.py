@@ -403,14 +403,6 @@ def markdown(doc: dict) -> str:
 
 
 # ------------------------------------------------------------------ the driver
-def launch(args, argv) -> int:
-    """Not under torchrun: run this script under `torch.distributed.run` with --ranks ranks."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={args.ranks}", os.path.abspath(__file__), *argv]
-    print(" ".join(cmd), flush=True)
-    return subprocess.call(cmd)
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -434,7 +426,8 @@ def main(argv=None) -> int:
     if args.child:
         return child_main(args)
     if "RANK" not in os.environ:
-        return launch(args, argv)
+        from state import relaunch
+        return relaunch(__file__, args.ranks, argv)
 
     import torch
     import torch.distributed as dist
