@@ -26,7 +26,7 @@ from seqshard.dims import analyze
 from seqshard.models import AXES, build, named_plans
 from seqshard.planner import Plan, plan
 from seqshard.solver import NS, Model, build_problem, token_regions
-from seqshard.solver.model import chosen_moves, kept_attention, memory_of
+from seqshard.solver.figures import chosen_moves, kept_attention, memory_of
 from seqshard.strategies import Costs
 from seqshard.testing import record_step
 from seqshard.testing import mesh as make_mesh

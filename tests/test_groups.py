@@ -19,7 +19,7 @@ from seqshard.models import AXES, build, named_plans
 from seqshard.planner import Plan
 from seqshard.solver import NS, Model
 from seqshard.solver import groups as G
-from seqshard.solver.model import chosen_moves, kept_attention, memory_of
+from seqshard.solver.figures import chosen_moves, kept_attention, memory_of
 from seqshard.testing import record_step
 from seqshard.testing import mesh as make_mesh
 

@@ -1,7 +1,7 @@
 """The planner's predicted peak memory against a counted step: bench/memsim.py runs a training
 step (forward, backward, AdamW, twice) of a small Llama on the meta device, every storage
 counted as the caching allocator sees it, attention and RMSNorm as CUDA runs them, and the
-planner's peak (`solver.memory_of`: the backward's start and end, each node's backward
+planner's peak (`solver.figures.memory_of`: the backward's start and end, each node's backward
 gradients and temporaries) must be within 10% of what it counts, for plans that keep
 everything, recompute the layers (plainly, or keeping attention's outputs), run the loss in
 chunks, offload the layers' inputs, or run the MLPs in chunks. On the GPU, memsim matched

@@ -25,7 +25,7 @@ from seqshard.models import AXES, build, named_plans
 from seqshard.planner import Plan, plan
 from seqshard.planner.api import plan_captured
 from seqshard.solver import NS, Infeasible, Model
-from seqshard.solver.model import chosen_moves, kept_attention, memory_of
+from seqshard.solver.figures import chosen_moves, kept_attention, memory_of
 from seqshard.testing import attention_layers_problem, mesh as make_mesh
 from seqshard.testing import record_step
 

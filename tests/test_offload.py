@@ -20,7 +20,7 @@ from seqshard.models import AXES, build, named_plans
 from seqshard.planner import Plan
 from seqshard.planner.api import plan_captured
 from seqshard.solver import NS, Infeasible, Model
-from seqshard.solver.model import chosen_moves, kept_attention, memory_of
+from seqshard.solver.figures import chosen_moves, kept_attention, memory_of
 from seqshard.testing import attention_layers_problem
 from seqshard.testing import record_step
 from seqshard.testing import mesh as make_mesh
@@ -366,7 +366,7 @@ def test_offload_pricing_overlaps_the_copies(layers_4m):
     (T: its forward and backward in the plan, 60-80 s at 4M tokens), are exposed for what they
     take longer. At 2 GiB in 100 s: 100 + 2 × (100 − T) s, not the 300 s of copying each before
     its layer's rerun.
-    Failures point at `fetch_time` / `Model._fetch_time` (seqshard/solver/model.py)."""
+    Failures point at `fetch_time` (seqshard/solver/figures.py) / `Model._fetch_time` (model.py)."""
     cluster = Cluster.parse("h200x1")
     slow = replace(cluster, gpu=replace(cluster.gpu, host_bandwidth=2 * GIB / 100))
     roomy = plan_captured(layers_4m, cluster=slow)

@@ -3,7 +3,9 @@ memory budget.
 
     problem.py   the sets: template nodes, their strategies and costs, clustered tensors, moves
     clusters.py  identical layers solved once
-    model.py     the CP-SAT model; its docstring is the formulation
+    model.py     the CP-SAT model; its docstring is the formulation; `solve`
+    figures.py   the memory and time of one chosen plan, counted directly (the model's check,
+                 explain's notes)
     explain.py   solution → Plan, with every attention node's alternatives
 """
 

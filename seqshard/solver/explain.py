@@ -12,8 +12,9 @@ from seqshard.strategies.from_plan import node_keys
 
 from . import groups as G
 from .clusters import layer_of
-from .model import (IN_FLIGHT, Solution, attention_cache_bytes, chosen_moves, class_figures,
-                    fetch_time, kept_attention, region_figures)
+from .figures import (IN_FLIGHT, attention_cache_bytes, chosen_moves, class_figures, fetch_time,
+                      kept_attention, region_figures)
+from .model import Solution
 from .problem import CHUNK_BYTES, Problem
 
 __all__ = ["to_plan", "explain_all"]

@@ -1,5 +1,5 @@
 """Kept-input units of a recomputed layer class: nested checkpoint groups, and offloading a count
-of them (`model.Model` builds the variables through these functions; `model.memory_of` and
+of them (`model.Model` builds the variables through these functions; `figures.memory_of` and
 `explain.to_plan` count the same).
 
 A recomputed layer keeps its inputs. With groups of g consecutive layers of a class, an outer
@@ -204,7 +204,7 @@ def fetch_ns(pb: Problem, choice: dict, c: str, k: int) -> int:
 
 def group_forward_ns(pb: Problem, choice: dict, c: str, g: int, moves) -> int:
     """Integer ns of the forwards groups of g add to class c (K − n_g layers' forward; `moves`:
-    the chosen redistributions, `model.chosen_moves`)."""
+    the chosen redistributions, `figures.chosen_moves`)."""
     lc = pb.classes[c]
     K, n = len(lc.layers), units(pb, c, g)
     if g <= 1 or n == K:
