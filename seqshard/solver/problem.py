@@ -21,7 +21,7 @@ from seqshard.costmodel import compute as comp
 from seqshard.dims import DimAnalysis
 from seqshard.strategies import (Cost, Costs, R, candidates, parse_spec, plan_nodes, spec_for,
                                  whole_somewhere)
-from seqshard.strategies.costs import SAVES_ALL, SAVES_FIRST, VIEWS, op_packet
+from seqshard.strategies.costs import SAVES_ALL, SAVES_FIRST, VIEWS, components, op_packet
 from seqshard.strategies.strategy import is_attention
 
 from .clusters import cluster_layers, layer_classes, layer_of
@@ -733,24 +733,10 @@ def token_chains(dims: DimAnalysis) -> list[TokenRegion]:
             for j in range(1, len(parts) + 1):
                 under.setdefault(".".join([lay] + parts[:j]), []).append(n)
     # components of token-wise ops joined by their edges, within one layer
-    parent: dict = {}
-
-    def find(v):
-        while parent[v] is not v:
-            parent[v] = parent[parent[v]]
-            v = parent[v]
-        return v
-
-    for v in dims.cap.nodes():
-        if layer.get(v) is None or not tokenwise(v):
-            continue
-        parent[v] = v
-        for x in v.all_input_nodes:
-            if x in parent and layer.get(x) == layer[v]:
-                parent[find(x)] = find(v)
+    ops = [v for v in dims.cap.nodes() if layer.get(v) is not None and tokenwise(v)]
     groups: dict = {}
-    for v in parent:
-        groups.setdefault(find(v), []).append(v)
+    for v, root in components(ops, lambda x, v: layer[x] == layer[v]).items():
+        groups.setdefault(root, []).append(v)
     out = []
     for group in groups.values():
         for nodes in _one_way(group, order):
@@ -784,21 +770,9 @@ def _one_way(nodes: list, order: dict) -> list[list]:
         return [sorted(nodes, key=order.get)]
     out = []
     for part in (members - after, after):
-        parent = {v: v for v in part}
-
-        def find(v):
-            while parent[v] is not v:
-                parent[v] = parent[parent[v]]
-                v = parent[v]
-            return v
-
-        for v in part:
-            for x in v.all_input_nodes:
-                if x in parent:
-                    parent[find(x)] = find(v)
         pieces: dict = {}
-        for v in part:
-            pieces.setdefault(find(v), []).append(v)
+        for v, root in components(part).items():
+            pieces.setdefault(root, []).append(v)
         for piece in pieces.values():
             out += _one_way(piece, order)
     return out

@@ -359,6 +359,26 @@ def _fusible(n: fx.Node) -> bool:
         and isinstance(n.meta.get("val"), torch.Tensor)
 
 
+def components(nodes, joined=lambda x, v: True) -> dict:
+    """Connected components of graph nodes (union-find): node → its component's root, for
+    `nodes` joined along each edge x → v between two of them where `joined(x, v)`. In `nodes`'
+    order; a component's members map to one root node (a chain id in `fused_chains`, the key
+    that groups `solver.problem.token_chains`' components)."""
+    parent = {n: n for n in nodes}
+
+    def find(a):
+        while parent[a] is not a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for v in parent:
+        for x in v.all_input_nodes:
+            if x in parent and joined(x, v):
+                parent[find(x)] = find(v)
+    return {v: find(v) for v in parent}
+
+
 def fused_chains(dims: DimAnalysis) -> dict:
     """What Inductor makes of each layer's pointwise ops and norms (compile="layers" compiles
     each layer alone): node → (chain id, {input: is n the chain's first reader of it}, is n's
@@ -377,18 +397,7 @@ def fused_chains(dims: DimAnalysis) -> dict:
     layer = {n: _layer(dims, n) for n in nodes if n.op == "call_function"}
     member = {n for n in nodes if layer.get(n) is not None
               and (_fusible(n) or op_packet(n) in VIEWS)}
-    parent = {n: n for n in member}
-
-    def find(a):
-        while parent[a] is not a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for n in member:
-        for x in n.all_input_nodes:
-            if x in member and layer[x] == layer[n]:
-                parent[find(x)] = find(n)
+    chain_of = components(member, lambda x, n: layer[x] == layer[n])
 
     def source(x):  # through views to the op that made the data
         while x in member and op_packet(x) in VIEWS and x.all_input_nodes:
@@ -403,14 +412,14 @@ def fused_chains(dims: DimAnalysis) -> dict:
 
     chains, seen, started = {}, set(), set()
     for n in sorted((m for m in member if op_packet(m) not in VIEWS), key=order.get):
-        c = find(n)
+        c = chain_of[n]
         first = {}
         for x in n.all_input_nodes:
             src = source(x)
-            inside = src in member and find(src) is c
+            inside = src in member and chain_of[src] is c
             first[x] = not inside and (c, src) not in seen
             seen.add((c, src))
-        outside = any(u not in member or find(u) is not c for u in readers(n))
+        outside = any(u not in member or chain_of[u] is not c for u in readers(n))
         chains[n] = (c, first, outside, c not in started)
         started.add(c)
     return chains
