@@ -39,7 +39,10 @@ def attention_choices(p: Plan) -> set:
 class SmallAttention(nn.Module):
     """One attention block, 4 heads: on 8 GPUs only the sequence can be split, so the strategy
     space is small enough to enumerate, and all-gather-KV (fast, holds all K/V) against ring
-    (slower, holds two blocks) makes a memory budget bind."""
+    (slower, holds two blocks) makes a memory budget bind. The block of
+    `seqshard.testing.attention_layers`, but not inside `layers.N`: no layer class, so the plan
+    has no recompute or chunk decision and `enumerate_plans` (strategies alone; kept bytes and
+    the largest working set) is the whole model."""
 
     def __init__(self, d=256, heads=4):
         super().__init__()
