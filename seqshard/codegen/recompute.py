@@ -373,7 +373,7 @@ def chunk_modules(gm: fx.GraphModule, modules: list[ChunkedModule]) -> fx.GraphM
             if module.startswith("seqshard.runtime") or str(n.target).startswith("seqshard."):
                 raise PlanError(f"{where}, but {n.name} ({n.target}) communicates inside it, "
                                 "between two of its ops: a redistribution there would see one "
-                                "chunk (one of its input runs before the loop). Plan without "
+                                "chunk (a redistribution of one of its inputs runs before the loop). Plan without "
                                 "chunking it, or with one split for all of its ops")
         # made without the tokens (a parameter's shard), and what its inputs are made from
         # after its first op (a redistribution of an input, emitted at the op reading it): before it
