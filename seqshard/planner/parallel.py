@@ -36,6 +36,7 @@ only; and everything under `check_inputs=False`, which skips the per-call exchan
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import warnings
 import weakref
@@ -202,14 +203,12 @@ FRAGMENTATION_SHARE = 0.5
 
 
 def _warn_fragmentation(peak: float, capacity: float) -> bool:
-    """Warn (once a process) where the caching allocator's fragmentation may break a plan that
+    """Warn (Python's default filter: once per call site) where the caching allocator's fragmentation may break a plan that
     fits: the plan prices allocated bytes, and a long-sequence plan frees and allocates blocks
     of many sizes. Measured: the 8B shape at 128K on one H200 (predicted 107.9 GiB, measured
     108.1 allocated) ran out of memory in its second step under the default allocator with 37.7
     GiB reserved but not allocated, and ran with `expandable_segments:True`
     (bench/results/memory-20261201-231356-8b128k-warm.md, -231649-...-expandable.md)."""
-    import os
-
     conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + os.environ.get("PYTORCH_ALLOC_CONF", "")
     if peak <= FRAGMENTATION_SHARE * capacity or "expandable_segments:true" in conf.lower():
         return False

@@ -133,8 +133,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             scale = scale / divisor.to(torch.float32)
         rows = torch.empty(T, dtype=torch.float32, device=hidden.device)
         dh = torch.empty_like(hidden) if want_h else None
-        dw = torch.empty(V, d, dtype=accumulate or weight.dtype, device=weight.device) \
-            if want_w else None
+        acc = accumulate or weight.dtype  # the first chunk writes dW in its dtype: no zero fill
+        dw = (torch.empty if acc == hidden.dtype else torch.zeros)(
+            V, d, dtype=acc, device=weight.device) if want_w else None
         for start in range(0, T, chunk):
             end = min(T, start + chunk)
             h = hidden[start:end]
@@ -143,11 +144,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if dh is not None:
                 torch.mm(x, weight, out=dh[start:end])
             if dw is not None:
-                if start == 0 and dw.dtype == x.dtype:  # the first chunk writes dW: no zeros
-                    torch.mm(x.t(), h, out=dw)         # to fill, none to read back (-2 GiB
-                else:                                  # of traffic at V 128256 × d 4096)
-                    if start == 0:
-                        dw.zero_()
+                if start == 0 and dw.dtype == x.dtype:
+                    torch.mm(x.t(), h, out=dw)
+                else:
                     _accumulate(dw, x.t(), h)
             del x
         loss = rows.sum()
