@@ -1,6 +1,6 @@
 """codegen/kernels/linear_ce.py: the fused LM head + cross-entropy against
 F.cross_entropy(hidden @ weight.T) in float32 (loss, d hidden and d weight ≤ 1e-5 relative), with
-ignored tokens, chunks that do not divide the tokens and tiles that do not divide the vocabulary,
+ignored tokens (skipped by the GEMMs, or not), chunks that do not divide the tokens and tiles that do not divide the vocabulary,
 on the Triton kernel (CPU, TRITON_INTERPRET=1) and on the torch path.
 
 Failures point at: the kernel's online logsumexp or its gradient pass (_linear_ce_kernel.py:
@@ -26,14 +26,15 @@ assert triton_usable(torch.empty(1, device=DEVICE)) == TRITON
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
-def case(dtype, reduction, ignore, seed, grad_out=1.5, accumulate=None):
+def case(dtype, reduction, ignore, seed, grad_out=1.5, accumulate=None, skip=True,
+         ignored=(3, 10, 36)):
     # 37 tokens in chunks of 10 (10, 10, 10, 7); V 300 in tiles of 128 (128, 128, 44)
     gen = torch.Generator().manual_seed(seed)
     T, d, V = 37, 16, 300
     h = torch.randn(T, d, generator=gen)
     w = torch.randn(V, d, generator=gen) * 0.5
     y = torch.randint(0, V, (T,), generator=gen)
-    y[[3, 10, 36]] = ignore
+    y[list(ignored)] = ignore
     h, w, y = h.to(DEVICE), w.to(DEVICE), y.to(DEVICE)
     def run(fn, dt):
         hh = h.to(dt).clone().requires_grad_(); ww = w.to(dt).clone().requires_grad_()
@@ -43,7 +44,8 @@ def case(dtype, reduction, ignore, seed, grad_out=1.5, accumulate=None):
     ref = run(lambda a, b: F.cross_entropy(a @ b.T, y, ignore_index=ignore, reduction=reduction),
               torch.float32)
     got = run(lambda a, b: linear_cross_entropy(a, b, y, ignore_index=ignore, reduction=reduction,
-                                                chunk=10, block_v=128, accumulate=accumulate),
+                                                chunk=10, block_v=128, accumulate=accumulate,
+                                                skip_ignored=skip),
               dtype)
     errs = [rel(g, r) for g, r in zip(got, ref)]
     if dtype == torch.float32:
@@ -62,6 +64,9 @@ print(case(torch.float32, "mean", -100, 0))
 print(case(torch.float32, "sum", 5, 1))
 print(case(torch.bfloat16, "mean", -100, 2))
 print(case(torch.bfloat16, "mean", -100, 2, accumulate=torch.float32))
+print(case(torch.float32, "mean", -100, 3, skip=False))  # every token through the GEMMs
+print(case(torch.float32, "sum", -100, 4, ignored=list(range(12)) + list(range(20, 31))))
+print(case(torch.float32, "sum", -100, 5, ignored=range(37)))  # no token left: 0, zero gradients
 """
 
 

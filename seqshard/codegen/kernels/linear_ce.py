@@ -7,25 +7,40 @@ Design (Liger's, after mgmalek/efficient_cross_entropy): the forward walks the t
 of `chunk` rows and, when gradients are wanted, computes them there, so backward only scales
 them by the incoming gradient:
 
-    for each chunk c of tokens:
-        x = hidden[c] @ weight.T                  [c, V], hidden's dtype (cuBLAS, fp32 inside)
+    for each chunk c of the tokens kept (label != ignore_index):
+        h = hidden[c]                             gathered (into dh's rows of the chunk, not yet
+                                                  written) when some tokens are ignored
+        x = h @ weight.T                          [c, V], hidden's dtype (cuBLAS, fp32 inside)
         ce_rows_kernel(x, labels[c])              one program per row, fp32: online logsumexp
                                                   over BLOCK_V tiles, the row's loss, and x
                                                   overwritten by scale·(softmax(x) - onehot)
-        dh[c] = x @ weight                        written in place into dh
-        dW   += x.T @ hidden[c]                   cuBLAS addmm in place (fp32 inside the GEMM;
+        dW   += x.T @ h                           cuBLAS addmm in place (fp32 inside the GEMM;
                                                   the first chunk writes dW: no zero fill)
+        dh[c] = x @ weight                        written in place into dh
+    dh's rows spread to the kept tokens' places, the ignored ones zeroed
     backward: dh, dW scaled by the incoming gradient (skipped when it is 1: one host sync)
 
-Tried and measured slower: each chunk's dh GEMM on a side stream beside its dW GEMM (the two
-contend for the SMs: 1.004 and 1.014 of Liger's time at 32K and 128K where this loop ran 0.998
-and 1.002 in the same run, bench/results/codegen-20261202-015800.md).
+Skipping the ignored tokens (`skip_ignored`, the default) is where this beats Liger's loop,
+which computes every row: an ignored token's logits only ever get a zero gradient. It costs one
+host sync in the forward (how many tokens are kept: the GEMMs' row count), and nothing in
+memory: the gathered rows live in dh's rows the chunk will write, the indices in int32. Measured
+(bench/results/fused_loss-20261202-*, d 4096, V 128256, bf16, one H200): half the tokens
+ignored as prompt spans, 0.54 of Liger's time at 32K tokens and 0.55 at 128K; 1% ignored at
+random, 0.998-1.000; none ignored, a tie (1.000-1.007; the same GEMMs at the same chunk, the
+same row kernel).
+
+Tried and measured no faster: each chunk's dh GEMM on a side stream beside its dW GEMM (the two
+contend for the SMs: bench/results/codegen-20261202-015800); launch variants of the row kernel
+(one program per SM, pass 2 walking the row backwards for L2 reuse, 8K/16K tiles: it already
+runs at the copy bandwidth with its three passes, ce_rows-20261202-031256); the dh GEMM without
+reduced-precision bf16 reduction and cuBLASLt for any of the GEMMs (faster in one run, slower in
+the next: fused_loss-20261202-032422, ce_rows-20261202-031713).
 
 Why this design over recomputing in backward: three GEMMs per token (forward logits, dh, dW) —
 what an unfused LM head costs — where recomputing the logits in backward adds a fourth (+33%).
 The softmax/gradient step is one Triton kernel reading each logit twice and writing it once, in
 place; no other [c, V] buffer exists. Peak memory beyond the inputs: one chunk of logits, dh
-and dW.
+and dW (the loss is summed a chunk at a time: no [T] buffer).
 
 dW's accumulator (`accumulate`): by default the weight's dtype, as Liger does - each chunk's
 GEMM sums its tokens in fp32 and the running sum is rounded to bf16 once per chunk (on a bf16
@@ -36,8 +51,8 @@ weight instead of 2 during the loop plus the cast's copy: at V 128256 × d 4096,
 the peak than the default, which is what puts it above Liger's memory.
 
 `reduction="mean"` divides by the tokens not ignored (or by `divisor`, a tensor: codegen passes
-the count over the ranks that split the tokens), folded into the kernel's gradient scale: no
-host sync anywhere. An ignored token (label == ignore_index) adds 0 to the loss and gets a zero
+the count over the ranks that split the tokens), folded into the kernel's gradient scale (no
+host sync for it). An ignored token (label == ignore_index) adds 0 to the loss and gets a zero
 gradient. Labels must lie in [0, V) otherwise (ParallelModule checks token ids before a call).
 
 The Triton path runs on CUDA tensors (or any under TRITON_INTERPRET=1, for tests); elsewhere
@@ -91,13 +106,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          divisor: torch.Tensor | None = None, chunk: int | None = None,
                          accumulate: torch.dtype | None = None,
                          out_dtype: torch.dtype = torch.float32,
-                         block_v: int | None = None) -> torch.Tensor:
+                         block_v: int | None = None, skip_ignored: bool = True) -> torch.Tensor:
     """F.cross_entropy(hidden @ weight.T, labels, ignore_index=..., reduction=...) computed in
     chunks of `chunk` tokens (default `default_chunk`), the logits in fp32 inside the kernel.
 
     hidden [T, d], weight [V, d], labels [T] (int); reduction "mean" (over the tokens not
     ignored, or `divisor`) or "sum". accumulate: dW's accumulator dtype (None: the weight's).
-    out_dtype: the loss's dtype. block_v: the kernel's tile over V (tests)."""
+    out_dtype: the loss's dtype. block_v: the kernel's tile over V (tests). skip_ignored: the
+    GEMMs take only the tokens not ignored (one host sync to count them); False: every token,
+    no host sync in the forward."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1] \
@@ -111,19 +128,21 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     T, V = hidden.shape[0], weight.shape[0]
     chunk = chunk or default_chunk(T, V, hidden.element_size(), hidden.shape[1])
     return _run(hidden, weight, labels, divisor, ignore_index, chunk, accumulate, out_dtype,
-                block_v)
+                block_v, skip_ignored)
 
 
 @torch.compiler.disable
-def _run(hidden, weight, labels, divisor, ignore_index, chunk, accumulate, out_dtype, block_v):
+def _run(hidden, weight, labels, divisor, ignore_index, chunk, accumulate, out_dtype, block_v,
+         skip_ignored):
     return _LinearCrossEntropy.apply(hidden.contiguous(), weight, labels.contiguous(), divisor,
-                                     ignore_index, chunk, accumulate, out_dtype, block_v)
+                                     ignore_index, chunk, accumulate, out_dtype, block_v,
+                                     skip_ignored)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, divisor, ignore_index, chunk, accumulate, out_dtype,
-                block_v):
+                block_v, skip_ignored):
         T, d = hidden.shape
         V = weight.shape[0]
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -131,25 +150,42 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = torch.ones(1, dtype=torch.float32, device=hidden.device)
         if divisor is not None:
             scale = scale / divisor.to(torch.float32)
-        rows = torch.empty(T, dtype=torch.float32, device=hidden.device)
+        kept = ignored = None
+        if skip_ignored:  # one host sync: how many rows the GEMMs take
+            valid = labels != ignore_index
+            ignored = (~valid).nonzero()[:, 0]
+            if ignored.numel():
+                kept = valid.nonzero()[:, 0].to(torch.int32)  # index_select takes int32: half the bytes
+            del valid
+        n = T if kept is None else kept.numel()
+        rows = torch.empty(min(n, chunk), dtype=torch.float32, device=hidden.device)  # one chunk's
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         dh = torch.empty_like(hidden) if want_h else None
         acc = accumulate or weight.dtype  # the first chunk writes dW in its dtype: no zero fill
-        dw = (torch.empty if acc == hidden.dtype else torch.zeros)(
+        dw = (torch.empty if acc == hidden.dtype and n else torch.zeros)(
             V, d, dtype=acc, device=weight.device) if want_w else None
-        for start in range(0, T, chunk):
-            end = min(T, start + chunk)
-            h = hidden[start:end]
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
+            if kept is None:
+                h, y = hidden[start:end], labels[start:end]
+            else:  # the chunk's kept tokens gathered: into dh's rows [start, end) while unwritten
+                sel = kept[start:end]
+                h = torch.index_select(hidden, 0, sel, out=dh[start:end]) if dh is not None \
+                    else hidden.index_select(0, sel)
+                y = labels.index_select(0, sel)
             x = torch.mm(h, weight.t())                                # [c, V]
-            _rows(x, labels[start:end], rows[start:end], scale, ignore_index, grad, block_v)
-            if dh is not None:
-                torch.mm(x, weight, out=dh[start:end])
-            if dw is not None:
+            _rows(x, y, rows[: end - start], scale, ignore_index, grad, block_v)
+            if dw is not None:  # before dh: h may live in dh's rows
                 if start == 0 and dw.dtype == x.dtype:
                     torch.mm(x.t(), h, out=dw)
                 else:
                     _accumulate(dw, x.t(), h)
-            del x
-        loss = rows.sum()
+            if dh is not None:
+                torch.mm(x, weight, out=dh[start:end])
+            loss += rows[: end - start].sum()
+            del x, h
+        if kept is not None and dh is not None:
+            _spread_rows_(dh, kept, ignored, chunk)
         if divisor is not None:
             loss = loss / divisor.to(torch.float32)
         if dw is not None and dw.dtype != weight.dtype:
@@ -167,7 +203,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for t in (dh, dw):
                 if t is not None:
                     _scale_(t, g)
-        return dh, dw, None, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None, None
 
 
 def _rows(x: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor,
@@ -214,6 +250,18 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         except (RuntimeError, TypeError):
             _MIXED_ADDMM[kind] = False
     acc.add_(torch.mm(a, b))
+
+
+def _spread_rows_(dh: torch.Tensor, kept: torch.Tensor, ignored: torch.Tensor, block: int) -> None:
+    """dh's first len(kept) rows, compacted, moved in place to rows `kept` (ascending); rows
+    `ignored` zeroed. Blocks go last to first: block [s, e) lands on rows kept[s:e] >= s, above
+    every row not moved yet, so one block's copy (a clone, as its rows may overlap its targets)
+    is the only extra memory."""
+    n = kept.numel()
+    for start in reversed(range(0, n, block)):
+        end = min(n, start + block)
+        dh.index_copy_(0, kept[start:end].long(), dh[start:end].clone())
+    dh.index_fill_(0, ignored, 0)
 
 
 def _scale_(t: torch.Tensor, g: torch.Tensor) -> None:
