@@ -24,7 +24,7 @@ for three label patterns: none ignored, 1% ignored at random (bench/codegen.py's
 tokens ignored as prompt spans (the first 2048 of every 4096, SFT-style). Systems: `linear_ce` as
 it is, `linear_ce` with every token through the GEMMs (skip_ignored=False: the loop before this
 change), and Liger's; interleaved for --rounds rounds
-(`timing.measure`); extra peak memory; loss and gradient differences against the first system;
+(`timing.measure`; --orders 2: half the rounds in reverse order); extra peak memory; loss and gradient differences against the first system;
 then one chunk loop's phases timed by events (forward GEMM, rows, dh GEMM, dW GEMM).
 
 Results: fused_loss-<stamp>.json and .md under --out, else $OUT, else bench/results/.
@@ -202,7 +202,7 @@ def loss_part(args, device, lce) -> list[dict]:
         x = torch.randn(T, d, device=device, generator=gen).to(torch.bfloat16).requires_grad_()
         w = (torch.randn(V, d, device=device, generator=gen) * 0.02).to(torch.bfloat16).requires_grad_()
         chunk = lce.default_chunk(T, V, 2, d)
-        for pattern in PATTERNS:
+        for pattern in args.patterns:
             y = labels_for(pattern, T, V, device, gen)
             steps, refs = {}, None
             for name, fn in systems.items():
@@ -248,16 +248,25 @@ def loss_part(args, device, lce) -> list[dict]:
                                 error=f"skipped: {liger_error}"))
             x.grad = w.grad = None
             refs = None
-            timed = measure({k: s for k, (s, _) in steps.items()}, warmup=1, repeats=args.rounds,
-                            device=device)
+            # --orders 2: half the rounds in the systems' order, half reversed, so that a cost
+            # of coming first (or last) in a round falls on every system alike
+            times = {k: [] for k in steps}
+            names = list(steps)
+            for o in range(args.orders):
+                order = names if o % 2 == 0 else names[::-1]
+                timed = measure({k: steps[k][0] for k in order}, warmup=1,
+                                repeats=max(1, args.rounds // args.orders), device=device)
+                for k in order:
+                    times[k] += timed[k].times_ms
             for k, (_, row) in steps.items():
-                row["interleaved_ms"] = timed[k].median_ms
-                row["times_ms"] = timed[k].times_ms
+                row["interleaved_ms"] = statistics.median(times[k])
+                row["times_ms"] = times[k]
+                row["orders"] = args.orders
                 print(f"[loss] T={T} {pattern} {k}: {row['interleaved_ms']:.2f} ms", flush=True)
-            if "liger" in timed:
+            if "liger" in times:
                 for k, (_, row) in steps.items():
-                    pairs = [a / b for a, b in zip(timed[k].times_ms, timed["liger"].times_ms)]
-                    row["vs_liger"] = timed[k].median_ms / timed["liger"].median_ms
+                    pairs = [a / b for a, b in zip(times[k], times["liger"])]
+                    row["vs_liger"] = row["interleaved_ms"] / statistics.median(times["liger"])
                     row["vs_liger_paired"] = statistics.median(pairs)
             del steps
         y = labels_for("none ignored", T, V, device, gen)
@@ -311,8 +320,15 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=20, help="timed calls of each GEMM")
     p.add_argument("--rounds", type=int, default=20, help="interleaved rounds of the loss")
     p.add_argument("--parts", default="loss", help="loss,gemms")
+    p.add_argument("--patterns", default=",".join(PATTERNS), help="label patterns, comma-separated")
+    p.add_argument("--orders", type=int, default=1,
+                   help="2: half the rounds with the systems in reverse order")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    args.patterns = [x.strip() for x in args.patterns.split(",")]
+    unknown = set(args.patterns) - set(PATTERNS)
+    if unknown:
+        p.error(f"unknown --patterns {sorted(unknown)}; choose from {PATTERNS}")
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.repeats, args.rounds = 2, 2

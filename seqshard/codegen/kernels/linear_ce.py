@@ -23,11 +23,18 @@ them by the incoming gradient:
 Skipping the ignored tokens (`skip_ignored`, the default) is where this beats Liger's loop,
 which computes every row: an ignored token's logits only ever get a zero gradient. It costs one
 host sync in the forward (how many tokens are kept: the GEMMs' row count), and nothing in
-memory: the gathered rows live in dh's rows the chunk will write, the indices in int32. Measured
-(bench/results/fused_loss-20261202-*, d 4096, V 128256, bf16, one H200): half the tokens
-ignored as prompt spans, 0.54 of Liger's time at 32K tokens and 0.55 at 128K; 1% ignored at
-random, 0.998-1.000; none ignored, a tie (1.000-1.007; the same GEMMs at the same chunk, the
-same row kernel).
+memory: the gathered rows live in dh's rows the chunk will write, the indices in int32. The
+gather and the spread move dh's bytes about six times (~0.4 ms at 32K tokens × d 4096, where a
+token's GEMMs and row cost ~5 µs and the last chunk's rows round up to a 128-row tile), so the
+tokens are gathered only when at least 1/SKIP_SHARE (1/128) of them are ignored: one ignored
+token a sequence (a causal LM's last) runs every row, as Liger does.
+
+Measured (bench/results/fused_loss-20261202-032422 and -033543, d 4096, V 128256, bf16, one
+H200, interleaved with Liger, ratios of medians): half the tokens ignored as prompt spans,
+0.542-0.546 of Liger's time at 32K tokens and 0.550-0.554 at 128K; 1% ignored at random,
+0.994-1.000 and 0.998-0.999 (bench/codegen.py's labels; its runs: 0.985 and 1.002 at 32K, 1.000
+and 0.999 at 128K); none ignored, a tie, 1.002-1.007 and 1.002 (the same GEMMs at the same
+chunk, the same row kernel). Extra peak memory equal to Liger's to 0.1 MiB, or below.
 
 Tried and measured no faster: each chunk's dh GEMM on a side stream beside its dW GEMM (the two
 contend for the SMs: bench/results/codegen-20261202-015800); launch variants of the row kernel
@@ -72,6 +79,7 @@ __all__ = ["linear_cross_entropy", "default_chunk", "triton_usable"]
 MAX_BLOCK_V = 32768       # a row's tile: 32 fp32 values a thread at 32 warps (Liger's size)
 CHUNK_BYTES = 1 << 30     # default chunk: logits of at most this many bytes
 MIN_CHUNK = 1024          # and at least this many tokens
+SKIP_SHARE = 128          # ignored tokens leave the GEMMs when at least 1/SKIP_SHARE of them
 
 
 @functools.lru_cache(maxsize=1)
@@ -113,8 +121,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     hidden [T, d], weight [V, d], labels [T] (int); reduction "mean" (over the tokens not
     ignored, or `divisor`) or "sum". accumulate: dW's accumulator dtype (None: the weight's).
     out_dtype: the loss's dtype. block_v: the kernel's tile over V (tests). skip_ignored: the
-    GEMMs take only the tokens not ignored (one host sync to count them); False: every token,
-    no host sync in the forward."""
+    GEMMs take only the tokens not ignored when at least 1/SKIP_SHARE are (one host sync to count
+    them); False: every token, no host sync in the forward."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1] \
@@ -154,7 +162,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if skip_ignored:  # one host sync: how many rows the GEMMs take
             valid = labels != ignore_index
             ignored = (~valid).nonzero()[:, 0]
-            if ignored.numel():
+            if ignored.numel() * SKIP_SHARE >= T:
                 kept = valid.nonzero()[:, 0].to(torch.int32)  # index_select takes int32: half the bytes
             del valid
         n = T if kept is None else kept.numel()
