@@ -29,12 +29,14 @@ token's GEMMs and row cost ~5 µs and the last chunk's rows round up to a 128-ro
 tokens are gathered only when at least 1/SKIP_SHARE (1/128) of them are ignored: one ignored
 token a sequence (a causal LM's last) runs every row, as Liger does.
 
-Measured (bench/results/fused_loss-20261202-032422 and -033543, d 4096, V 128256, bf16, one
-H200, interleaved with Liger, ratios of medians): half the tokens ignored as prompt spans,
-0.542-0.546 of Liger's time at 32K tokens and 0.550-0.554 at 128K; 1% ignored at random,
-0.994-1.000 and 0.998-0.999 (bench/codegen.py's labels; its runs: 0.985 and 1.002 at 32K, 1.000
-and 0.999 at 128K); none ignored, a tie, 1.002-1.007 and 1.002 (the same GEMMs at the same
-chunk, the same row kernel). Extra peak memory equal to Liger's to 0.1 MiB, or below.
+Measured (bench/results/fused_loss-20261202-032422, -033543 and -034251, d 4096, V 128256,
+bf16, one H200, interleaved with Liger, ratios of medians): half the tokens ignored as prompt
+spans, 0.542-0.546 of Liger's time at 32K tokens and 0.550-0.554 at 128K. With 1% ignored at
+random (bench/codegen.py's labels) still a tie, 0.994-1.003 and 0.998-1.000 (codegen.py's runs:
+0.985, 1.002, 1.012 at 32K; 1.000, 0.999, 1.001 at 128K): 1% of the GEMM rows is about what the
+rounding of the last chunk to a tile and the gather give back. None ignored: a tie, 1.002-1.007
+and 1.000-1.002 (the same GEMMs at the same chunk, the same row kernel). Extra peak memory
+equal to Liger's to 0.1 MiB, or below.
 
 Tried and measured no faster: each chunk's dh GEMM on a side stream beside its dW GEMM (the two
 contend for the SMs: bench/results/codegen-20261202-015800); launch variants of the row kernel
