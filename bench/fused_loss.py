@@ -27,6 +27,11 @@ change), and Liger's; interleaved for --rounds rounds
 (`timing.measure`; --orders 2: half the rounds in reverse order); extra peak memory; loss and gradient differences against the first system;
 then one chunk loop's phases timed by events (forward GEMM, rows, dh GEMM, dW GEMM).
 
+Part "step": a whole training step of seqshard's program on the Llama-3.2-1B shape at --seq
+tokens (world size 1, eager, kernels=True: the fused loss in the program) with half the labels
+ignored as prompt spans, the loss skipping them against the same program running every row;
+interleaved, with the loss and gradient differences between the two.
+
 Results: fused_loss-<stamp>.json and .md under --out, else $OUT, else bench/results/.
 """
 
@@ -279,6 +284,71 @@ def loss_part(args, device, lce) -> list[dict]:
     return out
 
 
+def step_part(args, device, lce) -> list[dict]:
+    """A whole training step of seqshard's program (world size 1, eager, kernels=True) with
+    half the labels ignored as prompt spans: the fused loss skipping them against the same loss
+    running every row (linear_ce.SKIP_SHARE 0: no share of ignored tokens is enough), interleaved.
+    Each row counts the loss calls that gathered (`gathered`): the skipping system's, not the
+    other's, or the comparison is void."""
+    import torch.distributed as dist
+
+    from seqshard.models import AXES, build
+    from seqshard.planner import parallelize
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29543")
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+    name, seq = ("tiny", 64) if args.smoke else ("llama3-1b", args.seq)
+    model, inputs = build("llama", name, device=device, dtype=torch.bfloat16, batch=1, seq=seq)
+    ids, labels = inputs
+    masked = labels.clone()
+    span = min(4096, seq)
+    masked.view(-1, span)[:, : span // 2] = -100
+    pm = parallelize(model, (ids, masked), axes=AXES["llama"], compile=False, kernels=True)
+    share, spread, gathered = lce.SKIP_SHARE, lce._spread_rows_, {}
+
+    def step_of(skip: bool):
+        def counted(*a, **k):  # a loss call that gathered the kept tokens spreads them back
+            gathered[skip] = gathered.get(skip, 0) + 1
+            return spread(*a, **k)
+
+        def step():
+            lce.SKIP_SHARE, lce._spread_rows_ = (share if skip else 0), counted
+            try:
+                model.zero_grad(set_to_none=True)
+                loss = pm(ids, masked)
+                loss.backward()
+                return loss
+            finally:
+                lce.SKIP_SHARE, lce._spread_rows_ = share, spread
+        return step
+
+    steps = {"half ignored, skipped": step_of(True), "half ignored, every row": step_of(False)}
+    rows, grads = [], {}
+    for k, fn in steps.items():
+        loss = fn()
+        grads[k] = (loss.detach().float(), [p.grad.detach().float().clone() for p in model.parameters()])
+        rows.append(dict(part="step", model=name, seq=seq, system=k, loss=loss.item(),
+                         fused_loss="fused_chunked(" in pm.code,
+                         gathered=gathered.get(k.endswith("skipped"), 0)))
+    (la, ga), (lb, gb) = grads.values()
+    worst = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(ga, gb))
+    rows[0]["rel_diff_loss"] = ((la - lb).abs() / lb.abs()).item()
+    rows[0]["worst_rel_diff_grad"] = worst
+    del grads
+    timed = measure(steps, warmup=1, repeats=args.rounds, device=device)
+    for r in rows:
+        r["median_ms"] = timed[r["system"]].median_ms
+        r["times_ms"] = timed[r["system"]].times_ms
+        print(f"[step] {r['system']}: {r['median_ms']:.1f} ms", flush=True)
+    rows[0]["vs_every_row"] = rows[0]["median_ms"] / rows[1]["median_ms"]
+    if not (rows[0]["gathered"] and not rows[1]["gathered"] and rows[0]["fused_loss"]):
+        raise RuntimeError(f"void comparison: the fused loss gathered {rows[0]['gathered']} and "
+                           f"{rows[1]['gathered']} times in the first step of each system")
+    return rows
+
+
 def report(doc) -> str:
     md = [f"# fused_loss: the fused LM-head loss against Liger, by ignored tokens ({doc['device']})",
           "", f"{doc['stamp']}, torch {doc['torch']}, triton {doc.get('triton')}; d 4096, "
@@ -296,6 +366,17 @@ def report(doc) -> str:
             diff = f"{r['diff_loss']:.1e}; {r['rel_dx']:.1e}, {r['rel_dw']:.1e}" if "rel_dx" in r else ""
             md.append(f"| {r['tokens']} | {r['labels']} | {r['kept']} | {r['system']} | "
                       f"{r.get('interleaved_ms', 0):.2f} | {vs} | {r.get('extra_peak_gib', 0):.4f} GiB | {diff} |")
+    step = [r for r in doc["rows"] if r["part"] == "step"]
+    if step:
+        md += ["", f"## A training step of seqshard's program ({step[0]['model']}, {step[0]['seq']} "
+               "tokens, world size 1, eager, kernels=True), interleaved", "",
+               "| labels | median ms | vs every row | loss | differences (loss; worst gradient) | "
+               "loss calls that gathered (first step) |", "|---|---|---|---|---|---|"]
+        for r in step:
+            vs = f"{r['vs_every_row']:.4f}" if "vs_every_row" in r else ""
+            diff = f"{r['rel_diff_loss']:.1e}; {r['worst_rel_diff_grad']:.1e}" if "rel_diff_loss" in r else ""
+            md.append(f"| {r['system']} | {r['median_ms']:.1f} | {vs} | {r['loss']:.5f} | {diff} | "
+                      f"{r['gathered']} |")
     gem = [r for r in doc["rows"] if r["part"] == "gemms"]
     if gem:
         md += ["", "## Each GEMM of a chunk, alone (events, median)", "",
@@ -319,7 +400,8 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--repeats", type=int, default=20, help="timed calls of each GEMM")
     p.add_argument("--rounds", type=int, default=20, help="interleaved rounds of the loss")
-    p.add_argument("--parts", default="loss", help="loss,gemms")
+    p.add_argument("--parts", default="loss", help="loss,gemms,step")
+    p.add_argument("--seq", type=int, default=16384, help="part step: tokens")
     p.add_argument("--patterns", default=",".join(PATTERNS), help="label patterns, comma-separated")
     p.add_argument("--orders", type=int, default=1,
                    help="2: half the rounds with the systems in reverse order")
@@ -347,6 +429,8 @@ def main(argv=None):
         doc["rows"] += loss_part(args, device, lce)
     if "gemms" in parts:
         doc["rows"] += gemms_part(args, device)
+    if "step" in parts:
+        doc["rows"] += step_part(args, device, lce)
     out = Path(args.out or os.environ.get("OUT") or HERE / "results")
     if args.smoke and not args.out:
         import tempfile
