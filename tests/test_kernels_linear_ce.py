@@ -1,11 +1,12 @@
 """codegen/kernels/linear_ce.py: the fused LM head + cross-entropy against
 F.cross_entropy(hidden @ weight.T) in float32 (loss, d hidden and d weight ≤ 1e-5 relative), with
-ignored tokens (skipped by the GEMMs, or not), chunks that do not divide the tokens and tiles that do not divide the vocabulary,
-on the Triton kernel (CPU, TRITON_INTERPRET=1) and on the torch path.
+ignored tokens (scattered, in spans, all of them; skipped by the GEMMs, or not), chunks that do
+not divide the tokens and tiles that do not divide the vocabulary, on the Triton kernel (CPU,
+TRITON_INTERPRET=1) and on the torch path.
 
 Failures point at: the kernel's online logsumexp or its gradient pass (_linear_ce_kernel.py:
-the Triton case fails, the torch one passes), the chunk loop or the dW accumulation
-(linear_ce._LinearCrossEntropy.forward: both fail), or the backward's scaling by the incoming
+the Triton case fails, the torch one passes), the chunk loop, the dW accumulation or the gather
+and spread of kept tokens (linear_ce._LinearCrossEntropy.forward, _spread_rows_: both fail), or the backward's scaling by the incoming
 gradient (only the cases with a gradient other than 1 fail)."""
 
 import os
