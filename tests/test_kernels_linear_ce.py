@@ -6,8 +6,9 @@ TRITON_INTERPRET=1) and on the torch path.
 
 Failures point at: the kernel's online logsumexp or its gradient pass (_linear_ce_kernel.py:
 the Triton case fails, the torch one passes), the chunk loop, the dW accumulation or the gather
-and spread of kept tokens (linear_ce._LinearCrossEntropy.forward, _spread_rows_: both fail), or the backward's scaling by the incoming
-gradient (only the cases with a gradient other than 1 fail)."""
+and spread of kept tokens (linear_ce._LinearCrossEntropy.forward, _spread_rows_: both fail), or
+the backward's scaling by the incoming gradient (only the cases with a gradient other than 1
+fail)."""
 
 import os
 import subprocess
